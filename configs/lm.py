@@ -1,0 +1,44 @@
+"""A byte-level decoder-only transformer LM. `configs/lm.py:SIZE` picks a size:
+
+  tiny    ~0.1M params, seq 64: trains in a minute on 8 simulated CPU devices.
+  small   ~85M params (GPT-2 small's shape), seq 1024, global batch 256: the default, accelerators.
+  medium  ~300M params (GPT-2 medium's shape), seq 1024, global batch 256: accelerators.
+
+The corpus is CPython's documentation text unless `--config.text_file=PATH` names your own.
+"""
+
+from launcher import config as launcher_config
+
+SIZES = {
+    #          width, layers, heads, seq_len, batch_size, learning_rate, num_steps
+    "tiny": (64, 2, 4, 64, 64, 3e-3, 300),
+    "small": (768, 12, 12, 1024, 256, 6e-4, 20_000),
+    "medium": (1024, 24, 16, 1024, 256, 3e-4, 20_000),
+}
+
+
+def get_config(size: str = "small"):
+  if size not in SIZES:
+    raise ValueError(f"unknown lm size {size!r}: use configs/lm.py:{' or :'.join(SIZES)}")
+  width, num_layers, num_heads, seq_len, batch_size, learning_rate, num_steps = SIZES[size]
+  config = launcher_config.defaults()
+  config.workload = "lm"
+  config.width = width
+  config.num_layers = num_layers
+  config.num_heads = num_heads
+  config.seq_len = seq_len
+  config.dropout_rate = 0.0
+  config.text_file = ""
+  config.eval_fraction = 0.05
+  config.batch_size = batch_size
+  config.num_steps = num_steps
+  config.optimizer = "adamw"
+  config.learning_rate = learning_rate
+  config.weight_decay = 0.1
+  config.schedule = "warmup_cosine"
+  config.warmup_steps = min(1000, num_steps // 10)
+  config.grad_clip_norm = 1.0
+  config.log_every_steps = 50 if size == "tiny" else 100
+  config.eval_every_steps = 150 if size == "tiny" else 2000
+  config.eval_batches = 0 if size == "tiny" else 20
+  return config

@@ -1,0 +1,63 @@
+"""`python -m launcher --config=configs/lm.py --workdir=/tmp/run`: flags in, `train.run` out."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launcher import cluster, train
+from launcher.errors import UsageError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
+    "override any key with --config.KEY=VALUE.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes config, metrics and logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process job given by hand.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Devices this process uses, e.g. 0,1,2,3 (default: all it sees).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process to join the job.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "Seconds without a heartbeat before a process counts as lost.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    job = cluster.detect(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        local_device_ids=tuple(map(int, _LOCAL_DEVICE_IDS.value or ())) or None)
+    cluster.initialize(job, initialization_timeout=_INIT_TIMEOUT.value,
+                       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    logging.info(cluster.describe())
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except UsageError as e:
+    sys.exit(f"error: {e}")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, but an override of a key the config lacks is one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --helpfull to see every flag.")
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    reason = str(e.args[0] if e.args else e).strip("'").replace("\\n", " ").replace("\n", " ")
+    sys.exit(f"error: the config has no key {reason}. Overridable keys are the config file's; "
+             "a new one belongs in its get_config().")
+
+
+def entry():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  entry()

@@ -1,0 +1,74 @@
+"""What a run reports: CLU writers (TensorBoard on process 0), metrics.jsonl, one line per host."""
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+
+class Reporter:
+  """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks."""
+
+  def __init__(self, workdir: str, *, process_index: int, process_count: int, num_steps: int,
+               log_every_steps: int, examples_per_step: int, tokens_per_example: int | None,
+               profile_first_step: int):
+    self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
+    self._is_main = process_index == 0
+    self._examples_per_step = examples_per_step
+    self._tokens_per_example = tokens_per_example
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self._is_main)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._is_main else None
+    self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                                    every_steps=log_every_steps, every_secs=None)
+    self._hooks = [self.progress] if self._is_main else []
+    if self._is_main and profile_first_step > 0:
+      self._hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
+                                                  first_profile=profile_first_step))
+    self._last_step, self._last_time, self._data_wait_s = 0, time.monotonic(), 0.0
+
+  @contextlib.contextmanager
+  def waiting_for_data(self):
+    """Counts the time spent inside the block as time this host waited for its data."""
+    start = time.monotonic()
+    yield
+    self._data_wait_s += time.monotonic() - start
+
+  def after_steps(self, first_step: int, last_step: int) -> None:
+    """Runs the periodic actions once for every step a call made (they expect each step)."""
+    for step in range(first_step, last_step + 1):
+      for hook in self._hooks:
+        hook(step)
+
+  def throughput(self, step: int) -> dict[str, float]:
+    """This host's speed since the last call, and logs it in this host's own line."""
+    now = time.monotonic()
+    seconds, steps = now - self._last_time, step - self._last_step
+    scalars = {"steps_per_sec": steps / seconds,
+               "examples_per_sec": steps * self._examples_per_step / seconds,
+               "data_wait_s": self._data_wait_s}
+    if self._tokens_per_example:
+      scalars["tokens_per_sec"] = scalars["examples_per_sec"] * self._tokens_per_example
+    logging.info("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
+                 self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
+                 self._data_wait_s, 100 * self._data_wait_s / seconds)
+    self._last_step, self._last_time, self._data_wait_s = step, now, 0.0
+    return scalars
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """One report: every writer of this host, and a metrics.jsonl row on process 0."""
+    scalars = {name: float(np.asarray(value)) for name, value in scalars.items()}
+    self.writer.write_scalars(step, scalars)
+    if self._jsonl:
+      self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+    if self._jsonl:
+      self._jsonl.close()

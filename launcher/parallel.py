@@ -1,0 +1,29 @@
+"""Maps a per-device function over every device of the job: `pmap` over axis `batch`."""
+
+import collections
+
+import jax
+
+from launcher.step import AXIS
+
+
+def over_devices(fn, *, donate_argnums=()):
+  """`fn` run on every local device, its collectives spanning every device of every process."""
+  return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+
+
+class InFlight:
+  """Bounds the calls dispatched but not finished: CPU collectives abort when too many queue up."""
+
+  def __init__(self, limit: int):
+    self._limit = limit
+    self._outputs = collections.deque()
+
+  def wait_for_room(self) -> None:
+    """Blocks until fewer than `limit` calls are unfinished."""
+    while len(self._outputs) >= self._limit:
+      jax.block_until_ready(self._outputs.popleft())
+
+  def add(self, output) -> None:
+    """Tracks a call by an output of it that the next call does not donate."""
+    self._outputs.append(output)

@@ -1,0 +1,59 @@
+"""The train state pytree, the optimizer and schedule from the config, and device replication."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import jax_utils
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes: one explicit pytree, no hidden state."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate as a function of the step: `constant` or linear warmup then cosine decay."""
+  if config.schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+      decay_steps=config.num_steps)
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optax optimizer named by `config.optimizer`, with clipping when `config.grad_clip_norm`."""
+  learning_rate = schedule(config)
+  tx = {
+      "sgd": lambda: optax.sgd(learning_rate),
+      "momentum": lambda: optax.sgd(learning_rate, momentum=config.momentum),
+      "adam": lambda: optax.adam(learning_rate),
+      "adamw": lambda: optax.adamw(learning_rate, weight_decay=config.weight_decay),
+  }[config.optimizer]()
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def create(config: ml_collections.ConfigDict, init_fn, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state on one device: params from `init_fn(config, rng)`, rng from `config.seed`."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  @jax.jit
+  def fresh():
+    params = init_fn(config, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=train_rng)
+
+  return fresh()
+
+
+replicate = jax_utils.replicate
+unreplicate = jax_utils.unreplicate

@@ -1,0 +1,33 @@
+"""Packaging for `launcher`: `pip install -e .[test]` on Python 3.11 gives the CPU build of JAX."""
+import setuptools
+
+setuptools.setup(
+    name="launcher",
+    version="0.1.0",
+    description="A distributed training launcher for JAX on multi-host TPU and GPU clusters.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["launcher", "launcher.*", "workloads", "workloads.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "numpy>=2.0",
+        "absl-py>=2.1",
+        "ml-collections>=1.1.0",
+        "clu>=0.0.12",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        # clu's metric writers and periodic actions import tensorflow at import time.
+        "tensorflow-cpu>=2.21",
+        "tensorboard>=2.21",
+        # The `classifier` workload trains on the digits data set that scikit-learn ships.
+        "scikit-learn>=1.5",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "cuda": ["jax[cuda12]>=0.10.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["launcher=launcher.__main__:entry"]},
+)

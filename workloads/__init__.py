@@ -1,0 +1,1 @@
+"""Workloads shipped with the launcher, each one module chosen by `config.workload`."""

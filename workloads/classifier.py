@@ -1,0 +1,61 @@
+"""An MLP (flax) classifying scikit-learn's handwritten digits (8x8 images, 10 classes).
+
+The 1,797 images ship inside scikit-learn, so nothing is downloaded. A fixed permutation puts
+`config.test_examples` of them in the test split ("eval") and the rest in "train".
+"""
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from launcher import data
+
+
+class MLP(nn.Module):
+  hidden_sizes: tuple[int, ...]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    for size in self.hidden_sizes:
+      x = nn.relu(nn.Dense(size)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def _model(config) -> MLP:
+  return MLP(hidden_sizes=tuple(config.hidden_sizes), num_classes=10)
+
+
+def init(config, rng):
+  return _model(config).init(rng, jnp.zeros((1, 64), jnp.float32))["params"]
+
+
+def loss(config, params, batch, rng):
+  del rng
+  logits = _model(config).apply({"params": params}, batch["image"])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return losses.mean(), {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
+
+
+@functools.cache
+def _splits(test_examples: int) -> dict[str, dict[str, np.ndarray]]:
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  digits = load_digits()
+  order = np.random.default_rng(0).permutation(len(digits.target))
+  images = (digits.data / 16.0).astype(np.float32)
+  labels = digits.target.astype(np.int32)
+  test, train = order[:test_examples], order[test_examples:]
+  return {"train": {"image": images[train], "label": labels[train], "id": train.astype(np.int32)},
+          "eval": {"image": images[test], "label": labels[test], "id": test.astype(np.int32)}}
+
+
+def dataset(config, split, process_index, process_count):
+  examples = _splits(config.test_examples)[split]
+  indices = data.batch_indices(len(examples["label"]), batch_size=config.batch_size,
+                               process_index=process_index, process_count=process_count,
+                               seed=config.seed if split == "train" else None,
+                               repeat=split == "train")
+  return iter(indices.map(lambda i: {name: column[i] for name, column in examples.items()}))

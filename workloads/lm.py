@@ -1,0 +1,108 @@
+"""A decoder-only transformer (flax) predicting the next byte of real English text.
+
+The corpus is CPython's own documentation text (`pydoc_data.topics`, ~466 KB, shipped with every
+Python), or any UTF-8 file given as `config.text_file`. Its last `config.eval_fraction` is the
+eval split. An example is a window of `config.seq_len + 1` bytes; windows do not overlap.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from launcher import data
+
+VOCAB_SIZE = 256  # Bytes.
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: causal self-attention, then a 4x GELU MLP."""
+  num_heads: int
+  dropout_rate: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    width = x.shape[-1]
+    causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.SelfAttention(num_heads=self.num_heads, dtype=self.dtype,
+                         dropout_rate=self.dropout_rate, deterministic=deterministic)(y, mask=causal)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.Dense(4 * width, dtype=self.dtype)(y)
+    y = nn.Dense(width, dtype=self.dtype)(nn.gelu(y))
+    return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Transformer(nn.Module):
+  """Token and position embeddings, `num_layers` blocks, logits tied to the token embedding."""
+  seq_len: int
+  width: int
+  num_layers: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, deterministic: bool = True):
+    embed = nn.Embed(VOCAB_SIZE, self.width, embedding_init=nn.initializers.normal(0.02))
+    positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
+    x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
+    for _ in range(self.num_layers):
+      x = Block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic)
+    x = nn.LayerNorm(dtype=self.dtype)(x)
+    return embed.attend(x.astype(jnp.float32))
+
+
+def _model(config) -> Transformer:
+  return Transformer(seq_len=config.seq_len, width=config.width, num_layers=config.num_layers,
+                     num_heads=config.num_heads, dropout_rate=config.dropout_rate)
+
+
+def init(config, rng):
+  return _model(config).init(rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
+
+
+def loss(config, params, batch, rng):
+  """Mean next-byte cross entropy; dropout when training (rng given), none in eval (rng None)."""
+  inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+  logits = _model(config).apply({"params": params}, inputs, deterministic=rng is None,
+                                rngs=None if rng is None else {"dropout": rng})
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return losses.mean(), {"bits_per_byte": losses.mean() / jnp.log(2.0),
+                         "accuracy": (logits.argmax(-1) == targets).mean()}
+
+
+def tokens_per_example(config) -> int:
+  return config.seq_len
+
+
+@functools.cache
+def _corpus(text_file: str) -> np.ndarray:
+  if text_file:
+    with open(text_file, "rb") as f:
+      return np.frombuffer(f.read(), np.uint8)
+  from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+  text = "\n\n".join(topics[name] for name in sorted(topics))
+  return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
+def dataset(config, split, process_index, process_count):
+  corpus = _corpus(config.text_file)
+  eval_start = int(len(corpus) * (1 - config.eval_fraction))
+  text = corpus[:eval_start] if split == "train" else corpus[eval_start:]
+  window = config.seq_len + 1
+  num_windows = (len(text) - 1) // config.seq_len
+  if num_windows < 1:
+    raise ValueError(f"the {split} text has {len(text)} bytes, fewer than one window of {window}")
+  offsets = np.arange(window)
+  indices = data.batch_indices(num_windows, batch_size=config.batch_size,
+                               process_index=process_index, process_count=process_count,
+                               seed=config.seed if split == "train" else None,
+                               repeat=split == "train")
+  return iter(indices.map(lambda i: {
+      "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
+      "id": i.astype(np.int32)}))
