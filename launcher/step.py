@@ -24,7 +24,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.Gra
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                      "learning_rate": schedule(state.step), **metrics}
 
 

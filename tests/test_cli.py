@@ -1,0 +1,127 @@
+"""`python -m launcher` as a user runs it: in a subprocess on 8 simulated devices."""
+
+import glob
+import json
+import os
+import textwrap
+
+import pytest
+
+from tests.helpers import read_metrics, run_launcher
+
+RUNS = {
+    "linear": ["--config=configs/linear.py", "--config.num_steps=40", "--config.eval_every_steps=40"],
+    "classifier": ["--config=configs/classifier.py", "--config.num_steps=150",
+                   "--config.eval_every_steps=150", "--config.steps_per_call=10",
+                   "--config.log_every_steps=50", "--config.warmup_steps=10"],
+    "lm": ["--config=configs/lm.py:tiny", "--config.num_steps=60", "--config.log_every_steps=20",
+           "--config.eval_every_steps=60", "--config.eval_batches=2", "--config.steps_per_call=5"],
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_run_trains_and_reports(name, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = run_launcher(*RUNS[name], f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = read_metrics(workdir)
+  train_rows = [row for row in rows if "loss" in row]
+  assert train_rows[-1]["loss"] < 0.8 * train_rows[0]["loss"]
+  assert all(row["steps_per_sec"] > 0 and row["data_wait_s"] >= 0 for row in train_rows)
+  assert "eval_loss" in rows[-1]
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["workload"] == name
+  assert "process 0/1" in result.stderr and "8 local / 8 global devices" in result.stderr
+  assert "host 0/1" in result.stderr and "waited" in result.stderr
+  if name == "classifier":
+    assert rows[-1]["eval_accuracy"] > 0.8  # chance is 0.1
+  if name == "lm":
+    assert train_rows[-1]["tokens_per_sec"] > 0
+
+
+def test_default_in_flight_bound_survives_hundreds_of_steps(tmp_path):
+  """Unbounded dispatch of all-reduce steps aborts on this machine within seconds."""
+  result = run_launcher("--config=configs/linear.py", "--config.num_steps=600",
+                        "--config.log_every_steps=600", "--config.eval_every_steps=0",
+                        f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert read_metrics(str(tmp_path))[-1]["step"] == 600
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.batch_size=30",
+     "config.batch_size=30 does not divide over 8 devices (1 process(es) x 8 local devices): "
+     "use a multiple of 8, e.g. 24 or 32"),
+    ("--config.workload=nope", "config.workload='nope' is not a workload"),
+    ("--config.learning_rte=0.1", "the config has no key learning_rte"),
+    ("--config.num_steps=0", "config.num_steps=0 must be a positive integer"),
+    ("--config.num_steps=-5", "config.num_steps=-5 must be a positive integer"),
+    ("--config.learning_rate=-0.1", "config.learning_rate=-0.1 must be a positive finite number"),
+    ("--config.learning_rate=nan", "config.learning_rate=nan must be a positive finite number"),
+    ("--config.learning_rate=fast", "could not convert string to float: 'fast'"),
+    ("--config.optimizer=lion", "config.optimizer='lion' is not one of sgd, momentum, adam, adamw"),
+    ("--config.steps_per_call=3", "config.num_steps=200 is not a multiple of "
+     "config.steps_per_call=3: steps happen 3 per call, so use 198 or 201"),
+])
+def test_bad_config_is_one_clear_message(override, message, tmp_path):
+  workdir = tmp_path / "run"
+  result = run_launcher("--config=configs/linear.py", f"--workdir={workdir}", override,
+                        timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_unknown_key_suggests_the_near_one(tmp_path):
+  result = run_launcher("--config=configs/linear.py", f"--workdir={tmp_path}",
+                        "--config.learning_rte=0.1", timeout=120)
+  assert 'Did you mean "learning_rate"' in result.stderr
+
+
+def test_a_users_own_workload_from_pythonpath(tmp_path):
+  """A workload module outside this repo, found through PYTHONPATH, needs no launcher change."""
+  package = tmp_path / "my_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "my_workload.py").write_text(textwrap.dedent('''
+      import jax.numpy as jnp
+      import numpy as np
+
+      def init(config, rng):
+        return {"scale": jnp.float32(0.0)}
+
+      def loss(config, params, batch, rng):
+        error = params["scale"] * batch["x"] - 3.0 * batch["x"]
+        return jnp.mean(error ** 2), {"scale": params["scale"]}
+
+      def dataset(config, split, process_index, process_count):
+        rng = np.random.default_rng(config.seed)
+        while True:
+          x = rng.normal(size=config.batch_size).astype(np.float32)
+          share = config.batch_size // process_count
+          yield {"x": x[process_index * share:(process_index + 1) * share]}
+          if split == "eval":
+            return
+      '''))
+  (tmp_path / "my_config.py").write_text(textwrap.dedent('''
+      from launcher import config as launcher_config
+
+      def get_config():
+        config = launcher_config.defaults()
+        config.workload = "my_pkg.my_workload"
+        config.batch_size = 16
+        config.num_steps = 50
+        config.optimizer = "sgd"
+        config.learning_rate = 0.1
+        config.log_every_steps = 10
+        config.eval_every_steps = 50
+        return config
+      '''))
+  result = run_launcher(f"--config={tmp_path / 'my_config.py'}", f"--workdir={tmp_path / 'run'}",
+                        env={"PYTHONPATH": str(tmp_path)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = read_metrics(str(tmp_path / "run"))
+  assert rows[-1]["scale"] == pytest.approx(3.0, abs=1e-3)
+  assert rows[-1]["eval_loss"] == pytest.approx(0.0, abs=1e-5)
