@@ -10,8 +10,8 @@ setuptools.setup(
     install_requires=[
         "jax>=0.10.2",
         "jaxlib>=0.10.2",
-        "numpy>=2.0",
-        "absl-py>=2.1",
+        "numpy>=2.4",
+        "absl-py>=2.5",
         "ml-collections>=1.1.0",
         "clu>=0.0.12",
         "flax>=0.12.8",
@@ -22,12 +22,12 @@ setuptools.setup(
         "tensorflow-cpu>=2.21",
         "tensorboard>=2.21",
         # The `classifier` workload trains on the digits data set that scikit-learn ships.
-        "scikit-learn>=1.5",
+        "scikit-learn>=1.9",
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=9.2", "pytest-timeout>=2.4"],
     },
     entry_points={"console_scripts": ["launcher=launcher.__main__:entry"]},
 )
