@@ -18,6 +18,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "Devices this process uses, e.g. 0,1,2,3 (default: all it sees).")
+_ONE_PROCESS_PER = flags.DEFINE_enum(
+    "one_process_per", "auto", ["auto", "node", "device"],
+    "Under SLURM on GPUs: each task drives all GPUs of its node, or one GPU; auto picks `node` "
+    "when a node runs one task.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300, "Seconds to wait for every process to join the job.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
@@ -32,7 +36,8 @@ def main(argv):
     job = cluster.detect(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
-        local_device_ids=tuple(map(int, _LOCAL_DEVICE_IDS.value or ())) or None)
+        local_device_ids=tuple(map(int, _LOCAL_DEVICE_IDS.value or ())) or None,
+        one_process_per=_ONE_PROCESS_PER.value)
     cluster.initialize(job, initialization_timeout=_INIT_TIMEOUT.value,
                        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     logging.info(cluster.describe())

@@ -1,13 +1,17 @@
 """Who this process is in the job: detect the cluster, start `jax.distributed`, say so in one line.
 
-Multi-process jobs come from explicit flags, the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID environment, or are auto-detected (SLURM step, Open MPI, Cloud TPU VM), in that
-order. Anything else runs as a single process with no coordinator.
+Multi-process jobs come from explicit flags, a SLURM job step, Open MPI, the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, or a Cloud TPU VM pod
+slice, in that order; JAX_COORDINATOR_ADDRESS also overrides a scheduler's coordinator. Anything
+else runs as a single process with no coordinator.
 """
 
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
+import time
 
 import jax
 from absl import logging
@@ -27,8 +31,10 @@ class Job:
 
 def detect(*, coordinator_address: str | None = None, num_processes: int | None = None,
            process_id: int | None = None, local_device_ids: tuple[int, ...] | None = None,
-           environ=os.environ) -> Job | None:
+           one_process_per: str = "auto", environ=os.environ) -> Job | None:
   """The multi-process job this process belongs to, or None when it runs alone."""
+  slurm = _slurm_step(environ)
+  scheduler_count = (slurm or {}).get("num_processes") or _int(environ, "OMPI_COMM_WORLD_SIZE")
   if coordinator_address or num_processes or process_id is not None:
     missing = [name for name, value in (("--coordinator_address", coordinator_address),
                                          ("--num_processes", num_processes),
@@ -36,25 +42,152 @@ def detect(*, coordinator_address: str | None = None, num_processes: int | None 
     if missing:
       raise UsageError(f"a multi-process job given by flags needs all of --coordinator_address, "
                        f"--num_processes and --process_id; missing: {', '.join(missing)}")
-    return Job("flags", coordinator_address, num_processes, process_id, local_device_ids)
-  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    _agree(num_processes, "--num_processes", scheduler_count)
+    job = Job("flags", coordinator_address, num_processes, process_id, local_device_ids)
+  elif slurm:
+    _agree(_int(environ, "JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES", slurm["num_processes"])
+    job = Job("slurm", environ.get("JAX_COORDINATOR_ADDRESS") or slurm["coordinator_address"],
+              slurm["num_processes"], slurm["process_id"],
+              local_device_ids or slurm_local_device_ids(environ, one_process_per))
+  elif "OMPI_MCA_orte_hnp_uri" in environ and (scheduler_count or 1) > 1:
+    _agree(_int(environ, "JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES", scheduler_count)
+    job = Job("openmpi", environ.get("JAX_COORDINATOR_ADDRESS"), local_device_ids=local_device_ids)
+  elif environ.get("JAX_COORDINATOR_ADDRESS"):
     try:
       count, index = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
     except (KeyError, ValueError) as e:
       raise UsageError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID "
                        f"must be set to integers too ({e!r})") from None
-    return Job("env", environ["JAX_COORDINATOR_ADDRESS"], count, index, local_device_ids)
-  if "SLURM_JOB_ID" in environ:
-    if "SLURM_STEP_NODELIST" not in environ:
+    job = Job("env", environ["JAX_COORDINATOR_ADDRESS"], count, index, local_device_ids)
+  elif _on_cloud_tpu_vm():
+    return Job("tpu", local_device_ids=local_device_ids)
+  else:
+    if "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" not in environ:
       logging.warning("SLURM_JOB_ID is set but this is not a SLURM job step: run the launcher "
                       "through `srun` so that every task joins one job; running as one process.")
-    elif int(environ.get("SLURM_NTASKS", "1")) > 1:
-      return Job("slurm", local_device_ids=local_device_ids)
-  if "OMPI_MCA_orte_hnp_uri" in environ and int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    return Job("openmpi", local_device_ids=local_device_ids)
-  if _on_cloud_tpu_vm():
-    return Job("tpu", local_device_ids=local_device_ids)
-  return None
+    return None
+  hosts = sorted(set(slurm["nodes"])) if slurm else []
+  if len(hosts) > 1 and job.coordinator_address and _is_loopback(job.coordinator_address):
+    raise UsageError(
+        f"the coordinator address {job.coordinator_address} is a loopback address, but this job "
+        f"spans {len(hosts)} hosts ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): "
+        "the other hosts would wait for a coordinator on themselves. Unset "
+        "JAX_COORDINATOR_ADDRESS or give the first host's name or IP address.")
+  return job
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+  """SLURM's compressed host list, e.g. `node[001-003,007],gpu-a[1-2]b` -> every host name."""
+  hosts = []
+  for part in _split_top_level(hostlist):
+    hosts.extend(_expand_brackets(part))
+  return hosts
+
+
+def expand_tasks_per_node(counts: str) -> list[int]:
+  """SLURM's compressed task counts, e.g. `2(x3),1` -> [2, 2, 2, 1]."""
+  tasks = []
+  for part in counts.split(","):
+    match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+    if not match:
+      raise UsageError(f"cannot read SLURM task counts {counts!r} (at {part!r})")
+    tasks.extend([int(match[1])] * int(match[2] or 1))
+  return tasks
+
+
+def slurm_local_device_ids(environ, one_process_per: str = "auto") -> tuple[int, ...] | None:
+  """The GPUs this SLURM task drives: all of its node's (`node`) or the one of its local rank
+  (`device`); `auto` picks by the number of tasks on this node. None where no GPU is listed."""
+  if environ.get("CUDA_VISIBLE_DEVICES"):
+    visible = list(range(len(environ["CUDA_VISIBLE_DEVICES"].split(","))))
+  elif environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS"):
+    visible = [int(g) for g in (environ.get("SLURM_STEP_GPUS") or environ["SLURM_JOB_GPUS"]).split(",")]
+  else:
+    return None
+  if one_process_per == "auto":
+    one_process_per = "node" if _tasks_on_this_node(environ) == 1 else "device"
+  if one_process_per == "node":
+    return tuple(visible)
+  if one_process_per != "device":
+    raise UsageError(f"--one_process_per={one_process_per!r} must be auto, node or device")
+  local_rank = int(environ.get("SLURM_LOCALID", "0"))
+  if len(visible) == 1:
+    return tuple(visible)
+  if local_rank >= len(visible):
+    raise UsageError(f"SLURM task with local rank {local_rank} but only {len(visible)} GPUs are "
+                     "visible to it: ask for one GPU per task, or use --one_process_per=node")
+  return (visible[local_rank],)
+
+
+def _slurm_step(environ) -> dict | None:
+  """This SLURM job step's shape when it has several tasks; None outside a step or for one task."""
+  if "SLURM_JOB_ID" not in environ or "SLURM_STEP_NODELIST" not in environ:
+    return None
+  count = _int(environ, "SLURM_STEP_NUM_TASKS") or _int(environ, "SLURM_NTASKS") or 1
+  if count <= 1:
+    return None
+  nodes = expand_hostlist(environ["SLURM_STEP_NODELIST"])
+  port = _int(environ, "JAX_COORDINATOR_PORT") or int(environ["SLURM_JOB_ID"]) % 4096 + 61440
+  return {"nodes": nodes, "num_processes": count, "process_id": int(environ["SLURM_PROCID"]),
+          "coordinator_address": f"{nodes[0]}:{port}"}
+
+
+def _tasks_on_this_node(environ) -> int:
+  nodes = expand_hostlist(environ.get("SLURM_STEP_NODELIST", ""))
+  counts = expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
+                                 or environ.get("SLURM_TASKS_PER_NODE") or "1")
+  name = environ.get("SLURMD_NODENAME")
+  index = nodes.index(name) if name in nodes else 0
+  return counts[index] if index < len(counts) else counts[-1]
+
+
+def _agree(given: int | None, what: str, scheduler_count: int | None) -> None:
+  if given is not None and scheduler_count is not None and given != scheduler_count:
+    raise UsageError(f"{what}={given} disagrees with the scheduler, which started "
+                     f"{scheduler_count} processes for this job: drop {what} or make it "
+                     f"{scheduler_count}")
+
+
+def _int(environ, name: str) -> int | None:
+  value = environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def _is_loopback(address: str) -> bool:
+  host = address.rsplit(":", 1)[0].strip("[]")
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def _split_top_level(text: str) -> list[str]:
+  parts, depth, current = [], 0, ""
+  for char in text:
+    depth += {"[": 1, "]": -1}.get(char, 0)
+    if char == "," and depth == 0:
+      parts.append(current)
+      current = ""
+    else:
+      current += char
+  return [p for p in parts + [current] if p]
+
+
+def _expand_brackets(pattern: str) -> list[str]:
+  match = re.search(r"\[([^\]]*)\]", pattern)
+  if not match:
+    return [pattern]
+  head, tail = pattern[:match.start()], pattern[match.end():]
+  names = []
+  for item in match[1].split(","):
+    if "-" in item:
+      low, high = item.split("-", 1)
+      names.extend(str(i).zfill(len(low)) for i in range(int(low), int(high) + 1))
+    else:
+      names.append(item)
+  return [head + name + rest for name in names for rest in _expand_brackets(tail)]
 
 
 def initialize(job: Job | None, *, initialization_timeout: int = 300,
@@ -63,13 +196,38 @@ def initialize(job: Job | None, *, initialization_timeout: int = 300,
   if job is None or jax.distributed.is_initialized():
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  logging.info("joining a %s job (coordinator %s)", job.source, job.coordinator_address or "auto")
+  logging.info("joining a %s job as process %s of %s (coordinator %s, process 0)", job.source,
+               "auto" if job.process_id is None else job.process_id, job.num_processes or "auto",
+               job.coordinator_address or "auto")
+  if job.coordinator_address and job.process_id:
+    wait_for_coordinator(job.coordinator_address, initialization_timeout)
   jax.distributed.initialize(
       coordinator_address=job.coordinator_address, num_processes=job.num_processes,
       process_id=job.process_id,
       local_device_ids=list(job.local_device_ids) if job.local_device_ids else None,
       initialization_timeout=initialization_timeout,
       heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once the coordinator accepts connections; a clear error after `timeout` seconds.
+
+  jax aborts the process with "another task died" when it cannot reach the coordinator; this
+  says what actually happened, and before any JAX state exists.
+  """
+  host, port = address.rsplit(":", 1)
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UsageError(
+            f"could not reach the coordinator {address} (process 0) within "
+            f"--initialization_timeout={timeout:g} s ({e.strerror or e}): check that process 0 "
+            "is running and that this host can reach that address and port") from None
+      time.sleep(0.5)
 
 
 def describe() -> str:

@@ -1,0 +1,202 @@
+"""Checkpoints of the train state and the data position (orbax, async), and preemption notices.
+
+A checkpoint holds two items: `state`, the TrainState as arrays replicated over every device of
+the job, and `data`, a small JSON record of the data position. The position is the number of
+global batches consumed, which equals the step: with `config.seed` and the global batch size it
+names the next batch under any process layout. Every process takes part in every save and restore.
+"""
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from launcher import state as state_lib
+from launcher.errors import UsageError
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _job_replicated() -> NamedSharding:
+  """Whole arrays on every device of every process."""
+  return NamedSharding(Mesh(np.array(jax.devices()), ("batch",)), PartitionSpec())
+
+
+def to_global(replicated_tree: Any) -> Any:
+  """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, no copy to host."""
+  sharding = _job_replicated()
+
+  def one(x):
+    shards = {shard.device: shard.data for shard in x.addressable_shards}
+    arrays = [shards[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
+    return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
+
+  return jax.tree.map(one, replicated_tree)
+
+
+def abstract(tree: Any) -> Any:
+  """Shapes, dtypes and the job-wide replicated sharding of a (single-copy) tree, for restore."""
+  sharding = _job_replicated()
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
+                      tree)
+
+
+def to_local(global_tree: Any) -> Any:
+  """Job-wide replicated arrays -> this process's copy, as numpy."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), global_tree)
+
+
+@dataclasses.dataclass
+class Restored:
+  state: state_lib.TrainState
+  data_position: dict
+
+
+class Checkpoints:
+  """The run's CheckpointManager: async saves into WORKDIR/checkpoints, keeping the newest few."""
+
+  def __init__(self, workdir: str, *, keep: int):
+    self.directory = directory(workdir)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, replicated_state: state_lib.TrainState, data_position: dict) -> float:
+    """Starts an async save of the state at `step`; returns the seconds the caller was blocked."""
+    start = time.monotonic()
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(to_global(replicated_state)),
+        data=ocp.args.JsonSave(data_position)), force=True)
+    return time.monotonic() - start
+
+  def restore(self, step: int, like: state_lib.TrainState) -> Restored:
+    """The state saved at `step`, shaped like `like`; a mismatch names the entries that differ."""
+    check_structure(self._manager.item_metadata(step).state, like, self.directory)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(like)), data=ocp.args.JsonRestore()))
+    return Restored(state=to_local(restored.state), data_position=restored.data)
+
+  def wait(self) -> float:
+    """Blocks until every started save is committed; returns the seconds waited."""
+    start = time.monotonic()
+    self._manager.wait_until_finished()
+    return time.monotonic() - start
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def restore_from(path: str, like: state_lib.TrainState, params_only: bool) -> state_lib.TrainState:
+  """`like` with the params (or everything) of another run's checkpoint: a run dir, its
+  checkpoints dir, or one step's dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  step_dir = None
+  if os.path.isdir(os.path.join(path, "state")):
+    path, step_dir = os.path.dirname(path), os.path.basename(path)
+  if not os.path.isdir(path):
+    raise UsageError(f"config.restore_from={path!r} does not exist")
+  manager = ocp.CheckpointManager(path, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = int(step_dir) if step_dir else manager.latest_step()
+  if step is None:
+    raise UsageError(f"config.restore_from={path!r} holds no complete checkpoint")
+  metadata = manager.item_metadata(step).state
+  target = like
+  if params_only:
+    target = {"params": like.params}
+    metadata = {"params": metadata["params"]}
+  check_structure(metadata, target, path)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=abstract(target),
+          restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                    abstract(target)),
+          partial_restore=True)))
+  manager.close()
+  values = to_local(restored.state)
+  logging.info("started from %s step %d (%s)", path, step, "params" if params_only else "everything")
+  if params_only:
+    return like.replace(params=values["params"])
+  return values
+
+
+def check_structure(metadata: Any, like: Any, where: str) -> None:
+  """Raises a UsageError naming every entry whose presence or shape differs from the config's."""
+  saved = _shapes(metadata)
+  wanted = _shapes(like)
+  problems = []
+  for key in sorted(saved.keys() | wanted.keys()):
+    if key not in wanted:
+      problems.append(f"{key}: in the checkpoint, not in this config's state")
+    elif key not in saved:
+      problems.append(f"{key}: in this config's state, not in the checkpoint")
+    elif saved[key] != wanted[key]:
+      problems.append(f"{key}: checkpoint shape {saved[key]}, this config's {wanted[key]}")
+  if problems:
+    shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+    raise UsageError(f"the checkpoint in {where} does not match this config ({len(problems)} "
+                     "entries differ):\n  " + "\n  ".join(shown) +
+                     "\nUse the config it was saved with, or a new --workdir.")
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+  return {_key(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _key(path) -> str:
+  parts = []
+  for entry in path:
+    name = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
+    parts.append(str(name))
+  return "/".join(parts)
+
+
+class Preemption:
+  """Whether the job was told to stop (SIGTERM, or SIGUSR1 from SLURM's --signal), agreed on by
+  every process at the same step."""
+
+  def __init__(self):
+    self._distributed = jax.process_count() > 1
+    self._signal = None
+    if not self._distributed:
+      signal.signal(signal.SIGTERM, self._note)
+    # jax's preemption service listens for SIGTERM only: USR1 is turned into one.
+    signal.signal(signal.SIGUSR1, self._forward_usr1)
+
+  def _note(self, signum, frame):
+    del frame
+    self._signal = signal.Signals(signum).name
+    logging.warning("received %s: saving a checkpoint and stopping at the next step", self._signal)
+
+  def _forward_usr1(self, signum, frame):
+    del frame
+    logging.warning("received SIGUSR1: the scheduler will stop this job soon")
+    if self._distributed:
+      self._signal = "SIGUSR1"
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._note(signum, None)
+
+  def reached(self, step: int) -> bool:
+    """True once, on every process at the same step, after a notice reached any process."""
+    if self._distributed:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signal is not None

@@ -1,0 +1,160 @@
+"""N launcher processes on this machine, each with its own simulated CPU devices, as one job.
+
+    python -m launcher.local --num_processes=2 --devices_per_process=4 -- \
+        --config=configs/lm.py:tiny --workdir=/tmp/run
+
+Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
+prints is shown prefixed with `[process i]` and kept in `WORKDIR/logs/process_<i>.log`. When one
+process fails, or on Ctrl-C or SIGTERM, every process is asked to stop (SIGTERM), and killed after
+`--grace_seconds`. The exit code is the first non-zero exit code of a process (128 + N for a process killed by
+signal N, as a shell reports it).
+"""
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+_DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices of each process.",
+                                lower_bound=1)
+_GRACE = flags.DEFINE_float("grace_seconds", 30.0,
+                            "Seconds a process gets to stop after SIGTERM before SIGKILL.")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def workdir_of(launcher_args: list[str]) -> str:
+  """The --workdir among the launcher's arguments (both `--workdir=X` and `--workdir X`)."""
+  for i, arg in enumerate(launcher_args):
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+    if arg == "--workdir" and i + 1 < len(launcher_args):
+      return launcher_args[i + 1]
+  raise app.UsageError("pass the launcher's arguments after --, including --workdir=DIR")
+
+
+def process_env(process_id: int, num_processes: int, devices: int, port: int) -> dict[str, str]:
+  """The environment of process `process_id`: its simulated devices and its place in the job."""
+  xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**os.environ,
+          "XLA_FLAGS": " ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices}"]),
+          "JAX_PLATFORMS": "cpu",
+          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+          "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+          "JAX_NUM_PROCESSES": str(num_processes),
+          "JAX_PROCESS_ID": str(process_id),
+          "PYTHONUNBUFFERED": "1"}
+
+
+def _die_with_parent():
+  """In the child before exec: the kernel kills it if the runner dies, even by SIGKILL."""
+  ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Job:
+  """The running processes, their log pumps, and how to end them all."""
+
+  def __init__(self, launcher_args: list[str], num_processes: int, devices: int, grace: float):
+    self.grace = grace
+    log_dir = os.path.join(workdir_of(launcher_args), "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    port = free_port()
+    self.processes, self._pumps = [], []
+    for i in range(num_processes):
+      process = subprocess.Popen(
+          [sys.executable, "-m", "launcher", *launcher_args],
+          env=process_env(i, num_processes, devices, port), stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+          preexec_fn=_die_with_parent)
+      self.processes.append(process)
+      pump = threading.Thread(target=_pump, daemon=True, args=(
+          process.stdout, os.path.join(log_dir, f"process_{i}.log"), f"[process {i}] "))
+      pump.start()
+      self._pumps.append(pump)
+    print(f"[local] {num_processes} processes x {devices} devices, coordinator 127.0.0.1:{port}, "
+          f"logs in {log_dir}", flush=True)
+
+  def wait(self) -> int:
+    """Waits for every process; the first to fail ends the others. Returns the job's exit code."""
+    while True:
+      codes = [p.poll() for p in self.processes]
+      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+      if failed:
+        i, code = failed[0]
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        print(f"[local] process {i} {how}: stopping the others", flush=True)
+        self.stop()
+        return 128 - code if code < 0 else code
+      if all(c == 0 for c in codes):
+        self._drain()
+        return 0
+      time.sleep(0.1)
+
+  def stop(self) -> None:
+    """SIGTERM to every process group still running, SIGKILL to any left after the grace period."""
+    for process in self.processes:
+      _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + self.grace
+    for process in self.processes:
+      try:
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pass
+    for process in self.processes:
+      _signal_group(process, signal.SIGKILL)
+      process.wait()
+    self._drain()
+
+  def _drain(self):
+    for pump in self._pumps:
+      pump.join(timeout=5)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+  try:
+    os.killpg(process.pid, signum)
+  except ProcessLookupError:
+    pass
+
+
+def _pump(stream, log_path: str, prefix: str) -> None:
+  """Copies a process's output line by line to its log file and, prefixed, to our stdout."""
+  with open(log_path, "ab") as log:
+    for line in iter(stream.readline, b""):
+      log.write(line)
+      log.flush()
+      sys.stdout.buffer.write(prefix.encode() + line)
+      sys.stdout.buffer.flush()
+
+
+def main(argv):
+  job = Job(argv[1:], _NUM_PROCESSES.value, _DEVICES.value, _GRACE.value)
+
+  def interrupted(signum, frame):
+    del frame
+    print(f"[local] {signal.Signals(signum).name}: stopping every process", flush=True)
+    job.stop()
+    sys.exit(128 + signum)
+
+  signal.signal(signal.SIGINT, interrupted)
+  signal.signal(signal.SIGTERM, interrupted)
+  sys.exit(job.wait())
+
+
+if __name__ == "__main__":
+  app.run(main)
