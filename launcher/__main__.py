@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launcher import cluster, train
-from launcher.errors import UsageError
+from launcher.errors import EXIT_PREEMPTED, Preempted, UsageError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
@@ -44,6 +44,9 @@ def main(argv):
     train.run(_CONFIG.value, _WORKDIR.value)
   except UsageError as e:
     sys.exit(f"error: {e}")
+  except Preempted as e:
+    logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def parse_flags(argv):

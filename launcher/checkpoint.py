@@ -7,9 +7,9 @@ names the next batch under any process layout. Every process takes part in every
 """
 
 import dataclasses
+import logging as std_logging
 import os
 import signal
-import time
 from typing import Any
 
 import jax
@@ -21,6 +21,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import state as state_lib
 from launcher.errors import UsageError
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every step of every save at INFO; the launcher keeps its warnings only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 def directory(workdir: str) -> str:
@@ -56,6 +66,10 @@ def to_local(global_tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), global_tree)
 
 
+def _handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
 @dataclasses.dataclass
 class Restored:
   state: state_lib.TrainState
@@ -68,20 +82,19 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int):
     self.directory = directory(workdir)
     self._manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data"),
+        self.directory, item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                              create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, replicated_state: state_lib.TrainState, data_position: dict) -> float:
-    """Starts an async save of the state at `step`; returns the seconds the caller was blocked."""
-    start = time.monotonic()
+  def save(self, step: int, replicated_state: state_lib.TrainState, data_position: dict) -> None:
+    """Starts an async save of the state at `step`: returns once the arrays are copied off the
+    devices, and commits in the background (a killed save leaves no checkpoint restore picks)."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(to_global(replicated_state)),
         data=ocp.args.JsonSave(data_position)), force=True)
-    return time.monotonic() - start
 
   def restore(self, step: int, like: state_lib.TrainState) -> Restored:
     """The state saved at `step`, shaped like `like`; a mismatch names the entries that differ."""
@@ -90,50 +103,43 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract(like)), data=ocp.args.JsonRestore()))
     return Restored(state=to_local(restored.state), data_position=restored.data)
 
-  def wait(self) -> float:
-    """Blocks until every started save is committed; returns the seconds waited."""
-    start = time.monotonic()
+  def wait(self) -> None:
+    """Blocks until every started save is committed."""
     self._manager.wait_until_finished()
-    return time.monotonic() - start
 
   def close(self) -> None:
     self._manager.close()
 
 
 def restore_from(path: str, like: state_lib.TrainState, params_only: bool) -> state_lib.TrainState:
-  """`like` with the params (or everything) of another run's checkpoint: a run dir, its
+  """`like` with the params (or everything) of another run's checkpoint: its workdir, its
   checkpoints dir, or one step's dir."""
+  item = os.path.join(_step_dir(path), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(item).item_metadata
+  target = {"params": like.params} if params_only else like
+  check_structure({"params": metadata["params"]} if params_only else metadata, target, item)
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract(target))
+  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+      item=abstract(target), restore_args=restore_args, partial_restore=params_only))
+  values = to_local(restored)
+  logging.info("started from %s (%s)", item, "params only" if params_only else "everything")
+  return like.replace(params=values["params"]) if params_only else values
+
+
+def _step_dir(path: str) -> str:
+  """The newest complete step directory under a run's workdir or checkpoints dir, or `path`
+  itself when it is one."""
   path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  step_dir = None
-  if os.path.isdir(os.path.join(path, "state")):
-    path, step_dir = os.path.dirname(path), os.path.basename(path)
-  if not os.path.isdir(path):
-    raise UsageError(f"config.restore_from={path!r} does not exist")
-  manager = ocp.CheckpointManager(path, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = int(step_dir) if step_dir else manager.latest_step()
-  if step is None:
-    raise UsageError(f"config.restore_from={path!r} holds no complete checkpoint")
-  metadata = manager.item_metadata(step).state
-  target = like
-  if params_only:
-    target = {"params": like.params}
-    metadata = {"params": metadata["params"]}
-  check_structure(metadata, target, path)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=abstract(target),
-          restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                    abstract(target)),
-          partial_restore=True)))
-  manager.close()
-  values = to_local(restored.state)
-  logging.info("started from %s step %d (%s)", path, step, "params" if params_only else "everything")
-  if params_only:
-    return like.replace(params=values["params"])
-  return values
+  steps = sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+  if not steps:
+    raise UsageError(f"config.restore_from={path!r} holds no complete checkpoint: give a run's "
+                     "workdir, its checkpoints directory or one step's directory")
+  return os.path.join(path, str(steps[-1]))
 
 
 def check_structure(metadata: Any, like: Any, where: str) -> None:

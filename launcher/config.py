@@ -31,6 +31,11 @@ def defaults() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000  # 0 disables eval; eval also runs after the last step.
   config.eval_batches = 0  # 0: the whole eval split; n: its first n global batches.
   config.profile_first_step = 0  # Process 0 traces a few steps from this step on; 0 disables.
+  config.checkpoint_every_steps = 1000  # 0: only after the last step (and on preemption).
+  config.keep_checkpoints = 3
+  config.restore_from = ""  # Another run's workdir or checkpoint: start from its state.
+  config.restore_params_only = True  # With restore_from: params only (fresh optimizer, step 0).
+  config.skip_nonfinite_steps = False  # True: a step with a non-finite loss or gradient is skipped.
   return config
 
 
@@ -45,9 +50,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(isinstance(config.workload, str) and config.workload,
        "config.workload is empty: set it to a module under workloads/ (e.g. --config.workload=lm) "
        "or to any importable module")
-  for key in ("batch_size", "num_steps", "steps_per_call", "max_calls_in_flight", "log_every_steps"):
+  for key in ("batch_size", "num_steps", "steps_per_call", "max_calls_in_flight", "log_every_steps",
+              "keep_checkpoints"):
     need(config[key] >= 1, f"config.{key}={config[key]} must be a positive integer")
-  for key in ("eval_every_steps", "eval_batches", "warmup_steps", "profile_first_step"):
+  for key in ("eval_every_steps", "eval_batches", "warmup_steps", "profile_first_step",
+              "checkpoint_every_steps"):
     need(config[key] >= 0, f"config.{key}={config[key]} must be 0 or more")
   need(math.isfinite(config.learning_rate) and config.learning_rate > 0,
        f"config.learning_rate={config.learning_rate} must be a positive finite number (e.g. 3e-4)")
@@ -60,7 +67,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(config.grad_clip_norm >= 0, f"config.grad_clip_norm={config.grad_clip_norm} must be 0 or more")
   k = config.steps_per_call
   if k >= 1:
-    for key in ("num_steps", "log_every_steps", "eval_every_steps"):
+    for key in ("num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
       value = config[key]
       if value > 0 and value % k:
         lower, upper = (value // k) * k, (value // k + 1) * k

@@ -17,8 +17,9 @@ Batch = dict[str, np.ndarray]
 
 
 def batch_indices(num_records: int, *, batch_size: int, process_index: int, process_count: int,
-                  seed: int | None = None, repeat: bool = True) -> grain.MapDataset:
-  """Record indices of this process's share of each global batch: element t is its slice of batch t.
+                  seed: int | None = None, repeat: bool = True, start: int = 0) -> grain.MapDataset:
+  """Record indices of this process's share of each global batch: element t is its slice of
+  batch start + t.
 
   Global batch t holds records t*batch_size ... (t+1)*batch_size - 1 of the (shuffled, repeated)
   record stream, and process i of n takes the i-th of n equal slices of it. The order depends on
@@ -31,7 +32,7 @@ def batch_indices(num_records: int, *, batch_size: int, process_index: int, proc
   if repeat:
     indices = indices.repeat(None)
   indices = indices.batch(batch_size // process_count, drop_remainder=False)
-  return indices[process_index::process_count]
+  return indices[process_index::process_count][start:]
 
 
 def shard(host_batch: Batch, local_device_count: int) -> Batch:

@@ -14,8 +14,8 @@ from clu import metric_writers, periodic_actions
 class Reporter:
   """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks."""
 
-  def __init__(self, workdir: str, *, process_index: int, process_count: int, num_steps: int,
-               log_every_steps: int, examples_per_step: int, tokens_per_example: int | None,
+  def __init__(self, workdir: str, *, process_index: int, process_count: int, first_step: int,
+               num_steps: int, log_every_steps: int, examples_per_step: int, tokens_per_example: int | None,
                profile_first_step: int):
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
@@ -29,7 +29,8 @@ class Reporter:
     if self._is_main and profile_first_step > 0:
       self._hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
                                                   first_profile=profile_first_step))
-    self._last_step, self._last_time, self._data_wait_s = 0, time.monotonic(), 0.0
+    self._last_step, self._last_time = first_step, time.monotonic()
+    self._data_wait_s = self._checkpoint_blocked_s = 0.0
 
   @contextlib.contextmanager
   def waiting_for_data(self):
@@ -37,6 +38,15 @@ class Reporter:
     start = time.monotonic()
     yield
     self._data_wait_s += time.monotonic() - start
+
+  @contextlib.contextmanager
+  def blocked_by_checkpoint(self):
+    """Counts the time spent inside the block as time the loop was blocked by checkpointing."""
+    start = time.monotonic()
+    yield
+    seconds = time.monotonic() - start
+    self._checkpoint_blocked_s += seconds
+    logging.info("%s: blocked %.3f s by checkpointing", self._process, seconds)
 
   def after_steps(self, first_step: int, last_step: int) -> None:
     """Runs the periodic actions once for every step a call made (they expect each step)."""
@@ -50,13 +60,15 @@ class Reporter:
     seconds, steps = now - self._last_time, step - self._last_step
     scalars = {"steps_per_sec": steps / seconds,
                "examples_per_sec": steps * self._examples_per_step / seconds,
-               "data_wait_s": self._data_wait_s}
+               "data_wait_s": self._data_wait_s,
+               "checkpoint_blocked_s": self._checkpoint_blocked_s}
     if self._tokens_per_example:
       scalars["tokens_per_sec"] = scalars["examples_per_sec"] * self._tokens_per_example
     logging.info("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
                  self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
                  self._data_wait_s, 100 * self._data_wait_s / seconds)
-    self._last_step, self._last_time, self._data_wait_s = step, now, 0.0
+    self._last_step, self._last_time = step, now
+    self._data_wait_s = self._checkpoint_blocked_s = 0.0
     return scalars
 
   def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -17,6 +17,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  skipped_steps: jax.Array  # Updates skipped for a non-finite loss or gradient.
 
 
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -50,7 +51,7 @@ def create(config: ml_collections.ConfigDict, init_fn, tx: optax.GradientTransfo
   def fresh():
     params = init_fn(config, init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=train_rng)
+                      rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32))
 
   return fresh()
 

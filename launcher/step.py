@@ -16,16 +16,30 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]  # (params, ba
 
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict]:
-  """One update from this device's shard; gradients are averaged over every device."""
+               schedule: optax.Schedule, skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+  """One update from this device's shard; gradients are averaged over every device.
+
+  With `skip_nonfinite`, a step whose mean loss or gradient norm is NaN or infinite leaves params
+  and optimizer state as they were, is counted in `state.skipped_steps`, and is left out of the
+  metrics (the `mask` entry of the returned metrics).
+  """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
   grads = lax.pmean(grads, AXIS)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                     "learning_rate": schedule(state.step), **metrics}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), **metrics}
+  if not skip_nonfinite:
+    return new_state, metrics
+  finite = jnp.isfinite(lax.pmean(loss, AXIS)) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                opt_state=keep(new_state.opt_state, state.opt_state),
+                                skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = {name: jnp.where(finite, value, 0.0) for name, value in metrics.items()}
+  return new_state, {**metrics, "mask": finite[None]}
 
 
 def train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict, *,

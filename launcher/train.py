@@ -2,21 +2,26 @@
 
 import functools
 import itertools
+import math
 import os
 
 import jax
 import ml_collections
 from absl import logging
 
+from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
 from launcher import data, metrics, parallel, step
 from launcher import state as state_lib
 from launcher import workload as workload_lib
-from launcher.errors import UsageError
+from launcher.errors import NonFiniteError, Preempted, UsageError
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
-  """Trains `config.workload` data-parallel on every device of every process; returns the state."""
+  """Trains `config.workload` data-parallel on every device of every process; returns the state.
+
+  A workdir that holds checkpoints continues from the newest complete one.
+  """
   config_lib.check(config)
   workload = workload_lib.load(config.workload)
   layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
@@ -26,35 +31,53 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
 
-  host_batches = workload.dataset(config, "train", layout.process_index, layout.process_count)
-  example_batch = next(host_batches)
-  host_batches = itertools.chain([example_batch], host_batches)
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
   state = state_lib.create(config, workload.init, tx)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  if checkpoints.latest_step() is not None:
+    state = checkpoints.restore(checkpoints.latest_step(), like=state).state
+    logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
+  elif config.restore_from:
+    state = checkpoint_lib.restore_from(config.restore_from, like=state,
+                                        params_only=config.restore_params_only)
+  first_step = int(state.step)
+  k = config.steps_per_call
+  if (config.num_steps - first_step) % k:
+    raise UsageError(f"the run resumes at step {first_step}, from which config.num_steps="
+                     f"{config.num_steps} is not reached in whole calls of "
+                     f"config.steps_per_call={k}: use the steps_per_call it was saved with")
+
+  host_batches = workload_lib.open_dataset(workload, config, "train", layout.process_index,
+                                           layout.process_count, start=first_step)
+  example_batch = next(host_batches)
+  host_batches = itertools.chain([example_batch], host_batches)
   workload_metric_names = step.metric_names(loss_fn, state.params, example_batch)
   logging.info("%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",
                config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
                layout.process_count, layout.local_device_count, layout.per_device_batch_size)
 
   train_call = parallel.over_devices(
-      functools.partial(step.train_call, steps_per_call=config.steps_per_call, loss_fn=loss_fn,
-                        tx=tx, schedule=state_lib.schedule(config)),
+      functools.partial(step.train_call, steps_per_call=k, loss_fn=loss_fn, tx=tx,
+                        schedule=state_lib.schedule(config),
+                        skip_nonfinite=config.skip_nonfinite_steps),
       donate_argnums=(0,))
   eval_call = parallel.over_devices(functools.partial(step.eval_step, loss_fn=loss_fn))
   train_batches = data.train_batches(
       host_batches, host_batch_size=layout.host_batch_size,
-      local_device_count=layout.local_device_count, steps_per_call=config.steps_per_call)
+      local_device_count=layout.local_device_count, steps_per_call=k)
   tokens_per_example = getattr(workload, "tokens_per_example", None)
   reporter = metrics.Reporter(
       workdir, process_index=layout.process_index, process_count=layout.process_count,
-      num_steps=config.num_steps, log_every_steps=config.log_every_steps,
+      first_step=first_step, num_steps=config.num_steps, log_every_steps=config.log_every_steps,
       examples_per_step=layout.global_batch_size,
       tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
       profile_first_step=config.profile_first_step)
+  preemption = checkpoint_lib.Preemption()
 
   def evaluate(replicated_params) -> dict[str, float]:
-    eval_host_batches = workload.dataset(config, "eval", layout.process_index, layout.process_count)
+    eval_host_batches = workload_lib.open_dataset(workload, config, "eval", layout.process_index,
+                                                  layout.process_count)
     if config.eval_batches:
       eval_host_batches = itertools.islice(eval_host_batches, config.eval_batches)
     eval_metrics = state_lib.replicate(step.empty_metrics(["loss", *workload_metric_names]))
@@ -69,12 +92,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
     return {f"eval_{name}": value for name, value in computed.items()}
 
   replicated_state = state_lib.replicate(state)
-  no_train_metrics = state_lib.replicate(
-      step.empty_metrics(["loss", "grad_norm", "learning_rate", *workload_metric_names]))
+  no_train_metrics = state_lib.replicate(step.empty_metrics(
+      ["loss", "grad_norm", "learning_rate", *workload_metric_names]))
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
-  k = config.steps_per_call
-  for last_step in range(k, config.num_steps + 1, k):
+  preempted = False
+  for last_step in range(first_step + k, config.num_steps + 1, k):
     with reporter.waiting_for_data():
       batches = next(train_batches, None)
     if batches is None:
@@ -85,20 +108,56 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
     in_flight.add(train_metrics)
     reporter.after_steps(last_step - k + 1, last_step)
 
+    preempted = preemption.reached(last_step // k)
+    report = last_step % config.log_every_steps == 0 or last_step == config.num_steps
+    save = (preempted or last_step == config.num_steps or (
+        config.checkpoint_every_steps and last_step % config.checkpoint_every_steps == 0))
+    evaluate_now = config.eval_every_steps and (last_step % config.eval_every_steps == 0
+                                                or last_step == config.num_steps)
+    if not (report or save or evaluate_now):
+      continue
+    train_scalars = state_lib.unreplicate(train_metrics).compute()
+    if not config.skip_nonfinite_steps:
+      _check_finite(last_step, train_scalars, checkpoints.latest_step())
+    if save:
+      with reporter.blocked_by_checkpoint():
+        checkpoints.save(last_step, replicated_state, {
+            "step": last_step, "seed": config.seed, "global_batch_size": layout.global_batch_size})
     scalars = {}
-    if last_step % config.log_every_steps == 0 or last_step == config.num_steps:
-      scalars.update(state_lib.unreplicate(train_metrics).compute())
+    if report:
+      scalars.update(train_scalars)
       scalars.update(reporter.throughput(last_step))
+      scalars["skipped_steps"] = state_lib.unreplicate(replicated_state.skipped_steps)
       train_metrics = no_train_metrics
-    if config.eval_every_steps and (last_step % config.eval_every_steps == 0
-                                    or last_step == config.num_steps):
+    if evaluate_now:
       with reporter.progress.timed("eval"):
         scalars.update(evaluate(replicated_state.params))
     if scalars:
       reporter.write(last_step, scalars)
+    if preempted:
+      break
 
+  with reporter.blocked_by_checkpoint():
+    checkpoints.wait()
   reporter.close()
+  checkpoints.close()
+  if preempted:
+    raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
+                    f"{last_step}")
   return state_lib.unreplicate(replicated_state)
+
+
+def _check_finite(step_number: int, train_scalars: dict, last_checkpoint: int | None) -> None:
+  """Stops a diverged run before its state can be saved over a good checkpoint."""
+  bad = {name: float(train_scalars[name]) for name in ("loss", "grad_norm")
+         if not math.isfinite(train_scalars[name])}
+  if bad:
+    kept = (f"the checkpoint of step {last_checkpoint} is kept" if last_checkpoint is not None
+            else "no checkpoint was written")
+    raise NonFiniteError(
+        f"training diverged: {bad} in the steps up to step {step_number}; {kept}. Lower the "
+        "learning rate, clip gradients (--config.grad_clip_norm=1.0) or skip such steps "
+        "(--config.skip_nonfinite_steps=True)")
 
 
 def _count_params(params) -> int:

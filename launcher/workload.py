@@ -4,13 +4,20 @@ A workload module defines:
 
     init(config, rng) -> params
     loss(config, params, batch, rng) -> (scalar loss, dict of scalar metrics)
-    dataset(config, split, process_index, process_count) -> iterator of dicts of numpy arrays
+    dataset(config, split, process_index, process_count, start=0) -> iterator of dicts of numpy
+        arrays; the train split's first batch is global batch `start` (a resumed run starts there;
+        a dataset without `start` is read from the beginning and the first `start` batches skipped)
     tokens_per_example(config) -> int          # optional: the run reports tokens/s
 """
 
 import importlib
+import inspect
+import itertools
 import pkgutil
 import types
+from typing import Iterator
+
+from absl import logging
 
 from launcher.errors import UsageError
 
@@ -50,3 +57,16 @@ def load(name: str) -> types.ModuleType:
 def _parents(dotted: str) -> set[str]:
   parts = dotted.split(".")
   return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def open_dataset(module: types.ModuleType, config, split: str, process_index: int,
+                 process_count: int, start: int = 0) -> Iterator[dict]:
+  """The workload's batches from global batch `start` on: sought directly when its `dataset`
+  takes `start`, else read and skipped."""
+  if "start" in inspect.signature(module.dataset).parameters:
+    return module.dataset(config, split, process_index, process_count, start=start)
+  batches = module.dataset(config, split, process_index, process_count)
+  if start:
+    logging.warning("%s.dataset has no `start` argument: reading and skipping %d batches to "
+                    "resume; give it one to seek directly", module.__name__, start)
+  return itertools.islice(batches, start, None)

@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,11 +27,61 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def run_launcher(*args, env=None, timeout=300, devices=8):
-  """`python -m launcher ARGS` in a subprocess, bounded in time; returns the CompletedProcess."""
+def losses_by_step(workdir: str) -> dict[int, float]:
+  """The train loss of each reported step; a step reported twice (re-done after a kill) keeps
+  its last report."""
+  return {row["step"]: row["loss"] for row in read_metrics(workdir) if "loss" in row}
+
+
+def launcher_command(*args, num_processes=1, devices=8) -> list[str]:
+  """`python -m launcher ARGS`, or N processes of it through `python -m launcher.local`."""
+  if num_processes == 1:
+    return [sys.executable, "-m", "launcher", *args]
+  return [sys.executable, "-m", "launcher.local", f"--num_processes={num_processes}",
+          f"--devices_per_process={devices}", "--grace_seconds=20", "--", *args]
+
+
+def start(command: list[str], log_path: str, devices: int = 8, env=None) -> subprocess.Popen:
+  """Starts a command in its own process group, output to `log_path`; the caller ends it."""
   full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
               **(env or {})}
-  return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  with open(log_path, "ab") as log:
+    return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
+def finish(process: subprocess.Popen, timeout: float) -> int:
+  """Waits for a started process; past `timeout` kills its whole group and fails the test."""
+  try:
+    return process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    raise AssertionError(f"{process.args} did not finish within {timeout} s") from None
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
+  """Polls `predicate` every 10 ms; fails the test after `timeout` or if `process` ended first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    if process is not None and process.poll() is not None:
+      raise AssertionError(f"the run ended (rc {process.returncode}) before {what}")
+    time.sleep(0.01)
+  raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def load_params(workdir: str, step: int | None = None):
+  """A run's saved params, read by executing the README's plain-orbax lines verbatim."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  snippet = readme.split("<!-- load-params -->")[1].split("```python")[1].split("```")[0]
+  if step is None:
+    step = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+               if name.isdigit())
+  namespace = {}
+  exec(snippet.replace("/tmp/run/checkpoints/1000", os.path.join(workdir, "checkpoints", str(step))),  # pylint: disable=exec-used
+       namespace)
+  return namespace["params"]

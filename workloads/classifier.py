@@ -52,10 +52,10 @@ def _splits(test_examples: int) -> dict[str, dict[str, np.ndarray]]:
           "eval": {"image": images[test], "label": labels[test], "id": test.astype(np.int32)}}
 
 
-def dataset(config, split, process_index, process_count):
+def dataset(config, split, process_index, process_count, start=0):
   examples = _splits(config.test_examples)[split]
   indices = data.batch_indices(len(examples["label"]), batch_size=config.batch_size,
                                process_index=process_index, process_count=process_count,
                                seed=config.seed if split == "train" else None,
-                               repeat=split == "train")
+                               repeat=split == "train", start=start)
   return iter(indices.map(lambda i: {name: column[i] for name, column in examples.items()}))

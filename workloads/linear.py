@@ -21,9 +21,9 @@ def loss(config, params, batch, rng):
   return jnp.mean((prediction - batch["y"]) ** 2), {}
 
 
-def dataset(config, split, process_index, process_count):
+def dataset(config, split, process_index, process_count, start=0):
   x = np.asarray(config.x, np.float32)
   y = (config.true_w * x + config.true_b).astype(np.float32)
   indices = data.batch_indices(len(x), batch_size=config.batch_size, process_index=process_index,
-                               process_count=process_count, repeat=split == "train")
+                               process_count=process_count, repeat=split == "train", start=start)
   return iter(indices.map(lambda i: {"x": x[i], "y": y[i]}))

@@ -95,7 +95,7 @@ def _corpus(text_file: str) -> np.ndarray:
   return np.frombuffer(text.encode("utf-8"), np.uint8)
 
 
-def dataset(config, split, process_index, process_count):
+def dataset(config, split, process_index, process_count, start=0):
   corpus = _corpus(config.text_file)
   eval_start = int(len(corpus) * (1 - config.eval_fraction))
   text = corpus[:eval_start] if split == "train" else corpus[eval_start:]
@@ -107,7 +107,7 @@ def dataset(config, split, process_index, process_count):
   indices = data.batch_indices(num_windows, batch_size=config.batch_size,
                                process_index=process_index, process_count=process_count,
                                seed=config.seed if split == "train" else None,
-                               repeat=split == "train")
+                               repeat=split == "train", start=start)
   return iter(indices.map(lambda i: {
       "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
       "id": i.astype(np.int32)}))

@@ -1,0 +1,174 @@
+"""Kill a run any way you like; the next start continues it as if nothing happened.
+
+Runs use tests/hooked_config.py: the classifier, 40 steps, a report every step and a checkpoint
+every 20. Interrupted runs are slowed down after a chosen batch so the kill lands where it should.
+"""
+
+import glob
+import os
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from launcher import train
+from launcher.errors import NonFiniteError, UsageError
+from tests.helpers import (finish, launcher_command, load_config, load_params, losses_by_step,
+                           read_metrics, start, wait_for)
+
+CONFIG = "--config=tests/hooked_config.py"
+LAYOUTS = {"1x8": (1, 8), "2x4": (2, 4)}
+
+
+def run_to_end(workdir, layout, *overrides, timeout=180):
+  num_processes, devices = LAYOUTS[layout]
+  process = start(launcher_command(CONFIG, f"--workdir={workdir}", *overrides,
+                                   num_processes=num_processes, devices=devices),
+                  f"{workdir}.log", devices=devices)
+  return finish(process, timeout)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted 40-step run of each layout, made once."""
+  runs = {}
+  for layout in LAYOUTS:
+    workdir = str(tmp_path_factory.mktemp("straight") / layout)
+    assert run_to_end(workdir, layout) == 0, open(f"{workdir}.log").read()[-3000:]
+    runs[layout] = workdir
+  return runs
+
+
+def complete_checkpoints(workdir):
+  return sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+                if os.path.basename(d).isdigit())
+
+
+def assert_same_run(workdir, reference, from_step):
+  """Bitwise equal final params and equal per-step losses after `from_step`."""
+  for a, b in zip(jax.tree.leaves(load_params(workdir, 40)), jax.tree.leaves(load_params(reference, 40))):
+    np.testing.assert_array_equal(a, b)
+  resumed, uninterrupted = losses_by_step(workdir), losses_by_step(reference)
+  assert [resumed[s] for s in range(from_step + 1, 41)] == [
+      uninterrupted[s] for s in range(from_step + 1, 41)]
+
+
+def process_tree(pid):
+  """`pid` and every process below it, read from /proc."""
+  children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+  return [pid] + [p for child in children for p in process_tree(int(child))]
+
+
+def alive(pids):
+  return [p for p in pids if os.path.exists(f"/proc/{p}") and
+          "zombie" not in open(f"/proc/{p}/status").read()]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sigkill_after_a_checkpoint_then_restart_continues_exactly(layout, straight, tmp_path):
+  workdir = str(tmp_path / "run")
+  num_processes, devices = LAYOUTS[layout]
+  process = start(launcher_command(CONFIG, f"--workdir={workdir}", "--config.slow_from_batch=22",
+                                   num_processes=num_processes, devices=devices),
+                  f"{workdir}.log", devices=devices)
+  wait_for(lambda: 20 in complete_checkpoints(workdir), 120, "the step-20 checkpoint", process)
+  everyone = process_tree(process.pid)
+  assert len(everyone) >= 1 + (num_processes if num_processes > 1 else 0)
+  process.kill()  # SIGKILL to the launcher, or to the local runner of a 2-process job.
+  process.wait()
+  # The runner's children die with it: no orphan keeps training.
+  wait_for(lambda: not alive(everyone), 10, "every process of the job to end")
+  assert complete_checkpoints(workdir) == [20]
+
+  assert run_to_end(workdir, layout) == 0, open(f"{workdir}.log").read()[-3000:]
+  assert "resuming from the checkpoint of step 20" in open(f"{workdir}.log").read()
+  assert_same_run(workdir, straight[layout], from_step=20)
+
+
+@pytest.mark.parametrize("layout, signum", [("1x8", signal.SIGTERM), ("2x4", signal.SIGUSR1)])
+def test_preemption_notice_saves_at_one_step_and_loses_none(layout, signum, straight, tmp_path):
+  workdir = str(tmp_path / "run")
+  num_processes, devices = LAYOUTS[layout]
+  process = start(launcher_command(CONFIG, f"--workdir={workdir}", "--config.slow_from_batch=8",
+                                   num_processes=num_processes, devices=devices),
+                  f"{workdir}.log", devices=devices)
+  wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
+           len(read_metrics(workdir)) >= 6, 120, "step 6", process)
+  # The notice reaches one process only (the last); the job must agree to stop as a whole.
+  target = process.pid if num_processes == 1 else int(subprocess.run(
+      ["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()[-1])
+  os.kill(target, signum)
+  assert finish(process, 60) == 75, open(f"{workdir}.log").read()[-3000:]
+  saved = complete_checkpoints(workdir)
+  last_reported = max(losses_by_step(workdir))
+  assert saved == [last_reported] and 6 <= last_reported < 20
+  log = open(f"{workdir}.log").read()
+  assert f"stopped on a preemption notice after saving the checkpoint of step {last_reported}" in log
+  if num_processes > 1:
+    assert log.count("stopped on a preemption notice") == num_processes
+
+  assert run_to_end(workdir, layout) == 0, open(f"{workdir}.log").read()[-3000:]
+  assert_same_run(workdir, straight[layout], from_step=last_reported)
+
+
+def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):
+  """A big state makes each save long enough to kill it while its files are being written."""
+  workdir = str(tmp_path / "run")
+  args = [CONFIG, f"--workdir={workdir}", "--config.hidden_sizes=[2048,2048]",
+          "--config.checkpoint_every_steps=10", "--config.log_every_steps=10"]
+  process = start(launcher_command(*args), f"{workdir}.log")
+  partial = wait_for(lambda: glob.glob(os.path.join(workdir, "checkpoints", "20.*tmp*")), 120,
+                     "the step-20 save to start", process)
+  process.kill()
+  process.wait()
+  assert os.path.exists(partial[0]) and complete_checkpoints(workdir) == [10]
+
+  assert finish(start(launcher_command(*args), f"{workdir}.log"), 180) == 0
+  assert "resuming from the checkpoint of step 10" in open(f"{workdir}.log").read()
+  assert complete_checkpoints(workdir)[-1] == 40
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = load_config("../tests/hooked_config", nan_at_batch=25, checkpoint_every_steps=10,
+                       log_every_steps=10)
+  with pytest.raises(NonFiniteError, match=r"training diverged: \{'loss': nan, 'grad_norm': nan\} "
+                     r"in the steps up to step 30; the checkpoint of step 20 is kept"):
+    train.run(config, str(tmp_path))
+  assert complete_checkpoints(str(tmp_path)) == [10, 20]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_params(str(tmp_path))))
+
+
+def test_skipped_nonfinite_steps_are_counted_and_change_nothing(tmp_path):
+  config = load_config("../tests/hooked_config", nan_at_batch=25, skip_nonfinite_steps=True,
+                       checkpoint_every_steps=0, num_steps=30, log_every_steps=10)
+  state = train.run(config, str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  assert [row["skipped_steps"] for row in rows] == [0, 0, 1]
+  assert all(np.isfinite(row["loss"]) for row in rows)
+  assert int(state.step) == 30 and int(state.skipped_steps) == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert rows[-1]["checkpoint_blocked_s"] >= 0
+
+
+def test_restore_from_another_run_and_mismatches_named(tmp_path):
+  first = str(tmp_path / "first")
+  train.run(load_config("../tests/hooked_config", num_steps=20, log_every_steps=20), first)
+  saved = load_params(first)
+
+  second = str(tmp_path / "second")
+  state = train.run(load_config("../tests/hooked_config", num_steps=1, restore_from=first,
+                                learning_rate=1e-30), second)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert int(state.step) == 1  # Params only: a fresh optimizer from step 0.
+
+  with pytest.raises(UsageError, match=r"(?s)does not match this config \(3 entries differ\).*"
+                     r"params/Dense_0/kernel: checkpoint shape \(64, 64\), this config's \(64, 32\)"):
+    train.run(load_config("../tests/hooked_config", hidden_sizes=[32], restore_from=first),
+              str(tmp_path / "third"))
+  before = os.listdir(os.path.join(first, "checkpoints"))
+  with pytest.raises(UsageError, match="Use the config it was saved with, or a new --workdir"):
+    train.run(load_config("../tests/hooked_config", hidden_sizes=[32]), first)
+  assert os.listdir(os.path.join(first, "checkpoints")) == before
