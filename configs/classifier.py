@@ -14,6 +14,6 @@ def get_config():
   config.warmup_steps = 20
   config.log_every_steps = 50
   config.eval_every_steps = 200
-  config.hidden_sizes = [256, 256]
+  config.hidden_sizes = (256, 256)  # A tuple: --config.hidden_sizes="(512,512)" overrides it.
   config.test_examples = 300
   return config

@@ -120,6 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
     if not config.skip_nonfinite_steps:
       _check_finite(last_step, train_scalars, checkpoints.latest_step())
     if save:
+      jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
       with reporter.blocked_by_checkpoint():
         checkpoints.save(last_step, replicated_state, {
             "step": last_step, "seed": config.seed, "global_batch_size": layout.global_batch_size})

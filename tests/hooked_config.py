@@ -10,7 +10,7 @@ import classifier as classifier_config  # pylint: disable=wrong-import-position
 def get_config():
   config = classifier_config.get_config()
   config.workload = "tests.hooked_workload"
-  config.hidden_sizes = [64]
+  config.hidden_sizes = (64,)
   config.batch_size = 64
   config.num_steps = 40
   config.schedule = "constant"

@@ -116,8 +116,9 @@ def test_preemption_notice_saves_at_one_step_and_loses_none(layout, signum, stra
 def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):
   """A big state makes each save long enough to kill it while its files are being written."""
   workdir = str(tmp_path / "run")
-  args = [CONFIG, f"--workdir={workdir}", "--config.hidden_sizes=[2048,2048]",
-          "--config.checkpoint_every_steps=10", "--config.log_every_steps=10"]
+  args = [CONFIG, f"--workdir={workdir}", "--config.hidden_sizes=(2048,2048)",
+          "--config.num_steps=30", "--config.checkpoint_every_steps=10",
+          "--config.log_every_steps=10"]
   process = start(launcher_command(*args), f"{workdir}.log")
   partial = wait_for(lambda: glob.glob(os.path.join(workdir, "checkpoints", "20.*tmp*")), 120,
                      "the step-20 save to start", process)
@@ -127,7 +128,7 @@ def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):
 
   assert finish(start(launcher_command(*args), f"{workdir}.log"), 180) == 0
   assert "resuming from the checkpoint of step 10" in open(f"{workdir}.log").read()
-  assert complete_checkpoints(workdir)[-1] == 40
+  assert complete_checkpoints(workdir)[-1] == 30
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -166,9 +167,9 @@ def test_restore_from_another_run_and_mismatches_named(tmp_path):
 
   with pytest.raises(UsageError, match=r"(?s)does not match this config \(3 entries differ\).*"
                      r"params/Dense_0/kernel: checkpoint shape \(64, 64\), this config's \(64, 32\)"):
-    train.run(load_config("../tests/hooked_config", hidden_sizes=[32], restore_from=first),
+    train.run(load_config("../tests/hooked_config", hidden_sizes=(32,), restore_from=first),
               str(tmp_path / "third"))
   before = os.listdir(os.path.join(first, "checkpoints"))
   with pytest.raises(UsageError, match="Use the config it was saved with, or a new --workdir"):
-    train.run(load_config("../tests/hooked_config", hidden_sizes=[32]), first)
+    train.run(load_config("../tests/hooked_config", hidden_sizes=(32,)), first)
   assert os.listdir(os.path.join(first, "checkpoints")) == before
