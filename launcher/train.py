@@ -97,51 +97,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   preempted = False
-  for last_step in range(first_step + k, config.num_steps + 1, k):
-    with reporter.waiting_for_data():
-      batches = next(train_batches, None)
-    if batches is None:
-      raise UsageError(f"workload {config.workload}'s train dataset ended before step "
-                       f"{last_step}: dataset(config, 'train', ...) must be endless")
-    in_flight.wait_for_room()
-    replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)
-    in_flight.add(train_metrics)
-    reporter.after_steps(last_step - k + 1, last_step)
+  try:
+    for last_step in range(first_step + k, config.num_steps + 1, k):
+      with reporter.waiting_for_data():
+        batches = next(train_batches, None)
+      if batches is None:
+        raise UsageError(f"workload {config.workload}'s train dataset ended before step "
+                         f"{last_step}: dataset(config, 'train', ...) must be endless")
+      in_flight.wait_for_room()
+      replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)
+      in_flight.add(train_metrics)
+      reporter.after_steps(last_step - k + 1, last_step)
 
-    preempted = preemption.reached(last_step // k)
-    report = last_step % config.log_every_steps == 0 or last_step == config.num_steps
-    save = (preempted or last_step == config.num_steps or (
-        config.checkpoint_every_steps and last_step % config.checkpoint_every_steps == 0))
-    evaluate_now = config.eval_every_steps and (last_step % config.eval_every_steps == 0
-                                                or last_step == config.num_steps)
-    if not (report or save or evaluate_now):
-      continue
-    train_scalars = state_lib.unreplicate(train_metrics).compute()
-    if not config.skip_nonfinite_steps:
-      _check_finite(last_step, train_scalars, checkpoints.latest_step())
-    if save:
-      jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
-      with reporter.blocked_by_checkpoint():
-        checkpoints.save(last_step, replicated_state, {
-            "step": last_step, "seed": config.seed, "global_batch_size": layout.global_batch_size})
-    scalars = {}
-    if report:
-      scalars.update(train_scalars)
-      scalars.update(reporter.throughput(last_step))
-      scalars["skipped_steps"] = state_lib.unreplicate(replicated_state.skipped_steps)
-      train_metrics = no_train_metrics
-    if evaluate_now:
-      with reporter.progress.timed("eval"):
-        scalars.update(evaluate(replicated_state.params))
-    if scalars:
-      reporter.write(last_step, scalars)
-    if preempted:
-      break
-
-  with reporter.blocked_by_checkpoint():
-    checkpoints.wait()
-  reporter.close()
-  checkpoints.close()
+      preempted = preemption.reached(last_step // k)
+      report = last_step % config.log_every_steps == 0 or last_step == config.num_steps
+      save = (preempted or last_step == config.num_steps or (
+          config.checkpoint_every_steps and last_step % config.checkpoint_every_steps == 0))
+      evaluate_now = config.eval_every_steps and (last_step % config.eval_every_steps == 0
+                                                  or last_step == config.num_steps)
+      if not (report or save or evaluate_now):
+        continue
+      train_scalars = state_lib.unreplicate(train_metrics).compute()
+      if not config.skip_nonfinite_steps:
+        _check_finite(last_step, train_scalars, checkpoints.latest_step())
+      if save:
+        jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
+        with reporter.blocked_by_checkpoint():
+          checkpoints.save(last_step, replicated_state, {"step": last_step, "seed": config.seed,
+                                                         "global_batch_size": layout.global_batch_size})
+      scalars = {}
+      if report:
+        scalars.update(train_scalars)
+        scalars.update(reporter.throughput(last_step))
+        scalars["skipped_steps"] = state_lib.unreplicate(replicated_state.skipped_steps)
+        train_metrics = no_train_metrics
+      if evaluate_now:
+        with reporter.progress.timed("eval"):
+          scalars.update(evaluate(replicated_state.params))
+      if scalars:
+        reporter.write(last_step, scalars)
+      if preempted:
+        break
+  finally:  # Even a failing run completes the saves it started: they hold good states.
+    with reporter.blocked_by_checkpoint():
+      checkpoints.wait()
+    reporter.close()
+    checkpoints.close()
   if preempted:
     raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
                     f"{last_step}")

@@ -14,7 +14,15 @@ import pytest
 from launcher import state as state_lib
 from launcher import train
 from launcher import workload as workload_lib
-from tests.helpers import load_config
+from tests.helpers import assert_close, load_config
+
+def assert_moved(expected, initial):
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+           zip(jax.tree.leaves(expected), jax.tree.leaves(initial))]
+  assert max(moved) > 1e-4, "the reference did not move: the test would prove nothing"
+
+
+OPTIMIZERS = ("sgd", "adamw")  # Why adamw needs a looser check: helpers.assert_close.
 
 # A constant schedule: under warmup the first step's learning rate is 0 and nothing would move.
 WORKLOADS = {
@@ -38,27 +46,6 @@ def reference_params(config, num_steps):
   return params
 
 
-# SGD maps gradients linearly, so float reduction order alone separates the two sides. Adam's
-# first steps are about lr * sign(g): where a gradient entry is ~1e-8, rounding noise in it can
-# move that entry's update anywhere within +-lr. So under adamw nearly every entry must agree
-# tightly and none may be off by more than the learning rate.
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def assert_close(config, actual, expected, initial):
-  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-           zip(jax.tree.leaves(expected), jax.tree.leaves(initial))]
-  assert max(moved) > 1e-4, "the reference did not move: the test would prove nothing"
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
-    a, b, where = np.asarray(a), np.asarray(b), jax.tree_util.keystr(path)
-    if config.optimizer == "sgd":
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=where)
-    else:
-      off = ~np.isclose(a, b, rtol=2e-5, atol=2e-6)
-      assert off.mean() <= 1e-3, f"{where}: {off.sum()} of {off.size} entries differ"
-      np.testing.assert_allclose(a, b, rtol=0, atol=config.learning_rate, err_msg=where)
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_one_step_on_8_devices_equals_one_device(name, optimizer, tmp_path):
@@ -68,8 +55,8 @@ def test_one_step_on_8_devices_equals_one_device(name, optimizer, tmp_path):
   assert jax.local_device_count() == 8
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 1
-  assert_close(config, state.params, reference_params(config, 1),
-               reference_params(config, 0))
+  assert_moved(reference_params(config, 1), reference_params(config, 0))
+  assert_close(config, state.params, reference_params(config, 1))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -80,5 +67,5 @@ def test_4_steps_per_call_equal_4_single_steps(name, optimizer, tmp_path):
                        eval_every_steps=0, optimizer=optimizer, **overrides)
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 4
-  assert_close(config, state.params, reference_params(config, 4),
-               reference_params(config, 0))
+  assert_moved(reference_params(config, 4), reference_params(config, 0))
+  assert_close(config, state.params, reference_params(config, 4))

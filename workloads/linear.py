@@ -25,5 +25,10 @@ def dataset(config, split, process_index, process_count, start=0):
   x = np.asarray(config.x, np.float32)
   y = (config.true_w * x + config.true_b).astype(np.float32)
   indices = data.batch_indices(len(x), batch_size=config.batch_size, process_index=process_index,
-                               process_count=process_count, repeat=split == "train", start=start)
-  return iter(indices.map(lambda i: {"x": x[i], "y": y[i]}))
+                               process_count=process_count, repeat=split == "train",
+                               start=start)
+  share = config.batch_size // process_count
+  for t, i in enumerate(indices, start):
+    # Three points repeat within a batch, so an example's id is its place in the stream.
+    position = t * config.batch_size + process_index * share + np.arange(len(i))
+    yield {"x": x[i], "y": y[i], "id": position.astype(np.int32)}

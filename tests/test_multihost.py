@@ -1,0 +1,173 @@
+"""Real multi-process jobs on 127.0.0.1: same results as one process, and loud, bounded failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from launcher import train
+from launcher import workload as workload_lib
+from launcher.local import free_port
+from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
+                           losses_by_step, start, wait_for)
+
+RUNS = {  # Each workload's config for a few steps, a report every step.
+    "linear": ("linear", None, {"num_steps": 4}),
+    "classifier": ("classifier", None, {"num_steps": 4, "warmup_steps": 2}),
+    "lm": ("lm", "tiny", {"num_steps": 4, "warmup_steps": 2}),
+}
+COMMON = {"log_every_steps": 1, "eval_every_steps": 0}
+
+
+def read_ids(ids_dir: str, process_index: int) -> dict[int, list[int]]:
+  with open(os.path.join(ids_dir, f"process_{process_index}.jsonl")) as f:
+    return {row["batch"]: row["ids"] for row in map(json.loads, f)}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_two_processes_of_four_devices_equal_one_of_eight(name, tmp_path):
+  config_name, config_arg, overrides = RUNS[name]
+  overrides = {**COMMON, **overrides}
+  workdir, ids_dir = tmp_path / "2x4", tmp_path / "ids"
+  ids_dir.mkdir()
+  process = start(launcher_command(
+      f"--config=tests/recording_config.py:{config_name}{':' + config_arg if config_arg else ''}",
+      f"--workdir={workdir}", f"--config.ids_dir={ids_dir}",
+      *(f"--config.{key}={value}" for key, value in overrides.items()),
+      num_processes=2, devices=4),
+                  str(tmp_path / "2x4.log"), devices=4)
+  assert finish(process, 180) == 0, open(tmp_path / "2x4.log").read()[-3000:]
+  log = open(tmp_path / "2x4.log").read()
+  assert "[process 0]" in log and "[process 1]" in log
+  assert "process 1/2 on" in open(workdir / "logs" / "process_1.log").read()
+
+  # The reference: one process with 8 devices, in this test process.
+  reference_dir = tmp_path / "1x8"
+  config = load_config(config_name, config_arg, **overrides)
+  reference = train.run(config, str(reference_dir))
+  assert jax.process_count() == 1 and jax.local_device_count() == 8
+  assert_close(config, load_params(str(workdir)), reference.params)
+  two, one = losses_by_step(str(workdir)), losses_by_step(str(reference_dir))
+  assert list(two) == list(one) == [1, 2, 3, 4]
+  assert [two[s] for s in two] == pytest.approx([one[s] for s in one], rel=1e-5)
+
+  # Each process read a disjoint half of every global batch, and the halves make the batch.
+  first, second = read_ids(str(ids_dir), 0), read_ids(str(ids_dir), 1)
+  whole = workload_lib.load(config.workload).dataset(config, "train", 0, 1)
+  for t in range(4):
+    assert not set(first[t]) & set(second[t])
+    assert first[t] + second[t] == next(whole)["id"].tolist()
+    assert len(first[t]) == len(second[t]) == config.batch_size // 2
+
+
+def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10):
+  """Two launcher processes joined by the JAX_* environment, as a scheduler would start them."""
+  port = free_port()
+  processes = []
+  for i in range(2):
+    processes.append(start(
+        [sys.executable, "-m", "launcher", "--config=configs/linear.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.num_steps={num_steps}",
+         "--config.log_every_steps=50", "--config.eval_every_steps=0",
+         "--config.checkpoint_every_steps=0", f"--heartbeat_timeout_seconds={heartbeat}", *extra],
+        str(tmp_path / f"process_{i}.log"), devices=4,
+        env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}))
+  return processes
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_ends_the_job_within_the_heartbeat_timeout(victim, tmp_path):
+  processes = two_launchers(tmp_path)
+  try:
+    wait_for(lambda: "step 100:" in open(tmp_path / "process_0.log").read(), 120,
+             "the job to train", processes[0])
+    processes[victim].kill()
+    killed_at = time.monotonic()
+    survivor = processes[1 - victim]
+    code = survivor.wait(timeout=10 + 20)
+    waited = time.monotonic() - killed_at
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  assert code != 0 and waited < 10 + 5
+  log = open(tmp_path / f"process_{1 - victim}.log").read()
+  if victim == 1:
+    assert "Task 1 heartbeat timeout" in log  # jax's coordination service names the lost one.
+  else:
+    assert "coordination" in log and "Socket closed" in log  # The coordinator, process 0, is gone.
+
+
+def test_an_unreachable_coordinator_is_a_clear_error_within_the_init_timeout(tmp_path):
+  port = free_port()
+  started = time.monotonic()
+  process = start([sys.executable, "-m", "launcher", "--config=configs/linear.py",
+                   f"--workdir={tmp_path}", "--initialization_timeout=5"],
+                  str(tmp_path / "log"), devices=4,
+                  env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                       "JAX_PROCESS_ID": "1"})
+  assert finish(process, 60) == 1
+  assert time.monotonic() - started < 5 + 30  # 5 s of waiting plus the imports.
+  log = open(tmp_path / "log").read()
+  assert (f"error: could not reach the coordinator 127.0.0.1:{port} (process 0) within "
+          "--initialization_timeout=5 s (Connection refused)") in log
+  assert "Traceback" not in log
+
+
+SLURM_TWO_NODES = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2",
+                   "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURMD_NODENAME": "node01",
+                   "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+
+
+@pytest.mark.parametrize("env, args, message", [
+    (SLURM_TWO_NODES, ["--coordinator_address=node01:1234", "--num_processes=4", "--process_id=0"],
+     "error: --num_processes=4 disagrees with the scheduler, which started 2 processes for this job"),
+    ({**SLURM_TWO_NODES, "JAX_COORDINATOR_ADDRESS": "localhost:1234"}, [],
+     "error: the coordinator address localhost:1234 is a loopback address, but this job spans 2 "
+     "hosts (node01, node02)"),
+])
+def test_a_job_shape_the_environment_contradicts_is_refused(env, args, message, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "launcher", "--config=configs/linear.py",
+                           f"--workdir={tmp_path}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+  assert result.returncode == 1 and message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_local_runner_ends_every_process_when_one_dies(tmp_path):
+  workdir = tmp_path / "run"
+  runner = start(launcher_command("--config=configs/linear.py", f"--workdir={workdir}",
+                                  "--config.num_steps=100000", "--config.log_every_steps=50",
+                                  "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
+                                  num_processes=2, devices=4),
+                 str(tmp_path / "runner.log"), devices=4)
+  wait_for(lambda: (workdir / "logs" / "process_1.log").exists() and
+           "step 50:" in (workdir / "logs" / "process_1.log").read_text(), 120, "training", runner)
+  children = subprocess.run(["pgrep", "-P", str(runner.pid)], capture_output=True,
+                            text=True).stdout.split()
+  assert len(children) == 2
+  os.kill(int(children[1]), signal.SIGKILL)
+  assert finish(runner, 60) == 128 + signal.SIGKILL
+  assert not [c for c in children if os.path.exists(f"/proc/{c}")]
+  log = (tmp_path / "runner.log").read_text()
+  assert "[local] process 1 was killed by SIGKILL: stopping the others" in log
+
+
+def test_local_runner_ctrl_c_stops_the_job_with_a_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  runner = start(launcher_command("--config=configs/linear.py", f"--workdir={workdir}",
+                                  "--config.num_steps=100000", "--config.log_every_steps=50",
+                                  "--config.eval_every_steps=0", num_processes=2, devices=4),
+                 str(tmp_path / "runner.log"), devices=4)
+  wait_for(lambda: (workdir / "metrics.jsonl").exists(), 120, "training", runner)
+  os.kill(runner.pid, signal.SIGINT)
+  assert finish(runner, 60) == 128 + signal.SIGINT
+  log = (tmp_path / "runner.log").read_text()
+  assert log.count("stopped on a preemption notice after saving the checkpoint of step") == 2
+  assert os.listdir(workdir / "checkpoints")
