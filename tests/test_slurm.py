@@ -1,0 +1,87 @@
+"""The CPU sbatch template on a real slurmctld + slurmd on this machine (scripts/slurm/local_cluster.sh)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from launcher import train
+from tests.helpers import REPO, load_config, losses_by_step, wait_for
+
+CLUSTER = os.path.join(REPO, "scripts", "slurm", "local_cluster.sh")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+  """Brings the local SLURM up for these tests and down after them; skips where it cannot exist."""
+  if os.geteuid() != 0:
+    pytest.skip("a local SLURM needs root (packages, /etc/slurm/slurm.conf); .ci/run runs as root")
+  up = subprocess.run([CLUSTER, "up"], capture_output=True, text=True, timeout=300, check=False)
+  if up.returncode != 0 and not shutil.which("slurmctld"):
+    pytest.skip(f"SLURM packages could not be installed here: {up.stderr.strip()[-500:]}")
+  assert up.returncode == 0, up.stdout + up.stderr
+  yield
+  subprocess.run([CLUSTER, "down"], capture_output=True, timeout=60, check=False)
+
+
+def sbatch(tmp_path, *launcher_args, wait=True):
+  """Submits scripts/slurm/cpu.sbatch with 2 tasks; returns (job id, its output file)."""
+  output = tmp_path / "slurm.out"
+  result = subprocess.run(
+      ["sbatch", "--parsable", *(["--wait"] if wait else []), f"--output={output}",
+       f"--export=ALL,LAUNCHER_PYTHON={sys.executable},DEVICES_PER_TASK=4",
+       "scripts/slurm/cpu.sbatch", *launcher_args],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr + (
+      output.read_text()[-3000:] if output.exists() else "")
+  return result.stdout.strip().split(";")[0], output
+
+
+def test_two_tasks_join_one_job_and_match_one_process(slurm, tmp_path):
+  del slurm
+  workdir = tmp_path / "run"
+  _, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
+                     "--config.num_steps=40", "--config.log_every_steps=1",
+                     "--config.eval_every_steps=0")
+  log = output.read_text()
+  for task in (0, 1):
+    assert f"{task}: " in log and f"joining a slurm job as process {task} of 2" in log
+    assert f"process {task}/2 on" in log and "4 local / 8 global devices" in log
+
+  reference = tmp_path / "reference"
+  train.run(load_config("linear", num_steps=40, log_every_steps=1, eval_every_steps=0),
+            str(reference))
+  slurm_losses, reference_losses = losses_by_step(str(workdir)), losses_by_step(str(reference))
+  assert list(slurm_losses) == list(range(1, 41))
+  assert list(slurm_losses.values()) == pytest.approx(list(reference_losses.values()), rel=1e-5)
+
+
+def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
+  del slurm
+  workdir = tmp_path / "run"
+  job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
+                       "--config.num_steps=400", "--config.log_every_steps=10",
+                       "--config.eval_every_steps=0", wait=False)
+  try:
+    wait_for(lambda: (workdir / "metrics.jsonl").exists() and
+             (workdir / "metrics.jsonl").read_text().count("\n") >= 2, 120, "the job to train")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    # SLURM holds a requeued job for about two minutes (reason BeginTime); start it now.
+    wait_for(lambda: "BeginTime" in subprocess.run(["squeue", "-h", "-o", "%r", "-j", job],
+                                                   capture_output=True, text=True).stdout,
+             60, "the job to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+                                        text=True).stdout.strip(), 180, "the requeued job to end")
+  finally:
+    subprocess.run(["scancel", job], timeout=30, check=False)
+  log = output.read_text()
+  assert "0: " in log and log.count("received SIGUSR1") == 2, log[-3000:]
+  saved = int(log.split("stopped on a preemption notice after saving the checkpoint of step ")[1]
+              .split(";")[0])
+  assert log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved}") == 2
+  assert "restart 1" in log
+  assert log.count(f"resuming from the checkpoint of step {saved}") == 2
+  assert max(losses_by_step(str(workdir))) == 400
