@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 from absl import app, flags
 
@@ -66,38 +67,36 @@ def _die_with_parent():
   ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class Job:
-  """The running processes, their log pumps, and how to end them all."""
+class ProcessGroup:
+  """Processes that live and die together: their output pumped to per-process logs, the first
+  failure ends the rest. Also used by scripts/tpu/pod.py for the workers of a pod slice."""
 
-  def __init__(self, launcher_args: list[str], num_processes: int, devices: int, grace: float):
-    self.grace = grace
-    log_dir = os.path.join(workdir_of(launcher_args), "logs")
+  def __init__(self, commands: list[list[str]], *, log_dir: str, name: str = "process",
+               envs: list[dict[str, str]] | None = None, grace: float = 30.0,
+               on_stop: Callable[[], None] | None = None):
+    self.grace, self._name, self._on_stop = grace, name, on_stop
     os.makedirs(log_dir, exist_ok=True)
-    port = free_port()
     self.processes, self._pumps = [], []
-    for i in range(num_processes):
+    for i, command in enumerate(commands):
       process = subprocess.Popen(
-          [sys.executable, "-m", "launcher", *launcher_args],
-          env=process_env(i, num_processes, devices, port), stdout=subprocess.PIPE,
+          command, env=envs[i] if envs else None, stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
           preexec_fn=_die_with_parent)
       self.processes.append(process)
       pump = threading.Thread(target=_pump, daemon=True, args=(
-          process.stdout, os.path.join(log_dir, f"process_{i}.log"), f"[process {i}] "))
+          process.stdout, os.path.join(log_dir, f"{name}_{i}.log"), f"[{name} {i}] "))
       pump.start()
       self._pumps.append(pump)
-    print(f"[local] {num_processes} processes x {devices} devices, coordinator 127.0.0.1:{port}, "
-          f"logs in {log_dir}", flush=True)
 
   def wait(self) -> int:
-    """Waits for every process; the first to fail ends the others. Returns the job's exit code."""
+    """Waits for every process; the first to fail ends the others. Returns the group's exit code."""
     while True:
       codes = [p.poll() for p in self.processes]
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i, code = failed[0]
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-        print(f"[local] process {i} {how}: stopping the others", flush=True)
+        print(f"[local] {self._name} {i} {how}: stopping the others", flush=True)
         self.stop()
         return 128 - code if code < 0 else code
       if all(c == 0 for c in codes):
@@ -119,6 +118,20 @@ class Job:
       _signal_group(process, signal.SIGKILL)
       process.wait()
     self._drain()
+    if self._on_stop:
+      self._on_stop()
+
+  def stop_on_signals(self) -> None:
+    """Ctrl-C or SIGTERM to this runner stops every process, then exits 128 + the signal."""
+
+    def stop(signum, frame):
+      del frame
+      print(f"[local] {signal.Signals(signum).name}: stopping every {self._name}", flush=True)
+      self.stop()
+      sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
   def _drain(self):
     for pump in self._pumps:
@@ -143,17 +156,18 @@ def _pump(stream, log_path: str, prefix: str) -> None:
 
 
 def main(argv):
-  job = Job(argv[1:], _NUM_PROCESSES.value, _DEVICES.value, _GRACE.value)
-
-  def interrupted(signum, frame):
-    del frame
-    print(f"[local] {signal.Signals(signum).name}: stopping every process", flush=True)
-    job.stop()
-    sys.exit(128 + signum)
-
-  signal.signal(signal.SIGINT, interrupted)
-  signal.signal(signal.SIGTERM, interrupted)
-  sys.exit(job.wait())
+  launcher_args = argv[1:]
+  num_processes, devices = _NUM_PROCESSES.value, _DEVICES.value
+  port = free_port()
+  log_dir = os.path.join(workdir_of(launcher_args), "logs")
+  group = ProcessGroup(
+      [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes, log_dir=log_dir,
+      envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],
+      grace=_GRACE.value)
+  print(f"[local] {num_processes} processes x {devices} devices, coordinator 127.0.0.1:{port}, "
+        f"logs in {log_dir}", flush=True)
+  group.stop_on_signals()
+  sys.exit(group.wait())
 
 
 if __name__ == "__main__":
