@@ -17,9 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import state as state_lib
+from launcher.parallel import job_replicated
 from launcher.errors import UsageError
 
 
@@ -37,26 +37,9 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def _job_replicated() -> NamedSharding:
-  """Whole arrays on every device of every process."""
-  return NamedSharding(Mesh(np.array(jax.devices()), ("batch",)), PartitionSpec())
-
-
-def to_global(replicated_tree: Any) -> Any:
-  """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, no copy to host."""
-  sharding = _job_replicated()
-
-  def one(x):
-    shards = {shard.device: shard.data for shard in x.addressable_shards}
-    arrays = [shards[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
-    return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
-
-  return jax.tree.map(one, replicated_tree)
-
-
 def abstract(tree: Any) -> Any:
   """Shapes, dtypes and the job-wide replicated sharding of a (single-copy) tree, for restore."""
-  sharding = _job_replicated()
+  sharding = job_replicated()
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
                       tree)
 
@@ -89,11 +72,12 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, replicated_state: state_lib.TrainState, data_position: dict) -> None:
-    """Starts an async save of the state at `step`: returns once the arrays are copied off the
-    devices, and commits in the background (a killed save leaves no checkpoint restore picks)."""
+  def save(self, step: int, global_state: state_lib.TrainState, data_position: dict) -> None:
+    """Starts an async save of the state (job-wide arrays) at `step`: returns once the arrays are
+    copied off the devices, and commits in the background (a killed save leaves no checkpoint
+    restore picks)."""
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_global(replicated_state)),
+        state=ocp.args.StandardSave(global_state),
         data=ocp.args.JsonSave(data_position)), force=True)
 
   def restore(self, step: int, like: state_lib.TrainState) -> Restored:

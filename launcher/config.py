@@ -3,11 +3,14 @@
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import ml_collections
 
 from launcher.errors import UsageError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+EXECUTORS = ("pmap", "shard_map")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "warmup_cosine")
 
 
@@ -20,6 +23,10 @@ def defaults() -> ml_collections.ConfigDict:
   config.num_steps = 1000
   config.steps_per_call = 1  # K optimizer steps inside one compiled call (lax.scan).
   config.max_calls_in_flight = 2  # Dispatched calls not yet finished; CPU collectives need a bound.
+  config.parallel = "pmap"  # Or "shard_map": jit(shard_map) over a Mesh of every device.
+  config.grad_accum_steps = 1  # M microbatches per step (lax.scan), gradients averaged.
+  config.compute_dtype = "float32"  # Or bfloat16 / float16 for the loss; params stay float32.
+  config.compilation_cache_dir = ""  # "": ~/.cache/launcher/jax (XDG_CACHE_HOME); "none": off.
   config.optimizer = "adamw"
   config.learning_rate = 1e-3
   config.schedule = "constant"
@@ -51,7 +58,7 @@ def check(config: ml_collections.ConfigDict) -> None:
        "config.workload is empty: set it to a module under workloads/ (e.g. --config.workload=lm) "
        "or to any importable module")
   for key in ("batch_size", "num_steps", "steps_per_call", "max_calls_in_flight", "log_every_steps",
-              "keep_checkpoints"):
+              "keep_checkpoints", "grad_accum_steps"):
     need(config[key] >= 1, f"config.{key}={config[key]} must be a positive integer")
   for key in ("eval_every_steps", "eval_batches", "warmup_steps", "profile_first_step",
               "checkpoint_every_steps"):
@@ -64,6 +71,10 @@ def check(config: ml_collections.ConfigDict) -> None:
        f"config.schedule={config.schedule!r} is not one of {', '.join(SCHEDULES)}")
   need(config.schedule != "warmup_cosine" or config.warmup_steps < config.num_steps,
        f"config.warmup_steps={config.warmup_steps} must be below config.num_steps={config.num_steps}")
+  need(config.parallel in EXECUTORS,
+       f"config.parallel={config.parallel!r} is not one of {', '.join(EXECUTORS)}")
+  need(config.compute_dtype in COMPUTE_DTYPES,
+       f"config.compute_dtype={config.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
   need(config.grad_clip_norm >= 0, f"config.grad_clip_norm={config.grad_clip_norm} must be 0 or more")
   k = config.steps_per_call
   if k >= 1:
@@ -93,8 +104,13 @@ class Layout:
     return self.process_count * self.local_device_count
 
 
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The dtype the loss computes in, or None for float32 (no casts at all)."""
+  return None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
+
+
 def layout(batch_size: int, process_index: int, process_count: int,
-           local_device_count: int) -> Layout:
+           local_device_count: int, grad_accum_steps: int = 1) -> Layout:
   """Splits a global batch over processes and their devices, or says which sizes would split."""
   device_count = process_count * local_device_count
   if batch_size % device_count:
@@ -106,6 +122,12 @@ def layout(batch_size: int, process_index: int, process_count: int,
         f"({process_count} process(es) x {local_device_count} local devices): "
         f"use a multiple of {device_count}, e.g. {nearest}")
   host_batch_size = batch_size // process_count
+  per_device = host_batch_size // local_device_count
+  if per_device % grad_accum_steps:
+    raise UsageError(
+        f"config.grad_accum_steps={grad_accum_steps} does not divide the per-device batch of "
+        f"{per_device} (config.batch_size={batch_size} over {device_count} devices): use a "
+        f"batch size that is a multiple of {device_count * grad_accum_steps}, or fewer steps")
   return Layout(process_index=process_index, process_count=process_count,
                 local_device_count=local_device_count, global_batch_size=batch_size,
                 host_batch_size=host_batch_size,

@@ -1,16 +1,18 @@
-"""From a workload's host-local numpy batches to per-device shards on the devices.
+"""From a workload's host-local numpy batches to batches on the devices, two calls ahead.
 
-Shapes: a host batch is [host_batch, ...]; `shard` makes it [local_devices, per_device_batch, ...];
-with K steps per call, K host batches become [local_devices, K, per_device_batch, ...].
+Shapes: a host batch is [host_batch, ...]; with K steps per call, K of them are stacked to
+[K, host_batch, ...]. The executor (launcher/parallel.py) places them: under pmap as
+[local_devices, (K,) per_device_batch, ...], under shard_map as this process's part of a global
+batch split on its batch axis.
 """
 
+import collections
 import itertools
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
 import numpy as np
-from flax import jax_utils
 from jax.experimental import multihost_utils
 
 Batch = dict[str, np.ndarray]
@@ -35,36 +37,47 @@ def batch_indices(num_records: int, *, batch_size: int, process_index: int, proc
   return indices[process_index::process_count][start:]
 
 
-def shard(host_batch: Batch, local_device_count: int) -> Batch:
-  """[host_batch, ...] -> [local_devices, per_device_batch, ...]."""
-  return jax.tree.map(
-      lambda x: x.reshape((local_device_count, x.shape[0] // local_device_count) + x.shape[1:]),
-      host_batch)
+def group(host_batches: Iterator[Batch], steps_per_call: int) -> Iterator[Batch]:
+  """One host batch per call, or K of them stacked to [K, host_batch, ...]."""
+  while True:
+    batches = list(itertools.islice(host_batches, steps_per_call))
+    if len(batches) < steps_per_call:
+      return
+    if steps_per_call == 1:
+      yield batches[0]
+    else:
+      yield jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-def train_batches(host_batches: Iterator[Batch], *, host_batch_size: int, local_device_count: int,
-                  steps_per_call: int, prefetch: int = 2) -> Iterator[Batch]:
-  """Per-call device batches: [devices, per_device, ...], or [devices, K, per_device, ...] for K > 1."""
+def prefetch(batches: Iterator, put: Callable[[Batch], Any], size: int = 2) -> Iterator:
+  """`put` (an async copy to the devices) `size` batches ahead of the consumer."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
-  def per_call():
-    while True:
-      group = list(itertools.islice(host_batches, steps_per_call))
-      if len(group) < steps_per_call:
-        return
-      for batch in group:
-        _check_size(batch, host_batch_size)
-      if steps_per_call == 1:
-        yield shard(group[0], local_device_count)
-      else:
-        stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *(
-            shard(b, local_device_count) for b in group))
-        yield stacked
 
-  return jax_utils.prefetch_to_device(per_call(), prefetch)
+def train_batches(host_batches: Iterator[Batch], *, host_batch_size: int, steps_per_call: int,
+                  put: Callable[..., Any]) -> Iterator:
+  """Per-call batches on the devices, two calls ahead; `put` is the executor's placement."""
+
+  def checked():
+    for batch in host_batches:
+      for name, x in batch.items():
+        if x.shape[0] != host_batch_size:
+          raise ValueError(f"the workload's train batch has {x.shape[0]} rows in {name!r}, but "
+                           f"this process's share of config.batch_size is {host_batch_size}")
+      yield batch
+
+  return prefetch(group(checked(), steps_per_call),
+                  lambda batch: put(batch, stacked=steps_per_call > 1))
 
 
 def eval_batches(host_batches: Iterator[Batch], *, example: Batch, host_batch_size: int,
-                 local_device_count: int, process_count: int, prefetch: int = 2) -> Iterator[Batch]:
+                 process_count: int, put: Callable[..., Any]) -> Iterator:
   """Eval batches padded to the host batch size with a `mask` (1 = real example), on the devices.
 
   Every process yields the same number of batches: a process whose share ran out feeds
@@ -80,9 +93,9 @@ def eval_batches(host_batches: Iterator[Batch], *, example: Batch, host_batch_si
           return
       elif batch is None:
         return
-      yield shard(pad(empty if batch is None else batch, host_batch_size), local_device_count)
+      yield pad(empty if batch is None else batch, host_batch_size)
 
-  return jax_utils.prefetch_to_device(padded(), prefetch)
+  return prefetch(padded(), put)
 
 
 def pad(batch: Batch, size: int) -> Batch:
@@ -94,10 +107,3 @@ def pad(batch: Batch, size: int) -> Batch:
             for k, v in batch.items()}
   padded["mask"] = (np.arange(size) < rows).astype(np.float32)
   return padded
-
-
-def _check_size(batch: Batch, host_batch_size: int) -> None:
-  for name, x in batch.items():
-    if x.shape[0] != host_batch_size:
-      raise ValueError(f"the workload's train batch has {x.shape[0]} rows in {name!r}, but this "
-                       f"process's share of config.batch_size is {host_batch_size}")

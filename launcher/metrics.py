@@ -11,16 +11,52 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 
+# Dense peak FLOP/s per device at bf16, by the start of `jax.devices()[0].device_kind`. MFU is
+# reported only for these; on CPU (no meaningful peak) it is left out rather than invented.
+PEAK_FLOPS_PER_DEVICE = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  for prefix, peak in sorted(PEAK_FLOPS_PER_DEVICE.items(), key=lambda kv: -len(kv[0])):
+    if device_kind.startswith(prefix):
+      return peak
+  return None
+
+
+def seconds_since_process_start() -> float | None:
+  """Wall time since this process started (Linux /proc), imports included."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 class Reporter:
   """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks."""
 
   def __init__(self, workdir: str, *, process_index: int, process_count: int, first_step: int,
-               num_steps: int, log_every_steps: int, examples_per_step: int, tokens_per_example: int | None,
-               profile_first_step: int):
+               num_steps: int, log_every_steps: int, examples_per_step: int,
+               tokens_per_example: int | None, flops_per_example: float | None,
+               peak_flops: float | None, profile_first_step: int):
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
     self._examples_per_step = examples_per_step
     self._tokens_per_example = tokens_per_example
+    self._flops_per_example, self._peak_flops = flops_per_example, peak_flops
+    self._started = time.monotonic()
+    self._first_step_scalars = {}
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self._is_main)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._is_main else None
     self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -38,6 +74,15 @@ class Reporter:
     start = time.monotonic()
     yield
     self._data_wait_s += time.monotonic() - start
+
+  def first_step_done(self) -> None:
+    """Logs, once, how long the run took to finish its first call (compilation, mostly)."""
+    since_run = time.monotonic() - self._started
+    since_process = seconds_since_process_start()
+    logging.info("%s: time to first step %.2f s (%.2f s since the process started)",
+                 self._process, since_run, since_process or float("nan"))
+    self._first_step_scalars = {"time_to_first_step_s": since_run}
+    self._last_time = time.monotonic()  # Throughput windows start after compilation.
 
   @contextlib.contextmanager
   def blocked_by_checkpoint(self):
@@ -64,6 +109,12 @@ class Reporter:
                "checkpoint_blocked_s": self._checkpoint_blocked_s}
     if self._tokens_per_example:
       scalars["tokens_per_sec"] = scalars["examples_per_sec"] * self._tokens_per_example
+    if self._flops_per_example:
+      scalars["model_flops_per_sec"] = scalars["examples_per_sec"] * self._flops_per_example
+      if self._peak_flops:
+        scalars["mfu"] = scalars["model_flops_per_sec"] / self._peak_flops
+    scalars.update(self._first_step_scalars)
+    self._first_step_scalars = {}
     logging.info("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
                  self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
                  self._data_wait_s, 100 * self._data_wait_s / seconds)

@@ -1,15 +1,129 @@
-"""Maps a per-device function over every device of the job: `pmap` over axis `batch`."""
+"""Runs a per-device function on every device of the job: `pmap`, or `jit` of `shard_map`.
+
+Both executors take the same per-device step (axis name `batch`) and give the same results; they
+differ in how state and batches live on the devices:
+
+  pmap       state replicated as [local_devices, ...]; batches [local_devices, per_device, ...]
+  shard_map  state as whole arrays on every device of a Mesh (NamedSharding, P()); batches as
+             global arrays split on their batch axis; no host-local <-> global conversion per call
+"""
 
 import collections
+import os
 
 import jax
+import numpy as np
+from flax import jax_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher.step import AXIS
 
 
-def over_devices(fn, *, donate_argnums=()):
-  """`fn` run on every local device, its collectives spanning every device of every process."""
-  return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+class Pmap:
+  """`jax.pmap` over the local devices; collectives span every device of every process."""
+  name = "pmap"
+
+  def map(self, fn, *, stacked: bool = False, donate_argnums=()):
+    """fn(replicated, replicated, batch) on every local device; `stacked`: batch is [K, ...]."""
+    del stacked
+    return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+
+  def replicate(self, tree):
+    return jax_utils.replicate(tree)
+
+  def unreplicate(self, tree):
+    """One device's copy of a replicated tree (no gather across devices)."""
+    return jax_utils.unreplicate(tree)
+
+  def put(self, host_batch, *, stacked: bool = False):
+    """[host_batch, ...] (or [K, host_batch, ...] when `stacked`) -> [devices, per_device, ...]
+    (or [devices, K, per_device, ...]) on the devices."""
+    d = jax.local_device_count()
+
+    def split(x):
+      if stacked:  # [K, host_b, ...] -> [d, K, b, ...]
+        x = x.reshape((x.shape[0], d, x.shape[1] // d) + x.shape[2:])
+        return np.swapaxes(x, 0, 1)
+      return x.reshape((d, x.shape[0] // d) + x.shape[1:])
+
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.array(devices), ("_local",)), PartitionSpec("_local"))
+    return jax.tree.map(lambda x: jax.device_put(split(np.asarray(x)), sharding), host_batch)
+
+  def global_state(self, replicated_tree):
+    """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, as a
+    checkpoint wants them; no copy to the host."""
+    sharding = job_replicated()
+
+    def one(x):
+      shards = {shard.device: shard.data for shard in x.addressable_shards}
+      arrays = [shards[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
+
+    return jax.tree.map(one, replicated_tree)
+
+
+class ShardMap:
+  """`jax.jit(jax.shard_map(...))` over a Mesh of every device of the job, batch on axis `batch`."""
+  name = "shard_map"
+
+  def __init__(self):
+    self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+    self._replicated = NamedSharding(self.mesh, PartitionSpec())
+
+  def map(self, fn, *, stacked: bool = False, donate_argnums=()):
+    """fn(replicated, replicated, batch) on every device; `stacked`: batch is [K, ...]."""
+    # check_vma=False: CLU's gather_from_model_output needs it, and with it jax.grad of the
+    # replicated params is per device, exactly as under pmap (lax.pmean then averages it).
+    batch_spec = PartitionSpec(None, AXIS) if stacked else PartitionSpec(AXIS)
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(),
+                                                         batch_spec),
+                           out_specs=PartitionSpec(), check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+  def replicate(self, tree):
+    """Whole arrays on every device of the job."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        self._replicated, np.asarray(x)), tree)
+
+  def unreplicate(self, tree):
+    """This process's first device's copy (no gather across devices)."""
+    return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
+
+  def put(self, host_batch, *, stacked: bool = False):
+    """This process's [host_batch, ...] (or [K, host_batch, ...]) as its part of a global batch."""
+    spec = PartitionSpec(None, AXIS) if stacked else PartitionSpec(AXIS)
+    sharding = NamedSharding(self.mesh, spec)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        host_batch)
+
+  def global_state(self, tree):
+    """Already job-wide arrays."""
+    return tree
+
+
+def executor(name: str) -> Pmap | ShardMap:
+  """The executor named by `config.parallel`."""
+  return {"pmap": Pmap, "shard_map": ShardMap}[name]()
+
+
+def job_replicated() -> NamedSharding:
+  """Whole arrays on every device of every process."""
+  return NamedSharding(Mesh(np.array(jax.devices()), (AXIS,)), PartitionSpec())
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """Persists every compiled program (small ones too) in `directory`, so a second start of the
+  same run skips compilation. "" picks ~/.cache/launcher/jax (or $XDG_CACHE_HOME); "none" is off."""
+  if directory == "none":
+    return None
+  if not directory:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    directory = os.path.join(cache_home, "launcher", "jax")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
 
 
 class InFlight:

@@ -1,4 +1,4 @@
-"""The train state pytree, the optimizer and schedule from the config, and device replication."""
+"""The train state pytree, and the optimizer and learning-rate schedule from the config."""
 
 from typing import Any
 
@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import jax_utils
 
 
 @flax.struct.dataclass
@@ -55,6 +54,3 @@ def create(config: ml_collections.ConfigDict, init_fn, tx: optax.GradientTransfo
 
   return fresh()
 
-
-replicate = jax_utils.replicate
-unreplicate = jax_utils.unreplicate

@@ -16,15 +16,36 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]  # (params, ba
 
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               schedule: optax.Schedule, grad_accum_steps: int = 1, compute_dtype=None,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One update from this device's shard; gradients are averaged over every device.
 
+  With `grad_accum_steps` M > 1 the shard is split into M microbatches whose gradients are
+  averaged (lax.scan) before the one update: the same update as one step on the whole shard, in
+  1/M of the activation memory. With `compute_dtype`, params and float inputs are cast to it for
+  the loss; the float32 params are what the optimizer updates.
   With `skip_nonfinite`, a step whose mean loss or gradient norm is NaN or infinite leaves params
   and optimizer state as they were, is counted in `state.skipped_steps`, and is left out of the
   metrics (the `mask` entry of the returned metrics).
   """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+  grad_fn = jax.value_and_grad(_cast_loss(loss_fn, compute_dtype), has_aux=True)
+  if grad_accum_steps == 1:
+    (loss, metrics), grads = grad_fn(state.params, batch, rng)
+  else:
+    microbatches = jax.tree.map(
+        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+        batch)
+
+    def accumulate(sums, indexed_microbatch):
+      index, microbatch = indexed_microbatch
+      outputs = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, sums, outputs), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, jax.tree.map(
+        lambda x: x[0], microbatches), rng))
+    sums, _ = lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches))
+    (loss, metrics), grads = jax.tree.map(lambda x: x / grad_accum_steps, sums)
   grads = lax.pmean(grads, AXIS)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -40,6 +61,22 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.Gra
                                 skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {name: jnp.where(finite, value, 0.0) for name, value in metrics.items()}
   return new_state, {**metrics, "mask": finite[None]}
+
+
+def _cast_loss(loss_fn: LossFn, compute_dtype) -> LossFn:
+  """`loss_fn` computing in `compute_dtype` (params and float inputs cast), returning float32."""
+  if compute_dtype is None:
+    return loss_fn
+
+  def cast(tree):
+    return jax.tree.map(
+        lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def loss(params, batch, rng):
+    value, metrics = loss_fn(cast(params), cast(batch), rng)
+    return value.astype(jnp.float32), jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+
+  return loss
 
 
 def train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict, *,

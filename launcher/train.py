@@ -25,12 +25,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
   config_lib.check(config)
   workload = workload_lib.load(config.workload)
   layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
-                             jax.local_device_count())
+                             jax.local_device_count(), config.grad_accum_steps)
   os.makedirs(workdir, exist_ok=True)
   if layout.process_index == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
 
+  executor = parallel.executor(config.parallel)
+  parallel.enable_compilation_cache(config.compilation_cache_dir)
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
   state = state_lib.create(config, workload.init, tx)
@@ -57,21 +59,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
                config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
                layout.process_count, layout.local_device_count, layout.per_device_batch_size)
 
-  train_call = parallel.over_devices(
+  train_call = executor.map(
       functools.partial(step.train_call, steps_per_call=k, loss_fn=loss_fn, tx=tx,
                         schedule=state_lib.schedule(config),
+                        grad_accum_steps=config.grad_accum_steps,
+                        compute_dtype=config_lib.compute_dtype(config),
                         skip_nonfinite=config.skip_nonfinite_steps),
-      donate_argnums=(0,))
-  eval_call = parallel.over_devices(functools.partial(step.eval_step, loss_fn=loss_fn))
-  train_batches = data.train_batches(
-      host_batches, host_batch_size=layout.host_batch_size,
-      local_device_count=layout.local_device_count, steps_per_call=k)
+      stacked=k > 1, donate_argnums=(0,))
+  eval_call = executor.map(functools.partial(step.eval_step, loss_fn=loss_fn))
+  train_batches = data.train_batches(host_batches, host_batch_size=layout.host_batch_size,
+                                     steps_per_call=k, put=executor.put)
   tokens_per_example = getattr(workload, "tokens_per_example", None)
+  flops_per_example = getattr(workload, "flops_per_example", None)
+  peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind)
   reporter = metrics.Reporter(
       workdir, process_index=layout.process_index, process_count=layout.process_count,
       first_step=first_step, num_steps=config.num_steps, log_every_steps=config.log_every_steps,
       examples_per_step=layout.global_batch_size,
       tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
+      flops_per_example=flops_per_example(config) if flops_per_example else None,
+      peak_flops=peak * layout.global_device_count if peak else None,
       profile_first_step=config.profile_first_step)
   preemption = checkpoint_lib.Preemption()
 
@@ -80,36 +87,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
                                                   layout.process_count)
     if config.eval_batches:
       eval_host_batches = itertools.islice(eval_host_batches, config.eval_batches)
-    eval_metrics = state_lib.replicate(step.empty_metrics(["loss", *workload_metric_names]))
+    eval_metrics = executor.replicate(step.empty_metrics(["loss", *workload_metric_names]))
     in_flight = parallel.InFlight(config.max_calls_in_flight)
     for batch in data.eval_batches(
         eval_host_batches, example=example_batch, host_batch_size=layout.host_batch_size,
-        local_device_count=layout.local_device_count, process_count=layout.process_count):
+        process_count=layout.process_count, put=executor.put):
       in_flight.wait_for_room()
       eval_metrics = eval_call(replicated_params, eval_metrics, batch)
       in_flight.add(eval_metrics)
-    computed = state_lib.unreplicate(eval_metrics).compute()
+    computed = executor.unreplicate(eval_metrics).compute()
     return {f"eval_{name}": value for name, value in computed.items()}
 
-  replicated_state = state_lib.replicate(state)
-  no_train_metrics = state_lib.replicate(step.empty_metrics(
+  replicated_state = executor.replicate(state)
+  no_train_metrics = executor.replicate(step.empty_metrics(
       ["loss", "grad_norm", "learning_rate", *workload_metric_names]))
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   preempted = False
   try:
     for last_step in range(first_step + k, config.num_steps + 1, k):
-      with reporter.waiting_for_data():
-        batches = next(train_batches, None)
-      if batches is None:
-        raise UsageError(f"workload {config.workload}'s train dataset ended before step "
-                         f"{last_step}: dataset(config, 'train', ...) must be endless")
-      in_flight.wait_for_room()
-      replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)
-      in_flight.add(train_metrics)
-      reporter.after_steps(last_step - k + 1, last_step)
+      with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
+        with reporter.waiting_for_data():
+          batches = next(train_batches, None)
+        if batches is None:
+          raise UsageError(f"workload {config.workload}'s train dataset ended before step "
+                           f"{last_step}: dataset(config, 'train', ...) must be endless")
+        in_flight.wait_for_room()
+        replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)
+        in_flight.add(train_metrics)
+        if last_step == first_step + k:
+          jax.block_until_ready(train_metrics)
+          reporter.first_step_done()
+        reporter.after_steps(last_step - k + 1, last_step)
+        preempted = preemption.reached(last_step // k)
 
-      preempted = preemption.reached(last_step // k)
       report = last_step % config.log_every_steps == 0 or last_step == config.num_steps
       save = (preempted or last_step == config.num_steps or (
           config.checkpoint_every_steps and last_step % config.checkpoint_every_steps == 0))
@@ -117,19 +128,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
                                                   or last_step == config.num_steps)
       if not (report or save or evaluate_now):
         continue
-      train_scalars = state_lib.unreplicate(train_metrics).compute()
+      train_scalars = executor.unreplicate(train_metrics).compute()
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
       if save:
         jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
         with reporter.blocked_by_checkpoint():
-          checkpoints.save(last_step, replicated_state, {"step": last_step, "seed": config.seed,
-                                                         "global_batch_size": layout.global_batch_size})
+          data_position = {"step": last_step, "seed": config.seed,
+                           "global_batch_size": layout.global_batch_size}
+          checkpoints.save(last_step, executor.global_state(replicated_state), data_position)
       scalars = {}
       if report:
         scalars.update(train_scalars)
         scalars.update(reporter.throughput(last_step))
-        scalars["skipped_steps"] = state_lib.unreplicate(replicated_state.skipped_steps)
+        scalars["skipped_steps"] = executor.unreplicate(replicated_state.skipped_steps)
         train_metrics = no_train_metrics
       if evaluate_now:
         with reporter.progress.timed("eval"):
@@ -146,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
   if preempted:
     raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
                     f"{last_step}")
-  return state_lib.unreplicate(replicated_state)
+  return executor.unreplicate(replicated_state)
 
 
 def _check_finite(step_number: int, train_scalars: dict, last_checkpoint: int | None) -> None:

@@ -30,6 +30,14 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+def run_launcher(*args, env=None, timeout=300, devices=8):
+  """`python -m launcher ARGS` in a subprocess, bounded in time; returns the CompletedProcess."""
+  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              **(env or {})}
+  return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def losses_by_step(workdir: str) -> dict[int, float]:
   """The train loss of each reported step; a step reported twice (re-done after a kill) keeps
   its last report."""

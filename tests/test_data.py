@@ -2,11 +2,12 @@
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
 from launcher import config as config_lib
-from launcher import data
+from launcher import data, parallel
 from launcher.errors import UsageError
 from tests.helpers import load_config
 from workloads import classifier, lm
@@ -36,15 +37,19 @@ def test_workload_shards_by_example_id(name, module, arg):
     np.testing.assert_array_equal(np.concatenate([first["id"], second["id"]]), batch["id"])
 
 
-def test_shard_and_stack_shapes():
+@pytest.mark.parametrize("name", ["pmap", "shard_map"])
+def test_each_device_gets_its_slice_of_k_stacked_batches(name):
   host_batches = iter([{"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3) + 100 * t}
                        for t in range(4)])
-  device_batches = data.train_batches(host_batches, host_batch_size=16, local_device_count=8,
-                                      steps_per_call=2)
-  first = np.asarray(next(device_batches)["x"])
-  assert first.shape == (8, 2, 2, 3)  # [devices, K, per_device, ...]
-  np.testing.assert_array_equal(first[3, 0], np.arange(18, 24).reshape(2, 3))
-  np.testing.assert_array_equal(first[3, 1], np.arange(18, 24).reshape(2, 3) + 100)
+  executor = parallel.executor(name)
+  device_batches = data.train_batches(host_batches, host_batch_size=16, steps_per_call=2,
+                                      put=executor.put)
+  first = next(device_batches)["x"]
+  shards = {s.device: np.asarray(s.data) for s in first.addressable_shards}
+  device_3 = shards[jax.local_devices()[3]].reshape(2, 2, 3)  # [K, per_device, ...]
+  np.testing.assert_array_equal(device_3[0], np.arange(18, 24).reshape(2, 3))
+  np.testing.assert_array_equal(device_3[1], np.arange(18, 24).reshape(2, 3) + 100)
+  assert len(list(device_batches)) == 1
 
 
 def test_pad_marks_real_rows():

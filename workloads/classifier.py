@@ -59,3 +59,9 @@ def dataset(config, split, process_index, process_count, start=0):
                                seed=config.seed if split == "train" else None,
                                repeat=split == "train", start=start)
   return iter(indices.map(lambda i: {name: column[i] for name, column in examples.items()}))
+
+
+def flops_per_example(config) -> float:
+  """6 FLOPs per weight per example (forward multiply-add, and twice that backward)."""
+  sizes = [64, *config.hidden_sizes, 10]
+  return 6.0 * sum(a * b for a, b in zip(sizes, sizes[1:]))

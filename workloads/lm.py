@@ -8,6 +8,7 @@ eval split. An example is a window of `config.seq_len + 1` bytes; windows do not
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -111,3 +112,17 @@ def dataset(config, split, process_index, process_count, start=0):
   return iter(indices.map(lambda i: {
       "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
       "id": i.astype(np.int32)}))
+
+
+def flops_per_example(config) -> float:
+  """Training FLOPs of one sequence: 6 per parameter per token (forward + backward, the tied
+  output projection included), plus causal attention's 6 * layers * seq_len * width per token
+  (half of the 12 * L * T * width of full attention)."""
+  num_params = _num_params(config)
+  per_token = 6 * num_params + 6 * config.num_layers * config.seq_len * config.width
+  return float(config.seq_len * per_token)
+
+
+def _num_params(config) -> int:
+  shapes = jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

@@ -1,0 +1,191 @@
+"""Every speed comparison of the launcher, side by side in one run, as a table and a JSON file.
+
+    python benchmarks/run.py            # about 10 minutes on 2 cores, 8 simulated CPU devices
+    python benchmarks/run.py --quick    # fewer and shorter windows, for a smoke test
+
+Each number is the median over >= 5 timed windows after a warm-up window, with the min-max
+beside it. Ratios compare two rows measured in this same run. Simulated CPU devices share two
+cores: they show overheads and relative costs, not accelerator speed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+from absl import logging  # pylint: disable=wrong-import-position
+
+from launcher import data, parallel, step, train  # pylint: disable=wrong-import-position
+from launcher import state as state_lib  # pylint: disable=wrong-import-position
+from launcher import workload as workload_lib  # pylint: disable=wrong-import-position
+from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
+
+
+def summary(values: list[float]) -> dict:
+  return {"median": statistics.median(values), "min": min(values), "max": max(values),
+          "windows": len(values)}
+
+
+def launcher_steps_per_sec(config, windows: int) -> list[float]:
+  """train.run with a report per window; the first window (compile, warm-up) is dropped."""
+  window = config.log_every_steps
+  config.num_steps = window * (windows + 1)
+  config.eval_every_steps = 0
+  config.checkpoint_every_steps = 0
+  with tempfile.TemporaryDirectory() as workdir:
+    train.run(config, workdir)
+    rows = read_metrics(workdir)
+  return [row["steps_per_sec"] for row in rows[1:windows + 1]]
+
+
+def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
+                            sync_every_step: bool = False) -> list[float]:
+  """A minimal pmap loop: the launcher's per-device step, the same bound on calls in flight,
+  no metrics reporting, no prefetch thread, nothing else. Data: one batch kept on the devices, or
+  the workload's real host pipeline (dataset -> per-device split -> device_put, 2 ahead)."""
+  workload = workload_lib.load(config.workload)
+  k, window = config.steps_per_call, config.log_every_steps
+  executor = parallel.executor(config.parallel)
+  tx = state_lib.optimizer(config)
+  loss_fn = lambda params, batch, rng: workload.loss(config, params, batch, rng)
+  replicated_state = executor.replicate(state_lib.create(config, workload.init, tx))
+  host_batches = workload.dataset(config, "train", 0, 1)
+  example = next(host_batches)
+  names = ["loss", "grad_norm", "learning_rate", *step.metric_names(loss_fn, 0, example)[:0],
+           *step.metric_names(loss_fn, state_lib.create(config, workload.init, tx).params, example)]
+  empty = executor.replicate(step.empty_metrics(names))
+  call = executor.map(
+      lambda s, m, b: step.train_call(s, m, b, steps_per_call=k, loss_fn=loss_fn, tx=tx,
+                                      schedule=state_lib.schedule(config)),
+      stacked=k > 1, donate_argnums=(0,))
+  if on_device:
+    fixed = executor.put(data.group(iter([example] * k), k).__next__(),
+                         steps_per_call=k if k > 1 else None)
+    batches = iter(lambda: fixed, None)
+  else:
+    batches = data.prefetch(data.group(host_batches, k),
+                            lambda b: executor.put(b, steps_per_call=k if k > 1 else None))
+  in_flight = parallel.InFlight(config.max_calls_in_flight)
+  rates = []
+  for w in range(windows + 1):
+    start = time.perf_counter()
+    for _ in range(window // k):
+      batch = next(batches)
+      in_flight.wait_for_room()
+      replicated_state, metrics = call(replicated_state, empty, batch)
+      in_flight.add(metrics)
+      if sync_every_step:
+        float(executor.unreplicate(metrics).compute()["loss"])
+    jax.block_until_ready(replicated_state)
+    if w:
+      rates.append(window / (time.perf_counter() - start))
+  return rates
+
+
+def time_to_first_step(config_args: list[str], cache_dir: str, workdir: str) -> float:
+  """A fresh `python -m launcher` process; the time to first step it logs."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launcher", *config_args, f"--workdir={workdir}",
+       f"--config.compilation_cache_dir={cache_dir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  line = next(l for l in result.stderr.splitlines() if "time to first step" in l)
+  return float(line.split("time to first step ")[1].split(" s")[0])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "latest.json"))
+  args = parser.parse_args()
+  logging.set_verbosity(logging.WARNING)
+  windows = 3 if args.quick else 5
+  rows = []
+
+  def row(group, name, values, unit="steps/s", note=""):
+    result = {"group": group, "name": name, "unit": unit, "note": note, **summary(values)}
+    rows.append(result)
+    print(f"  {name:<52} {result['median']:>10.2f} {unit:<8} "
+          f"[{result['min']:.2f}-{result['max']:.2f}] {note}", flush=True)
+    return result["median"]
+
+  def lm(**overrides):
+    return load_config("lm", "tiny", **{"log_every_steps": 20 if args.quick else 40,
+                                        "schedule": "constant", **overrides})
+
+  def linear(**overrides):
+    return load_config("linear", **{"log_every_steps": 200 if args.quick else 400, **overrides})
+
+  print("launcher overhead: train.run vs a hand-written pmap loop, the same step (lm tiny)")
+  ratios = {}
+  for k in (1, 10):
+    hand = row("overhead", f"hand pmap loop, on-device data, K={k}",
+               hand_loop_steps_per_sec(lm(steps_per_call=k), windows))
+    ours = row("overhead", f"launcher train.run, K={k}", launcher_steps_per_sec(lm(steps_per_call=k),
+                                                                           windows))
+    ratios[f"launcher/hand K={k}"] = ours / hand
+
+  print("steps per call K (lax.scan inside one compiled call)")
+  for name, make in (("linear (dispatch-bound)", linear), ("lm tiny (compute-bound)", lm)):
+    base = None
+    for k in (1, 2, 5, 10, 20):
+      rate = row("steps_per_call", f"{name}, K={k}",
+                 launcher_steps_per_sec(make(steps_per_call=k), windows),
+                 note=f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
+      base = base or rate
+      ratios[f"{name} K={k}/K=1"] = rate / base
+
+  print("executors: pmap vs jit(shard_map), the same per-device step")
+  for name, make in (("linear (dispatch-bound)", linear), ("lm tiny (compute-bound)", lm)):
+    pmap = row("executor", f"{name}, pmap", launcher_steps_per_sec(make(parallel="pmap"), windows))
+    shard_map = row("executor", f"{name}, shard_map",
+                    launcher_steps_per_sec(make(parallel="shard_map"), windows))
+    ratios[f"{name} pmap/shard_map step time"] = shard_map / pmap
+
+  print("host syncs and input pipeline (hand loop, lm tiny)")
+  on_device = row("pipeline", "on-device data", hand_loop_steps_per_sec(lm(), windows))
+  synced = row("pipeline", "on-device data + float(loss) every step",
+               hand_loop_steps_per_sec(lm(), windows, sync_every_step=True))
+  real = row("pipeline", "real host pipeline (dataset -> split -> prefetch)",
+             hand_loop_steps_per_sec(lm(), windows, on_device=False))
+  ratios["per-step float(loss) / none"] = synced / on_device
+  ratios["real pipeline / on-device data"] = real / on_device
+
+  print("warm start: time to first step, fresh process, persistent compilation cache")
+  with tempfile.TemporaryDirectory() as tmp:
+    config_args = ["--config=configs/lm.py:tiny", "--config.num_steps=10",
+                   "--config.eval_every_steps=0", "--config.log_every_steps=10"]
+    cold = [time_to_first_step(config_args, os.path.join(tmp, f"cache{i}"),
+                               os.path.join(tmp, f"cold{i}")) for i in range(windows)]
+    warm = [time_to_first_step(config_args, os.path.join(tmp, "cache0"),
+                               os.path.join(tmp, f"warm{i}")) for i in range(windows)]
+  cold_s = row("warm_start", "first start (empty cache)", cold, unit="s")
+  warm_s = row("warm_start", "second start (cache filled)", warm, unit="s")
+  ratios["warm / cold time to first step"] = warm_s / cold_s
+
+  print("\nratios")
+  for name, value in ratios.items():
+    print(f"  {name:<52} {value:>6.2f}")
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
+  with open(args.output, "w") as f:
+    json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "jax": jax.__version__, "devices": jax.device_count()},
+               "quick": args.quick, "rows": rows, "ratios": ratios}, f, indent=2)
+  print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+  main()

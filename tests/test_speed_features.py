@@ -1,0 +1,118 @@
+"""What makes the launcher fast must not change results: executors, accumulation, precision, syncs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src import array
+
+from launcher import metrics, train
+from tests.helpers import assert_close, load_config, read_metrics, run_launcher
+from workloads import lm
+
+RUNS = {
+    "classifier": (None, {"num_steps": 4, "steps_per_call": 2, "log_every_steps": 2,
+                          "eval_every_steps": 4, "schedule": "constant"}),
+    "lm": ("tiny", {"batch_size": 32, "num_steps": 4, "steps_per_call": 2, "log_every_steps": 2,
+                    "eval_every_steps": 4, "eval_batches": 2, "schedule": "constant"}),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_shard_map_executor_equals_pmap(name, tmp_path):
+  arg, overrides = RUNS[name]
+  runs = {}
+  for executor in ("pmap", "shard_map"):
+    config = load_config(name, arg, parallel=executor, **overrides)
+    runs[executor] = (train.run(config, str(tmp_path / executor)),
+                      read_metrics(str(tmp_path / executor)))
+  assert_close(config, runs["shard_map"][0].params, runs["pmap"][0].params)
+  for pmap_row, shard_map_row in zip(runs["pmap"][1], runs["shard_map"][1]):
+    for key in ("loss", "grad_norm", "eval_loss"):
+      if key in pmap_row:
+        assert shard_map_row[key] == pytest.approx(pmap_row[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("name, optimizer", [("classifier", "sgd"), ("lm", "adamw")])
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch(name, optimizer, tmp_path):
+  """4 microbatches of 2 examples per device against one step on the 8 examples."""
+  arg = "tiny" if name == "lm" else None
+  states = {}
+  for accumulate in (1, 4):
+    config = load_config(name, arg, batch_size=64, num_steps=1, log_every_steps=1,
+                         eval_every_steps=0, schedule="constant", optimizer=optimizer,
+                         grad_accum_steps=accumulate)
+    states[accumulate] = train.run(config, str(tmp_path / str(accumulate)))
+  assert_close(config, states[4].params, states[1].params)
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = load_config("lm", "tiny", batch_size=32, num_steps=2, log_every_steps=1,
+                         eval_every_steps=0, schedule="constant", compute_dtype=dtype)
+    state = train.run(config, str(tmp_path / dtype))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    losses[dtype] = [row["loss"] for row in read_metrics(str(tmp_path / dtype))]
+  assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+  assert losses["bfloat16"] != losses["float32"]  # It really computed in bfloat16.
+
+
+@pytest.fixture
+def guarded_transfers(monkeypatch):
+  """Makes jax's device-to-host transfer guard bite on CPU too, where jax does not check it
+  (CPU arrays are host memory): every fetch of an array's value goes through the guard."""
+  fetch = array.ArrayImpl._value.fget  # pylint: disable=protected-access
+
+  def guarded(self):
+    if jax.config.jax_transfer_guard_device_to_host == "disallow":
+      raise RuntimeError(f"Disallowed device-to-host transfer of {self.aval}")
+    return fetch(self)
+
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded))
+
+
+def test_no_device_to_host_transfer_between_reports(tmp_path, monkeypatch, guarded_transfers):
+  del guarded_transfers
+  config = load_config("linear", num_steps=20, log_every_steps=10, eval_every_steps=10)
+  train.run(config, str(tmp_path / "clean"))  # Reports, eval and checkpoints fetch; steps do not.
+
+  def sync_every_step(self, first_step, last_step):
+    del self, first_step, last_step
+    float(jnp.float32(1.0) + 1.0)  # What a per-step `float(loss)` does.
+
+  monkeypatch.setattr(metrics.Reporter, "after_steps", sync_every_step)
+  with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
+    train.run(config, str(tmp_path / "synced"))
+
+
+def test_throughput_flops_and_time_to_first_step_are_reported(tmp_path):
+  config = load_config("lm", "tiny", batch_size=32, num_steps=4, log_every_steps=2,
+                       eval_every_steps=0, schedule="constant")
+  train.run(config, str(tmp_path))
+  first, second = read_metrics(str(tmp_path))
+  assert first["time_to_first_step_s"] > 0 and "time_to_first_step_s" not in second
+  assert first["model_flops_per_sec"] == pytest.approx(
+      first["examples_per_sec"] * lm.flops_per_example(config), rel=1e-6)
+  assert first["tokens_per_sec"] == pytest.approx(first["examples_per_sec"] * 64, rel=1e-6)
+  assert "mfu" not in first  # CPU: no peak to divide by, so no invented MFU.
+  # 6N per token plus causal attention, by hand for the tiny model.
+  assert lm.flops_per_example(config) == 64 * (6 * 120_064 + 6 * 2 * 64 * 64)
+
+
+@pytest.mark.parametrize("device_kind, peak", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None)])
+def test_peak_flops_table(device_kind, peak):
+  assert metrics.peak_flops_per_device(device_kind) == peak
+
+
+def test_compilation_cache_persists_compiled_programs(tmp_path):
+  cache = tmp_path / "cache"
+  result = run_launcher("--config=configs/linear.py", f"--workdir={tmp_path / 'run'}",
+                        "--config.num_steps=10", "--config.eval_every_steps=0",
+                        f"--config.compilation_cache_dir={cache}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(os.listdir(cache)) >= 2  # At least the train call and the state init.
+  assert "time to first step" in result.stderr
