@@ -1,6 +1,6 @@
 """Every speed comparison of the launcher, side by side in one run, as a table and a JSON file.
 
-    python benchmarks/run.py            # about 10 minutes on 2 cores, 8 simulated CPU devices
+    python benchmarks/run.py            # about 15 minutes on 2 cores, 8 simulated CPU devices
     python benchmarks/run.py --quick    # fewer and shorter windows, for a smoke test
 
 Each number is the median over >= 5 timed windows after a warm-up window, with the min-max
@@ -25,7 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 from absl import logging  # pylint: disable=wrong-import-position
 
 from launcher import data, parallel, step, train  # pylint: disable=wrong-import-position
@@ -42,7 +41,7 @@ def summary(values: list[float]) -> dict:
 def launcher_steps_per_sec(config, windows: int) -> list[float]:
   """train.run with a report per window; the first window (compile, warm-up) is dropped."""
   window = config.log_every_steps
-  config.num_steps = window * (windows + 1)
+  config.num_steps = window * (windows + 2)  # Warm-up first, and the last holds the final save.
   config.eval_every_steps = 0
   config.checkpoint_every_steps = 0
   with tempfile.TemporaryDirectory() as workdir:
@@ -61,23 +60,22 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
   executor = parallel.executor(config.parallel)
   tx = state_lib.optimizer(config)
   loss_fn = lambda params, batch, rng: workload.loss(config, params, batch, rng)
-  replicated_state = executor.replicate(state_lib.create(config, workload.init, tx))
+  state = state_lib.create(config, workload.init, tx)
+  replicated_state = executor.replicate(state)
   host_batches = workload.dataset(config, "train", 0, 1)
   example = next(host_batches)
-  names = ["loss", "grad_norm", "learning_rate", *step.metric_names(loss_fn, 0, example)[:0],
-           *step.metric_names(loss_fn, state_lib.create(config, workload.init, tx).params, example)]
+  names = ["loss", "grad_norm", "learning_rate", *step.metric_names(loss_fn, state.params, example)]
   empty = executor.replicate(step.empty_metrics(names))
   call = executor.map(
       lambda s, m, b: step.train_call(s, m, b, steps_per_call=k, loss_fn=loss_fn, tx=tx,
                                       schedule=state_lib.schedule(config)),
       stacked=k > 1, donate_argnums=(0,))
   if on_device:
-    fixed = executor.put(data.group(iter([example] * k), k).__next__(),
-                         steps_per_call=k if k > 1 else None)
+    fixed = executor.put(next(data.group(iter([example] * k), k)), stacked=k > 1)
     batches = iter(lambda: fixed, None)
   else:
     batches = data.prefetch(data.group(host_batches, k),
-                            lambda b: executor.put(b, steps_per_call=k if k > 1 else None))
+                            lambda batch: executor.put(batch, stacked=k > 1))
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   rates = []
   for w in range(windows + 1):
@@ -123,19 +121,28 @@ def main():
     return result["median"]
 
   def lm(**overrides):
-    return load_config("lm", "tiny", **{"log_every_steps": 20 if args.quick else 40,
+    return load_config("lm", "tiny", **{"log_every_steps": 20 if args.quick else 60,
                                         "schedule": "constant", **overrides})
 
   def linear(**overrides):
     return load_config("linear", **{"log_every_steps": 200 if args.quick else 400, **overrides})
 
-  print("launcher overhead: train.run vs a hand-written pmap loop, the same step (lm tiny)")
+  def alternating(first, second):
+    """Runs two measurements A B A B, so that drift of this shared machine hits both alike."""
+    a, b = [], []
+    for _ in range(2):
+      a += first()
+      b += second()
+    return a, b
+
+  print("launcher overhead: train.run vs a hand-written pmap loop, the same step (lm tiny, "
+        "~60 ms per step here)")
   ratios = {}
   for k in (1, 10):
-    hand = row("overhead", f"hand pmap loop, on-device data, K={k}",
-               hand_loop_steps_per_sec(lm(steps_per_call=k), windows))
-    ours = row("overhead", f"launcher train.run, K={k}", launcher_steps_per_sec(lm(steps_per_call=k),
-                                                                           windows))
+    hand, ours = alternating(lambda k=k: hand_loop_steps_per_sec(lm(steps_per_call=k), windows),
+                             lambda k=k: launcher_steps_per_sec(lm(steps_per_call=k), windows))
+    hand = row("overhead", f"hand pmap loop, on-device data, K={k}", hand)
+    ours = row("overhead", f"launcher train.run, K={k}", ours)
     ratios[f"launcher/hand K={k}"] = ours / hand
 
   print("steps per call K (lax.scan inside one compiled call)")
@@ -150,24 +157,29 @@ def main():
 
   print("executors: pmap vs jit(shard_map), the same per-device step")
   for name, make in (("linear (dispatch-bound)", linear), ("lm tiny (compute-bound)", lm)):
-    pmap = row("executor", f"{name}, pmap", launcher_steps_per_sec(make(parallel="pmap"), windows))
-    shard_map = row("executor", f"{name}, shard_map",
-                    launcher_steps_per_sec(make(parallel="shard_map"), windows))
+    pmap, shard_map = alternating(
+        lambda make=make: launcher_steps_per_sec(make(parallel="pmap"), windows),
+        lambda make=make: launcher_steps_per_sec(make(parallel="shard_map"), windows))
+    pmap = row("executor", f"{name}, pmap", pmap)
+    shard_map = row("executor", f"{name}, shard_map", shard_map)
     ratios[f"{name} pmap/shard_map step time"] = shard_map / pmap
 
   print("host syncs and input pipeline (hand loop, lm tiny)")
-  on_device = row("pipeline", "on-device data", hand_loop_steps_per_sec(lm(), windows))
+  on_device, real = alternating(
+      lambda: hand_loop_steps_per_sec(lm(), windows),
+      lambda: hand_loop_steps_per_sec(lm(), windows, on_device=False))
+  on_device = row("pipeline", "on-device data", on_device)
+  real = row("pipeline", "real host pipeline (dataset -> split -> prefetch)", real)
   synced = row("pipeline", "on-device data + float(loss) every step",
                hand_loop_steps_per_sec(lm(), windows, sync_every_step=True))
-  real = row("pipeline", "real host pipeline (dataset -> split -> prefetch)",
-             hand_loop_steps_per_sec(lm(), windows, on_device=False))
   ratios["per-step float(loss) / none"] = synced / on_device
   ratios["real pipeline / on-device data"] = real / on_device
 
   print("warm start: time to first step, fresh process, persistent compilation cache")
   with tempfile.TemporaryDirectory() as tmp:
     config_args = ["--config=configs/lm.py:tiny", "--config.num_steps=10",
-                   "--config.eval_every_steps=0", "--config.log_every_steps=10"]
+                   "--config.eval_every_steps=0", "--config.log_every_steps=10",
+                   "--config.schedule=constant"]
     cold = [time_to_first_step(config_args, os.path.join(tmp, f"cache{i}"),
                                os.path.join(tmp, f"cold{i}")) for i in range(windows)]
     warm = [time_to_first_step(config_args, os.path.join(tmp, "cache0"),

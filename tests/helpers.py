@@ -44,12 +44,12 @@ def losses_by_step(workdir: str) -> dict[int, float]:
   return {row["step"]: row["loss"] for row in read_metrics(workdir) if "loss" in row}
 
 
-def launcher_command(*args, num_processes=1, devices=8) -> list[str]:
+def launcher_command(*args, num_processes=1, devices=8, grace=20) -> list[str]:
   """`python -m launcher ARGS`, or N processes of it through `python -m launcher.local`."""
   if num_processes == 1:
     return [sys.executable, "-m", "launcher", *args]
   return [sys.executable, "-m", "launcher.local", f"--num_processes={num_processes}",
-          f"--devices_per_process={devices}", "--grace_seconds=20", "--", *args]
+          f"--devices_per_process={devices}", f"--grace_seconds={grace}", "--", *args]
 
 
 def start(command: list[str], log_path: str, devices: int = 8, env=None) -> subprocess.Popen:

@@ -117,18 +117,18 @@ def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):
   """A big state makes each save long enough to kill it while its files are being written."""
   workdir = str(tmp_path / "run")
   args = [CONFIG, f"--workdir={workdir}", "--config.hidden_sizes=(2048,2048)",
-          "--config.num_steps=30", "--config.checkpoint_every_steps=10",
-          "--config.log_every_steps=10"]
+          "--config.num_steps=15", "--config.checkpoint_every_steps=5",
+          "--config.log_every_steps=5"]
   process = start(launcher_command(*args), f"{workdir}.log")
-  partial = wait_for(lambda: glob.glob(os.path.join(workdir, "checkpoints", "20.*tmp*")), 120,
-                     "the step-20 save to start", process)
+  partial = wait_for(lambda: glob.glob(os.path.join(workdir, "checkpoints", "10.*tmp*")), 120,
+                     "the step-10 save to start", process)
   process.kill()
   process.wait()
-  assert os.path.exists(partial[0]) and complete_checkpoints(workdir) == [10]
+  assert os.path.exists(partial[0]) and complete_checkpoints(workdir) == [5]
 
   assert finish(start(launcher_command(*args), f"{workdir}.log"), 180) == 0
-  assert "resuming from the checkpoint of step 10" in open(f"{workdir}.log").read()
-  assert complete_checkpoints(workdir)[-1] == 30
+  assert "resuming from the checkpoint of step 5" in open(f"{workdir}.log").read()
+  assert complete_checkpoints(workdir)[-1] == 15
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

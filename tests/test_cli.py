@@ -14,8 +14,9 @@ RUNS = {
     "classifier": ["--config=configs/classifier.py", "--config.num_steps=150",
                    "--config.eval_every_steps=150", "--config.steps_per_call=10",
                    "--config.log_every_steps=50", "--config.warmup_steps=10"],
-    "lm": ["--config=configs/lm.py:tiny", "--config.num_steps=60", "--config.log_every_steps=20",
-           "--config.eval_every_steps=60", "--config.eval_batches=2", "--config.steps_per_call=5"],
+    "lm": ["--config=configs/lm.py:tiny", "--config.num_steps=40", "--config.log_every_steps=20",
+           "--config.eval_every_steps=40", "--config.eval_batches=2", "--config.steps_per_call=5",
+           "--config.warmup_steps=5"],
 }
 
 

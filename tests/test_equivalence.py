@@ -59,7 +59,7 @@ def test_one_step_on_8_devices_equals_one_device(name, optimizer, tmp_path):
   assert_close(config, state.params, reference_params(config, 1))
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", ["adamw"])
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_4_steps_per_call_equal_4_single_steps(name, optimizer, tmp_path):
   arg, overrides = WORKLOADS[name]

@@ -146,7 +146,7 @@ def test_local_runner_ends_every_process_when_one_dies(tmp_path):
   runner = start(launcher_command("--config=configs/linear.py", f"--workdir={workdir}",
                                   "--config.num_steps=100000", "--config.log_every_steps=50",
                                   "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
-                                  num_processes=2, devices=4),
+                                  num_processes=2, devices=4, grace=2),
                  str(tmp_path / "runner.log"), devices=4)
   wait_for(lambda: (workdir / "logs" / "process_1.log").exists() and
            "step 50:" in (workdir / "logs" / "process_1.log").read_text(), 120, "training", runner)

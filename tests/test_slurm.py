@@ -73,8 +73,9 @@ def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
                                                    capture_output=True, text=True).stdout,
              60, "the job to be requeued")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
-                                        text=True).stdout.strip(), 180, "the requeued job to end")
+    wait_for(lambda: "restart 1" in output.read_text() and not subprocess.run(
+        ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip(), 180,
+             "the requeued job to end")
   finally:
     subprocess.run(["scancel", job], timeout=30, check=False)
   log = output.read_text()
