@@ -37,6 +37,13 @@ def batch_indices(num_records: int, *, batch_size: int, process_index: int, proc
   return indices[process_index::process_count][start:]
 
 
+def read(dataset: grain.MapDataset) -> Iterator:
+  """The elements of a MapDataset in order, by random access: grain's own iterator adds a
+  prefetch stage with per-element bookkeeping (~0.7 ms each here) that a loop of ~1 ms steps feels."""
+  for index in range(len(dataset)):
+    yield dataset[index]
+
+
 def group(host_batches: Iterator[Batch], steps_per_call: int) -> Iterator[Batch]:
   """One host batch per call, or K of them stacked to [K, host_batch, ...]."""
   while True:

@@ -48,7 +48,7 @@ class Pmap:
 
     devices = jax.local_devices()
     sharding = NamedSharding(Mesh(np.array(devices), ("_local",)), PartitionSpec("_local"))
-    return jax.tree.map(lambda x: jax.device_put(split(np.asarray(x)), sharding), host_batch)
+    return jax.device_put(jax.tree.map(lambda x: split(np.asarray(x)), host_batch), sharding)
 
   def global_state(self, replicated_tree):
     """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, as a

@@ -58,7 +58,7 @@ def dataset(config, split, process_index, process_count, start=0):
                                process_index=process_index, process_count=process_count,
                                seed=config.seed if split == "train" else None,
                                repeat=split == "train", start=start)
-  return iter(indices.map(lambda i: {name: column[i] for name, column in examples.items()}))
+  return data.read(indices.map(lambda i: {name: column[i] for name, column in examples.items()}))
 
 
 def flops_per_example(config) -> float:

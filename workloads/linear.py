@@ -28,7 +28,7 @@ def dataset(config, split, process_index, process_count, start=0):
                                process_count=process_count, repeat=split == "train",
                                start=start)
   share = config.batch_size // process_count
-  for t, i in enumerate(indices, start):
+  for t, i in enumerate(data.read(indices), start):
     # Three points repeat within a batch, so an example's id is its place in the stream.
     position = t * config.batch_size + process_index * share + np.arange(len(i))
     yield {"x": x[i], "y": y[i], "id": position.astype(np.int32)}

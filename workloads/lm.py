@@ -109,7 +109,7 @@ def dataset(config, split, process_index, process_count, start=0):
                                process_index=process_index, process_count=process_count,
                                seed=config.seed if split == "train" else None,
                                repeat=split == "train", start=start)
-  return iter(indices.map(lambda i: {
+  return data.read(indices.map(lambda i: {
       "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
       "id": i.astype(np.int32)}))
 

@@ -8,7 +8,7 @@
 # Needs root (packages, /etc/slurm/slurm.conf). There is no systemd here: munged, slurmctld and
 # slurmd run in the background, their PIDs and logs in $LAUNCHER_SLURM_STATE (default
 # /tmp/launcher-slurm). An existing /etc/slurm/slurm.conf that this script did not write is left
-# alone and `up` refuses.
+# alone and `up` refuses. `down` stops everything `up` started, munged included.
 set -euo pipefail
 
 STATE="${LAUNCHER_SLURM_STATE:-/tmp/launcher-slurm}"
@@ -68,8 +68,7 @@ up() {
   mkdir -p /run/munge "$STATE"
   chown -R munge:munge /run/munge 2>/dev/null || true
   [[ -f /etc/munge/munge.key ]] || mungekey --create
-  munged --force --pid-file="$STATE/munged.pid" 2>>"$STATE/munged.log" || \
-    munged --force 2>>"$STATE/munged.log"
+  munged --force --pid-file="$STATE/munged.pid" 2>>"$STATE/munged.log"
   slurmctld -i -f "$CONF" >>"$STATE/slurmctld.out" 2>&1
   slurmd -f "$CONF" -N localhost >>"$STATE/slurmd.out" 2>&1
   for _ in $(seq 1 60); do
@@ -86,12 +85,15 @@ up() {
 
 down() {
   local name
-  for name in slurmd slurmctld; do
+  for name in slurmd slurmctld munged; do
     if [[ -f "$STATE/$name.pid" ]]; then
       kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
+      rm -f "$STATE/$name.pid"
     fi
-    pkill -x "$name" 2>/dev/null || true
   done
+  pkill -x slurmd 2>/dev/null || true
+  pkill -x slurmctld 2>/dev/null || true
+  pkill -f "munged --force --pid-file=$STATE/munged.pid" 2>/dev/null || true
   [[ "${1:-}" == quiet ]] || echo "SLURM daemons stopped"
 }
 
