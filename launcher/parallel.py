@@ -23,6 +23,12 @@ class Pmap:
   """`jax.pmap` over the local devices; collectives span every device of every process."""
   name = "pmap"
 
+  def __init__(self):
+    # One sharding object for every batch: pmap recognizes it (a cache keyed on the object) and
+    # takes the batch as it is, where a new but equal object costs a re-layout per call.
+    self._local_split = NamedSharding(Mesh(np.array(jax.local_devices()), ("_local",)),
+                                      PartitionSpec("_local"))
+
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
     """fn(replicated, replicated, batch) on every local device; `stacked`: batch is [K, ...]."""
     del stacked
@@ -46,9 +52,8 @@ class Pmap:
         return np.swapaxes(x, 0, 1)
       return x.reshape((d, x.shape[0] // d) + x.shape[1:])
 
-    devices = jax.local_devices()
-    sharding = NamedSharding(Mesh(np.array(devices), ("_local",)), PartitionSpec("_local"))
-    return jax.device_put(jax.tree.map(lambda x: split(np.asarray(x)), host_batch), sharding)
+    return jax.device_put(jax.tree.map(lambda x: split(np.asarray(x)), host_batch),
+                          self._local_split)
 
   def global_state(self, replicated_tree):
     """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, as a
@@ -70,6 +75,8 @@ class ShardMap:
   def __init__(self):
     self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._split = NamedSharding(self.mesh, PartitionSpec(AXIS))
+    self._stacked_split = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
 
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
     """fn(replicated, replicated, batch) on every device; `stacked`: batch is [K, ...]."""
@@ -92,8 +99,7 @@ class ShardMap:
 
   def put(self, host_batch, *, stacked: bool = False):
     """This process's [host_batch, ...] (or [K, host_batch, ...]) as its part of a global batch."""
-    spec = PartitionSpec(None, AXIS) if stacked else PartitionSpec(AXIS)
-    sharding = NamedSharding(self.mesh, spec)
+    sharding = self._stacked_split if stacked else self._split
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                         host_batch)
 
