@@ -21,6 +21,8 @@ setuptools.setup(
         # clu's metric writers and periodic actions import tensorflow at import time.
         "tensorflow-cpu>=2.21",
         "tensorboard>=2.21",
+        # `python -m launcher.report` draws its plots with matplotlib (headless).
+        "matplotlib>=3.10",
         # The `classifier` workload trains on the digits data set that scikit-learn ships.
         "scikit-learn>=1.9",
     ],

@@ -6,6 +6,7 @@ import os
 import socket
 import time
 
+import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -44,19 +45,31 @@ def seconds_since_process_start() -> float | None:
 
 
 class Reporter:
-  """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks."""
+  """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks.
+
+  Every process also appends its own records to WORKDIR/hosts/process_<i>.jsonl (a start, the
+  first step, each report, the end), from which `python -m launcher.report` computes where the
+  wall time went.
+  """
 
   def __init__(self, workdir: str, *, process_index: int, process_count: int, first_step: int,
                num_steps: int, log_every_steps: int, examples_per_step: int,
                tokens_per_example: int | None, flops_per_example: float | None,
-               peak_flops: float | None, profile_first_step: int):
+               peak_flops: float | None, profile_first_step: int, started: float):
+    """`started`: the time.time() at which the run started."""
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
     self._examples_per_step = examples_per_step
     self._tokens_per_example = tokens_per_example
     self._flops_per_example, self._peak_flops = flops_per_example, peak_flops
-    self._started = time.monotonic()
+    self._started = started
     self._first_step_scalars = {}
+    os.makedirs(os.path.join(workdir, "hosts"), exist_ok=True)
+    self._records = open(os.path.join(workdir, "hosts", f"process_{process_index}.jsonl"), "a")
+    startup_s = (seconds_since_process_start() or 0.0) - (time.time() - started)
+    self._record("start", at=started, process=process_index, process_count=process_count,
+                 hostname=socket.gethostname(), devices=jax.local_device_count(),
+                 first_step=first_step, startup_s=max(startup_s, 0.0))
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self._is_main)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._is_main else None
     self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -65,8 +78,14 @@ class Reporter:
     if self._is_main and profile_first_step > 0:
       self._hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
                                                   first_profile=profile_first_step))
-    self._last_step, self._last_time = first_step, time.monotonic()
-    self._data_wait_s = self._checkpoint_blocked_s = 0.0
+    self._last_step, self._last_time = first_step, time.time()
+    self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
+
+  def _record(self, event: str, at: float | None = None, **fields) -> None:
+    """Appends one record to this host's file; `time` is when it happened (default: now)."""
+    record = {"event": event, "time": time.time() if at is None else at, **fields}
+    self._records.write(json.dumps(record) + "\n")
+    self._records.flush()
 
   @contextlib.contextmanager
   def waiting_for_data(self):
@@ -77,12 +96,14 @@ class Reporter:
 
   def first_step_done(self) -> None:
     """Logs, once, how long the run took to finish its first call (compilation, mostly)."""
-    since_run = time.monotonic() - self._started
+    self._last_time = time.time()  # Throughput windows start after compilation.
+    since_run = self._last_time - self._started
     since_process = seconds_since_process_start()
     logging.info("%s: time to first step %.2f s (%.2f s since the process started)",
                  self._process, since_run, since_process or float("nan"))
     self._first_step_scalars = {"time_to_first_step_s": since_run}
-    self._last_time = time.monotonic()  # Throughput windows start after compilation.
+    self._record("first_step", compile_s=since_run)
+    self._data_wait_s = 0.0
 
   @contextlib.contextmanager
   def blocked_by_checkpoint(self):
@@ -93,6 +114,14 @@ class Reporter:
     self._checkpoint_blocked_s += seconds
     logging.info("%s: blocked %.3f s by checkpointing", self._process, seconds)
 
+  @contextlib.contextmanager
+  def evaluating(self):
+    """Counts the time spent inside the block as eval time."""
+    start = time.monotonic()
+    with self.progress.timed("eval"):
+      yield
+    self._eval_s += time.monotonic() - start
+
   def after_steps(self, first_step: int, last_step: int) -> None:
     """Runs the periodic actions once for every step a call made (they expect each step)."""
     for step in range(first_step, last_step + 1):
@@ -101,7 +130,7 @@ class Reporter:
 
   def throughput(self, step: int) -> dict[str, float]:
     """This host's speed since the last call, and logs it in this host's own line."""
-    now = time.monotonic()
+    now = time.time()
     seconds, steps = now - self._last_time, step - self._last_step
     scalars = {"steps_per_sec": steps / seconds,
                "examples_per_sec": steps * self._examples_per_step / seconds,
@@ -118,9 +147,16 @@ class Reporter:
     logging.info("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
                  self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
                  self._data_wait_s, 100 * self._data_wait_s / seconds)
+    self._record("report", step=step, steps=steps, window_s=seconds, **self._waits(),
+                 steps_per_sec=scalars["steps_per_sec"],
+                 examples_per_sec=scalars["examples_per_sec"])
     self._last_step, self._last_time = step, now
-    self._data_wait_s = self._checkpoint_blocked_s = 0.0
+    self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
     return scalars
+
+  def _waits(self) -> dict[str, float]:
+    return {"data_wait_s": self._data_wait_s, "checkpoint_blocked_s": self._checkpoint_blocked_s,
+            "eval_s": self._eval_s}
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """One report: every writer of this host, and a metrics.jsonl row on process 0."""
@@ -131,6 +167,10 @@ class Reporter:
       self._jsonl.flush()
 
   def close(self) -> None:
+    """Records the end (with the waits since the last report) and closes every writer."""
+    self._record("end", step=self._last_step, window_s=time.time() - self._last_time,
+                 **self._waits())
+    self._records.close()
     self.writer.flush()
     self.writer.close()
     if self._jsonl:

@@ -4,6 +4,7 @@ import functools
 import itertools
 import math
 import os
+import time
 
 import jax
 import ml_collections
@@ -22,6 +23,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
 
   A workdir that holds checkpoints continues from the newest complete one.
   """
+  started = time.time()
   config_lib.check(config)
   workload = workload_lib.load(config.workload)
   layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
@@ -79,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
       tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
       flops_per_example=flops_per_example(config) if flops_per_example else None,
       peak_flops=peak * layout.global_device_count if peak else None,
-      profile_first_step=config.profile_first_step)
+      profile_first_step=config.profile_first_step, started=started)
   preemption = checkpoint_lib.Preemption()
 
   def evaluate(replicated_params) -> dict[str, float]:
@@ -144,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
         scalars["skipped_steps"] = executor.unreplicate(replicated_state.skipped_steps)
         train_metrics = no_train_metrics
       if evaluate_now:
-        with reporter.progress.timed("eval"):
+        with reporter.evaluating():
           scalars.update(evaluate(replicated_state.params))
       if scalars:
         reporter.write(last_step, scalars)

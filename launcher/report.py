@@ -1,0 +1,222 @@
+"""`python -m launcher.report WORKDIR`: plots, a per-host table and a goodput breakdown of a run.
+
+Reads what the run wrote (metrics.jsonl from process 0, hosts/process_<i>.jsonl from every
+process) and writes WORKDIR/report/: PNG plots and report.md. Works on a run that is still going
+(it reads what is there) and on a resumed run (each start is a segment; restarts are marked).
+"""
+
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+
+GOODPUT_PARTS = ("startup", "compile", "productive steps", "waiting for data",
+                 "blocked by checkpoint saves", "eval", "lost to restarts",
+                 "other (final eval and saves, shutdown)")
+
+
+def read_jsonl(path: str) -> list[dict]:
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # A line being written right now.
+        pass
+  return rows
+
+
+def host_records(workdir: str) -> dict[int, list[dict]]:
+  records = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "hosts", "process_*.jsonl"))):
+    records[int(path.rsplit("_", 1)[1].split(".")[0])] = read_jsonl(path)
+  return records
+
+
+def segments(records: list[dict]) -> list[list[dict]]:
+  """One host's records split at each start of the process."""
+  result = []
+  for record in records:
+    if record["event"] == "start" or not result:
+      result.append([])
+    result[-1].append(record)
+  return result
+
+
+def goodput(records: list[dict]) -> dict[str, float]:
+  """Where one host's wall time went, in seconds, over every start of the run.
+
+  A start's wall time is its startup (imports, cluster init: before the run began) plus the time
+  from the run's start to its last record; the records split it exactly: compile (to the first
+  step), then report windows (data wait, checkpoint saves, eval, and the rest productive), then
+  the end. Steps a later start re-did (it resumed from an earlier checkpoint) are lost to restarts.
+  """
+  parts = dict.fromkeys(GOODPUT_PARTS, 0.0)
+  runs = segments(records)
+  for i, run in enumerate(runs):
+    parts["startup"] += run[0]["startup_s"]
+    resumed_at = runs[i + 1][0]["first_step"] if i + 1 < len(runs) else None
+    for record in run[1:]:
+      if record["event"] == "first_step":
+        parts["compile"] += record["compile_s"]
+        continue
+      parts["waiting for data"] += record["data_wait_s"]
+      parts["blocked by checkpoint saves"] += record["checkpoint_blocked_s"]
+      parts["eval"] += record["eval_s"]
+      rest = record["window_s"] - record["data_wait_s"] - record["checkpoint_blocked_s"] - (
+          record["eval_s"])
+      if record["event"] == "end":
+        parts["other (final eval and saves, shutdown)"] += rest
+        continue
+      redone = 0.0
+      if resumed_at is not None and record["step"] > resumed_at:
+        redone = min(record["step"] - resumed_at, record["steps"]) / record["steps"]
+      parts["lost to restarts"] += rest * redone
+      parts["productive steps"] += rest * (1 - redone)
+  return parts
+
+
+def wall_time(records: list[dict]) -> float:
+  return sum(run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] for run in segments(records))
+
+
+def host_table(records: dict[int, list[dict]]) -> list[dict]:
+  rows = []
+  for process, host in sorted(records.items()):
+    start = host[0]
+    reports = [r for r in host if r["event"] == "report"]
+    seconds = sum(r["window_s"] for r in reports)
+    steps = sum(r["steps"] for r in reports)
+    rows.append({
+        "process": process, "hostname": start["hostname"], "devices": start["devices"],
+        "steps_per_sec": steps / seconds if seconds else float("nan"),
+        "data_wait_share": sum(r["data_wait_s"] for r in reports) / seconds if seconds else 0.0,
+        "last_step": max((r["step"] for r in reports), default=start["first_step"]),
+    })
+  if rows:
+    slowest = min(rows, key=lambda r: r["steps_per_sec"] if r["steps_per_sec"] == r[
+        "steps_per_sec"] else float("inf"))
+    for row in rows:
+      row["slowest"] = row is slowest and len(rows) > 1
+  return rows
+
+
+def plots(workdir: str, out: str, metrics: list[dict], records: dict[int, list[dict]]) -> list[str]:
+  """Writes the PNGs; returns their file names."""
+  files = []
+  restarts = sorted({run[0]["first_step"] for host in records.values()
+                     for run in segments(host)[1:]})
+
+  def mark_restarts(axis):
+    for step in restarts:
+      axis.axvline(step, color="grey", linestyle="--", linewidth=1)
+      axis.annotate("restart", (step, 1), xycoords=("data", "axes fraction"), rotation=90,
+                    va="top", fontsize=8, color="grey")
+
+  def save(figure, name):
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, name), dpi=100)
+    plt.close(figure)
+    files.append(name)
+
+  train = [r for r in metrics if "loss" in r]
+  evals = [r for r in metrics if "eval_loss" in r]
+  figure, axis = plt.subplots(figsize=(7, 4))
+  axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+  if evals:
+    axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+  axis.set(xlabel="step", ylabel="loss", title="Loss")
+  mark_restarts(axis)
+  axis.legend()
+  save(figure, "loss.png")
+
+  figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+  for process, host in sorted(records.items()):
+    reports = [r for r in host if r["event"] == "report"]
+    t0 = host[0]["time"]
+    top.plot([r["time"] - t0 for r in reports], [r["steps_per_sec"] for r in reports], ".-",
+             label=f"process {process}")
+    bottom.plot([r["time"] - t0 for r in reports], [r["examples_per_sec"] for r in reports], ".-",
+                label=f"process {process}")
+  top.set(ylabel="steps/s", title="Throughput")
+  bottom.set(xlabel="seconds since the first start", ylabel="examples/s")
+  top.legend(fontsize=8)
+  save(figure, "throughput.png")
+
+  table = host_table(records)
+  figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+  names = [f"{r['process']}{' (slowest)' if r.get('slowest') else ''}" for r in table]
+  left.bar(names, [r["steps_per_sec"] for r in table],
+           color=["tab:red" if r.get("slowest") else "tab:blue" for r in table])
+  left.set(xlabel="process", ylabel="steps/s", title="Speed per host")
+  right.bar(names, [100 * r["data_wait_share"] for r in table], color="tab:orange")
+  right.set(xlabel="process", ylabel="% of time", title="Waiting for data per host")
+  save(figure, "hosts.png")
+
+  figure, axis = plt.subplots(figsize=(7, 3.5))
+  for process, host in sorted(records.items()):
+    reports = [r for r in host if r["event"] == "report"]
+    axis.plot([r["step"] for r in reports], [r["checkpoint_blocked_s"] for r in reports], ".-",
+              label=f"process {process}")
+  axis.set(xlabel="step", ylabel="seconds", title="Time blocked by checkpoint saves per report")
+  mark_restarts(axis)
+  axis.legend(fontsize=8)
+  save(figure, "checkpoints.png")
+  return files
+
+
+def build(workdir: str) -> str:
+  """Writes WORKDIR/report/ and returns the path of its report.md."""
+  out = os.path.join(workdir, "report")
+  os.makedirs(out, exist_ok=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  metrics = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+  records = host_records(workdir)
+  if not records:
+    raise SystemExit(f"error: {workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")
+  images = plots(workdir, out, metrics, records)
+  main = records[min(records)]
+  parts, wall = goodput(main), wall_time(main)
+  runs = segments(main)
+  finished = main[-1]["event"] == "end"
+  lines = [f"# Run report: {os.path.abspath(workdir)}", "",
+           f"{len(records)} process(es), {len(runs)} start(s) "
+           f"({'restarts at steps ' + ', '.join(str(r[0]['first_step']) for r in runs[1:]) if len(runs) > 1 else 'no restart'}); "
+           f"{'finished' if finished else 'still running or stopped'} at step "
+           f"{max((r['step'] for r in main if r['event'] == 'report'), default=0)}.", "",
+           "## Goodput (process 0's wall time)", "",
+           "| part | seconds | share |", "| --- | ---: | ---: |"]
+  for name in GOODPUT_PARTS:
+    lines.append(f"| {name} | {parts[name]:.2f} | {100 * parts[name] / wall:.1f}% |")
+  lines += [f"| **wall time** | {wall:.2f} | 100% |", "",
+            "## Per host", "",
+            "| process | hostname | devices | steps/s | data-wait share | last step |",
+            "| --- | --- | ---: | ---: | ---: | ---: |"]
+  for row in host_table(records):
+    mark = " **slowest**" if row.get("slowest") else ""
+    lines.append(f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | "
+                 f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
+                 f"{row['last_step']} |")
+  lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"goodput_s": parts, "wall_s": wall, "hosts": host_table(records),
+               "starts": len(runs), "finished": finished}, f, indent=2)
+  return path
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    raise SystemExit("usage: python -m launcher.report WORKDIR")
+  print(f"wrote {build(argv[1])}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
