@@ -41,6 +41,8 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again once its old credential expires (default 120 s); 10 s here.
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -52,6 +54,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
