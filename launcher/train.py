@@ -29,9 +29,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
   layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
                              jax.local_device_count(), config.grad_accum_steps)
   os.makedirs(workdir, exist_ok=True)
-  if layout.process_index == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
 
   executor = parallel.executor(config.parallel)
   parallel.enable_compilation_cache(config.compilation_cache_dir)
@@ -51,6 +48,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
     raise UsageError(f"the run resumes at step {first_step}, from which config.num_steps="
                      f"{config.num_steps} is not reached in whole calls of "
                      f"config.steps_per_call={k}: use the steps_per_call it was saved with")
+  if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
 
   host_batches = workload_lib.open_dataset(workload, config, "train", layout.process_index,
                                            layout.process_count, start=first_step)

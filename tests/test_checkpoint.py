@@ -170,6 +170,8 @@ def test_restore_from_another_run_and_mismatches_named(tmp_path):
     train.run(load_config("../tests/hooked_config", hidden_sizes=(32,), restore_from=first),
               str(tmp_path / "third"))
   before = os.listdir(os.path.join(first, "checkpoints"))
+  saved_config = open(os.path.join(first, "config.json")).read()
   with pytest.raises(UsageError, match="Use the config it was saved with, or a new --workdir"):
     train.run(load_config("../tests/hooked_config", hidden_sizes=(32,)), first)
   assert os.listdir(os.path.join(first, "checkpoints")) == before
+  assert open(os.path.join(first, "config.json")).read() == saved_config
