@@ -64,7 +64,7 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
   replicated_state = executor.replicate(state)
   host_batches = workload.dataset(config, "train", 0, 1)
   example = next(host_batches)
-  names = ["loss", "grad_norm", "learning_rate", *step.metric_names(loss_fn, state.params, example)]
+  names = [*step.TRAIN_METRICS, *step.metric_names(loss_fn, state.params, example)]
   empty = executor.replicate(step.empty_metrics(names))
   call = executor.map(
       lambda s, m, b: step.train_call(s, m, b, steps_per_call=k, loss_fn=loss_fn, tx=tx,

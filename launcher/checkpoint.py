@@ -6,7 +6,6 @@ global batches consumed, which equals the step: with `config.seed` and the globa
 names the next batch under any process layout. Every process takes part in every save and restore.
 """
 
-import dataclasses
 import logging as std_logging
 import os
 import signal
@@ -53,12 +52,6 @@ def _handlers() -> dict:
   return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
 
-@dataclasses.dataclass
-class Restored:
-  state: state_lib.TrainState
-  data_position: dict
-
-
 class Checkpoints:
   """The run's CheckpointManager: async saves into WORKDIR/checkpoints, keeping the newest few."""
 
@@ -80,12 +73,14 @@ class Checkpoints:
         state=ocp.args.StandardSave(global_state),
         data=ocp.args.JsonSave(data_position)), force=True)
 
-  def restore(self, step: int, like: state_lib.TrainState) -> Restored:
-    """The state saved at `step`, shaped like `like`; a mismatch names the entries that differ."""
+  def restore(self, step: int, like: state_lib.TrainState) -> state_lib.TrainState:
+    """The state saved at `step`, shaped like `like`; a mismatch names the entries that differ.
+
+    The data position needs no reading back: it is the restored state's step."""
     check_structure(self._manager.item_metadata(step).state, like, self.directory)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(like)), data=ocp.args.JsonRestore()))
-    return Restored(state=to_local(restored.state), data_position=restored.data)
+        state=ocp.args.StandardRestore(abstract(like))))
+    return to_local(restored.state)
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
@@ -103,9 +98,10 @@ def restore_from(path: str, like: state_lib.TrainState, params_only: bool) -> st
   metadata = checkpointer.metadata(item).item_metadata
   target = {"params": like.params} if params_only else like
   check_structure({"params": metadata["params"]} if params_only else metadata, target, item)
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract(target))
+  shapes = abstract(target)
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), shapes)
   restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-      item=abstract(target), restore_args=restore_args, partial_restore=params_only))
+      item=shapes, restore_args=restore_args, partial_restore=params_only))
   values = to_local(restored)
   logging.info("started from %s (%s)", item, "params only" if params_only else "everything")
   return like.replace(params=values["params"]) if params_only else values
@@ -180,7 +176,6 @@ class Preemption:
     del frame
     logging.warning("received SIGUSR1: the scheduler will stop this job soon")
     if self._distributed:
-      self._signal = "SIGUSR1"
       os.kill(os.getpid(), signal.SIGTERM)
     else:
       self._note(signum, None)

@@ -6,8 +6,8 @@
 Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
 prints is shown prefixed with `[process i]` and kept in `WORKDIR/logs/process_<i>.log`. When one
 process fails, or on Ctrl-C or SIGTERM, every process is asked to stop (SIGTERM), and killed after
-`--grace_seconds`. The exit code is the first non-zero exit code of a process (128 + N for a process killed by
-signal N, as a shell reports it).
+`--grace_seconds`. The exit code is the first non-zero exit code of a process (128 + N for a
+process killed by signal N, as a shell reports it).
 """
 
 import ctypes

@@ -21,7 +21,6 @@ from launcher.step import AXIS
 
 class Pmap:
   """`jax.pmap` over the local devices; collectives span every device of every process."""
-  name = "pmap"
 
   def __init__(self):
     # One sharding object for every batch: pmap recognizes it (a cache keyed on the object) and
@@ -70,11 +69,10 @@ class Pmap:
 
 class ShardMap:
   """`jax.jit(jax.shard_map(...))` over a Mesh of every device of the job, batch on axis `batch`."""
-  name = "shard_map"
 
   def __init__(self):
-    self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
-    self._replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._replicated = job_replicated()
+    self.mesh = self._replicated.mesh
     self._split = NamedSharding(self.mesh, PartitionSpec(AXIS))
     self._stacked_split = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
 
@@ -82,7 +80,7 @@ class ShardMap:
     """fn(replicated, replicated, batch) on every device; `stacked`: batch is [K, ...]."""
     # check_vma=False: CLU's gather_from_model_output needs it, and with it jax.grad of the
     # replicated params is per device, exactly as under pmap (lax.pmean then averages it).
-    batch_spec = PartitionSpec(None, AXIS) if stacked else PartitionSpec(AXIS)
+    batch_spec = (self._stacked_split if stacked else self._split).spec
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(),
                                                          batch_spec),
                            out_specs=PartitionSpec(), check_vma=False)
@@ -118,18 +116,17 @@ def job_replicated() -> NamedSharding:
   return NamedSharding(Mesh(np.array(jax.devices()), (AXIS,)), PartitionSpec())
 
 
-def enable_compilation_cache(directory: str) -> str | None:
+def enable_compilation_cache(directory: str) -> None:
   """Persists every compiled program (small ones too) in `directory`, so a second start of the
   same run skips compilation. "" picks ~/.cache/launcher/jax (or $XDG_CACHE_HOME); "none" is off."""
   if directory == "none":
-    return None
+    return
   if not directory:
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     directory = os.path.join(cache_home, "launcher", "jax")
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return directory
 
 
 class InFlight:

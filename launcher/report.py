@@ -7,6 +7,7 @@ process) and writes WORKDIR/report/: PNG plots and report.md. Works on a run tha
 
 import glob
 import json
+import math
 import os
 import sys
 
@@ -98,16 +99,16 @@ def host_table(records: dict[int, list[dict]]) -> list[dict]:
         "data_wait_share": sum(r["data_wait_s"] for r in reports) / seconds if seconds else 0.0,
         "last_step": max((r["step"] for r in reports), default=start["first_step"]),
     })
-  if rows:
-    slowest = min(rows, key=lambda r: r["steps_per_sec"] if r["steps_per_sec"] == r[
-        "steps_per_sec"] else float("inf"))
-    for row in rows:
-      row["slowest"] = row is slowest and len(rows) > 1
+  measured = [row for row in rows if not math.isnan(row["steps_per_sec"])]
+  slowest = min(measured, key=lambda row: row["steps_per_sec"]) if len(measured) > 1 else None
+  for row in rows:
+    row["slowest"] = row is slowest
   return rows
 
 
-def plots(workdir: str, out: str, metrics: list[dict], records: dict[int, list[dict]]) -> list[str]:
-  """Writes the PNGs; returns their file names."""
+def plots(out: str, metrics: list[dict], records: dict[int, list[dict]],
+          table: list[dict]) -> list[str]:
+  """Writes the PNGs into `out`; returns their file names. `table` is host_table(records)."""
   files = []
   restarts = sorted({run[0]["first_step"] for host in records.values()
                      for run in segments(host)[1:]})
@@ -148,11 +149,10 @@ def plots(workdir: str, out: str, metrics: list[dict], records: dict[int, list[d
   top.legend(fontsize=8)
   save(figure, "throughput.png")
 
-  table = host_table(records)
   figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
-  names = [f"{r['process']}{' (slowest)' if r.get('slowest') else ''}" for r in table]
+  names = [f"{r['process']}{' (slowest)' if r['slowest'] else ''}" for r in table]
   left.bar(names, [r["steps_per_sec"] for r in table],
-           color=["tab:red" if r.get("slowest") else "tab:blue" for r in table])
+           color=["tab:red" if r["slowest"] else "tab:blue" for r in table])
   left.set(xlabel="process", ylabel="steps/s", title="Speed per host")
   right.bar(names, [100 * r["data_wait_share"] for r in table], color="tab:orange")
   right.set(xlabel="process", ylabel="% of time", title="Waiting for data per host")
@@ -179,14 +179,16 @@ def build(workdir: str) -> str:
   records = host_records(workdir)
   if not records:
     raise SystemExit(f"error: {workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")
-  images = plots(workdir, out, metrics, records)
+  table = host_table(records)
+  images = plots(out, metrics, records, table)
   main = records[min(records)]
   parts, wall = goodput(main), wall_time(main)
   runs = segments(main)
   finished = main[-1]["event"] == "end"
+  restarts = ", ".join(str(run[0]["first_step"]) for run in runs[1:])
   lines = [f"# Run report: {os.path.abspath(workdir)}", "",
            f"{len(records)} process(es), {len(runs)} start(s) "
-           f"({'restarts at steps ' + ', '.join(str(r[0]['first_step']) for r in runs[1:]) if len(runs) > 1 else 'no restart'}); "
+           f"({f'restarts at steps {restarts}' if restarts else 'no restart'}); "
            f"{'finished' if finished else 'still running or stopped'} at step "
            f"{max((r['step'] for r in main if r['event'] == 'report'), default=0)}.", "",
            "## Goodput (process 0's wall time)", "",
@@ -197,8 +199,8 @@ def build(workdir: str) -> str:
             "## Per host", "",
             "| process | hostname | devices | steps/s | data-wait share | last step |",
             "| --- | --- | ---: | ---: | ---: | ---: |"]
-  for row in host_table(records):
-    mark = " **slowest**" if row.get("slowest") else ""
+  for row in table:
+    mark = " **slowest**" if row["slowest"] else ""
     lines.append(f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | "
                  f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
                  f"{row['last_step']} |")
@@ -207,7 +209,7 @@ def build(workdir: str) -> str:
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"goodput_s": parts, "wall_s": wall, "hosts": host_table(records),
+    json.dump({"goodput_s": parts, "wall_s": wall, "hosts": table,
                "starts": len(runs), "finished": finished}, f, indent=2)
   return path
 

@@ -14,6 +14,9 @@ AXIS = "batch"
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]  # (params, batch, rng)
 
+# What train_step reports besides the workload's own metrics.
+TRAIN_METRICS = ("loss", "grad_norm", "learning_rate")
+
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum_steps: int = 1, compute_dtype=None,

@@ -37,7 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
   state = state_lib.create(config, workload.init, tx)
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(checkpoints.latest_step(), like=state).state
+    state = checkpoints.restore(checkpoints.latest_step(), like=state)
     logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
   elif config.restore_from:
     state = checkpoint_lib.restore_from(config.restore_from, like=state,
@@ -102,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
 
   replicated_state = executor.replicate(state)
   no_train_metrics = executor.replicate(step.empty_metrics(
-      ["loss", "grad_norm", "learning_rate", *workload_metric_names]))
+      [*step.TRAIN_METRICS, *workload_metric_names]))
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   preempted = False
