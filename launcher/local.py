@@ -4,7 +4,8 @@
         --config=configs/lm.py:tiny --workdir=/tmp/run
 
 Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
-prints is shown prefixed with `[process i]` and kept in `WORKDIR/logs/process_<i>.log`. When one
+prints is shown prefixed with `[process i]` and kept in `--process_logs/process_<i>.log` (default
+`WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine). When one
 process fails, or on Ctrl-C or SIGTERM, every process is asked to stop (SIGTERM), and killed after
 `--grace_seconds`. The exit code is the first non-zero exit code of a process (128 + N for a
 process killed by signal N, as a shell reports it).
@@ -27,6 +28,10 @@ _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices
                                 lower_bound=1)
 _GRACE = flags.DEFINE_float("grace_seconds", 30.0,
                             "Seconds a process gets to stop after SIGTERM before SIGKILL.")
+
+_LOG_DIR = flags.DEFINE_string(
+    "process_logs", None, "Where each process's output is kept (default: WORKDIR/logs; ./logs for a "
+    "gs:// workdir).")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -159,7 +164,8 @@ def main(argv):
   launcher_args = argv[1:]
   num_processes, devices = _NUM_PROCESSES.value, _DEVICES.value
   port = free_port()
-  log_dir = os.path.join(workdir_of(launcher_args), "logs")
+  workdir = workdir_of(launcher_args)
+  log_dir = _LOG_DIR.value or ("logs" if "://" in workdir else os.path.join(workdir, "logs"))
   group = ProcessGroup(
       [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes, log_dir=log_dir,
       envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],

@@ -1,15 +1,26 @@
-"""What a run reports: CLU writers (TensorBoard on process 0), metrics.jsonl, one line per host."""
+"""What a run reports: CLU writers (TensorBoard on process 0), metrics.jsonl, one line per host.
+
+Every file goes through `launcher.storage`, so a `gs://` workdir gets all of them.
+"""
 
 import contextlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
+from tensorboardX import event_file_writer, record_writer
+from tensorboardX import summary as tbx_summary
+from tensorboardX.proto import event_pb2, summary_pb2
+
+from launcher import storage
 
 
 # Dense peak FLOP/s per device at bf16, by the start of `jax.devices()[0].device_kind`. MFU is
@@ -44,6 +55,82 @@ def seconds_since_process_start() -> float | None:
     return None
 
 
+class _AppenderFactory:
+  """tensorboardX's hook for a URL scheme: its event files on gs:// become storage Appenders."""
+
+  def open(self, location: str) -> storage.Appender:
+    return storage.Appender(storage.path(location))
+
+  def directory_check(self, location: str) -> None:
+    del location  # GCS has no directories.
+
+
+record_writer.register_writer_factory("gs", _AppenderFactory())
+
+
+class TensorBoardWriter(metric_writers.MetricWriter):
+  """CLU's MetricWriter interface over tensorboardX's event encoding, without TensorFlow: one
+  event file in `logdir` (local or gs://), written synchronously, durable at each `flush`.
+  Scalars are stored as plain scalar values (what `EventAccumulator.Scalars` reads)."""
+
+  def __init__(self, logdir: epath.Path):
+    record_writer.directory_check(os.fspath(logdir))
+    self._events = event_file_writer.EventsWriter(os.path.join(os.fspath(logdir), "events"))
+
+  def _write(self, step: int, summaries) -> None:
+    values = [value for summary in summaries for value in summary.value]
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                             summary=summary_pb2.Summary(value=values)))
+
+  def write_scalars(self, step, scalars):
+    self._write(step, [tbx_summary.scalar(name, float(np.asarray(value)))
+                       for name, value in scalars.items()])
+
+  def write_texts(self, step, texts):
+    self._write(step, [tbx_summary.text(name, text) for name, text in texts.items()])
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    self._write(step, [tbx_summary.histogram(name, np.asarray(values), bins="tensorflow",
+                                             max_bins=(num_buckets or {}).get(name))
+                       for name, values in arrays.items()])
+
+  def write_images(self, step, images):
+    self._write(step, [tbx_summary.image(f"{name}/{i}", image, dataformats="HWC")
+                       for name, batch in images.items() for i, image in enumerate(np.asarray(batch))])
+
+  def write_hparams(self, hparams):
+    self.write_texts(0, {"hparams": json.dumps(hparams, default=str, indent=2)})
+
+  def write_summaries(self, step, values, metadata=None):
+    raise NotImplementedError("raw summaries need TensorFlow's writer")
+
+  def write_videos(self, step, videos):
+    raise NotImplementedError("videos are not written by the launcher's TensorBoard writer")
+
+  def write_audios(self, step, audios, *, sample_rate):
+    raise NotImplementedError("audio is not written by the launcher's TensorBoard writer")
+
+  def flush(self):
+    self._events.flush()
+
+  def close(self):
+    self._events.close()
+
+
+class _Profile(periodic_actions.Profile):
+  """CLU's profile hook; a trace for a gs:// workdir is written locally, then copied there."""
+
+  def __init__(self, workdir: epath.Path, **kwargs):
+    self._destination = workdir if storage.is_remote(workdir) else None
+    self._staging = tempfile.mkdtemp(prefix="launcher-profile-") if self._destination else None
+    super().__init__(logdir=self._staging or os.fspath(workdir), **kwargs)
+
+  def close(self) -> None:
+    if self._destination:
+      storage.copy_tree(self._staging, self._destination)
+      shutil.rmtree(self._staging, ignore_errors=True)
+
+
 class Reporter:
   """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks.
 
@@ -52,7 +139,7 @@ class Reporter:
   wall time went.
   """
 
-  def __init__(self, workdir: str, *, process_index: int, process_count: int, first_step: int,
+  def __init__(self, workdir: epath.Path, *, process_index: int, process_count: int, first_step: int,
                num_steps: int, log_every_steps: int, examples_per_step: int,
                tokens_per_example: int | None, flops_per_example: float | None,
                peak_flops: float | None, profile_first_step: int, started: float):
@@ -64,20 +151,23 @@ class Reporter:
     self._flops_per_example, self._peak_flops = flops_per_example, peak_flops
     self._started = started
     self._first_step_scalars = {}
-    os.makedirs(os.path.join(workdir, "hosts"), exist_ok=True)
-    self._records = open(os.path.join(workdir, "hosts", f"process_{process_index}.jsonl"), "a")
+    self._records = storage.Appender(workdir / "hosts" / f"process_{process_index}.jsonl")
     startup_s = (seconds_since_process_start() or 0.0) - (time.time() - started)
     self._record("start", at=started, process=process_index, process_count=process_count,
                  hostname=socket.gethostname(), devices=jax.local_device_count(),
                  first_step=first_step, startup_s=max(startup_s, 0.0))
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self._is_main)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._is_main else None
+    writers = [metric_writers.LoggingWriter()]
+    if self._is_main:
+      writers.append(TensorBoardWriter(workdir))
+    self.writer = metric_writers.MultiWriter(writers)
+    self._jsonl = storage.Appender(workdir / "metrics.jsonl") if self._is_main else None
     self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                                     every_steps=log_every_steps, every_secs=None)
     self._hooks = [self.progress] if self._is_main else []
+    self._profile = None
     if self._is_main and profile_first_step > 0:
-      self._hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
-                                                  first_profile=profile_first_step))
+      self._profile = _Profile(workdir, num_profile_steps=5, first_profile=profile_first_step)
+      self._hooks.append(self._profile)
     self._last_step, self._last_time = first_step, time.time()
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
 
@@ -162,6 +252,7 @@ class Reporter:
     """One report: every writer of this host, and a metrics.jsonl row on process 0."""
     scalars = {name: float(np.asarray(value)) for name, value in scalars.items()}
     self.writer.write_scalars(step, scalars)
+    self.writer.flush()
     if self._jsonl:
       self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
       self._jsonl.flush()
@@ -175,3 +266,5 @@ class Reporter:
     self.writer.close()
     if self._jsonl:
       self._jsonl.close()
+    if self._profile:
+      self._profile.close()

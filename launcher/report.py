@@ -5,38 +5,40 @@ process) and writes WORKDIR/report/: PNG plots and report.md. Works on a run tha
 (it reads what is there) and on a resumed run (each start is a segment; restarts are marked).
 """
 
-import glob
+import io
 import json
 import math
-import os
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from etils import epath  # pylint: disable=wrong-import-position
+
+from launcher import storage  # pylint: disable=wrong-import-position
+from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 
 GOODPUT_PARTS = ("startup", "compile", "productive steps", "waiting for data",
                  "blocked by checkpoint saves", "eval", "lost to restarts",
                  "other (final eval and saves, shutdown)")
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: epath.Path) -> list[dict]:
+  """The rows of a JSON-lines file; none when it does not exist yet."""
   rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:  # A line being written right now.
-        pass
+  for line in (storage.read_text(path) or "").splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:  # A line being written right now.
+      pass
   return rows
 
 
-def host_records(workdir: str) -> dict[int, list[dict]]:
-  records = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "hosts", "process_*.jsonl"))):
-    records[int(path.rsplit("_", 1)[1].split(".")[0])] = read_jsonl(path)
-  return records
+def host_records(workdir: epath.Path) -> dict[int, list[dict]]:
+  hosts = workdir / "hosts"
+  paths = hosts.glob("process_*.jsonl") if hosts.exists() else []
+  return {int(p.stem.rsplit("_", 1)[1]): read_jsonl(p) for p in sorted(paths)}
 
 
 def segments(records: list[dict]) -> list[list[dict]]:
@@ -106,7 +108,7 @@ def host_table(records: dict[int, list[dict]]) -> list[dict]:
   return rows
 
 
-def plots(out: str, metrics: list[dict], records: dict[int, list[dict]],
+def plots(out: epath.Path, metrics: list[dict], records: dict[int, list[dict]],
           table: list[dict]) -> list[str]:
   """Writes the PNGs into `out`; returns their file names. `table` is host_table(records)."""
   files = []
@@ -121,7 +123,9 @@ def plots(out: str, metrics: list[dict], records: dict[int, list[dict]],
 
   def save(figure, name):
     figure.tight_layout()
-    figure.savefig(os.path.join(out, name), dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    storage.write_bytes(out / name, png.getvalue())
     plt.close(figure)
     files.append(name)
 
@@ -170,15 +174,16 @@ def plots(out: str, metrics: list[dict], records: dict[int, list[dict]],
   return files
 
 
-def build(workdir: str) -> str:
-  """Writes WORKDIR/report/ and returns the path of its report.md."""
-  out = os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  metrics = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
-  records = host_records(workdir)
+def build(location: str) -> str:
+  """Writes WORKDIR/report/ (a local path or gs://) and returns the path of its report.md."""
+  workdir = storage.path(location)
+  out = workdir / "report"
+  with storage.clear_errors(workdir, "read"):
+    metrics = read_jsonl(workdir / "metrics.jsonl")
+    records = host_records(workdir)
   if not records:
     raise SystemExit(f"error: {workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")
+  storage.makedirs(out)
   table = host_table(records)
   images = plots(out, metrics, records, table)
   main = records[min(records)]
@@ -186,7 +191,7 @@ def build(workdir: str) -> str:
   runs = segments(main)
   finished = main[-1]["event"] == "end"
   restarts = ", ".join(str(run[0]["first_step"]) for run in runs[1:])
-  lines = [f"# Run report: {os.path.abspath(workdir)}", "",
+  lines = [f"# Run report: {workdir}", "",
            f"{len(records)} process(es), {len(runs)} start(s) "
            f"({f'restarts at steps {restarts}' if restarts else 'no restart'}); "
            f"{'finished' if finished else 'still running or stopped'} at step "
@@ -205,19 +210,21 @@ def build(workdir: str) -> str:
                  f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
                  f"{row['last_step']} |")
   lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
-  path = os.path.join(out, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"goodput_s": parts, "wall_s": wall, "hosts": table,
-               "starts": len(runs), "finished": finished}, f, indent=2)
-  return path
+  path = out / "report.md"
+  storage.write_text(path, "\n".join(lines) + "\n")
+  storage.write_text(out / "summary.json", json.dumps(
+      {"goodput_s": parts, "wall_s": wall, "hosts": table, "starts": len(runs),
+       "finished": finished}, indent=2))
+  return str(path)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise SystemExit("usage: python -m launcher.report WORKDIR")
-  print(f"wrote {build(argv[1])}")
+  try:
+    print(f"wrote {build(argv[1])}")
+  except UsageError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

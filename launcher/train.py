@@ -3,7 +3,6 @@
 import functools
 import itertools
 import math
-import os
 import time
 
 import jax
@@ -12,7 +11,7 @@ from absl import logging
 
 from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
-from launcher import data, metrics, parallel, step
+from launcher import data, metrics, parallel, step, storage
 from launcher import state as state_lib
 from launcher import workload as workload_lib
 from launcher.errors import NonFiniteError, Preempted, UsageError
@@ -21,14 +20,16 @@ from launcher.errors import NonFiniteError, Preempted, UsageError
 def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   """Trains `config.workload` data-parallel on every device of every process; returns the state.
 
-  A workdir that holds checkpoints continues from the newest complete one.
+  `workdir` is a local path, a path on a filesystem every host shares, or gs://bucket/path. A
+  workdir that holds checkpoints continues from the newest complete one.
   """
   started = time.time()
   config_lib.check(config)
+  workdir = storage.path(workdir)
   workload = workload_lib.load(config.workload)
   layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
                              jax.local_device_count(), config.grad_accum_steps)
-  os.makedirs(workdir, exist_ok=True)
+  storage.check_workdir(workdir, layout.process_index, layout.process_count)
 
   executor = parallel.executor(config.parallel)
   parallel.enable_compilation_cache(config.compilation_cache_dir)
@@ -49,8 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
                      f"{config.num_steps} is not reached in whole calls of "
                      f"config.steps_per_call={k}: use the steps_per_call it was saved with")
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+    storage.write_text(workdir / "config.json", config.to_json(indent=2))
 
   host_batches = workload_lib.open_dataset(workload, config, "train", layout.process_index,
                                            layout.process_count, start=first_step)

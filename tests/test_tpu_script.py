@@ -62,3 +62,16 @@ def test_one_failed_worker_stops_every_worker(tmp_path):
   assert (tmp_path / "logs" / "worker_0.log").read_text() == "worker 0 trains\n"
   last_call = calls.read_text().splitlines()[-1]
   assert "--worker=all" in last_call and "pkill -9 -f" in last_call
+
+
+def test_a_local_workdir_is_refused_for_a_slice_of_several_workers():
+  local = ["--", "--config=configs/lm.py", "--workdir=/tmp/run"]
+  result = subprocess.run([*POD, "--num_workers=4", "--dry_run", *local], capture_output=True,
+                          text=True, timeout=60, check=False)
+  assert result.returncode != 0
+  assert ("--workdir=/tmp/run is a local path, but the workers of a 4-worker slice share no disk"
+          in result.stderr) and "--workdir=gs://BUCKET/PATH" in result.stderr
+  assert "# workers" not in result.stdout
+  one_worker = subprocess.run([*POD, "--num_workers=1", "--dry_run", *local], capture_output=True,
+                              text=True, timeout=60, check=True)
+  assert "--workdir=/tmp/run" in one_worker.stdout

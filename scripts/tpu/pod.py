@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from launcher.local import ProcessGroup  # pylint: disable=wrong-import-position
+from launcher.local import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
 
 _TPU = flags.DEFINE_string("tpu", None, "Name of the TPU VM (pod slice).", required=True)
 _ZONE = flags.DEFINE_string("zone", None, "Its zone, e.g. us-central2-b.", required=True)
@@ -85,7 +85,14 @@ def main(argv):
   if not launcher_args:
     raise app.UsageError("pass the launcher's arguments after --, e.g. -- --config=configs/lm.py "
                          "--workdir=gs://bucket/run")
-  plan = commands(launcher_args, count_workers())
+  num_workers = count_workers()
+  workdir = workdir_of(launcher_args)
+  if num_workers > 1 and not workdir.startswith("gs://"):
+    raise app.UsageError(
+        f"--workdir={workdir} is a local path, but the workers of a {num_workers}-worker slice "
+        "share no disk: each would keep its own checkpoints and the first save would hang. Use "
+        "--workdir=gs://BUCKET/PATH (a bucket the TPU VM's service account can write).")
+  plan = commands(launcher_args, num_workers)
   if _DRY_RUN.value:
     for step in ("setup", "workers", "stop"):
       print(f"# {step}")

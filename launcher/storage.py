@@ -1,0 +1,261 @@
+"""Every file a run reads or writes, on a local disk, a shared filesystem or `gs://` (etils.epath).
+
+Local and shared-filesystem workdirs are plain paths. A `gs://bucket/path` workdir goes through
+gcsfs (the same client orbax's paths use); a GCS emulator is reached through the standard
+`STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage) and `TENSORSTORE_GCS_HTTP_URL` (orbax's
+arrays) variables, and needs no credentials.
+
+GCS objects cannot be appended to, so append-only files (metrics.jsonl, per-host records,
+TensorBoard events) are an `Appender`: each flush uploads the new bytes as a small object and
+composes it onto the end of the file (one server-side GCS compose), so the file is complete up to
+its last flush after a kill -9 and a flush costs the new bytes, never the whole file.
+"""
+
+import contextlib
+import io
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+import uuid
+
+import numpy as np
+from etils import epath
+
+from launcher.errors import UsageError
+
+SCHEMES = ("gs",)  # Besides plain local paths.
+SHARED_WORKDIR_TIMEOUT_S = 10.0  # How long a process looks for process 0's token in the workdir.
+TOKEN_NAME = ".workdir_token"
+
+
+def _configure_clients(environ=os.environ) -> None:
+  """One GCS client everywhere (gcsfs, not TensorFlow's, which ignores emulators), and an
+  emulator reached with no credential lookups (no probe of a cloud metadata server)."""
+  environ.setdefault("EPATH_USE_TF", "false")
+  emulator = environ.get("STORAGE_EMULATOR_HOST") or environ.get("TENSORSTORE_GCS_HTTP_URL")
+  if emulator:
+    if "://" not in emulator:
+      emulator = f"http://{emulator}"
+    environ.setdefault("STORAGE_EMULATOR_HOST", emulator)
+    environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
+    environ.setdefault("NO_GCE_CHECK", "true")
+    environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore: no lookup.
+    # gcsfs's bucket-type lookup speaks gRPC to the Storage Control API, which emulators lack.
+    environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+_configure_clients()
+logging.getLogger("gcsfs").setLevel(logging.WARNING)  # It logs every read-ahead cache at INFO.
+
+
+def _emulated() -> bool:
+  return bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+def path(location: str | os.PathLike) -> epath.Path:
+  """`location` as a path of the one layer: a local path (made absolute) or `gs://bucket/...`."""
+  location = os.fspath(location)
+  if "://" in location:
+    scheme = location.split("://", 1)[0]
+    if scheme not in SCHEMES:
+      raise UsageError(f"{location!r}: the scheme {scheme}:// is not supported; a run's files "
+                       "live on a local disk, a shared filesystem (a plain path) or in GCS "
+                       "(gs://bucket/path)")
+    bucket = location.split("://", 1)[1].split("/", 1)[0]
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
+      raise UsageError(f"{location!r}: {bucket!r} is not a GCS bucket name (3 to 63 lowercase "
+                       "letters, digits, '-', '_' or '.', starting and ending with a letter or "
+                       "digit): write gs://BUCKET/path")
+    return epath.Path(location)
+  return epath.Path(os.path.abspath(location))
+
+
+def is_remote(p: epath.Path) -> bool:
+  return os.fspath(p).startswith("gs://")
+
+
+def _filesystem():
+  import fsspec  # pylint: disable=import-outside-toplevel
+  return fsspec.filesystem("gs", token="anon") if _emulated() else fsspec.filesystem("gs")
+
+
+@contextlib.contextmanager
+def clear_errors(p: epath.Path, doing: str):
+  """Storage failures inside the block become one UsageError that says what to change."""
+  try:
+    yield
+  except UsageError:
+    raise
+  except (NotADirectoryError, FileExistsError) as e:
+    raise UsageError(f"cannot {doing} {p}: a file stands where a directory must be ({e}); "
+                     "choose another --workdir") from None
+  except FileNotFoundError as e:
+    if is_remote(p):
+      bucket = os.fspath(p).split("/")[2]
+      raise UsageError(f"cannot {doing} {p}: the bucket gs://{bucket} does not exist (or this "
+                       f"account cannot see it): create it (gcloud storage buckets create "
+                       f"gs://{bucket}) or fix the name") from None
+    raise UsageError(f"cannot {doing} {p}: {e}") from None
+  except PermissionError as e:
+    raise UsageError(f"cannot {doing} {p}: permission denied ({e}); choose a --workdir this "
+                     "user can write") from None
+  except OSError as e:
+    if "Forbidden" in str(e) or "403" in str(e):
+      raise UsageError(f"cannot {doing} {p}: this account may not write there "
+                       f"({str(e).splitlines()[0]}); grant it storage.objects.create on the "
+                       "bucket, or choose another --workdir") from None
+    raise UsageError(f"cannot {doing} {p}: {e}") from None
+
+
+def makedirs(p: epath.Path) -> None:
+  with clear_errors(p, "create"):
+    if not is_remote(p):  # GCS has no directories; an object's name holds its whole path.
+      p.mkdir(parents=True, exist_ok=True)
+
+
+def write_text(p: epath.Path, text: str) -> None:
+  """Writes a whole file at once (atomic on GCS; a rename on local disks)."""
+  write_bytes(p, text.encode())
+
+
+def write_bytes(p: epath.Path, data: bytes) -> None:
+  if is_remote(p):
+    p.write_bytes(data)
+    return
+  p.parent.mkdir(parents=True, exist_ok=True)
+  partial = p.parent / f".{p.name}.{uuid.uuid4().hex}.tmp"
+  partial.write_bytes(data)
+  os.replace(partial, p)
+
+
+def read_text(p: epath.Path) -> str | None:
+  """The file's text, or None when it does not exist."""
+  try:
+    if is_remote(p):
+      return _filesystem().cat_file(os.fspath(p)).decode()  # No cached listing: always fresh.
+    return p.read_text()
+  except FileNotFoundError:
+    return None
+
+
+class Appender:
+  """An append-only file that one writer adds to: `write` buffers, `flush` makes it durable.
+
+  Locally an ordinary append. On GCS each flush uploads the buffered bytes as a small object next
+  to the file and composes it onto the file's end, then deletes it: the file is whole up to its
+  last flush after any kill, and a flush costs the new bytes plus three requests.
+  """
+
+  def __init__(self, p: epath.Path):
+    self.path = p
+    self._remote = is_remote(p)
+    self._buffer = io.BytesIO()
+    if self._remote:
+      self._fs = _filesystem()
+      self._name = os.fspath(p)
+      self._exists = self._fs.exists(self._name)
+    else:
+      p.parent.mkdir(parents=True, exist_ok=True)
+      self._file = open(p, "ab")  # pylint: disable=consider-using-with
+
+  def write(self, data: bytes | str) -> None:
+    self._buffer.write(data.encode() if isinstance(data, str) else data)
+
+  def flush(self) -> None:
+    data = self._buffer.getvalue()
+    if not data:
+      return
+    if not self._remote:
+      self._file.write(data)
+      self._file.flush()
+    elif not self._exists:
+      self._fs.pipe_file(self._name, data)
+      self._exists = True
+    else:
+      part = f"{self._name}.part-{uuid.uuid4().hex}"
+      self._fs.pipe_file(part, data)
+      self._fs.merge(self._name, [self._name, part])
+      self._fs.rm_file(part)
+    self._buffer = io.BytesIO()
+
+  def close(self) -> None:
+    self.flush()
+    if not self._remote:
+      self._file.close()
+
+
+def check_workdir(workdir: epath.Path, process_index: int, process_count: int,
+                  timeout: float = SHARED_WORKDIR_TIMEOUT_S) -> None:
+  """Process 0 writes a fresh token into the workdir and every process must read it back.
+
+  Checkpoints need every host to see one directory: a workdir on a disk of its own per host
+  would hang the first checkpoint. Any failure is one UsageError on every process, naming the
+  processes that do not see the token, before any training.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  token_path = workdir / TOKEN_NAME
+  nonce = secrets.token_hex(8)
+  write_error = ""
+  if process_index == 0:
+    try:
+      makedirs(workdir)
+      with clear_errors(workdir, "write into"):
+        write_text(token_path, nonce)
+    except UsageError as e:
+      write_error = str(e)
+  if process_count == 1:
+    if write_error:
+      raise UsageError(write_error)
+    return
+
+  nonce, write_error, workdir_of_0 = (_broadcast_text(multihost_utils, text)
+                                      for text in (nonce, write_error, os.fspath(workdir)))
+  if write_error:
+    raise UsageError(write_error if process_index == 0 else
+                     f"process 0 could not use the workdir: {write_error}")
+  seen = process_index == 0 or _wait_for_token(token_path, nonce, timeout)
+  hostnames = multihost_utils.process_allgather(
+      np.frombuffer(socket.gethostname().encode()[:64].ljust(64, b"\0"), np.uint8))
+  hosts = [bytes(name).rstrip(b"\0").decode() for name in hostnames]
+  everyone_saw = multihost_utils.process_allgather(np.int32(seen))
+  missing = [f"{i} ({hosts[i]})" for i in np.flatnonzero(everyone_saw == 0)]
+  if missing:
+    raise UsageError(
+        f"process(es) {', '.join(missing)} do not see the workdir {workdir_of_0} that process 0 "
+        f"({hosts[0]}) writes: its token {TOKEN_NAME} did not appear there within {timeout:g} s. "
+        "Every process must see one directory: use a filesystem shared by every host, or a "
+        "gs://bucket/path workdir")
+
+
+def _broadcast_text(multihost_utils, text: str, size: int = 2048) -> str:
+  """Process 0's `text` on every process."""
+  encoded = np.frombuffer(text.encode()[:size].ljust(size, b"\0"), np.uint8)
+  return bytes(multihost_utils.broadcast_one_to_all(encoded)).rstrip(b"\0").decode()
+
+
+def _wait_for_token(token_path: epath.Path, nonce: str, timeout: float) -> bool:
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      if not is_remote(token_path):
+        os.listdir(token_path.parent)  # Revalidates an NFS client's cached directory.
+      if read_text(token_path) == nonce:
+        return True
+    except OSError:
+      pass
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.2)
+
+
+def copy_tree(source: str, destination: epath.Path) -> None:
+  """Copies a local directory's files under `destination` (e.g. a profile into a gs:// workdir)."""
+  for root, _, files in os.walk(source):
+    for name in files:
+      local = os.path.join(root, name)
+      with open(local, "rb") as f:
+        write_bytes(destination / os.path.relpath(local, source), f.read())

