@@ -1,12 +1,14 @@
 """`python -m launcher --config=configs/lm.py --workdir=/tmp/run`: flags in, `train.run` out."""
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launcher import cluster, train
-from launcher.errors import EXIT_PREEMPTED, Preempted, UsageError
+from launcher.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
@@ -26,6 +28,11 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300, "Seconds to wait for every process to join the job.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100, "Seconds without a heartbeat before a process counts as lost.")
+_STEP_TIMEOUT = flags.DEFINE_float(
+    "step_timeout_seconds", 600,
+    "End this process (exit 77, every thread's stack in its log) when no train call finishes "
+    "for this long; compilation, eval and checkpoint saves do not count. 0 disables.",
+    lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,12 +48,26 @@ def main(argv):
     cluster.initialize(job, initialization_timeout=_INIT_TIMEOUT.value,
                        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     logging.info(cluster.describe())
-    train.run(_CONFIG.value, _WORKDIR.value)
+    train.run(_CONFIG.value, _WORKDIR.value, step_timeout_seconds=_STEP_TIMEOUT.value)
   except UsageError as e:
-    sys.exit(f"error: {e}")
+    _usage_error(str(e))
   except Preempted as e:
     logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)
+  except Exception:  # pylint: disable=broad-except
+    if not cluster.is_multiprocess():
+      raise
+    # jax's exit handler waits for every process at a barrier, and the others wait for this one
+    # in their next collective: exit now, so that the job ends and a supervisor can restart it.
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _usage_error(message: str) -> None:
+  """Bad input: one message, and the exit code that tells a supervisor not to restart."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USAGE)
 
 
 def parse_flags(argv):
@@ -54,13 +75,13 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {e}\nPass --helpfull to see every flag.")
+    _usage_error(f"{e}\nPass --helpfull to see every flag.")
   except (AttributeError, KeyError) as e:
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     reason = str(e.args[0] if e.args else e).strip("'").replace("\\n", " ").replace("\n", " ")
-    sys.exit(f"error: the config has no key {reason}. Overridable keys are the config file's; "
-             "a new one belongs in its get_config().")
+    _usage_error(f"the config has no key {reason}. Overridable keys are the config file's; "
+                 "a new one belongs in its get_config().")
 
 
 def entry():

@@ -230,6 +230,11 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
       time.sleep(0.5)
 
 
+def is_multiprocess() -> bool:
+  """Whether this process is one of several in a `jax.distributed` job."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
 def describe() -> str:
   """One line: process i/n, host, local and global device counts, platform."""
   return (f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: "

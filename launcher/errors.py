@@ -1,6 +1,19 @@
-"""Errors whose message is the whole story: the entry point prints it alone and exits."""
+"""Errors whose message is the whole story, and the exit codes a supervisor reads.
 
+| code | meaning | a supervisor (launcher.local --max_restarts, the SLURM and TPU scripts) |
+| ---: | --- | --- |
+| 0 | the run finished | stops |
+| 2 | bad input (config, flags, storage, workload contract): the line says what to change | never restarts |
+| 75 | stopped on a preemption notice with a checkpoint saved | restarts without counting it |
+| 76 | another process of the job was lost (a collective failed) | restarts |
+| 77 | stuck: no train call finished within --step_timeout_seconds | restarts |
+| other | a crash (1: a Python exception; 128+N: killed by signal N) | restarts |
+"""
+
+EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a notice with the work saved; run it again.
+EXIT_PEER_LOST = 76
+EXIT_STUCK = 77
 
 
 class UsageError(Exception):

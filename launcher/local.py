@@ -5,10 +5,12 @@
 
 Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
 prints is shown prefixed with `[process i]` and kept in `--process_logs/process_<i>.log` (default
-`WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine). When one
-process fails, or on Ctrl-C or SIGTERM, every process is asked to stop (SIGTERM), and killed after
-`--grace_seconds`. The exit code is the first non-zero exit code of a process (128 + N for a
-process killed by signal N, as a shell reports it).
+`WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine).
+When one process fails, or on Ctrl-C or SIGTERM, every process is asked to stop (SIGTERM), and
+killed after `--grace_seconds` (5 s at most after a crash: the rest cannot save without it). With
+`--max_restarts=N` a failed job is started again, on a fresh port, resuming from its last
+checkpoint (launcher/supervise.py). The exit code is the first failure's (128 + N for a process
+killed by signal N, as a shell reports it).
 """
 
 import ctypes
@@ -23,6 +25,9 @@ from typing import Callable
 
 from absl import app, flags
 
+from launcher import supervise
+from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED
+
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices of each process.",
                                 lower_bound=1)
@@ -32,6 +37,14 @@ _GRACE = flags.DEFINE_float("grace_seconds", 30.0,
 _LOG_DIR = flags.DEFINE_string(
     "process_logs", None, "Where each process's output is kept (default: WORKDIR/logs; ./logs for a "
     "gs:// workdir).")
+
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", 0, "When a process fails, stop them all and start the job again (resuming "
+    "from its last checkpoint) up to this many times; a preemption (exit 75) does not count, bad "
+    "input (exit 2) never restarts.", lower_bound=0)
+_BACKOFF = flags.DEFINE_float("restart_backoff_seconds", 1.0,
+                              "Wait before restart i: this times 2^(i-1), at most 60 s.",
+                              lower_bound=0)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -74,7 +87,10 @@ def _die_with_parent():
 
 class ProcessGroup:
   """Processes that live and die together: their output pumped to per-process logs, the first
-  failure ends the rest. Also used by scripts/tpu/pod.py for the workers of a pod slice."""
+  failure ends the rest. Also used by scripts/tpu/pod.py for the workers of a pod slice.
+
+  `first_failure` is (index, Popen return code) of the first process that failed, once one has.
+  """
 
   def __init__(self, commands: list[list[str]], *, log_dir: str, name: str = "process",
                envs: list[dict[str, str]] | None = None, grace: float = 30.0,
@@ -82,6 +98,7 @@ class ProcessGroup:
     self.grace, self._name, self._on_stop = grace, name, on_stop
     os.makedirs(log_dir, exist_ok=True)
     self.processes, self._pumps = [], []
+    self.first_failure = None
     for i, command in enumerate(commands):
       process = subprocess.Popen(
           command, env=envs[i] if envs else None, stdout=subprocess.PIPE,
@@ -97,23 +114,27 @@ class ProcessGroup:
     """Waits for every process; the first to fail ends the others. Returns the group's exit code."""
     while True:
       codes = [p.poll() for p in self.processes]
-      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+      # Seen in one poll, a lost-peer exit is the others' reaction, not the cause.
+      failed = sorted(((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
+                      key=lambda failure: failure[1] == EXIT_PEER_LOST)
       if failed:
-        i, code = failed[0]
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-        print(f"[local] {self._name} {i} {how}: stopping the others", flush=True)
-        self.stop()
-        return 128 - code if code < 0 else code
+        self.first_failure = i, code = failed[0]
+        print(f"[local] {self._name} {i} {supervise.describe_exit(code)}: stopping the others",
+              flush=True)
+        # A preempted job saves and exits by itself; after a crash the rest cannot save (every
+        # save needs every process), so they get a short grace.
+        self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
+        return supervise.shell_code(code)
       if all(c == 0 for c in codes):
         self._drain()
         return 0
       time.sleep(0.1)
 
-  def stop(self) -> None:
+  def stop(self, grace: float | None = None) -> None:
     """SIGTERM to every process group still running, SIGKILL to any left after the grace period."""
     for process in self.processes:
       _signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + self.grace
+    deadline = time.monotonic() + (self.grace if grace is None else grace)
     for process in self.processes:
       try:
         process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -125,18 +146,6 @@ class ProcessGroup:
     self._drain()
     if self._on_stop:
       self._on_stop()
-
-  def stop_on_signals(self) -> None:
-    """Ctrl-C or SIGTERM to this runner stops every process, then exits 128 + the signal."""
-
-    def stop(signum, frame):
-      del frame
-      print(f"[local] {signal.Signals(signum).name}: stopping every {self._name}", flush=True)
-      self.stop()
-      sys.exit(128 + signum)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
 
   def _drain(self):
     for pump in self._pumps:
@@ -163,17 +172,20 @@ def _pump(stream, log_path: str, prefix: str) -> None:
 def main(argv):
   launcher_args = argv[1:]
   num_processes, devices = _NUM_PROCESSES.value, _DEVICES.value
-  port = free_port()
   workdir = workdir_of(launcher_args)
   log_dir = _LOG_DIR.value or ("logs" if "://" in workdir else os.path.join(workdir, "logs"))
-  group = ProcessGroup(
-      [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes, log_dir=log_dir,
-      envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],
-      grace=_GRACE.value)
-  print(f"[local] {num_processes} processes x {devices} devices, coordinator 127.0.0.1:{port}, "
-        f"logs in {log_dir}", flush=True)
-  group.stop_on_signals()
-  sys.exit(group.wait())
+
+  def start_job() -> ProcessGroup:
+    port = free_port()  # A fresh coordinator for every start.
+    print(f"[local] {num_processes} processes x {devices} devices, coordinator 127.0.0.1:{port}, "
+          f"logs in {log_dir}", flush=True)
+    return ProcessGroup(
+        [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes, log_dir=log_dir,
+        envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],
+        grace=_GRACE.value)
+
+  sys.exit(supervise.supervise(start_job, workdir=workdir, max_restarts=_MAX_RESTARTS.value,
+                               backoff_seconds=_BACKOFF.value))
 
 
 if __name__ == "__main__":

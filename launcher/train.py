@@ -13,15 +13,18 @@ from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
 from launcher import data, metrics, parallel, step, storage
 from launcher import state as state_lib
+from launcher import watchdog as watchdog_lib
 from launcher import workload as workload_lib
 from launcher.errors import NonFiniteError, Preempted, UsageError
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        step_timeout_seconds: float = 0) -> state_lib.TrainState:
   """Trains `config.workload` data-parallel on every device of every process; returns the state.
 
   `workdir` is a local path, a path on a filesystem every host shares, or gs://bucket/path. A
-  workdir that holds checkpoints continues from the newest complete one.
+  workdir that holds checkpoints continues from the newest complete one. A train call that does
+  not finish within `step_timeout_seconds` (0: never) ends the process (watchdog.StepWatchdog).
   """
   started = time.time()
   config_lib.check(config)
@@ -83,6 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
       peak_flops=peak * layout.global_device_count if peak else None,
       profile_first_step=config.profile_first_step, started=started)
   preemption = checkpoint_lib.Preemption()
+  watchdog = watchdog_lib.StepWatchdog(step_timeout_seconds,
+                                       f"process {layout.process_index}/{layout.process_count} ")
 
   def evaluate(replicated_params) -> dict[str, float]:
     eval_host_batches = workload_lib.open_dataset(workload, config, "eval", layout.process_index,
@@ -120,6 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
         if last_step == first_step + k:
           jax.block_until_ready(train_metrics)
           reporter.first_step_done()
+        watchdog.completed(last_step - k)
         reporter.after_steps(last_step - k + 1, last_step)
         preempted = preemption.reached(last_step // k)
 
@@ -130,6 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
                                                   or last_step == config.num_steps)
       if not (report or save or evaluate_now):
         continue
+      watchdog.pause()
       train_scalars = executor.unreplicate(train_metrics).compute()
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
@@ -152,6 +159,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState
         reporter.write(last_step, scalars)
       if preempted:
         break
+      watchdog.completed(last_step)
+  except jax.errors.JaxRuntimeError as e:
+    if layout.process_count > 1 and watchdog_lib.is_peer_lost(e):
+      watchdog_lib.exit_peer_lost(
+          e, process=f"process {layout.process_index}/{layout.process_count}",
+          last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step(),
+          lost="another process")
+    raise
   finally:  # Even a failing run completes the saves it started: they hold good states.
     with reporter.blocked_by_checkpoint():
       checkpoints.wait()

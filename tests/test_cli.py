@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from launcher.errors import EXIT_USAGE
 from tests.helpers import read_metrics, run_launcher
 
 RUNS = {
@@ -69,7 +70,7 @@ def test_bad_config_is_one_clear_message(override, message, tmp_path):
   workdir = tmp_path / "run"
   result = run_launcher("--config=configs/linear.py", f"--workdir={workdir}", override,
                         timeout=120)
-  assert result.returncode != 0
+  assert result.returncode == EXIT_USAGE
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert not (workdir / "metrics.jsonl").exists()

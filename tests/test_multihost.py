@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from launcher import train
+from launcher.errors import EXIT_USAGE
 from launcher import workload as workload_lib
 from launcher.local import free_port
 from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
@@ -113,7 +114,7 @@ def test_an_unreachable_coordinator_is_a_clear_error_within_the_init_timeout(tmp
                   str(tmp_path / "log"), devices=4,
                   env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                        "JAX_PROCESS_ID": "1"})
-  assert finish(process, 60) == 1
+  assert finish(process, 60) == EXIT_USAGE
   assert time.monotonic() - started < 5 + 30  # 5 s of waiting plus the imports.
   log = open(tmp_path / "log").read()
   assert (f"error: could not reach the coordinator 127.0.0.1:{port} (process 0) within "
@@ -137,7 +138,7 @@ def test_a_job_shape_the_environment_contradicts_is_refused(env, args, message, 
   result = subprocess.run([sys.executable, "-m", "launcher", "--config=configs/linear.py",
                            f"--workdir={tmp_path}", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **env})
-  assert result.returncode == 1 and message in result.stderr
+  assert result.returncode == EXIT_USAGE and message in result.stderr
   assert "Traceback" not in result.stderr
 
 

@@ -70,7 +70,7 @@ def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     # The requeued job starts again once its old credential expired: 10 s on the local cluster
     # (AuthInfo=cred_expire=10; SLURM's default is 120 s).
-    wait_for(lambda: "restart 1" in output.read_text() and not subprocess.run(
+    wait_for(lambda: "requeue 1" in output.read_text() and not subprocess.run(
         ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip(), 180,
              "the requeued job to end")
   finally:
@@ -80,6 +80,6 @@ def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
   saved = int(log.split("stopped on a preemption notice after saving the checkpoint of step ")[1]
               .split(";")[0])
   assert log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved}") == 2
-  assert "restart 1" in log
+  assert "requeue 1" in log
   assert log.count(f"resuming from the checkpoint of step {saved}") == 2
   assert max(losses_by_step(str(workdir))) == 400

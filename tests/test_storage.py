@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.util import tensor_util
 
 from launcher import storage, train
-from launcher.errors import UsageError
+from launcher.errors import EXIT_USAGE, UsageError
 from launcher.local import free_port, process_env
 from tests.gcs_emulator import Emulator
 from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
@@ -144,7 +144,7 @@ def test_a_missing_bucket_is_one_line_before_any_compute(gcs, tmp_path):
   result = subprocess.run(
       launcher_command(CONFIG, "--workdir=gs://no-such-bucket/run"), cwd=REPO,
       env={**os.environ, **gcs.env}, capture_output=True, text=True, timeout=120, check=False)
-  assert result.returncode == 1
+  assert result.returncode == EXIT_USAGE
   assert result.stderr.strip().splitlines()[-1] == (
       "error: cannot write into gs://no-such-bucket/run: the bucket gs://no-such-bucket does not "
       "exist (or this account cannot see it): create it (gcloud storage buckets create "
@@ -181,7 +181,7 @@ def test_processes_that_do_not_share_the_workdir_stop_at_once_naming_them(tmp_pa
   began = time.monotonic()
   codes = [finish(process, 120) for process in processes]
   assert time.monotonic() - began < 60
-  assert codes == [1, 1]
+  assert codes == [EXIT_USAGE, EXIT_USAGE]
   for i in range(2):
     lines = log_of(tmp_path / f"process_{i}.log").strip().splitlines()
     assert lines[-1].startswith(f"error: process(es) 1 ({os.uname().nodename}) do not see the "

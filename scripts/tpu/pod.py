@@ -10,7 +10,8 @@
 3. starts the same launcher command on every worker at once (`--worker=i` each), each worker's
    output prefixed and kept in `--worker_logs/worker_<i>.log`; jax.distributed finds the slice's
    workers by itself;
-4. when one worker fails, or on Ctrl-C, stops the launcher on every worker.
+4. when one worker fails, or on Ctrl-C, stops the launcher on every worker; with
+   `--max_restarts=N`, then starts the job again, which resumes from its last checkpoint.
 
 `--dry_run` prints every command it would run, and runs none.
 """
@@ -23,6 +24,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from launcher import supervise  # pylint: disable=wrong-import-position
 from launcher.local import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
 
 _TPU = flags.DEFINE_string("tpu", None, "Name of the TPU VM (pod slice).", required=True)
@@ -32,6 +34,10 @@ _NUM_WORKERS = flags.DEFINE_integer(
     "num_workers", None, "Workers in the slice (default: asked of `gcloud ... describe`).")
 _INSTALL = flags.DEFINE_bool("install", True, "Copy the repository and pip install it with [tpu].")
 _LOG_DIR = flags.DEFINE_string("worker_logs", "tpu-logs", "Where each worker's output is kept.")
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", 0, "When a worker fails, stop the launcher on every worker and start the job "
+    "again (it resumes from its last checkpoint) up to this many times; a preemption (exit 75) "
+    "does not count, bad input (exit 2) never restarts.", lower_bound=0)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command instead of running it.")
 
 REMOTE_DIR = "~/launcher"
@@ -107,10 +113,13 @@ def main(argv):
     print(f"[pod] stopping the launcher on every worker: {shlex.join(plan['stop'][0])}", flush=True)
     subprocess.run(plan["stop"][0], check=False)
 
-  group = ProcessGroup(plan["workers"], log_dir=_LOG_DIR.value, name="worker", grace=10,
-                       on_stop=stop_every_worker)
-  group.stop_on_signals()
-  return group.wait()
+  def start_job() -> ProcessGroup:
+    return ProcessGroup(plan["workers"], log_dir=_LOG_DIR.value, name="worker", grace=10,
+                        on_stop=stop_every_worker)
+
+  # The workers' own logs name the step; this machine may have no access to the bucket.
+  return supervise.supervise(start_job, workdir=None, max_restarts=_MAX_RESTARTS.value,
+                             backoff_seconds=5.0, name="worker", prefix="[pod]")
 
 
 if __name__ == "__main__":
