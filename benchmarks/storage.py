@@ -39,8 +39,8 @@ def main():
       emulator.stop()
   print(f"\n| measurement | local disk | gs:// (emulator) | gs / local |\n| --- | ---: | ---: | ---: |")
   for row in rows:
-    print(f"| {row['name']} | {row['local']:.1f} ms | {row['gs']:.1f} ms | "
-          f"{row['gs'] / row['local']:.1f}x |")
+    print(f"| {row['name']} | {row['local']:.3g} ms | {row['gs']:.3g} ms | "
+          f"{row['gs'] / row['local']:.3g}x |")
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
   with open(args.output, "w") as f:
     json.dump({"repeats": args.repeats, "rows": rows}, f, indent=2)

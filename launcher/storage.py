@@ -33,7 +33,10 @@ TOKEN_NAME = ".workdir_token"
 
 def _configure_clients(environ=os.environ) -> None:
   """One GCS client everywhere (gcsfs, not TensorFlow's, which ignores emulators), and an
-  emulator reached with no credential lookups (no probe of a cloud metadata server)."""
+  emulator reached with no credential lookups (no probe of a cloud metadata server).
+
+  Runs at import and again for every path made, so that variables set after the import still
+  count: the clients read them when first used, which is after a path was made."""
   environ.setdefault("EPATH_USE_TF", "false")
   emulator = environ.get("STORAGE_EMULATOR_HOST") or environ.get("TENSORSTORE_GCS_HTTP_URL")
   if emulator:
@@ -57,6 +60,7 @@ def _emulated() -> bool:
 
 def path(location: str | os.PathLike) -> epath.Path:
   """`location` as a path of the one layer: a local path (made absolute) or `gs://bucket/...`."""
+  _configure_clients()
   location = os.fspath(location)
   if "://" in location:
     scheme = location.split("://", 1)[0]

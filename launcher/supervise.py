@@ -1,18 +1,24 @@
-"""Restarts a failed job from its last checkpoint: the supervisor of `launcher.local
---max_restarts` and `scripts/tpu/pod.py --max_restarts`. It talks to the job only through exit
-codes (launcher/errors.py) and the workdir (the last reported step, the last checkpoint).
+"""Runs a job's processes as one group and restarts a failed job from its last checkpoint: what
+`launcher.local` and `scripts/tpu/pod.py` (`--max_restarts`) share. It talks to the job only
+through exit codes (launcher/errors.py) and the workdir (the last reported step, the last
+checkpoint).
 """
 
+import ctypes
 import json
+import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
 from launcher import storage
-from launcher.errors import EXIT_PREEMPTED, EXIT_USAGE
+from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, UsageError
 
 MAX_BACKOFF_S = 60.0
+_PR_SET_PDEATHSIG = 1
 
 
 def describe_exit(code: int) -> str:
@@ -59,6 +65,105 @@ def last_checkpoint(workdir: str | None) -> int | None:
   return max(complete, default=None)
 
 
+def workdir_of(launcher_args: list[str]) -> str:
+  """The --workdir among the launcher's arguments (both `--workdir=X` and `--workdir X`)."""
+  for i, arg in enumerate(launcher_args):
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+    if arg == "--workdir" and i + 1 < len(launcher_args):
+      return launcher_args[i + 1]
+  raise UsageError("pass the launcher's arguments after --, including --workdir=DIR")
+
+
+def _die_with_parent():
+  """In the child before exec: the kernel kills it if the runner dies, even by SIGKILL."""
+  ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ProcessGroup:
+  """Processes that live and die together: their output pumped to per-process logs, the first
+  failure ends the rest. Also used by scripts/tpu/pod.py for the workers of a pod slice.
+
+  `first_failure` is (index, Popen return code) of the first process that failed, once one has.
+  """
+
+  def __init__(self, commands: list[list[str]], *, log_dir: str, name: str = "process",
+               envs: list[dict[str, str]] | None = None, grace: float = 30.0,
+               on_stop: Callable[[], None] | None = None):
+    self.grace, self._name, self._on_stop = grace, name, on_stop
+    os.makedirs(log_dir, exist_ok=True)
+    self.processes, self._pumps = [], []
+    self.first_failure = None
+    for i, command in enumerate(commands):
+      process = subprocess.Popen(
+          command, env=envs[i] if envs else None, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+          preexec_fn=_die_with_parent)
+      self.processes.append(process)
+      pump = threading.Thread(target=_pump, daemon=True, args=(
+          process.stdout, os.path.join(log_dir, f"{name}_{i}.log"), f"[{name} {i}] "))
+      pump.start()
+      self._pumps.append(pump)
+
+  def wait(self) -> int:
+    """Waits for every process; the first to fail ends the others. Returns the group's exit code."""
+    while True:
+      codes = [p.poll() for p in self.processes]
+      # Seen in one poll, a lost-peer exit is the others' reaction, not the cause.
+      failed = sorted(((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
+                      key=lambda failure: failure[1] == EXIT_PEER_LOST)
+      if failed:
+        self.first_failure = i, code = failed[0]
+        print(f"[local] {self._name} {i} {describe_exit(code)}: stopping the others",
+              flush=True)
+        # A preempted job saves and exits by itself; after a crash the rest cannot save (every
+        # save needs every process), so they get a short grace.
+        self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
+        return shell_code(code)
+      if all(c == 0 for c in codes):
+        self._drain()
+        return 0
+      time.sleep(0.1)
+
+  def stop(self, grace: float | None = None) -> None:
+    """SIGTERM to every process group still running, SIGKILL to any left after the grace period."""
+    for process in self.processes:
+      _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + (self.grace if grace is None else grace)
+    for process in self.processes:
+      try:
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pass
+    for process in self.processes:
+      _signal_group(process, signal.SIGKILL)
+      process.wait()
+    self._drain()
+    if self._on_stop:
+      self._on_stop()
+
+  def _drain(self):
+    for pump in self._pumps:
+      pump.join(timeout=5)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+  try:
+    os.killpg(process.pid, signum)
+  except ProcessLookupError:
+    pass
+
+
+def _pump(stream, log_path: str, prefix: str) -> None:
+  """Copies a process's output line by line to its log file and, prefixed, to our stdout."""
+  with open(log_path, "ab") as log:
+    for line in iter(stream.readline, b""):
+      log.write(line)
+      log.flush()
+      sys.stdout.buffer.write(prefix.encode() + line)
+      sys.stdout.buffer.flush()
+
+
 def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, max_restarts: int,
               backoff_seconds: float, name: str = "process", prefix: str = "[local]") -> int:
   """Runs the job until it succeeds; restarts it after a failure at most `max_restarts` times.
@@ -87,8 +192,9 @@ def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, m
       return 0
     process, raw = current["group"].first_failure
     step = last_step(workdir, process)
-    failure = (f"{name} {process} {describe_exit(raw)}"
-               f"{f' at step {step}' if step is not None else ' before its first step'}")
+    failure = f"{name} {process} {describe_exit(raw)}"
+    if workdir is not None:
+      failure += f" at step {step}" if step is not None else " before its first step"
     if code == EXIT_USAGE:
       print(f"{prefix} {failure}: bad input, which a restart cannot fix; not restarting",
             flush=True)

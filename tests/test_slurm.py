@@ -26,12 +26,12 @@ def slurm():
   subprocess.run([CLUSTER, "down"], capture_output=True, timeout=60, check=False)
 
 
-def sbatch(tmp_path, *launcher_args, wait=True):
+def sbatch(tmp_path, *launcher_args, wait=True, export=""):
   """Submits scripts/slurm/cpu.sbatch with 2 tasks; returns (job id, its output file)."""
   output = tmp_path / "slurm.out"
   result = subprocess.run(
       ["sbatch", "--parsable", *(["--wait"] if wait else []), f"--output={output}",
-       f"--export=ALL,LAUNCHER_PYTHON={sys.executable},DEVICES_PER_TASK=4",
+       f"--export=ALL,LAUNCHER_PYTHON={sys.executable},DEVICES_PER_TASK=4{export}",
        "scripts/slurm/cpu.sbatch", *launcher_args],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stdout + result.stderr + (
@@ -83,3 +83,19 @@ def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
   assert "requeue 1" in log
   assert log.count(f"resuming from the checkpoint of step {saved}") == 2
   assert max(losses_by_step(str(workdir))) == 400
+
+
+def test_a_failed_job_step_is_restarted_inside_the_allocation(slurm, tmp_path):
+  del slurm
+  workdir = tmp_path / "run"
+  _, output = sbatch(tmp_path, "--config=tests/hooked_config.py", f"--workdir={workdir}",
+                     "--config.num_steps=20", "--config.checkpoint_every_steps=10",
+                     "--config.fault=raise", "--config.fault_at_batch=14",
+                     "--config.fault_process=0", f"--config.fault_marker={tmp_path / 'failed'}",
+                     export=",MAX_RESTARTS=2")
+  log = output.read_text()
+  assert "RuntimeError: hooked workload: a fault at batch 14" in log, log[-3000:]
+  assert "restart 1/2 after the job step exited with" in log
+  assert "finished after 1 restart(s)" in log
+  assert log.count("resuming from the checkpoint of step 10") == 2
+  assert max(losses_by_step(str(workdir))) == 20

@@ -25,7 +25,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from launcher import supervise  # pylint: disable=wrong-import-position
-from launcher.local import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
+from launcher.errors import UsageError  # pylint: disable=wrong-import-position
+from launcher.supervise import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
 
 _TPU = flags.DEFINE_string("tpu", None, "Name of the TPU VM (pod slice).", required=True)
 _ZONE = flags.DEFINE_string("zone", None, "Its zone, e.g. us-central2-b.", required=True)
@@ -92,7 +93,10 @@ def main(argv):
     raise app.UsageError("pass the launcher's arguments after --, e.g. -- --config=configs/lm.py "
                          "--workdir=gs://bucket/run")
   num_workers = count_workers()
-  workdir = workdir_of(launcher_args)
+  try:
+    workdir = workdir_of(launcher_args)
+  except UsageError as e:
+    raise app.UsageError(str(e)) from None
   if num_workers > 1 and not workdir.startswith("gs://"):
     raise app.UsageError(
         f"--workdir={workdir} is a local path, but the workers of a {num_workers}-worker slice "
