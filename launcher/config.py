@@ -9,7 +9,7 @@ import ml_collections
 from launcher.errors import UsageError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-EXECUTORS = ("pmap", "shard_map")
+EXECUTORS = ("pmap", "shard_map", "fsdp")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "warmup_cosine")
 
@@ -23,7 +23,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.num_steps = 1000
   config.steps_per_call = 1  # K optimizer steps inside one compiled call (lax.scan).
   config.max_calls_in_flight = 2  # Dispatched calls not yet finished; CPU collectives need a bound.
-  config.parallel = "pmap"  # Or "shard_map": jit(shard_map) over a Mesh of every device.
+  config.parallel = "pmap"  # Or "shard_map" (jit(shard_map) over a Mesh), or "fsdp" (state sharded).
   config.grad_accum_steps = 1  # M microbatches per step (lax.scan), gradients averaged.
   config.compute_dtype = "float32"  # Or bfloat16 / float16 for the loss; params stay float32.
   config.compilation_cache_dir = ""  # "": ~/.cache/launcher/jax (XDG_CACHE_HOME); "none": off.

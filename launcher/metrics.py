@@ -171,6 +171,10 @@ class Reporter:
     self._last_step, self._last_time = first_step, time.time()
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
 
+  def first_report_also(self, **scalars) -> None:
+    """Adds `scalars` to the first report's row (facts of the run, such as the state's size)."""
+    self._first_step_scalars.update(scalars)
+
   def _record(self, event: str, at: float | None = None, **fields) -> None:
     """Appends one record to this host's file; `time` is when it happened (default: now)."""
     record = {"event": event, "time": time.time() if at is None else at, **fields}
@@ -191,7 +195,7 @@ class Reporter:
     since_process = seconds_since_process_start()
     logging.info("%s: time to first step %.2f s (%.2f s since the process started)",
                  self._process, since_run, since_process or float("nan"))
-    self._first_step_scalars = {"time_to_first_step_s": since_run}
+    self._first_step_scalars["time_to_first_step_s"] = since_run
     self._record("first_step", compile_s=since_run)
     self._data_wait_s = 0.0
 

@@ -1,21 +1,28 @@
-"""Runs a per-device function on every device of the job: `pmap`, or `jit` of `shard_map`.
+"""Runs a per-device function on every device of the job: `pmap`, `jit` of `shard_map`, or
+`fsdp` (the state sharded over the devices).
 
-Both executors take the same per-device step (axis name `batch`) and give the same results; they
+All executors take the same per-device loss (axis name `batch`) and give the same results; they
 differ in how state and batches live on the devices:
 
   pmap       state replicated as [local_devices, ...]; batches [local_devices, per_device, ...]
   shard_map  state as whole arrays on every device of a Mesh (NamedSharding, P()); batches as
              global arrays split on their batch axis; no host-local <-> global conversion per call
+  fsdp       as shard_map, but each state array split over the devices on one axis (ZeRO-3):
+             gathered whole for the loss, gradients and optimizer update kept per shard
 """
 
 import collections
+import functools
 import os
 
 import jax
 import numpy as np
 from flax import jax_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from launcher import step
+from launcher.state import TrainState
 from launcher.step import AXIS
 
 
@@ -32,6 +39,12 @@ class Pmap:
     """fn(replicated, replicated, batch) on every local device; `stacked`: batch is [K, ...]."""
     del stacked
     return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+
+  def map_train(self, *, steps_per_call: int, **step_kwargs):
+    """K train steps per call (step.train_call) on every device; the state argument is donated."""
+    return self.map(functools.partial(step.train_call, steps_per_call=steps_per_call,
+                                      **step_kwargs), stacked=steps_per_call > 1,
+                    donate_argnums=(0,))
 
   def replicate(self, tree):
     return jax_utils.replicate(tree)
@@ -86,6 +99,8 @@ class ShardMap:
                            out_specs=PartitionSpec(), check_vma=False)
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
+  map_train = Pmap.map_train
+
   def replicate(self, tree):
     """Whole arrays on every device of the job."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
@@ -106,9 +121,100 @@ class ShardMap:
     return tree
 
 
-def executor(name: str) -> Pmap | ShardMap:
-  """The executor named by `config.parallel`."""
+class Fsdp(ShardMap):
+  """Like ShardMap, but every state array is split over the devices on one axis (ZeRO-3), so a
+  device holds 1/N of the params and optimizer state; see step.sharded_train_call."""
+
+  def __init__(self, partition=None):
+    """`partition(params) -> PartitionSpecs` overrides `default_spec` for the params."""
+    super().__init__()
+    self._partition = partition
+    self._param_shardings = self._state_shardings = None
+
+  def shardings(self, tree):
+    """A NamedSharding per leaf (`default_spec`; the params of a TrainState by `partition`)."""
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(self.mesh, default_spec(np.shape(x), self.mesh.size)), tree)
+    if isinstance(tree, TrainState) and self._partition is not None:
+      specs = self._partition(tree.params)
+      shardings = shardings.replace(params=jax.tree.map(
+          lambda spec: NamedSharding(self.mesh, spec), specs,
+          is_leaf=lambda x: isinstance(x, PartitionSpec)))
+    return shardings
+
+  def replicate(self, tree):
+    """`tree` split over the devices (despite the name: the state is not copied whole)."""
+    shardings = self.shardings(tree)
+    if isinstance(tree, TrainState):
+      self._state_shardings, self._param_shardings = shardings, shardings.params
+    return jax.tree.map(
+        lambda x, sharding: jax.make_array_from_callback(
+            np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree, shardings)
+
+  def unreplicate(self, tree):
+    """Whole arrays: a replicated one from this process's first device, a sharded one gathered."""
+
+    def whole(x):
+      if x.sharding.is_fully_replicated:
+        return x.addressable_shards[0].data
+      return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(whole, tree)
+
+  def map_train(self, *, steps_per_call: int, **step_kwargs):
+    """K train steps per call over the sharded state (step.sharded_train_call); call after
+    `replicate(state)`, which fixes the state's sharding."""
+    if self._state_shardings is None:
+      raise RuntimeError("Fsdp.map_train needs the state's shardings: replicate(state) first")
+    call = functools.partial(step.sharded_train_call, steps_per_call=steps_per_call,
+                             mesh=self.mesh, param_shardings=self._param_shardings, **step_kwargs)
+    return jax.jit(call, donate_argnums=(0,), out_shardings=(self._state_shardings,
+                                                             self._replicated))
+
+
+def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:
+  """Split on the largest axis that divides by the device count (the first of equal ones);
+  replicated when none does."""
+  divisible = [axis for axis in range(len(shape)) if shape[axis] % device_count == 0
+               and shape[axis] >= device_count]
+  if not divisible:
+    return PartitionSpec()
+  axis = max(divisible, key=lambda a: (shape[a], -a))
+  return PartitionSpec(*([None] * axis), AXIS)
+
+
+def executor(name: str, partition=None) -> Pmap | ShardMap | Fsdp:
+  """The executor named by `config.parallel`; `partition(params)` is the workload's fsdp rule."""
+  if name == "fsdp":
+    return Fsdp(partition)
   return {"pmap": Pmap, "shard_map": ShardMap}[name]()
+
+
+def step_memory(mapped_fn, *args) -> dict[str, int]:
+  """Device memory of one call of `mapped_fn(*args)`: the platform's peak where it reports one
+  (GPU, TPU), else the compiled program's own estimate per device (arguments + outputs +
+  temporaries - donated buffers), for jitted calls only: lowering a pmap compiles it again
+  (8 s for lm tiny here), so under pmap on CPU nothing is reported."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return {"peak_bytes_per_device": int(stats["peak_bytes_in_use"])}
+  if not isinstance(mapped_fn, jax.stages.Wrapped) or not hasattr(mapped_fn, "trace"):
+    return {}
+  analysis = mapped_fn.lower(*args).compile().memory_analysis()
+  if analysis is None:
+    return {}
+  return {"step_memory_bytes_per_device": int(
+      analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
+      analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)}
+
+
+def state_bytes_per_device(tree) -> int:
+  """Bytes of `tree` on this process's fullest device."""
+  per_device = collections.Counter()
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      per_device[shard.device] += shard.data.nbytes
+  return max(per_device.values(), default=0)
 
 
 def job_replicated() -> NamedSharding:

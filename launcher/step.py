@@ -31,39 +31,58 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.Gra
   and optimizer state as they were, is counted in `state.skipped_steps`, and is left out of the
   metrics (the `mask` entry of the returned metrics).
   """
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+  (loss, metrics), grads = gradients(state.params, batch, device_rng(state.rng, state.step),
+                                     loss_fn=loss_fn,
+                                     grad_accum_steps=grad_accum_steps, compute_dtype=compute_dtype)
+  grads = lax.pmean(grads, AXIS)
+  return update(state, grads, {"loss": loss, **metrics}, tx=tx, schedule=schedule,
+                skip_nonfinite=skip_nonfinite, mean_loss=lambda: lax.pmean(loss, AXIS))
+
+
+def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """The key of step `step` on this device."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+
+
+def gradients(params: Any, batch: dict, rng: jax.Array, *, loss_fn: LossFn, grad_accum_steps: int = 1,
+              compute_dtype=None) -> tuple[tuple[jax.Array, dict], Any]:
+  """((loss, metrics), grads) of this device's shard, not yet averaged over devices."""
   grad_fn = jax.value_and_grad(_cast_loss(loss_fn, compute_dtype), has_aux=True)
   if grad_accum_steps == 1:
-    (loss, metrics), grads = grad_fn(state.params, batch, rng)
-  else:
-    microbatches = jax.tree.map(
-        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-        batch)
+    return grad_fn(params, batch, rng)
+  microbatches = jax.tree.map(
+      lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
 
-    def accumulate(sums, indexed_microbatch):
-      index, microbatch = indexed_microbatch
-      outputs = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, sums, outputs), None
+  def accumulate(sums, indexed_microbatch):
+    index, microbatch = indexed_microbatch
+    outputs = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, sums, outputs), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, jax.tree.map(
-        lambda x: x[0], microbatches), rng))
-    sums, _ = lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches))
-    (loss, metrics), grads = jax.tree.map(lambda x: x / grad_accum_steps, sums)
-  grads = lax.pmean(grads, AXIS)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
+      lambda x: x[0], microbatches), rng))
+  sums, _ = lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches))
+  return jax.tree.map(lambda x: x / grad_accum_steps, sums)
+
+
+def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTransformation,
+           schedule: optax.Schedule, skip_nonfinite: bool,
+           mean_loss: Callable[[], jax.Array]) -> tuple[TrainState, dict]:
+  """The optimizer step from gradients averaged over every device (whole or sharded arrays)."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), **metrics}
+  metrics = {"loss": metrics["loss"], "grad_norm": grad_norm,
+             "learning_rate": schedule(state.step), **metrics}
   if not skip_nonfinite:
     return new_state, metrics
-  finite = jnp.isfinite(lax.pmean(loss, AXIS)) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(mean_loss()) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = new_state.replace(params=keep(new_state.params, state.params),
                                 opt_state=keep(new_state.opt_state, state.opt_state),
                                 skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {name: jnp.where(finite, value, 0.0) for name, value in metrics.items()}
-  return new_state, {**metrics, "mask": finite[None]}
+  return new_state, {**metrics, "mask": jnp.broadcast_to(finite, jnp.shape(metrics["loss"]) or (1,))}
 
 
 def _cast_loss(loss_fn: LossFn, compute_dtype) -> LossFn:
@@ -91,6 +110,46 @@ def train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict
     state, step_metrics = train_step(state, batch, **step_kwargs)
     return (state, metrics.merge(type(metrics).gather_from_model_output(axis_name=AXIS,
                                                                           **step_metrics))), None
+
+  if steps_per_call == 1:
+    return one_step((state, metrics), batches)[0]
+  return lax.scan(one_step, (state, metrics), batches)[0]
+
+
+def sharded_train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict, *,
+                       steps_per_call: int, mesh: jax.sharding.Mesh, param_shardings: Any,
+                       loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                       grad_accum_steps: int = 1, compute_dtype=None,
+                       skip_nonfinite: bool = False) -> tuple[TrainState, clu_metrics.Collection]:
+  """`train_call` over the job's global arrays, for a state sharded over the devices (fsdp).
+
+  Per step: the params are gathered whole for the workload's loss on each device's shard of the
+  batch (a shard_map, as under the other executors); the averaged gradients are constrained to
+  the params' sharding, so each device keeps its own part; the optimizer update runs on the
+  shards (XLA partitions it; the global gradient norm spans every shard).
+  """
+
+  def per_device(params, rng, step_number, batch):
+    (loss, values), grads = gradients(params, batch, device_rng(rng, step_number), loss_fn=loss_fn,
+                                      grad_accum_steps=grad_accum_steps,
+                                      compute_dtype=compute_dtype)
+    return lax.pmean(grads, AXIS), jax.tree.map(lambda v: v[None], {"loss": loss, **values})
+
+  spec = jax.sharding.PartitionSpec
+  device_gradients = jax.shard_map(per_device, mesh=mesh,
+                                   in_specs=(spec(), spec(), spec(), spec(AXIS)),
+                                   out_specs=(spec(), spec(AXIS)), check_vma=False)
+
+  def one_step(carry, batch):
+    state, metrics = carry
+    grads, values = device_gradients(state.params, state.rng, state.step, batch)
+    grads = lax.with_sharding_constraint(grads, param_shardings)
+    state, step_metrics = update(state, grads, values, tx=tx, schedule=schedule,
+                                 skip_nonfinite=skip_nonfinite,
+                                 mean_loss=lambda: jnp.mean(values["loss"]))
+    per_device_values = {name: jnp.broadcast_to(value, values["loss"].shape)
+                         for name, value in step_metrics.items()}
+    return (state, metrics.merge(type(metrics).single_from_model_output(**per_device_values))), None
 
   if steps_per_call == 1:
     return one_step((state, metrics), batches)[0]

@@ -34,7 +34,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                              jax.local_device_count(), config.grad_accum_steps)
   storage.check_workdir(workdir, layout.process_index, layout.process_count)
 
-  executor = parallel.executor(config.parallel)
+  partition = getattr(workload, "partition", None)
+  executor = parallel.executor(config.parallel,
+                               functools.partial(partition, config) if partition else None)
   parallel.enable_compilation_cache(config.compilation_cache_dir)
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
@@ -64,13 +66,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
                layout.process_count, layout.local_device_count, layout.per_device_batch_size)
 
-  train_call = executor.map(
-      functools.partial(step.train_call, steps_per_call=k, loss_fn=loss_fn, tx=tx,
-                        schedule=state_lib.schedule(config),
-                        grad_accum_steps=config.grad_accum_steps,
-                        compute_dtype=config_lib.compute_dtype(config),
-                        skip_nonfinite=config.skip_nonfinite_steps),
-      stacked=k > 1, donate_argnums=(0,))
   eval_call = executor.map(functools.partial(step.eval_step, loss_fn=loss_fn))
   train_batches = data.train_batches(host_batches, host_batch_size=layout.host_batch_size,
                                      steps_per_call=k, put=executor.put)
@@ -106,6 +101,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return {f"eval_{name}": value for name, value in computed.items()}
 
   replicated_state = executor.replicate(state)
+  train_call = executor.map_train(
+      steps_per_call=k, loss_fn=loss_fn, tx=tx, schedule=state_lib.schedule(config),
+      grad_accum_steps=config.grad_accum_steps, compute_dtype=config_lib.compute_dtype(config),
+      skip_nonfinite=config.skip_nonfinite_steps)
+  state_bytes = parallel.state_bytes_per_device(replicated_state)
+  logging.info("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20,
+               config.parallel)
+  reporter.first_report_also(state_bytes_per_device=state_bytes)
   no_train_metrics = executor.replicate(step.empty_metrics(
       [*step.TRAIN_METRICS, *workload_metric_names]))
   train_metrics = no_train_metrics
@@ -125,6 +128,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         if last_step == first_step + k:
           jax.block_until_ready(train_metrics)
           reporter.first_step_done()
+          reporter.first_report_also(**parallel.step_memory(
+              train_call, replicated_state, train_metrics, batches))
         watchdog.completed(last_step - k)
         reporter.after_steps(last_step - k + 1, last_step)
         preempted = preemption.reached(last_step // k)

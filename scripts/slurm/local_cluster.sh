@@ -72,7 +72,8 @@ up() {
   chown -R munge:munge /run/munge 2>/dev/null || true
   [[ -f /etc/munge/munge.key ]] || mungekey --create
   munged --force --pid-file="$STATE/munged.pid" 2>>"$STATE/munged.log"
-  slurmctld -i -f "$CONF" >>"$STATE/slurmctld.out" 2>&1
+  # -c: start with no jobs: a job left queued by an interrupted earlier run would hold the node.
+  slurmctld -c -i -f "$CONF" >>"$STATE/slurmctld.out" 2>&1
   slurmd -f "$CONF" -N localhost >>"$STATE/slurmd.out" 2>&1
   for _ in $(seq 1 60); do
     if sinfo -h -o "%T" 2>/dev/null | grep -qx "idle"; then

@@ -1,0 +1,117 @@
+"""config.parallel=fsdp: the state sharded over every device gives pmap's results, holds 1/N of
+the bytes per device, and its checkpoints continue under any executor and device count."""
+
+import os
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from launcher import parallel, train
+from tests.helpers import (assert_close, finish, launcher_command, load_config, load_params,
+                           losses_by_step, read_metrics, start)
+
+RUNS = {  # Each workload for a few steps, a report every step.
+    "linear": ("linear", None, {}),
+    "classifier": ("classifier", None, {}),
+    "lm": ("lm", "tiny", {}),
+    "lm, K=2, 2 microbatches, bfloat16": ("lm", "tiny", {"steps_per_call": 2,
+                                                          "grad_accum_steps": 2,
+                                                          "compute_dtype": "bfloat16"}),
+    "classifier, skip_nonfinite": ("classifier", None, {"skip_nonfinite_steps": True}),
+}
+COMMON = {"num_steps": 4, "log_every_steps": 1, "eval_every_steps": 4, "eval_batches": 2,
+          "schedule": "constant", "checkpoint_every_steps": 0}
+
+
+def run(name, arg, workdir, **overrides):
+  config = load_config(name, arg, **{**COMMON, **overrides})
+  if config.steps_per_call == 2:
+    config.log_every_steps = 2
+  return config, train.run(config, str(workdir)), read_metrics(str(workdir))
+
+
+@pytest.mark.parametrize("case", RUNS)
+def test_fsdp_gives_pmaps_results(case, tmp_path):
+  name, arg, overrides = RUNS[case]
+  config, pmap_state, pmap_rows = run(name, arg, tmp_path / "pmap", parallel="pmap", **overrides)
+  _, fsdp_state, fsdp_rows = run(name, arg, tmp_path / "fsdp", parallel="fsdp", **overrides)
+  assert_close(config, fsdp_state.params, pmap_state.params)
+  for key in ("loss", "grad_norm", "eval_loss"):
+    assert [r[key] for r in fsdp_rows if key in r] == pytest.approx(
+        [r[key] for r in pmap_rows if key in r], rel=1e-4), key
+  assert int(fsdp_state.step) == 4
+
+
+def test_lm_state_per_device_is_an_eighth_under_fsdp(tmp_path):
+  _, _, pmap_rows = run("lm", "tiny", tmp_path / "pmap", parallel="pmap")
+  _, _, fsdp_rows = run("lm", "tiny", tmp_path / "fsdp", parallel="fsdp")
+  replicated, sharded = pmap_rows[0]["state_bytes_per_device"], fsdp_rows[0]["state_bytes_per_device"]
+  assert sharded <= 0.2 * replicated
+  assert sharded == pytest.approx(replicated / 8, rel=0.01)  # By hand: every lm array divides.
+  assert "state_bytes_per_device" not in pmap_rows[1]
+
+
+def test_default_rule_splits_the_largest_divisible_axis():
+  assert parallel.default_spec((64, 256), 8) == P(None, "batch")
+  assert parallel.default_spec((256, 64), 8) == P("batch")
+  assert parallel.default_spec((12, 16), 8) == P(None, "batch")
+  assert parallel.default_spec((3, 5), 8) == P()
+  assert parallel.default_spec((), 8) == P()
+  assert parallel.default_spec((4,), 8) == P()
+
+
+def test_a_workloads_partition_overrides_the_rule(tmp_path, monkeypatch):
+  from workloads import classifier  # pylint: disable=import-outside-toplevel
+  module = types.ModuleType("partitioned_classifier")
+  module.__dict__.update({name: getattr(classifier, name) for name in ("init", "loss", "dataset")})
+  module.partition = lambda config, params: jax.tree.map(lambda _: P(), params)
+  monkeypatch.setitem(sys.modules, "partitioned_classifier", module)
+  config = load_config("classifier", **{**COMMON, "workload": "partitioned_classifier",
+                                        "parallel": "fsdp"})
+  executor = parallel.executor("fsdp", lambda params: module.partition(config, params))
+  from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
+  state = state_lib.create(config, module.init, state_lib.optimizer(config))
+  placed = executor.replicate(state)
+  assert all(x.sharding.spec == P() for x in jax.tree.leaves(placed.params))
+  assert any(x.sharding.spec == P("batch") for x in jax.tree.leaves(placed.opt_state))
+  rows = run("classifier", None, tmp_path / "run", workload="partitioned_classifier",
+             parallel="fsdp")[2]
+  _, _, plain = run("classifier", None, tmp_path / "plain", parallel="fsdp")
+  assert rows[0]["state_bytes_per_device"] > plain[0]["state_bytes_per_device"]
+
+
+CONFIG = "--config=tests/hooked_config.py"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted 40-step pmap run, 1 process x 8 devices."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  process = start(launcher_command(CONFIG, f"--workdir={workdir}"), f"{workdir}.log")
+  assert finish(process, 180) == 0, open(f"{workdir}.log").read()[-3000:]
+  return str(workdir)
+
+
+@pytest.mark.parametrize("first, then", [
+    ("fsdp 1x8", "pmap 1x8"), ("pmap 1x8", "fsdp 1x8"), ("fsdp 1x8", "fsdp 1x4"),
+    ("fsdp 2x4", "pmap 1x8")])
+def test_a_run_saved_under_one_executor_continues_under_another(first, then, straight, tmp_path):
+  workdir = tmp_path / "run"
+  for stage, (executor, layout) in enumerate(part.split() for part in (first, then)):
+    num_processes, devices = map(int, layout.split("x"))
+    steps = 20 if stage == 0 else 40
+    log = tmp_path / f"stage{stage}.log"
+    process = start(launcher_command(CONFIG, f"--workdir={workdir}", f"--config.parallel={executor}",
+                                     f"--config.num_steps={steps}", num_processes=num_processes,
+                                     devices=devices), log, devices=devices)
+    assert finish(process, 240) == 0, open(log).read()[-3000:]
+  assert "resuming from the checkpoint of step 20" in open(tmp_path / "stage1.log").read()
+  config = load_config("../tests/hooked_config")
+  assert_close(config, load_params(str(workdir), 40), load_params(straight, 40))
+  resumed, uninterrupted = losses_by_step(str(workdir)), losses_by_step(straight)
+  assert list(resumed) == list(range(1, 41))
+  assert [resumed[s] for s in resumed] == pytest.approx([uninterrupted[s] for s in resumed], rel=1e-4)
