@@ -167,7 +167,9 @@ class Fsdp(ShardMap):
     if self._state_shardings is None:
       raise RuntimeError("Fsdp.map_train needs the state's shardings: replicate(state) first")
     call = functools.partial(step.sharded_train_call, steps_per_call=steps_per_call,
-                             mesh=self.mesh, param_shardings=self._param_shardings, **step_kwargs)
+                             mesh=self.mesh, param_specs=jax.tree.map(
+                                 lambda sharding: sharding.spec, self._param_shardings),
+                             **step_kwargs)
     return jax.jit(call, donate_argnums=(0,), out_shardings=(self._state_shardings,
                                                              self._replicated))
 

@@ -117,15 +117,15 @@ def train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict
 
 
 def sharded_train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict, *,
-                       steps_per_call: int, mesh: jax.sharding.Mesh, param_shardings: Any,
+                       steps_per_call: int, mesh: jax.sharding.Mesh, param_specs: Any,
                        loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                        grad_accum_steps: int = 1, compute_dtype=None,
                        skip_nonfinite: bool = False) -> tuple[TrainState, clu_metrics.Collection]:
   """`train_call` over the job's global arrays, for a state sharded over the devices (fsdp).
 
   Per step: the params are gathered whole for the workload's loss on each device's shard of the
-  batch (a shard_map, as under the other executors); the averaged gradients are constrained to
-  the params' sharding, so each device keeps its own part; the optimizer update runs on the
+  batch (a shard_map, as under the other executors); the gradients are reduce-scattered, so each
+  device gets the average of its own part (`param_specs`); the optimizer update runs on the
   shards (XLA partitions it; the global gradient norm spans every shard).
   """
 
@@ -133,17 +133,17 @@ def sharded_train_call(state: TrainState, metrics: clu_metrics.Collection, batch
     (loss, values), grads = gradients(params, batch, device_rng(rng, step_number), loss_fn=loss_fn,
                                       grad_accum_steps=grad_accum_steps,
                                       compute_dtype=compute_dtype)
-    return lax.pmean(grads, AXIS), jax.tree.map(lambda v: v[None], {"loss": loss, **values})
+    return (jax.tree.map(_average_to_shard, grads, param_specs),
+            jax.tree.map(lambda v: v[None], {"loss": loss, **values}))
 
   spec = jax.sharding.PartitionSpec
   device_gradients = jax.shard_map(per_device, mesh=mesh,
                                    in_specs=(spec(), spec(), spec(), spec(AXIS)),
-                                   out_specs=(spec(), spec(AXIS)), check_vma=False)
+                                   out_specs=(param_specs, spec(AXIS)), check_vma=False)
 
   def one_step(carry, batch):
     state, metrics = carry
     grads, values = device_gradients(state.params, state.rng, state.step, batch)
-    grads = lax.with_sharding_constraint(grads, param_shardings)
     state, step_metrics = update(state, grads, values, tx=tx, schedule=schedule,
                                  skip_nonfinite=skip_nonfinite,
                                  mean_loss=lambda: jnp.mean(values["loss"]))
@@ -154,6 +154,14 @@ def sharded_train_call(state: TrainState, metrics: clu_metrics.Collection, batch
   if steps_per_call == 1:
     return one_step((state, metrics), batches)[0]
   return lax.scan(one_step, (state, metrics), batches)[0]
+
+
+def _average_to_shard(grad: jax.Array, spec: jax.sharding.PartitionSpec) -> jax.Array:
+  """The device average of `grad`, of which this device keeps the part `spec` gives it."""
+  axes = [axis for axis, name in enumerate(spec) if name == AXIS]
+  if not axes:
+    return lax.pmean(grad, AXIS)
+  return lax.psum_scatter(grad, AXIS, scatter_dimension=axes[0], tiled=True) / lax.axis_size(AXIS)
 
 
 def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
