@@ -37,7 +37,7 @@ def main():
       rows = measure(args.repeats, os.path.join(tmp, "local"), "gs://bench/run")
     finally:
       emulator.stop()
-  print(f"\n| measurement | local disk | gs:// (emulator) | gs / local |\n| --- | ---: | ---: | ---: |")
+  print("\n| measurement | local disk | gs:// (emulator) | gs / local |\n| --- | ---: | ---: | ---: |")
   for row in rows:
     print(f"| {row['name']} | {row['local']:.3g} ms | {row['gs']:.3g} ms | "
           f"{row['gs'] / row['local']:.3g}x |")

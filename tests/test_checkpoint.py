@@ -30,17 +30,6 @@ def run_to_end(workdir, layout, *overrides, timeout=180):
   return finish(process, timeout)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The uninterrupted 40-step run of each layout, made once."""
-  runs = {}
-  for layout in LAYOUTS:
-    workdir = str(tmp_path_factory.mktemp("straight") / layout)
-    assert run_to_end(workdir, layout) == 0, open(f"{workdir}.log").read()[-3000:]
-    runs[layout] = workdir
-  return runs
-
-
 def complete_checkpoints(workdir):
   return sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, "checkpoints", "*"))
                 if os.path.basename(d).isdigit())
@@ -84,7 +73,7 @@ def test_sigkill_after_a_checkpoint_then_restart_continues_exactly(layout, strai
 
   assert run_to_end(workdir, layout) == 0, open(f"{workdir}.log").read()[-3000:]
   assert "resuming from the checkpoint of step 20" in open(f"{workdir}.log").read()
-  assert_same_run(workdir, straight[layout], from_step=20)
+  assert_same_run(workdir, straight(layout), from_step=20)
 
 
 @pytest.mark.parametrize("layout, signum", [("1x8", signal.SIGTERM), ("2x4", signal.SIGUSR1)])
@@ -110,7 +99,7 @@ def test_preemption_notice_saves_at_one_step_and_loses_none(layout, signum, stra
     assert log.count("stopped on a preemption notice") == num_processes
 
   assert run_to_end(workdir, layout) == 0, open(f"{workdir}.log").read()[-3000:]
-  assert_same_run(workdir, straight[layout], from_step=last_reported)
+  assert_same_run(workdir, straight(layout), from_step=last_reported)
 
 
 def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):

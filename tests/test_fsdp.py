@@ -1,12 +1,10 @@
 """config.parallel=fsdp: the state sharded over every device gives pmap's results, holds 1/N of
 the bytes per device, and its checkpoints continue under any executor and device count."""
 
-import os
 import sys
 import types
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -87,15 +85,6 @@ def test_a_workloads_partition_overrides_the_rule(tmp_path, monkeypatch):
 CONFIG = "--config=tests/hooked_config.py"
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The uninterrupted 40-step pmap run, 1 process x 8 devices."""
-  workdir = tmp_path_factory.mktemp("straight") / "run"
-  process = start(launcher_command(CONFIG, f"--workdir={workdir}"), f"{workdir}.log")
-  assert finish(process, 180) == 0, open(f"{workdir}.log").read()[-3000:]
-  return str(workdir)
-
-
 @pytest.mark.parametrize("first, then", [
     ("fsdp 1x8", "pmap 1x8"), ("pmap 1x8", "fsdp 1x8"), ("fsdp 1x8", "fsdp 1x4"),
     ("fsdp 2x4", "pmap 1x8")])
@@ -111,7 +100,7 @@ def test_a_run_saved_under_one_executor_continues_under_another(first, then, str
     assert finish(process, 240) == 0, open(log).read()[-3000:]
   assert "resuming from the checkpoint of step 20" in open(tmp_path / "stage1.log").read()
   config = load_config("../tests/hooked_config")
-  assert_close(config, load_params(str(workdir), 40), load_params(straight, 40))
-  resumed, uninterrupted = losses_by_step(str(workdir)), losses_by_step(straight)
+  assert_close(config, load_params(str(workdir), 40), load_params(straight("1x8"), 40))
+  resumed, uninterrupted = losses_by_step(str(workdir)), losses_by_step(straight("1x8"))
   assert list(resumed) == list(range(1, 41))
   assert [resumed[s] for s in resumed] == pytest.approx([uninterrupted[s] for s in resumed], rel=1e-4)

@@ -8,7 +8,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from launcher.errors import EXIT_PEER_LOST, EXIT_STUCK, EXIT_USAGE
 from launcher.local import free_port, process_env
@@ -32,15 +31,6 @@ def log_of(path) -> str:
 def children(pid: int) -> list[int]:
   return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
                                          text=True).stdout.split()]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The uninterrupted 40-step run as 2 processes x 4 devices."""
-  workdir = tmp_path_factory.mktemp("straight") / "run"
-  process = start(supervised(f"--workdir={workdir}", max_restarts=0), f"{workdir}.log", devices=4)
-  assert finish(process, 180) == 0, log_of(f"{workdir}.log")[-3000:]
-  return str(workdir)
 
 
 def assert_same_run(workdir, reference):
@@ -67,7 +57,7 @@ def test_a_process_killed_outright_is_restarted_and_the_job_finishes_exactly(str
   assert "; resuming from checkpoint 20" in text
   assert "[local] the job finished after 1 restart(s)" in text
   assert text.count("resuming from the checkpoint of step 20") == 2
-  assert_same_run(str(workdir), straight)
+  assert_same_run(str(workdir), straight("2x4"))
   print(f"kill -9 noticed and the restart begun {detected_s:.1f} s after the kill")
 
 
@@ -85,7 +75,7 @@ def test_a_stuck_process_is_noticed_shows_where_and_the_restart_finishes(straigh
   assert "in _block_forever" in process_1 and "hooked_workload.py" in process_1
   assert f"exited with {EXIT_STUCK}" in text and "[local] restart 1/1 after process" in text
   assert "; resuming from checkpoint 20" in text
-  assert_same_run(str(workdir), straight)
+  assert_same_run(str(workdir), straight("2x4"))
 
 
 def test_a_job_that_fails_every_time_stops_after_its_restarts(tmp_path):

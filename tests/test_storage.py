@@ -31,15 +31,6 @@ def gcs(tmp_path_factory):
   emulator.stop()
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The uninterrupted 40-step run on one process of 8 devices, on local disk."""
-  workdir = tmp_path_factory.mktemp("straight") / "run"
-  process = start(launcher_command(CONFIG, f"--workdir={workdir}"), f"{workdir}.log")
-  assert finish(process, 180) == 0, open(f"{workdir}.log").read()[-3000:]
-  return str(workdir)
-
-
 def scalars(events_file, tag: str) -> dict[int, float]:
   """The values of `tag` by step in one TensorBoard event file, as TensorBoard reads them."""
   return {event.step: float(tensor_util.make_ndarray(value.tensor))
@@ -66,9 +57,9 @@ def test_a_gs_run_survives_kill_9_and_continues_exactly(gcs, straight, tmp_path)
   assert finish(start(launcher_command(*args), log, env=gcs.env), 180) == 0, log_of(log)[-3000:]
   assert "resuming from the checkpoint of step 20" in log_of(log)
   for a, b in zip(jax.tree.leaves(load_params(str(mirror), 40)),
-                  jax.tree.leaves(load_params(straight, 40))):
+                  jax.tree.leaves(load_params(straight("1x8"), 40))):
     assert (a == b).all()
-  resumed, uninterrupted = losses_by_step(str(mirror)), losses_by_step(straight)
+  resumed, uninterrupted = losses_by_step(str(mirror)), losses_by_step(straight("1x8"))
   assert [resumed[s] for s in range(21, 41)] == [uninterrupted[s] for s in range(21, 41)]
 
   # Every file of the run is in the bucket; nothing landed on the local disk.
@@ -114,8 +105,8 @@ def test_two_processes_share_a_gs_workdir_and_save_on_preemption(gcs, straight, 
   restart = launcher_command(*args, num_processes=2, devices=4)
   assert finish(start(restart, log, devices=4, env=gcs.env), 180) == 0, log_of(log)[-3000:]
   config = load_config("../tests/hooked_config")
-  assert_close(config, load_params(str(mirror), 40), load_params(straight, 40))
-  two, one = losses_by_step(str(mirror)), losses_by_step(straight)
+  assert_close(config, load_params(str(mirror), 40), load_params(straight("1x8"), 40))
+  two, one = losses_by_step(str(mirror)), losses_by_step(straight("1x8"))
   assert list(two) == list(range(1, 41))
   assert [two[s] for s in two] == pytest.approx([one[s] for s in one], rel=1e-4)
   hosts = {p.name for p in (mirror / "hosts").iterdir()}
