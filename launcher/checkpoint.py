@@ -84,6 +84,20 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract(like))))
     return to_local(restored.state)
 
+  def check_data_position(self, step: int, **expected) -> None:
+    """Refuses a resume whose data order would differ from the saved run's: batch t is a function
+    of (seed, global batch size, t), so a change to either would silently change the run."""
+    saved = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    config_key = {"seed": "seed", "global_batch_size": "batch_size"}
+    for name, value in expected.items():
+      if name in saved and saved[name] != value:
+        key = config_key[name]
+        raise UsageError(
+            f"the checkpoint of step {step} in {self.directory} was trained with "
+            f"config.{key}={saved[name]}, this run has config.{key}={value}: the data order "
+            f"depends on it, so resuming would silently change the run. Keep "
+            f"--config.{key}={saved[name]} to resume, or start a new run with another --workdir")
+
   def wait(self) -> None:
     """Blocks until every started save is committed."""
     self._manager.wait_until_finished()

@@ -35,13 +35,16 @@ def detect(*, coordinator_address: str | None = None, num_processes: int | None 
   """The multi-process job this process belongs to, or None when it runs alone."""
   slurm = _slurm_step(environ)
   scheduler_count = (slurm or {}).get("num_processes") or _int(environ, "OMPI_COMM_WORLD_SIZE")
-  if coordinator_address or num_processes or process_id is not None:
+  if coordinator_address or num_processes is not None or process_id is not None:
     missing = [name for name, value in (("--coordinator_address", coordinator_address),
                                          ("--num_processes", num_processes),
                                          ("--process_id", process_id)) if value is None]
     if missing:
       raise UsageError(f"a multi-process job given by flags needs all of --coordinator_address, "
                        f"--num_processes and --process_id; missing: {', '.join(missing)}")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise UsageError(f"--num_processes={num_processes} --process_id={process_id}: a job has at "
+                       "least one process, and --process_id counts from 0 to --num_processes-1")
     _agree(num_processes, "--num_processes", scheduler_count)
     job = Job("flags", coordinator_address, num_processes, process_id, local_device_ids)
   elif slurm:

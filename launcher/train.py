@@ -43,6 +43,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   state = state_lib.create(config, workload.init, tx)
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   if checkpoints.latest_step() is not None:
+    checkpoints.check_data_position(checkpoints.latest_step(), seed=config.seed,
+                                    global_batch_size=layout.global_batch_size)
     state = checkpoints.restore(checkpoints.latest_step(), like=state)
     logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
   elif config.restore_from:

@@ -164,3 +164,21 @@ def test_restore_from_another_run_and_mismatches_named(tmp_path):
     train.run(load_config("../tests/hooked_config", hidden_sizes=(32,)), first)
   assert os.listdir(os.path.join(first, "checkpoints")) == before
   assert open(os.path.join(first, "config.json")).read() == saved_config
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"seed": 1}, r"was trained with config.seed=0, this run has config.seed=1: the data order "
+                  r"depends on it, so resuming would silently change the run. Keep "
+                  r"--config.seed=0 to resume, or start a new run with another --workdir"),
+    ({"batch_size": 128}, r"was trained with config.batch_size=64, this run has "
+                          r"config.batch_size=128"),
+])
+def test_a_resume_that_would_change_the_data_order_is_refused(override, message, tmp_path):
+  train.run(load_config("../tests/hooked_config", num_steps=20, log_every_steps=20), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  saved_config = (tmp_path / "config.json").read_text()
+  with pytest.raises(UsageError, match=message):
+    train.run(load_config("../tests/hooked_config", num_steps=40, **override), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert (tmp_path / "config.json").read_text() == saved_config
+  assert len(read_metrics(str(tmp_path))) == 1

@@ -24,6 +24,17 @@ def test_flags_must_come_together():
     cluster.detect(num_processes=2, environ={})
 
 
+@pytest.mark.parametrize("num_processes, process_id", [(0, 0), (2, 2), (2, -1)])
+def test_a_job_shape_given_by_flags_must_make_sense(num_processes, process_id):
+  with pytest.raises(UsageError, match=f"--num_processes={num_processes} --process_id="
+                     f"{process_id}: a job has at least one process, and --process_id counts "
+                     "from 0 to --num_processes-1"):
+    cluster.detect(coordinator_address="10.0.0.1:1234", num_processes=num_processes,
+                   process_id=process_id, environ={})
+  with pytest.raises(UsageError, match="missing: --coordinator_address, --process_id"):
+    cluster.detect(num_processes=0, environ={})  # 0 is a value given, not "no flag".
+
+
 def test_jax_environment():
   job = cluster.detect(environ={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:5000",
                                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
