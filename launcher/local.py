@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from launcher import supervise
+from launcher import storage, supervise
 from launcher.errors import UsageError
 from launcher.supervise import ProcessGroup, workdir_of
 
@@ -67,9 +67,10 @@ def main(argv):
   num_processes, devices = _NUM_PROCESSES.value, _DEVICES.value
   try:
     workdir = workdir_of(launcher_args)
+    log_dir = _LOG_DIR.value or ("logs" if storage.is_remote(storage.path(workdir))
+                                  else os.path.join(workdir, "logs"))
   except UsageError as e:
     raise app.UsageError(str(e)) from None
-  log_dir = _LOG_DIR.value or ("logs" if "://" in workdir else os.path.join(workdir, "logs"))
 
   def start_job() -> ProcessGroup:
     port = free_port()  # A fresh coordinator for every start.

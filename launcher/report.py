@@ -24,21 +24,10 @@ GOODPUT_PARTS = ("startup", "compile", "productive steps", "waiting for data",
                  "other (final eval and saves, shutdown)")
 
 
-def read_jsonl(path: epath.Path) -> list[dict]:
-  """The rows of a JSON-lines file; none when it does not exist yet."""
-  rows = []
-  for line in (storage.read_text(path) or "").splitlines():
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:  # A line being written right now.
-      pass
-  return rows
-
-
 def host_records(workdir: epath.Path) -> dict[int, list[dict]]:
   hosts = workdir / "hosts"
   paths = hosts.glob("process_*.jsonl") if hosts.exists() else []
-  return {int(p.stem.rsplit("_", 1)[1]): read_jsonl(p) for p in sorted(paths)}
+  return {int(p.stem.rsplit("_", 1)[1]): storage.read_jsonl(p) for p in sorted(paths)}
 
 
 def segments(records: list[dict]) -> list[list[dict]]:
@@ -179,7 +168,7 @@ def build(location: str) -> str:
   workdir = storage.path(location)
   out = workdir / "report"
   with storage.clear_errors(workdir, "read"):
-    metrics = read_jsonl(workdir / "metrics.jsonl")
+    metrics = storage.read_jsonl(workdir / "metrics.jsonl")
     records = host_records(workdir)
   if not records:
     raise SystemExit(f"error: {workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")

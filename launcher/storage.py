@@ -13,6 +13,7 @@ its last flush after a kill -9 and a flush costs the new bytes, never the whole 
 
 import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -133,6 +134,18 @@ def write_bytes(p: epath.Path, data: bytes) -> None:
   partial = p.parent / f".{p.name}.{uuid.uuid4().hex}.tmp"
   partial.write_bytes(data)
   os.replace(partial, p)
+
+
+def read_jsonl(p: epath.Path) -> list[dict]:
+  """The rows of a JSON-lines file (none when it does not exist yet; a line being written is
+  skipped)."""
+  rows = []
+  for line in (read_text(p) or "").splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
+  return rows
 
 
 def read_text(p: epath.Path) -> str | None:

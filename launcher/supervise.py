@@ -5,7 +5,6 @@ checkpoint).
 """
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -36,16 +35,10 @@ def last_step(workdir: str | None, process: int) -> int | None:
   if workdir is None:
     return None
   try:
-    text = storage.read_text(storage.path(workdir) / "hosts" / f"process_{process}.jsonl")
+    records = storage.read_jsonl(storage.path(workdir) / "hosts" / f"process_{process}.jsonl")
   except Exception:  # pylint: disable=broad-except  # Only for a log line.
     return None
-  steps = []
-  for line in (text or "").splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    steps.append(record.get("step", record.get("first_step")))
+  steps = [r.get("step", r.get("first_step")) for r in records]
   steps = [s for s in steps if s is not None]
   return steps[-1] if steps else None
 

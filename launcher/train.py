@@ -42,10 +42,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   tx = state_lib.optimizer(config)
   state = state_lib.create(config, workload.init, tx)
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-  if checkpoints.latest_step() is not None:
-    checkpoints.check_data_position(checkpoints.latest_step(), seed=config.seed,
+  resume_step = checkpoints.latest_step()
+  if resume_step is not None:
+    checkpoints.check_data_position(resume_step, seed=config.seed,
                                     global_batch_size=layout.global_batch_size)
-    state = checkpoints.restore(checkpoints.latest_step(), like=state)
+    state = checkpoints.restore(resume_step, like=state)
     logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
   elif config.restore_from:
     state = checkpoint_lib.restore_from(config.restore_from, like=state,
@@ -171,8 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     if layout.process_count > 1 and watchdog_lib.is_peer_lost(e):
       watchdog_lib.exit_peer_lost(
           e, process=f"process {layout.process_index}/{layout.process_count}",
-          last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step(),
-          lost="another process")
+          last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step())
     raise
   finally:  # Even a failing run completes the saves it started: they hold good states.
     with reporter.blocked_by_checkpoint():

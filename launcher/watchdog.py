@@ -79,13 +79,13 @@ def is_peer_lost(error: BaseException) -> bool:
 
 
 def exit_peer_lost(error: BaseException, *, process: str, last_step: int,
-                   last_checkpoint: int | None, lost: str) -> None:
+                   last_checkpoint: int | None) -> None:
   """One line naming what was lost and what is saved, then exit before jax's abort buries it."""
   first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
   saved = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
            else "no checkpoint was saved yet")
   sys.stderr.write(
-      f"error: {process} lost {lost} of the job after step {last_step}; {saved}. A restart of "
+      f"error: {process} lost another process of the job after step {last_step}; {saved}. A restart of "
       f"the whole job resumes from it (launcher.local --max_restarts, or the cluster scripts' "
       f"MAX_RESTARTS). Cause: {first_line}\n")
   sys.stderr.flush()

@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from launcher import supervise  # pylint: disable=wrong-import-position
+from launcher import storage, supervise  # pylint: disable=wrong-import-position
 from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 from launcher.supervise import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
 
@@ -95,9 +95,10 @@ def main(argv):
   num_workers = count_workers()
   try:
     workdir = workdir_of(launcher_args)
+    remote = storage.is_remote(storage.path(workdir))
   except UsageError as e:
     raise app.UsageError(str(e)) from None
-  if num_workers > 1 and not workdir.startswith("gs://"):
+  if num_workers > 1 and not remote:
     raise app.UsageError(
         f"--workdir={workdir} is a local path, but the workers of a {num_workers}-worker slice "
         "share no disk: each would keep its own checkpoints and the first save would hang. Use "
