@@ -1,60 +1,91 @@
 """`python -m launcher --config=configs/lm.py --workdir=/tmp/run`: flags in, `train.run` out."""
 
 import os
+import re
 import sys
+import time
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launcher import cluster, train
-from launcher.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError
+from launcher import config as config_lib
+from launcher import console
+from launcher.errors import EXIT_PREEMPTED, Preempted, UsageError, WorkloadError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
     "override any key with --config.KEY=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes config, metrics and logs.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the run writes config, metrics, checkpoints and logs: a local path, a "
+    "path every host shares, or gs://bucket/path.")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every key of --config with its value and meaning, and exit.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for a multi-process job given by hand.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.",
+                                   lower_bound=0)
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "Devices this process uses, e.g. 0,1,2,3 (default: all it sees).")
+flags.register_validator("local_device_ids", lambda ids: ids is None or all(
+    i.strip().isdigit() for i in ids), "--local_device_ids takes device numbers, e.g. 0,1,2,3")
 _ONE_PROCESS_PER = flags.DEFINE_enum(
     "one_process_per", "auto", ["auto", "node", "device"],
     "Under SLURM on GPUs: each task drives all GPUs of its node, or one GPU; auto picks `node` "
     "when a node runs one task.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process to join the job.")
+    "initialization_timeout", 300, "Seconds to wait for every process to join the job.",
+    lower_bound=1)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_seconds", 100, "Seconds without a heartbeat before a process counts as lost.")
+    "heartbeat_timeout_seconds", 100, "Seconds without a heartbeat before a process counts as lost.",
+    lower_bound=1)
 _STEP_TIMEOUT = flags.DEFINE_float(
     "step_timeout_seconds", 600,
     "End this process (exit 77, every thread's stack in its log) when no train call finishes "
     "for this long; compilation, eval and checkpoint saves do not count. 0 disables.",
     lower_bound=0)
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    console.usage_error(f"unexpected arguments: {' '.join(argv[1:])}: flags start with --")
+  if _CONFIG.value is None:
+    console.usage_error("--config is required, e.g. --config=configs/lm.py:tiny")
+  if _SHOW_CONFIG.value:
+    meanings = config_lib.file_comments(flags.FLAGS["config"].config_filename)
+    print(config_lib.describe(_CONFIG.value, meanings))
+    return
+  if not _WORKDIR.value:
+    console.usage_error("--workdir is required: where the run writes, e.g. --workdir=/tmp/run")
+  console.quiet_libraries()
+  import jax  # pylint: disable=import-outside-toplevel
+  from launcher import cluster, train  # pylint: disable=import-outside-toplevel
   try:
     job = cluster.detect(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
         local_device_ids=tuple(map(int, _LOCAL_DEVICE_IDS.value or ())) or None,
         one_process_per=_ONE_PROCESS_PER.value)
+    joining = time.time()
     cluster.initialize(job, initialization_timeout=_INIT_TIMEOUT.value,
                        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    startup_parts = {"join the job": time.time() - joining}
+    console.name_process(jax.process_index(), jax.process_count())
     logging.info(cluster.describe())
-    train.run(_CONFIG.value, _WORKDIR.value, step_timeout_seconds=_STEP_TIMEOUT.value)
+    train.run(_CONFIG.value, _WORKDIR.value, step_timeout_seconds=_STEP_TIMEOUT.value,
+              startup_parts=startup_parts)
   except UsageError as e:
-    _usage_error(str(e))
+    console.usage_error(str(e))
   except Preempted as e:
     logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, WorkloadError):  # The user's code: its own traceback, headed by the call.
+      print(f"error: {e}; its traceback:", file=sys.stderr)
+      traceback.print_exception(e.__cause__, file=sys.stderr)
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
     if not cluster.is_multiprocess():
       raise
     # jax's exit handler waits for every process at a barrier, and the others wait for this one
@@ -64,24 +95,47 @@ def main(argv):
     os._exit(1)  # pylint: disable=protected-access
 
 
-def _usage_error(message: str) -> None:
-  """Bad input: one message, and the exit code that tells a supervisor not to restart."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USAGE)
-
-
 def parse_flags(argv):
-  """absl's flag parsing, but an override of a key the config lacks is one line, not a traceback."""
+  """absl's flag parsing, with every mistake in a flag or the config file as one line."""
+  if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
+    console.print_help(sys.modules[__name__])
+    sys.exit(0)
+  config_file = _argument(argv, "--config")
   try:
+    if config_file:
+      config_lib.check_file(config_file)
     return flags.FLAGS(argv)
+  except UsageError as e:
+    console.usage_error(str(e))
   except flags.Error as e:
-    _usage_error(f"{e}\nPass --helpfull to see every flag.")
+    message = str(e)
+    if "Error whilst parsing config file" in message:  # get_config raised: its last line says why.
+      reason = [line for line in message.splitlines() if line.strip()][-1]
+      message = f"--config={config_file}: get_config raised {reason}"
+    elif "Unknown command line flag" in message:
+      message += ": --help lists the launcher's flags"
+    console.usage_error(message)
   except (AttributeError, KeyError) as e:
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
-    reason = str(e.args[0] if e.args else e).strip("'").replace("\\n", " ").replace("\n", " ")
-    _usage_error(f"the config has no key {reason}. Overridable keys are the config file's; "
-                 "a new one belongs in its get_config().")
+    key, _, suggestion = str(e.args[0] if e.args else e).partition("\n")
+    suggestion = re.sub(r'Did you mean "(\w+)".*', r" (did you mean \1?)", suggestion)
+    console.usage_error(f"the config has no key {key}{suggestion}: overridable keys are the "
+                        "config file's (--show_config lists them); a new one belongs in its "
+                        "get_config()")
+  except Exception as e:  # pylint: disable=broad-except
+    console.usage_error(f"--config={config_file}: loading it raised {type(e).__name__}: {e}")
+
+
+def _argument(argv, name: str) -> str | None:
+  """The value of `--name=VALUE` or `--name VALUE` in argv (the last one given), if any."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith(name + "="):
+      value = arg.split("=", 1)[1]
+    elif arg == name and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def entry():

@@ -1,4 +1,4 @@
-"""Checkpoints of the train state and the data position (orbax, async), and preemption notices.
+"""Checkpoints of the train state and the data position (orbax, async).
 
 A checkpoint holds two items: `state`, the TrainState as arrays replicated over every device of
 the job, and `data`, a small JSON record of the data position. The position is the number of
@@ -6,32 +6,19 @@ global batches consumed, which equals the step: with `config.seed` and the globa
 names the next batch under any process layout. Every process takes part in every save and restore.
 """
 
-import logging as std_logging
 import os
-import signal
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
 import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
 from launcher.parallel import job_replicated
 from launcher.errors import UsageError
-
-
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every step of every save at INFO; the launcher keeps its warnings only."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 def directory(workdir: epath.Path) -> epath.Path:
@@ -169,35 +156,3 @@ def _key(path) -> str:
     name = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
     parts.append(str(name))
   return "/".join(parts)
-
-
-class Preemption:
-  """Whether the job was told to stop (SIGTERM, or SIGUSR1 from SLURM's --signal), agreed on by
-  every process at the same step."""
-
-  def __init__(self):
-    self._distributed = jax.process_count() > 1
-    self._signal = None
-    if not self._distributed:
-      signal.signal(signal.SIGTERM, self._note)
-    # jax's preemption service listens for SIGTERM only: USR1 is turned into one.
-    signal.signal(signal.SIGUSR1, self._forward_usr1)
-
-  def _note(self, signum, frame):
-    del frame
-    self._signal = signal.Signals(signum).name
-    logging.warning("received %s: saving a checkpoint and stopping at the next step", self._signal)
-
-  def _forward_usr1(self, signum, frame):
-    del frame
-    logging.warning("received SIGUSR1: the scheduler will stop this job soon")
-    if self._distributed:
-      os.kill(os.getpid(), signal.SIGTERM)
-    else:
-      self._note(signum, None)
-
-  def reached(self, step: int) -> bool:
-    """True once, on every process at the same step, after a notice reached any process."""
-    if self._distributed:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._signal is not None

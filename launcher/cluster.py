@@ -33,6 +33,7 @@ def detect(*, coordinator_address: str | None = None, num_processes: int | None 
            process_id: int | None = None, local_device_ids: tuple[int, ...] | None = None,
            one_process_per: str = "auto", environ=os.environ) -> Job | None:
   """The multi-process job this process belongs to, or None when it runs alone."""
+  check_address(environ.get("JAX_COORDINATOR_ADDRESS") or None, "JAX_COORDINATOR_ADDRESS")
   slurm = _slurm_step(environ)
   scheduler_count = (slurm or {}).get("num_processes") or _int(environ, "OMPI_COMM_WORLD_SIZE")
   if coordinator_address or num_processes is not None or process_id is not None:
@@ -46,6 +47,7 @@ def detect(*, coordinator_address: str | None = None, num_processes: int | None 
       raise UsageError(f"--num_processes={num_processes} --process_id={process_id}: a job has at "
                        "least one process, and --process_id counts from 0 to --num_processes-1")
     _agree(num_processes, "--num_processes", scheduler_count)
+    check_address(coordinator_address, "--coordinator_address")
     job = Job("flags", coordinator_address, num_processes, process_id, local_device_ids)
   elif slurm:
     _agree(_int(environ, "JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES", slurm["num_processes"])
@@ -154,6 +156,16 @@ def _agree(given: int | None, what: str, scheduler_count: int | None) -> None:
 def _int(environ, name: str) -> int | None:
   value = environ.get(name)
   return int(value) if value not in (None, "") else None
+
+
+def check_address(address: str | None, where: str) -> None:
+  """A coordinator address is host:port with a port in 1..65535."""
+  if address is None:
+    return
+  host, _, port = address.rpartition(":")
+  if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UsageError(f"{where}={address!r} is not host:port: give the address of process 0 and a "
+                     "free port, e.g. 10.0.0.1:12345 or 127.0.0.1:12345 on one machine")
 
 
 def _is_loopback(address: str) -> bool:

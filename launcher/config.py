@@ -1,9 +1,11 @@
 """Launcher config keys with their defaults, the checks on them, and the batch layout they imply."""
 
+import ast
 import dataclasses
 import math
+import os
+import re
 
-import jax.numpy as jnp
 import ml_collections
 
 from launcher.errors import UsageError
@@ -14,41 +16,65 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "warmup_cosine")
 
 
+# Every key the launcher reads: its default and what it means (the README's reference and
+# `python -m launcher --config=FILE --show_config` print these).
+KEYS = {
+    "workload": ("", "a module under workloads/, or any importable module (my_pkg.my_workload)"),
+    "seed": (0, "parameter init, dropout and the data order; a resume must keep it"),
+    "batch_size": (256, "the global batch, split evenly over processes, then over each process's "
+                   "devices: a multiple of the device count (times grad_accum_steps); a resume "
+                   "must keep it"),
+    "num_steps": (1000, "optimizer updates in the run; a multiple of steps_per_call"),
+    "steps_per_call": (1, "K updates inside one compiled call (lax.scan over K stacked batches)"),
+    "max_calls_in_flight": (2, "compiled calls dispatched but not finished (CPU collectives abort "
+                            "when too many queue up)"),
+    "parallel": ("pmap", "the executor: pmap, shard_map (jit(shard_map) over a Mesh) or fsdp "
+                 "(the train state sharded over every device); same results"),
+    "grad_accum_steps": (1, "M microbatches per step (lax.scan), gradients averaged; must divide "
+                         "the per-device batch"),
+    "compute_dtype": ("float32", "float32, bfloat16 or float16 for the loss; params, gradients "
+                      "and optimizer state stay float32"),
+    "compilation_cache_dir": ("", "persistent compilation cache: \"\" = ~/.cache/launcher/jax "
+                              "(or $XDG_CACHE_HOME), a path, or none"),
+    "optimizer": ("adamw", "sgd, momentum, adam or adamw (optax)"),
+    "learning_rate": (1e-3, "peak learning rate; positive"),
+    "schedule": ("constant", "constant, or warmup_cosine: linear warmup over warmup_steps from 0, "
+                 "cosine decay to 0 at num_steps"),
+    "warmup_steps": (0, "for warmup_cosine; below num_steps"),
+    "momentum": (0.9, "for the momentum optimizer (adam(w) use optax's b1/b2)"),
+    "weight_decay": (0.0, "for adamw"),
+    "grad_clip_norm": (0.0, "clip gradients to this global norm; 0 disables"),
+    "log_every_steps": (100, "steps between reports (metrics leave the devices only then); a "
+                        "multiple of steps_per_call"),
+    "eval_every_steps": (1000, "steps between evals, and after the last step; 0 disables eval; "
+                         "a multiple of steps_per_call"),
+    "eval_batches": (0, "0: the whole eval split; n: its first n global batches"),
+    "profile_first_step": (0, "process 0 traces 5 steps from this step (TensorBoard's profile "
+                           "plugin); 0 disables"),
+    "checkpoint_every_steps": (1000, "steps between checkpoints (one is also saved after the last "
+                               "step and on a preemption notice); 0: only those; a multiple of "
+                               "steps_per_call"),
+    "keep_checkpoints": (3, "newest checkpoints kept"),
+    "restore_from": ("", "another run's workdir, checkpoints dir or step dir to start from "
+                     "(ignored when this workdir has checkpoints: then the run resumes)"),
+    "restore_params_only": (True, "with restore_from: only the params (fresh optimizer, step 0), "
+                            "or everything"),
+    "skip_nonfinite_steps": (False, "a step with a NaN/Inf loss or gradient norm leaves the state "
+                             "unchanged and is counted in skipped_steps, instead of stopping the "
+                             "run"),
+}
+
+
 def defaults() -> ml_collections.ConfigDict:
   """Every key the launcher reads; a config file starts here and adds its workload's keys."""
-  config = ml_collections.ConfigDict()
-  config.workload = ""  # A name under workloads/, or any importable module.
-  config.seed = 0
-  config.batch_size = 256  # Global: summed over every device of every process.
-  config.num_steps = 1000
-  config.steps_per_call = 1  # K optimizer steps inside one compiled call (lax.scan).
-  config.max_calls_in_flight = 2  # Dispatched calls not yet finished; CPU collectives need a bound.
-  config.parallel = "pmap"  # Or "shard_map" (jit(shard_map) over a Mesh), or "fsdp" (state sharded).
-  config.grad_accum_steps = 1  # M microbatches per step (lax.scan), gradients averaged.
-  config.compute_dtype = "float32"  # Or bfloat16 / float16 for the loss; params stay float32.
-  config.compilation_cache_dir = ""  # "": ~/.cache/launcher/jax (XDG_CACHE_HOME); "none": off.
-  config.optimizer = "adamw"
-  config.learning_rate = 1e-3
-  config.schedule = "constant"
-  config.warmup_steps = 0
-  config.momentum = 0.9  # For `momentum`; adam(w) uses optax's b1/b2.
-  config.weight_decay = 0.0  # For `adamw`.
-  config.grad_clip_norm = 0.0  # 0 disables clipping.
-  config.log_every_steps = 100
-  config.eval_every_steps = 1000  # 0 disables eval; eval also runs after the last step.
-  config.eval_batches = 0  # 0: the whole eval split; n: its first n global batches.
-  config.profile_first_step = 0  # Process 0 traces a few steps from this step on; 0 disables.
-  config.checkpoint_every_steps = 1000  # 0: only after the last step (and on preemption).
-  config.keep_checkpoints = 3
-  config.restore_from = ""  # Another run's workdir or checkpoint: start from its state.
-  config.restore_params_only = True  # With restore_from: params only (fresh optimizer, step 0).
-  config.skip_nonfinite_steps = False  # True: a step with a non-finite loss or gradient is skipped.
-  return config
+  return ml_collections.ConfigDict({key: default for key, (default, _) in KEYS.items()})
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises one UsageError listing every bad value, each with what to change."""
-  problems = []
+  problems = _wrong_types(config)
+  if problems:
+    raise _bad_config(problems)
 
   def need(ok, message):
     if not ok:
@@ -76,6 +102,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(config.compute_dtype in COMPUTE_DTYPES,
        f"config.compute_dtype={config.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
   need(config.grad_clip_norm >= 0, f"config.grad_clip_norm={config.grad_clip_norm} must be 0 or more")
+  need(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay} must be 0 or more")
+  need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1), e.g. 0.9")
+  need(config.seed >= 0, f"config.seed={config.seed} must be 0 or more")
   k = config.steps_per_call
   if k >= 1:
     for key in ("num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
@@ -86,7 +115,72 @@ def check(config: ml_collections.ConfigDict) -> None:
         problems.append(f"config.{key}={value} is not a multiple of config.steps_per_call={k}: "
                         f"steps happen {k} per call, so use {nearest}")
   if problems:
-    raise UsageError("bad config:\n  " + "\n  ".join(problems))
+    raise _bad_config(problems)
+
+
+def _bad_config(problems: list[str]) -> UsageError:
+  if len(problems) == 1:
+    return UsageError(problems[0])
+  return UsageError(f"{len(problems)} bad config values:\n  " + "\n  ".join(problems))
+
+
+def _wrong_types(config: ml_collections.ConfigDict) -> list[str]:
+  """A message for every launcher key whose value is not of its default's type (an int is a float)."""
+  problems = []
+  for key, (default, _) in KEYS.items():
+    if key not in config:
+      problems.append(f"config.{key} is missing: start the config from launcher.config.defaults()")
+      continue
+    value, wanted = config[key], type(default)
+    ok = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+      ok = True
+    if not ok:
+      problems.append(f"config.{key}={value!r} is a {type(value).__name__}: it must be a "
+                      f"{wanted.__name__} (default {default!r})")
+  return problems
+
+
+def describe(config: ml_collections.ConfigDict, meanings: dict[str, str]) -> str:
+  """Every key of `config` with its value and meaning: the launcher's keys, then the config file's
+  own (`meanings`: their comments in the file)."""
+  rows = [(key, repr(config[key]), KEYS[key][1]) for key in KEYS if key in config]
+  own = [(key, repr(config[key]), meanings.get(key, "")) for key in config if key not in KEYS]
+  width = max(len(key) + len(value) + 3 for key, value, _ in rows + own)
+  lines = lambda rows: [f"{f'{key} = {value}':<{width}}  {meaning}".rstrip()
+                        for key, value, meaning in rows]
+  return "\n".join(["# the launcher's keys", *lines(rows),
+                    "# the workload's keys (from the config file)", *lines(own)])
+
+
+def check_file(config_file: str) -> None:
+  """`--config=PATH[:VARIANT]` names a readable Python file that defines get_config()."""
+  path = config_file.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise UsageError(f"--config={config_file}: there is no file {path!r} (relative to "
+                     f"{os.getcwd()}): give a config file's path, e.g. configs/lm.py:tiny")
+  with open(path) as f:
+    source = f.read()
+  try:
+    tree = ast.parse(source, path)
+  except SyntaxError as e:
+    raise UsageError(f"--config={config_file}: {path} line {e.lineno}: {e.msg}: fix the file's "
+                     "Python syntax") from None
+  if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+    raise UsageError(f"--config={config_file}: {path} defines no get_config(): a config file "
+                     "defines get_config() returning launcher.config.defaults() plus its own keys")
+
+
+def file_comments(config_file: str) -> dict[str, str]:
+  """The trailing comments of `config.KEY = ...` lines in a config file: its keys' meanings."""
+  path = config_file.split(":", 1)[0]
+  try:
+    with open(path) as f:
+      source = f.read()
+  except OSError:
+    return {}
+  return {m.group(1): m.group(2).strip() for m in re.finditer(
+      r"^\s*config\.(\w+)\s*=[^#\n]*#\s*(.+)$", source, re.MULTILINE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +200,7 @@ class Layout:
 
 def compute_dtype(config: ml_collections.ConfigDict):
   """The dtype the loss computes in, or None for float32 (no casts at all)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
 
 

@@ -67,25 +67,25 @@ def prefetch(batches: Iterator, put: Callable[[Batch], Any], size: int = 2) -> I
     yield queue.popleft()
 
 
-def train_batches(host_batches: Iterator[Batch], *, host_batch_size: int, steps_per_call: int,
-                  put: Callable[..., Any]) -> Iterator:
-  """Per-call batches on the devices, two calls ahead; `put` is the executor's placement."""
-
-  def checked():
-    for batch in host_batches:
-      for name, x in batch.items():
-        if x.shape[0] != host_batch_size:
-          raise ValueError(f"the workload's train batch has {x.shape[0]} rows in {name!r}, but "
-                           f"this process's share of config.batch_size is {host_batch_size}")
-      yield batch
-
-  return prefetch(group(checked(), steps_per_call),
+def train_batches(host_batches: Iterator[Batch], *, steps_per_call: int, put: Callable[..., Any],
+                  check: Callable[[Batch], None]) -> Iterator:
+  """Per-call batches on the devices, two calls ahead; `put` is the executor's placement and
+  `check` raises on a batch that breaks the workload contract."""
+  return prefetch(group(_checked(host_batches, check), steps_per_call),
                   lambda batch: put(batch, stacked=steps_per_call > 1))
 
 
+def _checked(batches: Iterator[Batch], check: Callable[[Batch], None]) -> Iterator[Batch]:
+  for batch in batches:
+    check(batch)
+    yield batch
+
+
 def eval_batches(host_batches: Iterator[Batch], *, example: Batch, host_batch_size: int,
-                 process_count: int, put: Callable[..., Any]) -> Iterator:
-  """Eval batches padded to the host batch size with a `mask` (1 = real example), on the devices.
+                 process_count: int, put: Callable[..., Any],
+                 check: Callable[[Batch], None]) -> Iterator:
+  """Eval batches padded to the host batch size with a `mask` (1 = real example), on the devices;
+  `check` raises on a batch that breaks the workload contract.
 
   Every process yields the same number of batches: a process whose share ran out feeds
   all-padding batches (shaped like `example`) until every process's share has run out.
@@ -93,8 +93,9 @@ def eval_batches(host_batches: Iterator[Batch], *, example: Batch, host_batch_si
   empty = jax.tree.map(lambda x: np.zeros((0,) + x.shape[1:], x.dtype), example)
 
   def padded():
+    checked = _checked(host_batches, check)
     while True:
-      batch = next(host_batches, None)
+      batch = next(checked, None)
       if process_count > 1:
         if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
           return

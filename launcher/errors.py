@@ -7,7 +7,7 @@
 | 75 | stopped on a preemption notice with a checkpoint saved | restarts without counting it |
 | 76 | another process of the job was lost (a collective failed) | restarts |
 | 77 | stuck: no train call finished within --step_timeout_seconds | restarts |
-| other | a crash (1: a Python exception; 128+N: killed by signal N) | restarts |
+| other | a crash (1: a Python exception, the workload's own included; 128+N: killed by signal N) | restarts |
 """
 
 EXIT_USAGE = 2
@@ -22,6 +22,10 @@ class UsageError(Exception):
 
 class NonFiniteError(UsageError):
   """Training diverged: a loss or gradient norm was NaN or infinite."""
+
+
+class WorkloadError(Exception):
+  """The workload's own code raised: the message names the call, `__cause__` is the exception."""
 
 
 class Preempted(Exception):

@@ -6,6 +6,7 @@ checkpoint).
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,13 +148,22 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
     pass
 
 
+# gloo's connection notices (C++, written to stdout by every thread, often interleaved): kept in
+# the process's log, left off the console.
+_CONSOLE_NOISE = re.compile(rb"\[Gloo\]|connected to \d+ peer ranks")
+
+
 def _pump(stream, log_path: str, prefix: str) -> None:
-  """Copies a process's output line by line to its log file and, prefixed, to our stdout."""
+  """Copies a process's output line by line to its log file and, prefixed, to our stdout (a
+  launcher line that already starts with the same `[process i/n]` is shown as it is)."""
+  own_prefix = prefix.rstrip("] ").encode() + b"/"
   with open(log_path, "ab") as log:
     for line in iter(stream.readline, b""):
       log.write(line)
       log.flush()
-      sys.stdout.buffer.write(prefix.encode() + line)
+      if _CONSOLE_NOISE.search(line):
+        continue
+      sys.stdout.buffer.write(line if line.startswith(own_prefix) else prefix.encode() + line)
       sys.stdout.buffer.flush()
 
 

@@ -1,9 +1,11 @@
-"""The training loop: `run(config, workdir)` joins the parts and reads top to bottom."""
+"""The training loop: `run(config, workdir)` sets up a run in named steps, then trains and reports."""
 
+import contextlib
 import functools
 import itertools
 import math
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -11,81 +13,61 @@ from absl import logging
 
 from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
-from launcher import data, metrics, parallel, step, storage
+from launcher import data, parallel, preemption, reporter, step, storage
 from launcher import state as state_lib
 from launcher import watchdog as watchdog_lib
 from launcher import workload as workload_lib
 from launcher.errors import NonFiniteError, Preempted, UsageError
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        step_timeout_seconds: float = 0) -> state_lib.TrainState:
+def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds: float = 0,
+        startup_parts: dict[str, float] | None = None) -> state_lib.TrainState:
   """Trains `config.workload` data-parallel on every device of every process; returns the state.
 
   `workdir` is a local path, a path on a filesystem every host shares, or gs://bucket/path. A
-  workdir that holds checkpoints continues from the newest complete one. A train call that does
-  not finish within `step_timeout_seconds` (0: never) ends the process (watchdog.StepWatchdog).
+  workdir that holds checkpoints continues from the newest complete one; a finished run is left
+  as it is. A train call that does not finish within `step_timeout_seconds` (0: never) ends the
+  process (watchdog.StepWatchdog). `startup_parts`: seconds the caller spent on named parts of
+  the start (e.g. joining the job); the start-up line shows them, and the rest before as imports.
   """
   started = time.time()
-  config_lib.check(config)
-  workdir = storage.path(workdir)
-  workload = workload_lib.load(config.workload)
-  layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
-                             jax.local_device_count(), config.grad_accum_steps)
-  storage.check_workdir(workdir, layout.process_index, layout.process_count)
-
-  partition = getattr(workload, "partition", None)
-  executor = parallel.executor(config.parallel,
-                               functools.partial(partition, config) if partition else None)
-  parallel.enable_compilation_cache(config.compilation_cache_dir)
-  loss_fn = functools.partial(workload.loss, config)
-  tx = state_lib.optimizer(config)
-  state = state_lib.create(config, workload.init, tx)
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-  resume_step = checkpoints.latest_step()
-  if resume_step is not None:
-    checkpoints.check_data_position(resume_step, seed=config.seed,
-                                    global_batch_size=layout.global_batch_size)
-    state = checkpoints.restore(resume_step, like=state)
-    logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
-  elif config.restore_from:
-    state = checkpoint_lib.restore_from(config.restore_from, like=state,
-                                        params_only=config.restore_params_only)
-  first_step = int(state.step)
-  k = config.steps_per_call
+  startup_parts = startup_parts or {}
+  parts = {"imports": reporter.seconds_before(started) - sum(startup_parts.values()), **startup_parts}
+  with _timed(parts, "checks"):
+    config_lib.check(config)
+    workdir = storage.path(workdir)
+    workload = workload_lib.load(config.workload)
+    layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
+                               jax.local_device_count(), config.grad_accum_steps)
+    storage.check_workdir(workdir, layout.process_index, layout.process_count)
+  with _timed(parts, "init"):
+    executor, loss_fn, tx, state = _build(config, workload)
+  with _timed(parts, "restore"):
+    checkpoints, state = _resume_or_start(config, workdir, layout, state)
+  first_step, k = int(state.step), config.steps_per_call
+  if first_step >= config.num_steps:
+    _say_already_finished(workdir, first_step, config.num_steps)
+    checkpoints.close()
+    return state
   if (config.num_steps - first_step) % k:
     raise UsageError(f"the run resumes at step {first_step}, from which config.num_steps="
                      f"{config.num_steps} is not reached in whole calls of "
                      f"config.steps_per_call={k}: use the steps_per_call it was saved with")
+  with _timed(parts, "first batch"):
+    example_batch, train_batches, workload_metric_names = _open_train_data(
+        config, workload, layout, loss_fn, state, executor, first_step)
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
     storage.write_text(workdir / "config.json", config.to_json(indent=2))
+  say = logging.info if layout.process_index == 0 else logging.debug  # Facts of the whole job.
+  say("%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",
+      config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
+      layout.process_count, layout.local_device_count, layout.per_device_batch_size)
 
-  host_batches = workload_lib.open_dataset(workload, config, "train", layout.process_index,
-                                           layout.process_count, start=first_step)
-  example_batch = next(host_batches)
-  host_batches = itertools.chain([example_batch], host_batches)
-  workload_metric_names = step.metric_names(loss_fn, state.params, example_batch)
-  logging.info("%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",
-               config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
-               layout.process_count, layout.local_device_count, layout.per_device_batch_size)
-
-  eval_call = executor.map(functools.partial(step.eval_step, loss_fn=loss_fn))
-  train_batches = data.train_batches(host_batches, host_batch_size=layout.host_batch_size,
-                                     steps_per_call=k, put=executor.put)
-  tokens_per_example = getattr(workload, "tokens_per_example", None)
-  flops_per_example = getattr(workload, "flops_per_example", None)
-  peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind)
-  reporter = metrics.Reporter(
-      workdir, process_index=layout.process_index, process_count=layout.process_count,
-      first_step=first_step, num_steps=config.num_steps, log_every_steps=config.log_every_steps,
-      examples_per_step=layout.global_batch_size,
-      tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
-      flops_per_example=flops_per_example(config) if flops_per_example else None,
-      peak_flops=peak * layout.global_device_count if peak else None,
-      profile_first_step=config.profile_first_step, started=started)
-  preemption = checkpoint_lib.Preemption()
+  report_writer = _reporter(config, workload, workdir, layout, first_step, started)
+  stop_notice = preemption.Preemption()
   watchdog = watchdog_lib.StepWatchdog(step_timeout_seconds,
                                        f"process {layout.process_index}/{layout.process_count} ")
+  eval_call = executor.map(functools.partial(step.eval_step, loss_fn=loss_fn))
 
   def evaluate(replicated_params) -> dict[str, float]:
     eval_host_batches = workload_lib.open_dataset(workload, config, "eval", layout.process_index,
@@ -94,12 +76,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       eval_host_batches = itertools.islice(eval_host_batches, config.eval_batches)
     eval_metrics = executor.replicate(step.empty_metrics(["loss", *workload_metric_names]))
     in_flight = parallel.InFlight(config.max_calls_in_flight)
+    batch_count = 0
     for batch in data.eval_batches(
         eval_host_batches, example=example_batch, host_batch_size=layout.host_batch_size,
-        process_count=layout.process_count, put=executor.put):
+        process_count=layout.process_count, put=executor.put,
+        check=functools.partial(workload_lib.check_batch, workload, "eval", rows=None,
+                                max_rows=layout.host_batch_size)):
       in_flight.wait_for_room()
       eval_metrics = eval_call(replicated_params, eval_metrics, batch)
       in_flight.add(eval_metrics)
+      batch_count += 1
+    if not batch_count:
+      raise UsageError(f"workload {config.workload}'s eval dataset is empty: dataset(config, "
+                       "'eval', ...) must yield at least one batch, or set "
+                       "--config.eval_every_steps=0 to train without eval")
     computed = executor.unreplicate(eval_metrics).compute()
     return {f"eval_{name}": value for name, value in computed.items()}
 
@@ -109,9 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       grad_accum_steps=config.grad_accum_steps, compute_dtype=config_lib.compute_dtype(config),
       skip_nonfinite=config.skip_nonfinite_steps)
   state_bytes = parallel.state_bytes_per_device(replicated_state)
-  logging.info("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20,
-               config.parallel)
-  reporter.first_report_also(state_bytes_per_device=state_bytes)
+  say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, config.parallel)
+  report_writer.first_report_also(state_bytes_per_device=state_bytes)
   no_train_metrics = executor.replicate(step.empty_metrics(
       [*step.TRAIN_METRICS, *workload_metric_names]))
   train_metrics = no_train_metrics
@@ -120,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for last_step in range(first_step + k, config.num_steps + 1, k):
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
-        with reporter.waiting_for_data():
+        with report_writer.waiting_for_data():
           batches = next(train_batches, None)
         if batches is None:
           raise UsageError(f"workload {config.workload}'s train dataset ended before step "
@@ -130,41 +119,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         in_flight.add(train_metrics)
         if last_step == first_step + k:
           jax.block_until_ready(train_metrics)
-          reporter.first_step_done()
-          reporter.first_report_also(**parallel.step_memory(
+          report_writer.first_step_done(parts)
+          report_writer.first_report_also(**parallel.step_memory(
               train_call, replicated_state, train_metrics, batches))
         watchdog.completed(last_step - k)
-        reporter.after_steps(last_step - k + 1, last_step)
-        preempted = preemption.reached(last_step // k)
+        report_writer.after_steps(last_step - k + 1, last_step)
+        preempted = stop_notice.reached(last_step // k)
 
-      report = last_step % config.log_every_steps == 0 or last_step == config.num_steps
-      save = (preempted or last_step == config.num_steps or (
-          config.checkpoint_every_steps and last_step % config.checkpoint_every_steps == 0))
-      evaluate_now = config.eval_every_steps and (last_step % config.eval_every_steps == 0
-                                                  or last_step == config.num_steps)
-      if not (report or save or evaluate_now):
+      due = _due(config, last_step, preempted)
+      if not any(due):
         continue
       watchdog.pause()
       train_scalars = executor.unreplicate(train_metrics).compute()
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
-      if save:
+      if due.save:
         jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
-        with reporter.blocked_by_checkpoint():
+        with report_writer.blocked_by_checkpoint():
           data_position = {"step": last_step, "seed": config.seed,
                            "global_batch_size": layout.global_batch_size}
           checkpoints.save(last_step, executor.global_state(replicated_state), data_position)
       scalars = {}
-      if report:
+      if due.report:
         scalars.update(train_scalars)
-        scalars.update(reporter.throughput(last_step))
+        scalars.update(report_writer.throughput(last_step))
         scalars["skipped_steps"] = executor.unreplicate(replicated_state.skipped_steps)
         train_metrics = no_train_metrics
-      if evaluate_now:
-        with reporter.evaluating():
+      if due.evaluate:
+        with report_writer.evaluating():
           scalars.update(evaluate(replicated_state.params))
       if scalars:
-        reporter.write(last_step, scalars)
+        report_writer.write(last_step, scalars)
       if preempted:
         break
       watchdog.completed(last_step)
@@ -175,14 +160,123 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step())
     raise
   finally:  # Even a failing run completes the saves it started: they hold good states.
-    with reporter.blocked_by_checkpoint():
+    with report_writer.blocked_by_checkpoint():
       checkpoints.wait()
-    reporter.close()
+    report_writer.close()
     checkpoints.close()
   if preempted:
     raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
                     f"{last_step}")
+  if layout.process_index == 0:
+    _say_finished(workdir, config.num_steps, report_writer.last_scalars, time.time() - started)
   return executor.unreplicate(replicated_state)
+
+
+@contextlib.contextmanager
+def _timed(parts: dict[str, float], name: str):
+  """Adds the seconds spent in the block to `parts[name]` (the start-up line's parts)."""
+  start = time.time()
+  yield
+  parts[name] = parts.get(name, 0.0) + time.time() - start
+
+
+def _build(config, workload):
+  """The executor, the loss bound to the config, the optimizer and a fresh state."""
+  partition = getattr(workload, "partition", None)
+  executor = parallel.executor(config.parallel,
+                               functools.partial(partition, config) if partition else None)
+  parallel.enable_compilation_cache(config.compilation_cache_dir)
+  loss_fn = functools.partial(workload.loss, config)
+  tx = state_lib.optimizer(config)
+  workload_lib.check_params(workload, config)
+  with workload_lib.calling(workload, "init(config, rng)"):
+    state = state_lib.create(config, workload.init, tx)
+  return executor, loss_fn, tx, state
+
+
+def _resume_or_start(config, workdir, layout, state):
+  """The run's checkpoints, and the state to start from: this workdir's newest checkpoint (after
+  checking the data order would be the same), else `config.restore_from`, else `state`."""
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  resume_step = checkpoints.latest_step()
+  if resume_step is not None:
+    checkpoints.check_data_position(resume_step, seed=config.seed,
+                                    global_batch_size=layout.global_batch_size)
+    state = checkpoints.restore(resume_step, like=state)
+    logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
+  elif config.restore_from:
+    state = checkpoint_lib.restore_from(config.restore_from, like=state,
+                                        params_only=config.restore_params_only)
+  return checkpoints, state
+
+
+def _open_train_data(config, workload, layout, loss_fn, state, executor, first_step):
+  """The first host batch (checked), the per-call device batches from `first_step` on, and the
+  names of the workload's metrics (its loss traced once on the first batch, rng None)."""
+  host_batches = workload_lib.open_dataset(workload, config, "train", layout.process_index,
+                                           layout.process_count, start=first_step)
+  example_batch = next(host_batches, None)
+  if example_batch is None:
+    raise UsageError(f"workload {config.workload}'s train dataset yielded no batch: "
+                     "dataset(config, 'train', ...) must be endless")
+  check = functools.partial(workload_lib.check_batch, workload, "train",
+                            rows=layout.host_batch_size)
+  check(example_batch)
+  with workload_lib.calling(workload, "loss(config, params, batch, rng=None)"):
+    loss_shapes = jax.eval_shape(loss_fn, state.params, example_batch, None)
+  metric_names = workload_lib.check_loss_output(workload, loss_shapes)
+  train_batches = data.train_batches(itertools.chain([example_batch], host_batches),
+                                     steps_per_call=config.steps_per_call, put=executor.put,
+                                     check=check)
+  return example_batch, train_batches, metric_names
+
+
+def _reporter(config, workload, workdir, layout, first_step, started) -> reporter.Reporter:
+  tokens_per_example = getattr(workload, "tokens_per_example", None)
+  flops_per_example = getattr(workload, "flops_per_example", None)
+  peak = reporter.peak_flops_per_device(jax.devices()[0].device_kind)
+  return reporter.Reporter(
+      workdir, process_index=layout.process_index, process_count=layout.process_count,
+      first_step=first_step, num_steps=config.num_steps,
+      examples_per_step=layout.global_batch_size,
+      tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
+      flops_per_example=flops_per_example(config) if flops_per_example else None,
+      peak_flops=peak * layout.global_device_count if peak else None,
+      profile_first_step=config.profile_first_step, started=started)
+
+
+class Due(NamedTuple):
+  """What the loop does after the call that ended at a step."""
+  report: bool
+  save: bool
+  evaluate: bool
+
+
+def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> Due:
+  """Reports, saves and evals are due every so many steps and after the last step; a preemption
+  notice makes a save due at once."""
+  final = last_step == config.num_steps
+  every = lambda steps: bool(steps) and last_step % steps == 0
+  return Due(report=final or every(config.log_every_steps),
+             save=final or preempted or every(config.checkpoint_every_steps),
+             evaluate=bool(config.eval_every_steps) and (final or every(config.eval_every_steps)))
+
+
+def _say_finished(workdir, num_steps: int, scalars: dict[str, float], seconds: float) -> None:
+  shown = {name: scalars[name] for name in scalars
+           if name == "loss" or name.startswith("eval_")}
+  logging.info("finished %d steps in %s: %s. Outputs in %s; see them with: python -m "
+               "launcher.report %s", num_steps, reporter.hms(seconds),
+               ", ".join(f"{name} {value:.4g}" for name, value in shown.items()),
+               workdir, workdir)
+
+
+def _say_already_finished(workdir, step_number: int, num_steps: int) -> None:
+  more = (f"; config.num_steps={num_steps} asks for no more (raise it to train on)"
+          if num_steps < step_number else "")
+  logging.info("the run in %s already finished: its checkpoint is at step %d%s. Nothing to do; "
+               "see it with: python -m launcher.report %s, or train again with another --workdir",
+               workdir, step_number, more, workdir)
 
 
 def _check_finite(step_number: int, train_scalars: dict, last_checkpoint: int | None) -> None:

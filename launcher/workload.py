@@ -8,19 +8,35 @@ A workload module defines:
         arrays; the train split's first batch is global batch `start` (a resumed run starts there;
         a dataset without `start` is read from the beginning and the first `start` batches skipped)
     tokens_per_example(config) -> int          # optional: the run reports tokens/s
+    flops_per_example(config) -> float         # optional: model FLOP/s and MFU
+    partition(config, params) -> PartitionSpecs  # optional: fsdp's sharding of the params
+
+A module that breaks the contract is a UsageError naming what to change; an exception raised by
+the workload's own code is a WorkloadError that says which of its functions raised.
 """
 
+import contextlib
 import importlib
 import inspect
 import itertools
 import pkgutil
 import types
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 from absl import logging
 
-from launcher.errors import UsageError
+from launcher.errors import UsageError, WorkloadError
 
+# Each function with the arguments the launcher passes it.
+SIGNATURES = {
+    "init": ("config", "rng"),
+    "loss": ("config", "params", "batch", "rng"),
+    "dataset": ("config", "split", "process_index", "process_count"),
+    "tokens_per_example": ("config",),
+    "flops_per_example": ("config",),
+    "partition": ("config", "params"),
+}
 REQUIRED = ("init", "loss", "dataset")
 
 
@@ -41,7 +57,11 @@ def load(name: str) -> types.ModuleType:
       # Only "this very module is missing" means keep looking; a missing dependency of the
       # workload itself is the user's real error and must surface as it is.
       if e.name not in _parents(candidate):
-        raise
+        raise WorkloadError(f"importing workload module {candidate} raised "
+                            f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise WorkloadError(f"importing workload module {candidate} raised "
+                          f"{type(e).__name__}: {e}") from e
   if module is None:
     raise UsageError(
         f"config.workload={name!r} is not a workload: it is neither under workloads/ "
@@ -51,7 +71,103 @@ def load(name: str) -> types.ModuleType:
   if missing:
     raise UsageError(f"workload module {module.__name__} ({module.__file__}) does not define "
                      f"{', '.join(missing)}: a workload defines init, loss and dataset.")
+  for function, arguments in SIGNATURES.items():
+    if hasattr(module, function):
+      _check_signature(module, function, arguments)
   return module
+
+
+def _check_signature(module: types.ModuleType, function: str, arguments: tuple[str, ...]) -> None:
+  """A function the launcher could not call as `function(*arguments)` is one line naming both."""
+  try:
+    signature = inspect.signature(getattr(module, function))
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(*arguments)
+  except TypeError:
+    raise UsageError(f"workload {module.__name__}'s {function}{signature} cannot be called as "
+                     f"{function}({', '.join(arguments)}): give it those arguments, in that "
+                     "order") from None
+
+
+@contextlib.contextmanager
+def calling(module: types.ModuleType, call: str):
+  """Turns an exception raised inside the workload's own code (not a contract check) into a
+  WorkloadError that names the call, with the original as its cause."""
+  try:
+    yield
+  except (UsageError, WorkloadError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise WorkloadError(f"workload {module.__name__}'s {call} raised "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def check_params(module: types.ModuleType, config) -> None:
+  """`init` must return a pytree of float arrays (they are differentiated and updated); traced
+  once, abstractly, before the state is made."""
+  import jax  # pylint: disable=import-outside-toplevel
+  not_arrays = []
+
+  def arrays_only():
+    params = module.init(config, jax.random.PRNGKey(0))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    not_arrays.extend(f"{jax.tree_util.keystr(path)} is a {type(leaf).__name__}"
+                      for path, leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray)))
+    return None if not_arrays else jax.tree.unflatten(treedef, [leaf for _, leaf in leaves])
+
+  with calling(module, "init(config, rng)"):
+    shapes = jax.eval_shape(arrays_only)
+  where = f"workload {module.__name__}'s init"
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  if not_arrays or not leaves:
+    raise UsageError(f"{where} must return a pytree (e.g. a dict) of float arrays; "
+                     f"{', '.join(not_arrays[:5]) or 'it returned none'}: make each leaf an "
+                     "array, e.g. jnp.zeros(shape)")
+  not_float = [f"{jax.tree_util.keystr(path)} is {leaf.dtype}" for path, leaf in leaves
+               if not np.issubdtype(leaf.dtype, np.floating)]
+  if not_float:
+    raise UsageError(f"{where} returned params that are not float arrays "
+                     f"({', '.join(not_float[:5])}): they are differentiated, so keep integer "
+                     "values in the config or the batch")
+
+
+def check_loss_output(module: types.ModuleType, output: Any) -> list[str]:
+  """The metric names of `loss`'s (shapes of) output, after checking it is (scalar, {name: scalar})."""
+  where = f"workload {module.__name__}'s loss"
+  if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict)):
+    raise UsageError(f"{where} must return (loss, metrics), a scalar and a dict of scalars; it "
+                     f"returned {type(output).__name__}: return e.g. `loss, {{}}`")
+  loss_value, metrics = output
+  problems = [] if np.shape(loss_value) == () else [f"the loss has shape {np.shape(loss_value)}"]
+  problems += [f"metric {name!r} has shape {np.shape(value)}" for name, value in metrics.items()
+               if np.shape(value) != ()]
+  if problems:
+    raise UsageError(f"{where} must return scalars, averaged over the batch it sees: "
+                     f"{'; '.join(problems)}. Take their mean (e.g. jnp.mean) before returning")
+  return list(metrics)
+
+
+def check_batch(module: types.ModuleType, split: str, batch: Any, rows: int | None,
+                max_rows: int | None = None) -> None:
+  """A batch is a non-empty dict of arrays with `rows` rows each (or at most `max_rows`)."""
+  where = f"workload {module.__name__}'s dataset(config, {split!r}, ...)"
+  if not isinstance(batch, dict) or not batch:
+    raise UsageError(f"{where} yielded a {type(batch).__name__}: a batch is a non-empty dict of "
+                     "numpy arrays, e.g. {'x': x, 'y': y}")
+  for name, x in batch.items():
+    shape = np.shape(x)
+    if not shape:
+      raise UsageError(f"{where} yielded {name!r} without a batch dimension (shape {shape}): "
+                       "every entry has one row per example")
+    too_many = max_rows is not None and shape[0] > max_rows
+    if (rows is not None and shape[0] != rows) or too_many:
+      wanted = rows if rows is not None else f"at most {max_rows}"
+      raise UsageError(
+          f"{where} yielded {shape[0]} rows in {name!r}, but this process's share of "
+          f"config.batch_size is {wanted} rows: a batch holds config.batch_size // process_count "
+          "rows (the process's slice of the global batch)")
 
 
 def _parents(dotted: str) -> set[str]:
@@ -62,11 +178,30 @@ def _parents(dotted: str) -> set[str]:
 def open_dataset(module: types.ModuleType, config, split: str, process_index: int,
                  process_count: int, start: int = 0) -> Iterator[dict]:
   """The workload's batches from global batch `start` on: sought directly when its `dataset`
-  takes `start`, else read and skipped."""
-  if "start" in inspect.signature(module.dataset).parameters:
-    return module.dataset(config, split, process_index, process_count, start=start)
-  batches = module.dataset(config, split, process_index, process_count)
-  if start:
-    logging.warning("%s.dataset has no `start` argument: reading and skipping %d batches to "
-                    "resume; give it one to seek directly", module.__name__, start)
-  return itertools.islice(batches, start, None)
+  takes `start`, else read and skipped. An exception from the workload's code names the call."""
+  call = f"dataset(config, {split!r}, {process_index}, {process_count})"
+  with calling(module, call):
+    if "start" in inspect.signature(module.dataset).parameters:
+      batches = module.dataset(config, split, process_index, process_count, start=start)
+    else:
+      batches = module.dataset(config, split, process_index, process_count)
+      if start:
+        logging.warning("%s.dataset has no `start` argument: reading and skipping %d batches to "
+                        "resume; give it one to seek directly", module.__name__, start)
+        batches = itertools.islice(batches, start, None)
+  try:
+    batches = iter(batches)
+  except TypeError:
+    raise UsageError(f"workload {module.__name__}'s {call} returned a "
+                     f"{type(batches).__name__}: it must return an iterator of batches (e.g. be "
+                     "a generator that yields dicts of numpy arrays)") from None
+  return _named_errors(module, call, batches)
+
+
+def _named_errors(module: types.ModuleType, call: str, batches: Iterator[dict]) -> Iterator[dict]:
+  while True:
+    with calling(module, f"iterator from {call}"):
+      batch = next(batches, None)
+    if batch is None:
+      return
+    yield batch

@@ -1,4 +1,4 @@
-"""The seed's linear regression: y = w*x + b fit by mean squared error on cycling points x.
+"""A linear regression small enough to check by hand: y = w*x + b fit by mean squared error on cycling points x.
 
 With w=2, b=1 on x=[1,2,3], y=[3.5,5.5,7.5] and SGD at 0.1, the first loss is 0.25 and the step
 gives w=2.2, b=1.1. The points cycle in order, so every per-device batch of 3 is x=[1,2,3].

@@ -6,6 +6,7 @@ eval split. An example is a window of `config.seq_len + 1` bytes; windows do not
 """
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 
 from launcher import data
+from launcher.errors import UsageError
 
 VOCAB_SIZE = 256  # Bytes.
 
@@ -89,6 +91,9 @@ def tokens_per_example(config) -> int:
 @functools.cache
 def _corpus(text_file: str) -> np.ndarray:
   if text_file:
+    if not os.path.isfile(text_file):
+      raise UsageError(f"config.text_file={text_file!r} is not a file: give a UTF-8 text file to "
+                       "train on, or \"\" for CPython's documentation text")
     with open(text_file, "rb") as f:
       return np.frombuffer(f.read(), np.uint8)
   from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel

@@ -1,20 +1,23 @@
-"""What a run reports: CLU writers (TensorBoard on process 0), metrics.jsonl, one line per host.
+"""What a run reports while it trains: one console line per report, TensorBoard events and
+metrics.jsonl (process 0), and every process's own records in hosts/ (what `launcher.report` reads).
 
-Every file goes through `launcher.storage`, so a `gs://` workdir gets all of them.
+Every file goes through `launcher.storage`, so a `gs://` workdir gets all of them. TensorFlow is
+never imported here: clu's writer package imports it (5 s), so only clu's MetricWriter interface is.
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 from tensorboardX import event_file_writer, record_writer
 from tensorboardX import summary as tbx_summary
@@ -55,6 +58,30 @@ def seconds_since_process_start() -> float | None:
     return None
 
 
+def _metric_writer_interface():
+  """clu's `MetricWriter` base class. `clu.metric_writers/__init__` imports TensorFlow (5 s), so
+  unless that package is already loaded, its `interface` module is loaded on its own (under its
+  own name, so a later `import clu.metric_writers` shares the same class)."""
+  name = "clu.metric_writers.interface"
+  if name not in sys.modules:
+    spec = importlib.util.find_spec("clu")
+    location = os.path.join(os.path.dirname(spec.origin), "metric_writers", "interface.py")
+    module_spec = importlib.util.spec_from_file_location(name, location)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+MetricWriter = _metric_writer_interface().MetricWriter
+
+
+def seconds_before(moment: float) -> float:
+  """Seconds from this process's start to `moment` (a time.time()); 0 where unknown."""
+  since_start = seconds_since_process_start()
+  return max(since_start - (time.time() - moment), 0.0) if since_start is not None else 0.0
+
+
 class _AppenderFactory:
   """tensorboardX's hook for a URL scheme: its event files on gs:// become storage Appenders."""
 
@@ -68,7 +95,7 @@ class _AppenderFactory:
 record_writer.register_writer_factory("gs", _AppenderFactory())
 
 
-class TensorBoardWriter(metric_writers.MetricWriter):
+class TensorBoardWriter(MetricWriter):
   """CLU's MetricWriter interface over tensorboardX's event encoding, without TensorFlow: one
   event file in `logdir` (local or gs://), written synchronously, durable at each `flush`.
   Scalars are stored as plain scalar values (what `EventAccumulator.Scalars` reads)."""
@@ -117,18 +144,54 @@ class TensorBoardWriter(metric_writers.MetricWriter):
     self._events.close()
 
 
-class _Profile(periodic_actions.Profile):
-  """CLU's profile hook; a trace for a gs:// workdir is written locally, then copied there."""
+def _profile(workdir: epath.Path, first_step: int):
+  """clu's profile hook, imported only when asked for (it brings TensorFlow); a trace for a gs://
+  workdir is written locally, then copied there on close."""
+  from clu import periodic_actions  # pylint: disable=import-outside-toplevel
 
-  def __init__(self, workdir: epath.Path, **kwargs):
-    self._destination = workdir if storage.is_remote(workdir) else None
-    self._staging = tempfile.mkdtemp(prefix="launcher-profile-") if self._destination else None
-    super().__init__(logdir=self._staging or os.fspath(workdir), **kwargs)
+  class Profile(periodic_actions.Profile):
 
-  def close(self) -> None:
-    if self._destination:
-      storage.copy_tree(self._staging, self._destination)
-      shutil.rmtree(self._staging, ignore_errors=True)
+    def __init__(self):
+      self._destination = workdir if storage.is_remote(workdir) else None
+      self._staging = tempfile.mkdtemp(prefix="launcher-profile-") if self._destination else None
+      super().__init__(logdir=self._staging or os.fspath(workdir), num_profile_steps=5,
+                       first_profile=first_step)
+
+    def close(self) -> None:
+      if self._destination:
+        storage.copy_tree(self._staging, self._destination)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+  return Profile()
+
+
+# The console line shows these (when present) after the loss and the workload's metrics; the rest
+# of a report's row is in metrics.jsonl and TensorBoard.
+_SPEED = {"tokens_per_sec": ("tokens/s", ".0f"), "steps_per_sec": ("steps/s", ".2f")}
+_NOT_SHOWN = {"learning_rate", "grad_norm", "examples_per_sec", "data_wait_s",
+              "checkpoint_blocked_s", "model_flops_per_sec", "mfu", "state_bytes_per_device",
+              "step_memory_bytes_per_device", "peak_bytes_per_device", "time_to_first_step_s",
+              "skipped_steps"}
+
+
+def hms(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def console_line(step: int, num_steps: int, scalars: dict[str, float], eta_s: float | None) -> str:
+  """One report as a person reads it: step, loss, the workload's and eval metrics, speed, ETA."""
+  parts = [f"step {step}/{num_steps}"]
+  shown = [name for name in scalars if name not in _NOT_SHOWN and name not in _SPEED]
+  shown.sort(key=lambda name: (name != "loss", name.startswith("eval_"), name))
+  parts += [f"{name} {scalars[name]:.4g}" for name in shown]
+  if scalars.get("skipped_steps"):
+    parts.append(f"skipped {int(scalars['skipped_steps'])} non-finite steps")
+  parts += [f"{scalars[name]:{spec}} {unit}" for name, (unit, spec) in _SPEED.items()
+            if name in scalars]
+  if eta_s is not None and step < num_steps:
+    parts.append(f"ETA {hms(eta_s)}")
+  return " | ".join(parts)
 
 
 class Reporter:
@@ -140,36 +203,32 @@ class Reporter:
   """
 
   def __init__(self, workdir: epath.Path, *, process_index: int, process_count: int, first_step: int,
-               num_steps: int, log_every_steps: int, examples_per_step: int,
+               num_steps: int, examples_per_step: int,
                tokens_per_example: int | None, flops_per_example: float | None,
                peak_flops: float | None, profile_first_step: int, started: float):
     """`started`: the time.time() at which the run started."""
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
+    self._num_steps = num_steps
     self._examples_per_step = examples_per_step
     self._tokens_per_example = tokens_per_example
     self._flops_per_example, self._peak_flops = flops_per_example, peak_flops
     self._started = started
     self._first_step_scalars = {}
     self._records = storage.Appender(workdir / "hosts" / f"process_{process_index}.jsonl")
-    startup_s = (seconds_since_process_start() or 0.0) - (time.time() - started)
+    startup_s = seconds_before(started)
     self._record("start", at=started, process=process_index, process_count=process_count,
                  hostname=socket.gethostname(), devices=jax.local_device_count(),
-                 first_step=first_step, startup_s=max(startup_s, 0.0))
-    writers = [metric_writers.LoggingWriter()]
-    if self._is_main:
-      writers.append(TensorBoardWriter(workdir))
-    self.writer = metric_writers.MultiWriter(writers)
+                 first_step=first_step, startup_s=startup_s)
+    self.tensorboard = TensorBoardWriter(workdir) if self._is_main else None
     self._jsonl = storage.Appender(workdir / "metrics.jsonl") if self._is_main else None
-    self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
-                                                    every_steps=log_every_steps, every_secs=None)
-    self._hooks = [self.progress] if self._is_main else []
     self._profile = None
     if self._is_main and profile_first_step > 0:
-      self._profile = _Profile(workdir, num_profile_steps=5, first_profile=profile_first_step)
-      self._hooks.append(self._profile)
+      self._profile = _profile(workdir, profile_first_step)
     self._last_step, self._last_time = first_step, time.time()
+    self._train_steps_per_sec = None
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
+    self.last_scalars = {}
 
   def first_report_also(self, **scalars) -> None:
     """Adds `scalars` to the first report's row (facts of the run, such as the state's size)."""
@@ -188,15 +247,19 @@ class Reporter:
     yield
     self._data_wait_s += time.monotonic() - start
 
-  def first_step_done(self) -> None:
-    """Logs, once, how long the run took to finish its first call (compilation, mostly)."""
+  def first_step_done(self, start_parts: dict[str, float]) -> None:
+    """Logs, once, how long the start took and where it went: `start_parts` (seconds by name, from
+    the process's start) and the rest, the first call's compilation."""
     self._last_time = time.time()  # Throughput windows start after compilation.
     since_run = self._last_time - self._started
-    since_process = seconds_since_process_start()
-    logging.info("%s: time to first step %.2f s (%.2f s since the process started)",
-                 self._process, since_run, since_process or float("nan"))
+    since_process = seconds_since_process_start() or since_run
+    parts = {**start_parts, "compile and first step": since_process - sum(start_parts.values())}
+    log = logging.info if self._is_main else logging.debug
+    log("time to first step %.2f s (%.2f s since the process started): %s", since_run,
+        since_process, ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items()))
     self._first_step_scalars["time_to_first_step_s"] = since_run
-    self._record("first_step", compile_s=since_run)
+    self._record("first_step", compile_s=since_run, **{
+        f"{name.replace(' ', '_')}_s": seconds for name, seconds in parts.items()})
     self._data_wait_s = 0.0
 
   @contextlib.contextmanager
@@ -206,24 +269,23 @@ class Reporter:
     yield
     seconds = time.monotonic() - start
     self._checkpoint_blocked_s += seconds
-    logging.info("%s: blocked %.3f s by checkpointing", self._process, seconds)
+    logging.debug("%s: blocked %.3f s by checkpointing", self._process, seconds)
 
   @contextlib.contextmanager
   def evaluating(self):
     """Counts the time spent inside the block as eval time."""
     start = time.monotonic()
-    with self.progress.timed("eval"):
-      yield
+    yield
     self._eval_s += time.monotonic() - start
 
   def after_steps(self, first_step: int, last_step: int) -> None:
-    """Runs the periodic actions once for every step a call made (they expect each step)."""
-    for step in range(first_step, last_step + 1):
-      for hook in self._hooks:
-        hook(step)
+    """Runs the profiler hook once for every step a call made (it expects each step)."""
+    if self._profile:
+      for step in range(first_step, last_step + 1):
+        self._profile(step)
 
   def throughput(self, step: int) -> dict[str, float]:
-    """This host's speed since the last call, and logs it in this host's own line."""
+    """This host's speed since the last call; every process records it in its hosts/ file."""
     now = time.time()
     seconds, steps = now - self._last_time, step - self._last_step
     scalars = {"steps_per_sec": steps / seconds,
@@ -238,12 +300,14 @@ class Reporter:
         scalars["mfu"] = scalars["model_flops_per_sec"] / self._peak_flops
     scalars.update(self._first_step_scalars)
     self._first_step_scalars = {}
-    logging.info("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
-                 self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
-                 self._data_wait_s, 100 * self._data_wait_s / seconds)
+    logging.debug("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
+                  self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
+                  self._data_wait_s, 100 * self._data_wait_s / seconds)
     self._record("report", step=step, steps=steps, window_s=seconds, **self._waits(),
                  steps_per_sec=scalars["steps_per_sec"],
                  examples_per_sec=scalars["examples_per_sec"])
+    training_s = seconds - self._eval_s - self._checkpoint_blocked_s
+    self._train_steps_per_sec = steps / training_s if training_s > 0 else None
     self._last_step, self._last_time = step, now
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
     return scalars
@@ -253,22 +317,26 @@ class Reporter:
             "eval_s": self._eval_s}
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    """One report: every writer of this host, and a metrics.jsonl row on process 0."""
+    """One report: its console line, TensorBoard and a metrics.jsonl row (process 0)."""
     scalars = {name: float(np.asarray(value)) for name, value in scalars.items()}
-    self.writer.write_scalars(step, scalars)
-    self.writer.flush()
-    if self._jsonl:
-      self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-      self._jsonl.flush()
+    self.last_scalars.update(scalars)
+    if not self._is_main:
+      return
+    eta_s = ((self._num_steps - step) / self._train_steps_per_sec
+             if self._train_steps_per_sec else None)
+    logging.info("%s", console_line(step, self._num_steps, scalars, eta_s))
+    self.tensorboard.write_scalars(step, scalars)
+    self.tensorboard.flush()
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
 
   def close(self) -> None:
     """Records the end (with the waits since the last report) and closes every writer."""
     self._record("end", step=self._last_step, window_s=time.time() - self._last_time,
                  **self._waits())
     self._records.close()
-    self.writer.flush()
-    self.writer.close()
-    if self._jsonl:
+    if self._is_main:
+      self.tensorboard.close()
       self._jsonl.close()
     if self._profile:
       self._profile.close()

@@ -1,0 +1,74 @@
+"""What a person sees on the console: the launcher's own lines without library noise (unless
+--verbosity asks for it), the process on every line of a multi-process job, one-line errors, and
+`--help`."""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import flags, logging
+
+from launcher.errors import EXIT_USAGE
+
+_LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _LibraryNoise(std_logging.Filter):
+  """Drops other libraries' INFO and DEBUG lines; their warnings and errors stay."""
+
+  def filter(self, record):
+    path = os.path.abspath(record.pathname)
+    return (record.levelno >= std_logging.WARNING or path.startswith(_LAUNCHER_DIR)
+            or not any(part in path for part in ("site-packages", "dist-packages")))
+
+
+class _Plain(std_logging.Formatter):
+  """`[process i/n] message`, or just the message in a single-process run."""
+
+  def __init__(self, prefix: str = ""):
+    super().__init__()
+    self.prefix = prefix
+
+  def format(self, record):
+    level = "" if record.levelno < std_logging.WARNING else f"{record.levelname.lower()}: "
+    return f"{self.prefix}{level}{super().format(record)}"
+
+
+_formatter = _Plain()
+
+
+def quiet_libraries() -> None:
+  """Unless --verbosity is 1 or more (absl's own format, every library's lines): plain lines,
+  and other libraries' INFO lines and C++ notices left out."""
+  if logging.get_verbosity() >= logging.DEBUG:
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ INFO and WARNING lines.
+  handler = logging.get_absl_handler()
+  handler.setFormatter(_formatter)
+  handler.addFilter(_LibraryNoise())
+
+
+def name_process(process_index: int, process_count: int) -> None:
+  """Every later line of a multi-process job starts with its process."""
+  if process_count > 1:
+    _formatter.prefix = f"[process {process_index}/{process_count}] "
+
+
+def usage_error(message: str) -> None:
+  """Bad input: one message, and the exit code that tells a supervisor not to restart."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USAGE)
+
+
+def print_help(main_module) -> None:
+  """The launcher's own flags and where to find the config keys, on stdout."""
+  print("usage: python -m launcher --config=CONFIG_FILE[:VARIANT] --workdir=DIR "
+        "[--config.KEY=VALUE ...] [flags]\n\n"
+        "Trains the config's workload on every device of every process; a workdir that holds "
+        "checkpoints resumes.\n\n"
+        "Config keys: python -m launcher --config=configs/lm.py --show_config prints every key of "
+        "a config with its value and meaning (overrides applied).\n"
+        "Configs shipped: configs/linear.py, configs/classifier.py, configs/lm.py:tiny|small|"
+        "medium.\n\nflags:")
+  print(flags.FLAGS.module_help(main_module))
+  print("\n--verbosity=1 shows every library's log lines; --helpfull lists every library's flags.")
