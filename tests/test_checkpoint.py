@@ -18,6 +18,8 @@ from launcher.errors import NonFiniteError, UsageError
 from tests.helpers import (finish, launcher_command, load_config, load_params, losses_by_step,
                            read_metrics, start, wait_for)
 
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
+
 CONFIG = "--config=tests/hooked_config.py"
 LAYOUTS = {"1x8": (1, 8), "2x4": (2, 4)}
 

@@ -12,6 +12,8 @@ from launcher import parallel, train
 from tests.helpers import (assert_close, finish, launcher_command, load_config, load_params,
                            losses_by_step, read_metrics, start)
 
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
+
 RUNS = {  # Each workload for a few steps, a report every step.
     "linear": ("linear", None, {}),
     "classifier": ("classifier", None, {}),

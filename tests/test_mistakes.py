@@ -3,6 +3,9 @@ compute, with nothing of the run written. Generated over every key and flag, not
 
 import concurrent.futures
 import os
+import re
+import subprocess
+import sys
 import textwrap
 
 import ml_collections
@@ -11,9 +14,7 @@ import pytest
 from launcher import config as config_lib
 from launcher import train
 from launcher.errors import EXIT_USAGE, UsageError, WorkloadError
-from tests.helpers import load_config, run_launcher
-
-from absl import flags
+from tests.helpers import REPO, load_config, run_launcher
 
 # A value of the wrong type for each type of default, and one out of range for each ranged key.
 WRONG_TYPE = {int: "12", float: "fast", str: 3, bool: "yes"}
@@ -100,12 +101,13 @@ LAUNCHER_FLAGS = {"config", "workdir", "show_config", "coordinator_address", "nu
                   "heartbeat_timeout_seconds", "step_timeout_seconds"}
 
 
-def test_the_catalogue_covers_every_launcher_flag():
-  import launcher.__main__ as main  # pylint: disable=import-outside-toplevel  # defines the flags
-  defined = {flag.name for flag in flags.FLAGS.get_flags_for_module(main)}
-  assert defined == LAUNCHER_FLAGS
-  assert LAUNCHER_FLAGS <= {name.split(" ")[0] for name in BAD_COMMANDS} | {
-      "config", "workdir"}
+def test_help_lists_every_launcher_flag_and_the_catalogue_covers_them():
+  result = subprocess.run([sys.executable, "-m", "launcher", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 0 and "--show_config" in result.stdout
+  listed = set(re.findall(r"^  --(?:\[no\])?(\w+)", result.stdout, re.MULTILINE))
+  assert listed == LAUNCHER_FLAGS
+  assert LAUNCHER_FLAGS <= {name.split(" ")[0] for name in BAD_COMMANDS} | {"config", "workdir"}
 
 
 @pytest.mark.slow

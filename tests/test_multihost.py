@@ -18,6 +18,8 @@ from launcher.local import free_port
 from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
                            losses_by_step, start, wait_for)
 
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
+
 RUNS = {  # Each workload's config for a few steps, a report every step.
     "linear": ("linear", None, {"num_steps": 4}),
     "classifier": ("classifier", None, {"num_steps": 4, "warmup_steps": 2}),
@@ -45,7 +47,10 @@ def test_two_processes_of_four_devices_equal_one_of_eight(name, tmp_path):
                   str(tmp_path / "2x4.log"), devices=4)
   assert finish(process, 180) == 0, open(tmp_path / "2x4.log").read()[-3000:]
   log = open(tmp_path / "2x4.log").read()
-  assert "[process 0]" in log and "[process 1]" in log
+  # One console line per report, from process 0 only; every line says which process it is from.
+  assert "[process 0/2] step 4/4 | loss " in log and "[process 1/2] step" not in log
+  assert "[process 1/2] process 1/2 on" in log and "[Gloo]" not in log
+  assert "[process 0/2] finished 4 steps in" in log
   assert "process 1/2 on" in open(workdir / "logs" / "process_1.log").read()
 
   # The reference: one process with 8 devices, in this test process.

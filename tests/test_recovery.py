@@ -8,11 +8,14 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from launcher.errors import EXIT_PEER_LOST, EXIT_STUCK, EXIT_USAGE
 from launcher.local import free_port, process_env
 from tests.helpers import (finish, launcher_command, load_params, losses_by_step, read_metrics,
                            start, wait_for)
+
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 CONFIG = "--config=tests/hooked_config.py"
 

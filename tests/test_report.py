@@ -6,11 +6,13 @@ import sys
 import time
 
 import matplotlib.image
+import pytest
 
 from launcher import report
 from tests.helpers import REPO, finish, launcher_command, start
 
 
+@pytest.mark.slow
 def test_report_of_a_two_process_run_that_was_resumed(tmp_path):
   workdir = tmp_path / "run"
   args = ["--config=tests/hooked_config.py", f"--workdir={workdir}", "--config.num_steps=20",

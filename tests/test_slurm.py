@@ -10,6 +10,8 @@ import pytest
 from launcher import train
 from tests.helpers import REPO, load_config, losses_by_step, wait_for
 
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
+
 CLUSTER = os.path.join(REPO, "scripts", "slurm", "local_cluster.sh")
 
 

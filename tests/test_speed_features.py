@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import pytest
 from jax._src import array
 
-from launcher import metrics, train
+from launcher import reporter, train
 from tests.helpers import assert_close, load_config, read_metrics, run_launcher
 from workloads import lm
+
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 RUNS = {
     "classifier": (None, {"num_steps": 4, "steps_per_call": 2, "log_every_steps": 2,
@@ -82,7 +84,7 @@ def test_no_device_to_host_transfer_between_reports(tmp_path, monkeypatch, guard
     del self, first_step, last_step
     float(jnp.float32(1.0) + 1.0)  # What a per-step `float(loss)` does.
 
-  monkeypatch.setattr(metrics.Reporter, "after_steps", sync_every_step)
+  monkeypatch.setattr(reporter.Reporter, "after_steps", sync_every_step)
   with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
     train.run(config, str(tmp_path / "synced"))
 
@@ -105,7 +107,7 @@ def test_throughput_flops_and_time_to_first_step_are_reported(tmp_path):
     ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None)])
 def test_peak_flops_table(device_kind, peak):
-  assert metrics.peak_flops_per_device(device_kind) == peak
+  assert reporter.peak_flops_per_device(device_kind) == peak
 
 
 def test_compilation_cache_persists_compiled_programs(tmp_path):

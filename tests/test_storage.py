@@ -20,6 +20,8 @@ from tests.gcs_emulator import Emulator
 from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
                            losses_by_step, read_metrics, start, wait_for)
 
+pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
+
 CONFIG = "--config=tests/hooked_config.py"
 
 

@@ -1,0 +1,154 @@
+"""Unit tests of the pieces a step and a run are made of, each against a hand computation:
+milliseconds each, no processes (the fast tier: `python -m pytest -q tests -m "not slow"`)."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from launcher import checkpoint, config as config_lib, parallel, reporter, step, train
+from launcher.errors import UsageError
+from launcher.state import TrainState
+
+
+def _linear_loss(params, batch, rng):
+  del rng
+  error = params["w"] * batch["x"] - batch["y"]
+  return jnp.mean(error ** 2), {"error": jnp.mean(jnp.abs(error))}
+
+
+def _state(w: float, tx) -> TrainState:
+  params = {"w": jnp.float32(w)}
+  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(0), skipped_steps=jnp.int32(0))
+
+
+def _one_device_step(state, batch, tx, **kwargs):
+  """train_step as one device sees it (a pmap over one device: axis `batch` of size 1)."""
+  call = jax.pmap(lambda s, b: step.train_step(s, b, loss_fn=_linear_loss, tx=tx,
+                                               schedule=optax.constant_schedule(0.1), **kwargs),
+                  axis_name=step.AXIS, devices=jax.local_devices()[:1])
+  add_axis = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+  new_state, metrics = call(add_axis(state), add_axis(batch))
+  return jax.tree.map(lambda x: x[0], new_state), jax.tree.map(lambda x: x[0], metrics)
+
+
+BATCH = {"x": np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+         "y": np.array([2.0, 4.0, 5.0, 9.0], np.float32)}
+
+
+def test_train_step_is_one_sgd_step_by_hand():
+  tx = optax.sgd(0.1)
+  new_state, metrics = _one_device_step(_state(1.0, tx), BATCH, tx)
+  error = 1.0 * BATCH["x"] - BATCH["y"]
+  gradient = np.mean(2 * error * BATCH["x"])
+  assert float(metrics["loss"]) == pytest.approx(np.mean(error ** 2))
+  assert float(metrics["grad_norm"]) == pytest.approx(abs(gradient))
+  assert float(new_state.params["w"]) == pytest.approx(1.0 - 0.1 * gradient)
+  assert int(new_state.step) == 1
+
+
+def test_gradient_accumulation_averages_microbatch_gradients():
+  tx = optax.sgd(0.1)
+  whole, _ = _one_device_step(_state(1.0, tx), BATCH, tx)
+  accumulated, metrics = _one_device_step(_state(1.0, tx), BATCH, tx, grad_accum_steps=2)
+  assert float(accumulated.params["w"]) == pytest.approx(float(whole.params["w"]), rel=1e-6)
+  halves = [np.mean((BATCH["x"][i:i + 2] - BATCH["y"][i:i + 2]) ** 2) for i in (0, 2)]
+  assert float(metrics["loss"]) == pytest.approx(np.mean(halves))
+
+
+def test_a_nonfinite_step_is_skipped_and_counted():
+  tx = optax.sgd(0.1)
+  bad = {**BATCH, "y": np.array([np.nan, 4.0, 5.0, 9.0], np.float32)}
+  new_state, metrics = _one_device_step(_state(1.0, tx), bad, tx, skip_nonfinite=True)
+  assert float(new_state.params["w"]) == 1.0 and int(new_state.skipped_steps) == 1
+  assert not bool(np.asarray(metrics["mask"]).any()) and float(metrics["loss"]) == 0.0
+
+
+def test_bfloat16_compute_keeps_float32_params_and_returns_float32_loss():
+  tx = optax.sgd(0.1)
+  new_state, metrics = _one_device_step(_state(1.0, tx), BATCH, tx, compute_dtype=jnp.bfloat16)
+  assert new_state.params["w"].dtype == jnp.float32 and metrics["loss"].dtype == jnp.float32
+  exact, _ = _one_device_step(_state(1.0, tx), BATCH, tx)
+  assert float(new_state.params["w"]) == pytest.approx(float(exact.params["w"]), rel=1e-2)
+
+
+def test_eval_step_counts_each_real_example_once_and_padding_never():
+  batch = {**BATCH, "mask": np.array([1, 1, 1, 0], np.float32)}
+  batch["y"] = batch["y"].copy()
+  batch["y"][3] = 1e6  # Padding with a huge error must not count.
+  call = jax.pmap(lambda p, m, b: step.eval_step(p, m, b, loss_fn=_linear_loss),
+                  axis_name=step.AXIS, devices=jax.local_devices()[:1])
+  add_axis = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+  metrics = call(add_axis({"w": jnp.float32(1.0)}),
+                 add_axis(step.empty_metrics(["loss", "error"])), add_axis(batch))
+  computed = jax.tree.map(lambda x: x[0], metrics).compute()
+  errors = BATCH["x"][:3] - BATCH["y"][:3]
+  assert float(computed["loss"]) == pytest.approx(np.mean(errors ** 2))
+  assert float(computed["error"]) == pytest.approx(np.mean(np.abs(errors)))
+
+
+def test_in_flight_waits_for_the_oldest_call_beyond_its_limit():
+  finished = []
+
+  class Call:
+    def __init__(self, i):
+      self.i = i
+
+    def block_until_ready(self):
+      finished.append(self.i)
+      return self
+
+  in_flight = parallel.InFlight(2)
+  for i in range(4):
+    in_flight.wait_for_room()
+    in_flight.add(Call(i))
+  assert finished == [0, 1]  # Calls 2 and 3 may still run; 0 and 1 were waited for, in order.
+
+
+def test_checkpoint_structure_mismatch_names_every_entry():
+  saved = {"params": {"dense": {"kernel": np.zeros((4, 8))}, "old": np.zeros(3)}}
+  wanted = {"params": {"dense": {"kernel": np.zeros((4, 16))}, "new": np.zeros(3)}}
+  with pytest.raises(UsageError) as raised:
+    checkpoint.check_structure(saved, wanted, "/runs/a")
+  message = str(raised.value)
+  assert "3 entries differ" in message
+  assert "params/dense/kernel: checkpoint shape (4, 8), this config's (4, 16)" in message
+  assert "params/old: in the checkpoint, not in this config's state" in message
+  assert "params/new: in this config's state, not in the checkpoint" in message
+
+
+@pytest.mark.parametrize("last_step, preempted, due", [
+    (10, False, (True, False, False)),
+    (20, False, (True, True, False)),
+    (30, False, (True, False, True)),
+    (35, True, (False, True, False)),
+    (40, False, (True, True, True)),  # The last step: everything.
+    (5, False, (False, False, False)),
+])
+def test_what_is_due_after_a_call(last_step, preempted, due):
+  config = config_lib.defaults()
+  config.update(num_steps=40, steps_per_call=5, log_every_steps=10, checkpoint_every_steps=20,
+                eval_every_steps=30)
+  assert tuple(train._due(config, last_step, preempted)) == due  # pylint: disable=protected-access
+
+
+def test_the_console_line_of_a_report():
+  scalars = {"loss": 2.3634, "accuracy": 0.4512, "eval_loss": 2.0397, "grad_norm": 0.5,
+             "learning_rate": 3e-3, "steps_per_sec": 15.42, "tokens_per_sec": 63150.0,
+             "data_wait_s": 0.2, "skipped_steps": 0.0}
+  assert reporter.console_line(250, 300, scalars, eta_s=3725.4) == (
+      "step 250/300 | loss 2.363 | accuracy 0.4512 | eval_loss 2.04 | 63150 tokens/s | "
+      "15.42 steps/s | ETA 1:02:05")
+  assert reporter.console_line(300, 300, {"loss": 1.0, "skipped_steps": 2.0}, None) == (
+      "step 300/300 | loss 1 | skipped 2 non-finite steps")
+
+
+def test_seconds_before_a_moment_count_from_the_process_start():
+  now = time.time()
+  assert 0 < reporter.seconds_before(now) < reporter.seconds_since_process_start() + 1e-3
+  assert reporter.seconds_before(now - 0.5) == pytest.approx(reporter.seconds_before(now) - 0.5,
+                                                             abs=0.05)
