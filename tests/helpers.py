@@ -93,7 +93,7 @@ def load_params(workdir: str, step: int | None = None):
     step = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
                if name.isdigit())
   namespace = {}
-  exec(snippet.replace("/tmp/run/checkpoints/1000", os.path.join(workdir, "checkpoints", str(step))),  # pylint: disable=exec-used
+  exec(snippet.replace("/tmp/run/checkpoints/300", os.path.join(workdir, "checkpoints", str(step))),  # pylint: disable=exec-used
        namespace)
   return namespace["params"]
 

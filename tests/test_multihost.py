@@ -92,7 +92,7 @@ def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10):
 def test_a_killed_process_ends_the_job_within_the_heartbeat_timeout(victim, tmp_path):
   processes = two_launchers(tmp_path)
   try:
-    wait_for(lambda: "step 100:" in open(tmp_path / "process_0.log").read(), 120,
+    wait_for(lambda: "step 100/" in open(tmp_path / "process_0.log").read(), 120,
              "the job to train", processes[0])
     processes[victim].kill()
     killed_at = time.monotonic()
@@ -154,8 +154,7 @@ def test_local_runner_ends_every_process_when_one_dies(tmp_path):
                                   "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
                                   num_processes=2, devices=4, grace=2),
                  str(tmp_path / "runner.log"), devices=4)
-  wait_for(lambda: (workdir / "logs" / "process_1.log").exists() and
-           "step 50:" in (workdir / "logs" / "process_1.log").read_text(), 120, "training", runner)
+  wait_for(lambda: (workdir / "metrics.jsonl").exists(), 120, "training", runner)
   children = subprocess.run(["pgrep", "-P", str(runner.pid)], capture_output=True,
                             text=True).stdout.split()
   assert len(children) == 2
