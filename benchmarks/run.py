@@ -64,10 +64,13 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
   replicated_state = executor.replicate(state)
   host_batches = workload.dataset(config, "train", 0, 1)
   example = next(host_batches)
-  names = [*step.TRAIN_METRICS, *step.metric_names(loss_fn, state.params, example)]
-  empty = executor.replicate(step.empty_metrics(names))
+  metric_names = workload_lib.check_loss_output(
+      workload, jax.eval_shape(loss_fn, state.params, example, None))
+  metric_set = step.MetricSet([*step.TRAIN_METRICS, *metric_names])
+  empty = executor.replicate(metric_set.zeros)
   call = executor.map(
-      lambda s, m, b: step.train_call(s, m, b, steps_per_call=k, loss_fn=loss_fn, tx=tx,
+      lambda s, m, b: step.train_call(s, m, b, steps_per_call=k, metric_set=metric_set,
+                                      loss_fn=loss_fn, tx=tx,
                                       schedule=state_lib.schedule(config)),
       stacked=k > 1, donate_argnums=(0,))
   if on_device:
@@ -86,7 +89,7 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
       replicated_state, metrics = call(replicated_state, empty, batch)
       in_flight.add(metrics)
       if sync_every_step:
-        float(executor.unreplicate(metrics).compute()["loss"])
+        float(metric_set.unpack(executor.unreplicate(metrics)).compute()["loss"])
     jax.block_until_ready(replicated_state)
     if w:
       rates.append(window / (time.perf_counter() - start))

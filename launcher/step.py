@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from clu import metrics as clu_metrics
-from jax import lax
+from jax import flatten_util, lax
 
 from launcher.state import TrainState
 
@@ -20,8 +20,12 @@ TRAIN_METRICS = ("loss", "grad_norm", "learning_rate")
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum_steps: int = 1, compute_dtype=None,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False,
+               one_gradient_all_reduce: bool = False) -> tuple[TrainState, dict]:
   """One update from this device's shard; gradients are averaged over every device.
+
+  With `one_gradient_all_reduce` the gradients are averaged as one flat vector: one all-reduce
+  instead of one per array, where the compiler does not combine them itself (XLA on CPU).
 
   With `grad_accum_steps` M > 1 the shard is split into M microbatches whose gradients are
   averaged (lax.scan) before the one update: the same update as one step on the whole shard, in
@@ -34,7 +38,11 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.Gra
   (loss, metrics), grads = gradients(state.params, batch, device_rng(state.rng, state.step),
                                      loss_fn=loss_fn,
                                      grad_accum_steps=grad_accum_steps, compute_dtype=compute_dtype)
-  grads = lax.pmean(grads, AXIS)
+  if one_gradient_all_reduce:
+    flat, unflatten = flatten_util.ravel_pytree(grads)
+    grads = unflatten(lax.pmean(flat, AXIS))
+  else:
+    grads = lax.pmean(grads, AXIS)
   return update(state, grads, {"loss": loss, **metrics}, tx=tx, schedule=schedule,
                 skip_nonfinite=skip_nonfinite, mean_loss=lambda: lax.pmean(loss, AXIS))
 
@@ -101,26 +109,50 @@ def _cast_loss(loss_fn: LossFn, compute_dtype) -> LossFn:
   return loss
 
 
-def train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict, *,
-               steps_per_call: int, **step_kwargs) -> tuple[TrainState, clu_metrics.Collection]:
-  """K steps in one call (lax.scan over [K, per_device, ...] batches); metrics gathered on device."""
+class MetricSet:
+  """Named scalar averages (CLU `Average` metrics) carried from call to call as one float32
+  vector: every array a call takes and returns costs dispatch time, and a CLU Collection is two
+  per metric. Adding two vectors merges the collections they hold."""
+
+  def __init__(self, names):
+    self.names = tuple(names)
+    self.empty = empty_metrics(self.names)
+    self.zeros, self._unravel = flatten_util.ravel_pytree(self.empty)
+
+  def pack(self, collection: clu_metrics.Collection) -> jax.Array:
+    return flatten_util.ravel_pytree(collection)[0]
+
+  def unpack(self, vector: jax.Array) -> clu_metrics.Collection:
+    return self._unravel(vector)
+
+  def single(self, values: dict) -> clu_metrics.Collection:
+    """One step's metrics (and their `mask`) as a collection, without any collective."""
+    return type(self.empty).single_from_model_output(**values)
+
+
+def train_call(state: TrainState, metrics: jax.Array, batches: dict, *, steps_per_call: int,
+               metric_set: MetricSet, **step_kwargs) -> tuple[TrainState, jax.Array]:
+  """K steps in one call (lax.scan over [K, per_device, ...] batches). Each device sums its own
+  metrics over the K steps; one all-reduce of one vector adds them to `metrics` at the end."""
 
   def one_step(carry, batch):
-    state, metrics = carry
+    state, local = carry
     state, step_metrics = train_step(state, batch, **step_kwargs)
-    return (state, metrics.merge(type(metrics).gather_from_model_output(axis_name=AXIS,
-                                                                          **step_metrics))), None
+    return (state, local.merge(metric_set.single(step_metrics))), None
 
+  carry = (state, metric_set.unpack(jnp.zeros_like(metrics)))  # Traced: no constants.
   if steps_per_call == 1:
-    return one_step((state, metrics), batches)[0]
-  return lax.scan(one_step, (state, metrics), batches)[0]
+    state, local = one_step(carry, batches)[0]
+  else:
+    state, local = lax.scan(one_step, carry, batches)[0]
+  return state, metrics + lax.psum(metric_set.pack(local), AXIS)
 
 
-def sharded_train_call(state: TrainState, metrics: clu_metrics.Collection, batches: dict, *,
-                       steps_per_call: int, mesh: jax.sharding.Mesh, param_specs: Any,
-                       loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                       grad_accum_steps: int = 1, compute_dtype=None,
-                       skip_nonfinite: bool = False) -> tuple[TrainState, clu_metrics.Collection]:
+def sharded_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
+                       steps_per_call: int, metric_set: MetricSet, mesh: jax.sharding.Mesh,
+                       param_specs: Any, loss_fn: LossFn, tx: optax.GradientTransformation,
+                       schedule: optax.Schedule, grad_accum_steps: int = 1, compute_dtype=None,
+                       skip_nonfinite: bool = False) -> tuple[TrainState, jax.Array]:
   """`train_call` over the job's global arrays, for a state sharded over the devices (fsdp).
 
   Per step: the params are gathered whole for the workload's loss on each device's shard of the
@@ -142,18 +174,21 @@ def sharded_train_call(state: TrainState, metrics: clu_metrics.Collection, batch
                                    out_specs=(param_specs, spec(AXIS)), check_vma=False)
 
   def one_step(carry, batch):
-    state, metrics = carry
+    state, local = carry
     grads, values = device_gradients(state.params, state.rng, state.step, batch)
     state, step_metrics = update(state, grads, values, tx=tx, schedule=schedule,
                                  skip_nonfinite=skip_nonfinite,
                                  mean_loss=lambda: jnp.mean(values["loss"]))
     per_device_values = {name: jnp.broadcast_to(value, values["loss"].shape)
                          for name, value in step_metrics.items()}
-    return (state, metrics.merge(type(metrics).single_from_model_output(**per_device_values))), None
+    return (state, local.merge(metric_set.single(per_device_values))), None
 
+  carry = (state, metric_set.unpack(jnp.zeros_like(metrics)))  # Traced: no constants.
   if steps_per_call == 1:
-    return one_step((state, metrics), batches)[0]
-  return lax.scan(one_step, (state, metrics), batches)[0]
+    state, local = one_step(carry, batches)[0]
+  else:
+    state, local = lax.scan(one_step, carry, batches)[0]
+  return state, metrics + metric_set.pack(local)
 
 
 def _average_to_shard(grad: jax.Array, spec: jax.sharding.PartitionSpec) -> jax.Array:
@@ -179,12 +214,6 @@ def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
 
   values = jax.vmap(per_example)(examples)
   return metrics.merge(type(metrics).gather_from_model_output(axis_name=AXIS, mask=batch["mask"], **values))
-
-
-def metric_names(loss_fn: LossFn, params: Any, example_batch: dict) -> list[str]:
-  """The names of the workload's metrics, read from the shapes of its loss (no compute)."""
-  _, metrics = jax.eval_shape(loss_fn, params, example_batch, None)
-  return list(metrics)
 
 
 def empty_metrics(names: list[str]) -> clu_metrics.Collection:

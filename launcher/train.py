@@ -94,15 +94,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     return {f"eval_{name}": value for name, value in computed.items()}
 
   replicated_state = executor.replicate(state)
+  train_metric_set = step.MetricSet([*step.TRAIN_METRICS, *workload_metric_names])
   train_call = executor.map_train(
-      steps_per_call=k, loss_fn=loss_fn, tx=tx, schedule=state_lib.schedule(config),
+      steps_per_call=k, metric_set=train_metric_set, loss_fn=loss_fn, tx=tx,
+      schedule=state_lib.schedule(config),
       grad_accum_steps=config.grad_accum_steps, compute_dtype=config_lib.compute_dtype(config),
       skip_nonfinite=config.skip_nonfinite_steps)
   state_bytes = parallel.state_bytes_per_device(replicated_state)
   say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, config.parallel)
   report_writer.first_report_also(state_bytes_per_device=state_bytes)
-  no_train_metrics = executor.replicate(step.empty_metrics(
-      [*step.TRAIN_METRICS, *workload_metric_names]))
+  no_train_metrics = executor.replicate(train_metric_set.zeros)
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   preempted = False
@@ -130,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       if not any(due):
         continue
       watchdog.pause()
-      train_scalars = executor.unreplicate(train_metrics).compute()
+      train_scalars = train_metric_set.unpack(executor.unreplicate(train_metrics)).compute()
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
       if due.save:
