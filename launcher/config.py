@@ -11,7 +11,7 @@ import ml_collections
 from launcher.errors import UsageError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-EXECUTORS = ("pmap", "shard_map", "fsdp")
+EXECUTORS = ("shard_map", "pmap", "fsdp")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "warmup_cosine")
 
@@ -28,8 +28,9 @@ KEYS = {
     "steps_per_call": (1, "K updates inside one compiled call (lax.scan over K stacked batches)"),
     "max_calls_in_flight": (2, "compiled calls dispatched but not finished (CPU collectives abort "
                             "when too many queue up)"),
-    "parallel": ("pmap", "the executor: pmap, shard_map (jit(shard_map) over a Mesh) or fsdp "
-                 "(the train state sharded over every device); same results"),
+    "parallel": ("shard_map", "the executor: shard_map (jit(shard_map) over a Mesh of every "
+                 "device), pmap, or fsdp (the train state sharded over every device); same "
+                 "results"),
     "grad_accum_steps": (1, "M microbatches per step (lax.scan), gradients averaged; must divide "
                          "the per-device batch"),
     "compute_dtype": ("float32", "float32, bfloat16 or float16 for the loss; params, gradients "
