@@ -152,3 +152,38 @@ def test_seconds_before_a_moment_count_from_the_process_start():
   assert 0 < reporter.seconds_before(now) < reporter.seconds_since_process_start() + 1e-3
   assert reporter.seconds_before(now - 0.5) == pytest.approx(reporter.seconds_before(now) - 0.5,
                                                              abs=0.05)
+
+
+def test_one_gradient_all_reduce_gives_the_per_array_average():
+  """The flat-vector average (used on CPU) equals one pmean per gradient array, on 8 devices
+  that each see different examples."""
+  tx = optax.sgd(0.1)
+  params = {"w": jnp.float32(1.0), "v": jnp.arange(3, dtype=jnp.float32)}
+
+  def loss(params, batch, rng):
+    del rng
+    error = params["w"] * batch["x"] + jnp.sum(params["v"]) - batch["y"]
+    return jnp.mean(error ** 2), {}
+
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(0), skipped_steps=jnp.int32(0))
+  x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4)
+  batch = {"x": x, "y": 3 * x + 1}
+  results = []
+  for one in (False, True):
+    call = jax.pmap(lambda s, b, one=one: step.train_step(
+        s, b, loss_fn=loss, tx=tx, schedule=optax.constant_schedule(0.1),
+        one_gradient_all_reduce=one), axis_name=step.AXIS)
+    new_state, _ = call(jax.tree.map(lambda a: jnp.stack([a] * 8), state), batch)
+    results.append(jax.tree.map(np.asarray, new_state.params))
+  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+  assert not np.allclose(results[0]["v"], np.arange(3))  # The step moved the params.
+
+
+def test_metric_set_vectors_add_as_collections_merge():
+  metric_set = step.MetricSet(["loss", "accuracy"])
+  first = metric_set.single({"loss": jnp.float32(2.0), "accuracy": jnp.float32(0.5)})
+  second = metric_set.single({"loss": jnp.float32(4.0), "accuracy": jnp.float32(1.0)})
+  summed = metric_set.pack(first) + metric_set.pack(second) + metric_set.zeros
+  assert metric_set.unpack(summed).compute() == pytest.approx({"loss": 3.0, "accuracy": 0.75})
+  assert summed.shape == (5,)  # One vector: a total and a count per metric, and CLU's counter.
