@@ -23,8 +23,9 @@ setuptools.setup(
         "gcsfs>=2026.10.1",
         # TensorBoard event files written without TensorFlow, on local disks and gs://.
         "tensorboardX>=2.6.5",
-        # clu's metric writers and periodic actions import tensorflow at import time.
-        "tensorflow-cpu>=2.21",
+        # clu's metrics, its MetricWriter interface and profiler; not its writers, which would
+        # bring TensorFlow (2.4 GB, 5 s of import): TensorBoard files are written with tensorboardX.
+        # `tensorboard` reads and shows them.
         "tensorboard>=2.21",
         # `python -m launcher.report` draws its plots with matplotlib (headless).
         "matplotlib>=3.10",

@@ -16,7 +16,6 @@ import collections
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from flax import jax_utils  # pylint: disable=wrong-import-position
 from jax import flatten_util  # pylint: disable=wrong-import-position
 
 from benchmarks import mlp  # pylint: disable=wrong-import-position
+from benchmarks.run import print_ratios_and_write  # pylint: disable=wrong-import-position
 from launcher import config as config_lib  # pylint: disable=wrong-import-position
 from launcher import train  # pylint: disable=wrong-import-position
 
@@ -129,17 +129,7 @@ def main():
   combined = row("hand loop, one gradient all-reduce",
                  hand_loop_steps_per_sec(window, windows, one_all_reduce=True))
   ratios["launcher defaults / hand loop with one all-reduce, K=1"] = default / combined
-  print()
-  print("| ratio | value |\n| --- | ---: |")
-  for name, value in ratios.items():
-    print(f"| {name} | {value:.2f} |")
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "jax": jax.__version__, "devices": jax.device_count()},
-               "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "rows": rows,
-               "ratios": ratios}, f, indent=2)
-  print(f"\nwrote {args.output}")
+  print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
 
 
 if __name__ == "__main__":

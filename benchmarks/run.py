@@ -33,6 +33,20 @@ from launcher import workload as workload_lib  # pylint: disable=wrong-import-po
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
 
+def print_ratios_and_write(path: str, *, ratios: dict[str, float], **results) -> None:
+  """Prints a benchmark's ratios as a table, and writes all its results as JSON with the machine
+  and the date they were measured on."""
+  print("\n| ratio | value |\n| --- | ---: |")
+  for name, value in ratios.items():
+    print(f"| {name} | {value:.2f} |")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "jax": jax.__version__, "devices": jax.device_count()},
+               "date": time.strftime("%Y-%m-%d"), "ratios": ratios, **results}, f, indent=2)
+  print(f"\nwrote {path}")
+
+
 def summary(values: list[float]) -> dict:
   return {"median": statistics.median(values), "min": min(values), "max": max(values),
           "windows": len(values)}
@@ -190,16 +204,7 @@ def main():
   cold_s = row("warm_start", "first start (empty cache)", cold, unit="s")
   warm_s = row("warm_start", "second start (cache filled)", warm, unit="s")
   ratios["warm / cold time to first step"] = warm_s / cold_s
-
-  print("\nratios")
-  for name, value in ratios.items():
-    print(f"  {name:<52} {value:>6.2f}")
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "jax": jax.__version__, "devices": jax.device_count()},
-               "quick": args.quick, "rows": rows, "ratios": ratios}, f, indent=2)
-  print(f"\nwrote {args.output}")
+  print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
 
 
 if __name__ == "__main__":

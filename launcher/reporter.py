@@ -2,7 +2,8 @@
 metrics.jsonl (process 0), and every process's own records in hosts/ (what `launcher.report` reads).
 
 Every file goes through `launcher.storage`, so a `gs://` workdir gets all of them. TensorFlow is
-never imported here: clu's writer package imports it (5 s), so only clu's MetricWriter interface is.
+never imported here: clu's writer package imports it (5 s), so only clu's MetricWriter interface and
+its profiler are.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from clu import profiler as clu_profiler
 from etils import epath
 from tensorboardX import event_file_writer, record_writer
 from tensorboardX import summary as tbx_summary
@@ -74,6 +76,9 @@ def _metric_writer_interface():
 
 
 MetricWriter = _metric_writer_interface().MetricWriter
+
+
+PROFILE_STEPS = 5
 
 
 def seconds_before(moment: float) -> float:
@@ -144,25 +149,33 @@ class TensorBoardWriter(MetricWriter):
     self._events.close()
 
 
-def _profile(workdir: epath.Path, first_step: int):
-  """clu's profile hook, imported only when asked for (it brings TensorFlow); a trace for a gs://
-  workdir is written locally, then copied there on close."""
-  from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+class _Trace:
+  """Process 0's profile of `PROFILE_STEPS` steps from `first_step` (clu.profiler, which drives
+  jax.profiler), for TensorBoard's profile plugin; for a gs:// workdir it is written locally and
+  copied there on close."""
 
-  class Profile(periodic_actions.Profile):
+  def __init__(self, workdir: epath.Path, first_step: int):
+    self._destination = workdir if storage.is_remote(workdir) else None
+    self._logdir = (tempfile.mkdtemp(prefix="launcher-profile-") if self._destination
+                    else os.fspath(workdir))
+    self._first_step, self._end_step = first_step, first_step + PROFILE_STEPS
+    self._tracing = False
 
-    def __init__(self):
-      self._destination = workdir if storage.is_remote(workdir) else None
-      self._staging = tempfile.mkdtemp(prefix="launcher-profile-") if self._destination else None
-      super().__init__(logdir=self._staging or os.fspath(workdir), num_profile_steps=5,
-                       first_profile=first_step)
+  def __call__(self, step: int) -> None:
+    """Called for every step, after the call that made it was dispatched."""
+    if not self._tracing and self._first_step <= step < self._end_step:
+      clu_profiler.start(self._logdir)
+      self._tracing = True
+    elif self._tracing and step >= self._end_step:
+      clu_profiler.stop()
+      self._tracing = False
 
-    def close(self) -> None:
-      if self._destination:
-        storage.copy_tree(self._staging, self._destination)
-        shutil.rmtree(self._staging, ignore_errors=True)
-
-  return Profile()
+  def close(self) -> None:
+    if self._tracing:
+      clu_profiler.stop()
+    if self._destination:
+      storage.copy_tree(self._logdir, self._destination)
+      shutil.rmtree(self._logdir, ignore_errors=True)
 
 
 # The console line shows these (when present) after the loss and the workload's metrics; the rest
@@ -224,7 +237,7 @@ class Reporter:
     self._jsonl = storage.Appender(workdir / "metrics.jsonl") if self._is_main else None
     self._profile = None
     if self._is_main and profile_first_step > 0:
-      self._profile = _profile(workdir, profile_first_step)
+      self._profile = _Trace(workdir, profile_first_step)
     self._last_step, self._last_time = first_step, time.time()
     self._train_steps_per_sec = None
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0

@@ -12,6 +12,7 @@ import pytest
 from launcher import checkpoint, config as config_lib, parallel, reporter, step, train
 from launcher.errors import UsageError
 from launcher.state import TrainState
+from tests.helpers import load_config
 
 
 def _linear_loss(params, batch, rng):
@@ -187,3 +188,11 @@ def test_metric_set_vectors_add_as_collections_merge():
   summed = metric_set.pack(first) + metric_set.pack(second) + metric_set.zeros
   assert metric_set.unpack(summed).compute() == pytest.approx({"loss": 3.0, "accuracy": 0.75})
   assert summed.shape == (5,)  # One vector: a total and a count per metric, and CLU's counter.
+
+
+def test_profile_first_step_traces_on_process_0(tmp_path):
+  config = load_config("linear", num_steps=20, log_every_steps=10, eval_every_steps=0,
+                       profile_first_step=5)
+  train.run(config, str(tmp_path))
+  traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 1000
