@@ -96,14 +96,18 @@ def eval_batches(host_batches: Iterator[Batch], *, example: Batch, host_batch_si
     checked = _checked(host_batches, check)
     while True:
       batch = next(checked, None)
-      if process_count > 1:
-        if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
-          return
-      elif batch is None:
+      if not any_process(batch is not None, process_count):
         return
       yield pad(empty if batch is None else batch, host_batch_size)
 
   return prefetch(padded(), put)
+
+
+def any_process(value: bool, process_count: int) -> bool:
+  """Whether `value` holds on any process of the job (a collective: every process calls it)."""
+  if process_count == 1:
+    return value
+  return bool(multihost_utils.process_allgather(np.int32(value)).any())
 
 
 def pad(batch: Batch, size: int) -> Batch:

@@ -56,6 +56,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   with _timed(parts, "first batch"):
     example_batch, train_batches, workload_metric_names = _open_train_data(
         config, workload, layout, loss_fn, state, executor, first_step)
+    if config.eval_every_steps:
+      _check_eval_data(config, workload, layout)
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
     storage.write_text(workdir / "config.json", config.to_json(indent=2))
   say = logging.info if layout.process_index == 0 else logging.debug  # Facts of the whole job.
@@ -76,7 +78,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       eval_host_batches = itertools.islice(eval_host_batches, config.eval_batches)
     eval_metrics = executor.replicate(step.empty_metrics(["loss", *workload_metric_names]))
     in_flight = parallel.InFlight(config.max_calls_in_flight)
-    batch_count = 0
     for batch in data.eval_batches(
         eval_host_batches, example=example_batch, host_batch_size=layout.host_batch_size,
         process_count=layout.process_count, put=executor.put,
@@ -85,11 +86,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       in_flight.wait_for_room()
       eval_metrics = eval_call(replicated_params, eval_metrics, batch)
       in_flight.add(eval_metrics)
-      batch_count += 1
-    if not batch_count:
-      raise UsageError(f"workload {config.workload}'s eval dataset is empty: dataset(config, "
-                       "'eval', ...) must yield at least one batch, or set "
-                       "--config.eval_every_steps=0 to train without eval")
     computed = executor.unreplicate(eval_metrics).compute()
     return {f"eval_{name}": value for name, value in computed.items()}
 
@@ -230,6 +226,18 @@ def _open_train_data(config, workload, layout, loss_fn, state, executor, first_s
                                      steps_per_call=config.steps_per_call, put=executor.put,
                                      check=check)
   return example_batch, train_batches, metric_names
+
+
+def _check_eval_data(config, workload, layout) -> None:
+  """An eval set with no batch at all, on any process, is a mistake to name before training."""
+  first = next(workload_lib.open_dataset(workload, config, "eval", layout.process_index,
+                                         layout.process_count), None)
+  if first is not None:
+    workload_lib.check_batch(workload, "eval", first, rows=None, max_rows=layout.host_batch_size)
+  if not data.any_process(first is not None, layout.process_count):
+    raise UsageError(f"workload {config.workload}'s eval dataset is empty: dataset(config, "
+                     "'eval', ...) must yield at least one batch, or set "
+                     "--config.eval_every_steps=0 to train without eval")
 
 
 def _reporter(config, workload, workdir, layout, first_step, started) -> reporter.Reporter:

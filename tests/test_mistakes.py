@@ -242,7 +242,7 @@ def test_every_workload_contract_violation_is_one_line(mistake, tmp_path, monkey
   message = str(raised.value)
   assert expected in message and "\n" not in message, message
   assert name in message, message
-  if mistake not in ("train dataset ends", "eval dataset empty", "eval batch too big"):
+  if mistake != "train dataset ends":  # That one can only be noticed when it happens.
     written = [f for _, _, files in os.walk(workdir) for f in files]
     assert written in ([], [".workdir_token"]), written
 
