@@ -25,6 +25,7 @@ from tensorboardX import event_file_writer, record_writer
 from tensorboardX import summary as tbx_summary
 from tensorboardX.proto import event_pb2, summary_pb2
 
+import launcher
 from launcher import storage
 
 
@@ -48,16 +49,21 @@ def peak_flops_per_device(device_kind: str) -> float | None:
   return None
 
 
-def seconds_since_process_start() -> float | None:
-  """Wall time since this process started (Linux /proc), imports included."""
+def seconds_since_process_start() -> float:
+  """Wall time since this process started (Linux /proc), imports included. A shell that ran
+  other commands before it `exec`s python (`bash -c "pip install ... && python -m launcher"`)
+  hands its own start time to the process: when /proc's start lies more than 2 s before the
+  launcher package was imported, the time since that import is given instead."""
+  since_import = time.time() - launcher.IMPORTED_AT
   try:
     with open("/proc/self/stat") as f:
       start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
     with open("/proc/uptime") as f:
       uptime = float(f.read().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
   except (OSError, ValueError, IndexError):
-    return None
+    return since_import
+  since_start = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  return since_start if since_start - since_import < 2.0 else since_import
 
 
 def _metric_writer_interface():
@@ -83,8 +89,7 @@ PROFILE_STEPS = 5
 
 def seconds_before(moment: float) -> float:
   """Seconds from this process's start to `moment` (a time.time()); 0 where unknown."""
-  since_start = seconds_since_process_start()
-  return max(since_start - (time.time() - moment), 0.0) if since_start is not None else 0.0
+  return max(seconds_since_process_start() - (time.time() - moment), 0.0)
 
 
 class _AppenderFactory:
@@ -265,7 +270,7 @@ class Reporter:
     the process's start) and the rest, the first call's compilation."""
     self._last_time = time.time()  # Throughput windows start after compilation.
     since_run = self._last_time - self._started
-    since_process = seconds_since_process_start() or since_run
+    since_process = seconds_since_process_start()
     parts = {**start_parts, "compile and first step": since_process - sum(start_parts.values())}
     log = logging.info if self._is_main else logging.debug
     log("time to first step %.2f s (%.2f s since the process started): %s", since_run,
