@@ -135,17 +135,27 @@ def train_call(state: TrainState, metrics: jax.Array, batches: dict, *, steps_pe
   """K steps in one call (lax.scan over [K, per_device, ...] batches). Each device sums its own
   metrics over the K steps; one all-reduce of one vector adds them to `metrics` at the end."""
 
+  state, local = _steps(lambda state, batch: train_step(state, batch, **step_kwargs), state,
+                        batches, steps_per_call=steps_per_call, metric_set=metric_set,
+                        like=metrics)
+  return state, metrics + lax.psum(metric_set.pack(local), AXIS)
+
+
+def _steps(step_fn, state: TrainState, batches: dict, *, steps_per_call: int,
+           metric_set: MetricSet, like: jax.Array) -> tuple[TrainState, clu_metrics.Collection]:
+  """`step_fn(state, batch) -> (state, step metrics)` over K batches (lax.scan when K > 1), the
+  steps' metrics summed into a fresh collection (built from `like`, a metrics vector, inside
+  the trace: no constants)."""
+
   def one_step(carry, batch):
     state, local = carry
-    state, step_metrics = train_step(state, batch, **step_kwargs)
+    state, step_metrics = step_fn(state, batch)
     return (state, local.merge(metric_set.single(step_metrics))), None
 
-  carry = (state, metric_set.unpack(jnp.zeros_like(metrics)))  # Traced: no constants.
+  carry = (state, metric_set.unpack(jnp.zeros_like(like)))
   if steps_per_call == 1:
-    state, local = one_step(carry, batches)[0]
-  else:
-    state, local = lax.scan(one_step, carry, batches)[0]
-  return state, metrics + lax.psum(metric_set.pack(local), AXIS)
+    return one_step(carry, batches)[0]
+  return lax.scan(one_step, carry, batches)[0]
 
 
 def sharded_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
@@ -173,21 +183,16 @@ def sharded_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
                                    in_specs=(spec(), spec(), spec(), spec(AXIS)),
                                    out_specs=(param_specs, spec(AXIS)), check_vma=False)
 
-  def one_step(carry, batch):
-    state, local = carry
+  def one_step(state, batch):
     grads, values = device_gradients(state.params, state.rng, state.step, batch)
     state, step_metrics = update(state, grads, values, tx=tx, schedule=schedule,
                                  skip_nonfinite=skip_nonfinite,
                                  mean_loss=lambda: jnp.mean(values["loss"]))
-    per_device_values = {name: jnp.broadcast_to(value, values["loss"].shape)
-                         for name, value in step_metrics.items()}
-    return (state, local.merge(metric_set.single(per_device_values))), None
+    return state, {name: jnp.broadcast_to(value, values["loss"].shape)
+                   for name, value in step_metrics.items()}
 
-  carry = (state, metric_set.unpack(jnp.zeros_like(metrics)))  # Traced: no constants.
-  if steps_per_call == 1:
-    state, local = one_step(carry, batches)[0]
-  else:
-    state, local = lax.scan(one_step, carry, batches)[0]
+  state, local = _steps(one_step, state, batches, steps_per_call=steps_per_call,
+                        metric_set=metric_set, like=metrics)
   return state, metrics + metric_set.pack(local)
 
 
