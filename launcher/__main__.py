@@ -100,7 +100,7 @@ def parse_flags(argv):
   if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
     console.print_help(sys.modules[__name__])
     sys.exit(0)
-  config_file = _argument(argv, "--config")
+  config_file = console.flag_value(argv[1:], "--config")
   try:
     if config_file:
       config_lib.check_file(config_file)
@@ -125,17 +125,6 @@ def parse_flags(argv):
                         "get_config()")
   except Exception as e:  # pylint: disable=broad-except
     console.usage_error(f"--config={config_file}: loading it raised {type(e).__name__}: {e}")
-
-
-def _argument(argv, name: str) -> str | None:
-  """The value of `--name=VALUE` or `--name VALUE` in argv (the last one given), if any."""
-  value = None
-  for i, arg in enumerate(argv[1:], 1):
-    if arg.startswith(name + "="):
-      value = arg.split("=", 1)[1]
-    elif arg == name and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
 
 
 def entry():

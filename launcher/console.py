@@ -54,6 +54,18 @@ def name_process(process_index: int, process_count: int) -> None:
     _formatter.prefix = f"[process {process_index}/{process_count}] "
 
 
+def flag_value(args: list[str], name: str) -> str | None:
+  """The value of `--name=VALUE` or `--name VALUE` among `args`; the last one given wins, as in
+  absl's parsing."""
+  value = None
+  for i, arg in enumerate(args):
+    if arg.startswith(name + "="):
+      value = arg.split("=", 1)[1]
+    elif arg == name and i + 1 < len(args):
+      value = args[i + 1]
+  return value
+
+
 def usage_error(message: str) -> None:
   """Bad input: one message, and the exit code that tells a supervisor not to restart."""
   print(f"error: {message}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable
 
-from launcher import storage
+from launcher import console, storage
 from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, UsageError
 
 MAX_BACKOFF_S = 60.0
@@ -60,13 +60,12 @@ def last_checkpoint(workdir: str | None) -> int | None:
 
 
 def workdir_of(launcher_args: list[str]) -> str:
-  """The --workdir among the launcher's arguments (both `--workdir=X` and `--workdir X`)."""
-  for i, arg in enumerate(launcher_args):
-    if arg.startswith("--workdir="):
-      return arg.split("=", 1)[1]
-    if arg == "--workdir" and i + 1 < len(launcher_args):
-      return launcher_args[i + 1]
-  raise UsageError("pass the launcher's arguments after --, including --workdir=DIR")
+  """The --workdir among the launcher's arguments (both `--workdir=X` and `--workdir X`; the
+  last one, which the launcher uses)."""
+  workdir = console.flag_value(launcher_args, "--workdir")
+  if workdir is None:
+    raise UsageError("pass the launcher's arguments after --, including --workdir=DIR")
+  return workdir
 
 
 def _die_with_parent():
