@@ -84,11 +84,8 @@ def _metric_writer_interface():
 MetricWriter = _metric_writer_interface().MetricWriter
 
 
-PROFILE_STEPS = 5
-
-
 def seconds_before(moment: float) -> float:
-  """Seconds from this process's start to `moment` (a time.time()); 0 where unknown."""
+  """Seconds from this process's start to `moment` (a time.time())."""
   return max(seconds_since_process_start() - (time.time() - moment), 0.0)
 
 
@@ -152,6 +149,9 @@ class TensorBoardWriter(MetricWriter):
 
   def close(self):
     self._events.close()
+
+
+PROFILE_STEPS = 5
 
 
 class _Trace:

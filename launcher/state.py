@@ -42,13 +42,16 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   return tx
 
 
-def create(config: ml_collections.ConfigDict, init_fn, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state on one device: params from `init_fn(config, rng)`, rng from `config.seed`."""
+def create(config: ml_collections.ConfigDict, init_fn, tx: optax.GradientTransformation,
+           check_params=lambda params: None) -> TrainState:
+  """A fresh state on one device: params from `init_fn(config, rng)`, rng from `config.seed`.
+  `check_params(params)` sees the traced params before anything else does (and may raise)."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
   @jax.jit
   def fresh():
     params = init_fn(config, init_rng)
+    check_params(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32))
 

@@ -185,9 +185,9 @@ def _build(config, workload):
   parallel.enable_compilation_cache(config.compilation_cache_dir)
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
-  workload_lib.check_params(workload, config)
   with workload_lib.calling(workload, "init(config, rng)"):
-    state = state_lib.create(config, workload.init, tx)
+    state = state_lib.create(config, workload.init, tx,
+                             functools.partial(workload_lib.check_params, workload))
   return executor, loss_fn, tx, state
 
 

@@ -53,13 +53,11 @@ def load(name: str) -> types.ModuleType:
     try:
       module = importlib.import_module(candidate)
       break
-    except ModuleNotFoundError as e:
-      # Only "this very module is missing" means keep looking; a missing dependency of the
-      # workload itself is the user's real error and must surface as it is.
-      if e.name not in _parents(candidate):
-        raise WorkloadError(f"importing workload module {candidate} raised "
-                            f"{type(e).__name__}: {e}") from e
     except Exception as e:  # pylint: disable=broad-except
+      # Only "this very module is missing" means keep looking; anything else, a missing
+      # dependency of the workload included, is the user's real error and surfaces as it is.
+      if isinstance(e, ModuleNotFoundError) and e.name in _parents(candidate):
+        continue
       raise WorkloadError(f"importing workload module {candidate} raised "
                           f"{type(e).__name__}: {e}") from e
   if module is None:
@@ -104,23 +102,14 @@ def calling(module: types.ModuleType, call: str):
                         f"{type(e).__name__}: {e}") from e
 
 
-def check_params(module: types.ModuleType, config) -> None:
-  """`init` must return a pytree of float arrays (they are differentiated and updated); traced
-  once, abstractly, before the state is made."""
+def check_params(module: types.ModuleType, params: Any) -> None:
+  """`init` must return a pytree of float arrays (they are differentiated and updated); `params`
+  may be traced (state.create calls this inside its trace of `init`)."""
   import jax  # pylint: disable=import-outside-toplevel
-  not_arrays = []
-
-  def arrays_only():
-    params = module.init(config, jax.random.PRNGKey(0))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    not_arrays.extend(f"{jax.tree_util.keystr(path)} is a {type(leaf).__name__}"
-                      for path, leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray)))
-    return None if not_arrays else jax.tree.unflatten(treedef, [leaf for _, leaf in leaves])
-
-  with calling(module, "init(config, rng)"):
-    shapes = jax.eval_shape(arrays_only)
   where = f"workload {module.__name__}'s init"
-  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  not_arrays = [f"{jax.tree_util.keystr(path)} is a {type(leaf).__name__}"
+                for path, leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray))]
   if not_arrays or not leaves:
     raise UsageError(f"{where} must return a pytree (e.g. a dict) of float arrays; "
                      f"{', '.join(not_arrays[:5]) or 'it returned none'}: make each leaf an "
