@@ -103,7 +103,7 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
       replicated_state, metrics = call(replicated_state, empty, batch)
       in_flight.add(metrics)
       if sync_every_step:
-        float(metric_set.unpack(executor.unreplicate(metrics)).compute()["loss"])
+        metric_set.compute(executor.unreplicate(metrics))["loss"]
     jax.block_until_ready(replicated_state)
     if w:
       rates.append(window / (time.perf_counter() - start))

@@ -36,7 +36,10 @@ def get_config(size: str = "small"):
   config.learning_rate = learning_rate
   config.weight_decay = 0.1
   config.schedule = "warmup_cosine"
-  config.warmup_steps = min(1000, num_steps // 10)
+  # min(1000, num_steps // 10), as a reference that follows --config.num_steps (min(a, b) spelled
+  # (a + b - |a - b|) / 2: the arithmetic a FieldReference has).
+  tenth = config.get_ref("num_steps") // 10
+  config.warmup_steps = (tenth + 1000 - abs(tenth - 1000)) // 2
   config.grad_clip_norm = 1.0
   config.log_every_steps = 50 if size == "tiny" else 100
   config.eval_every_steps = 150 if size == "tiny" else 2000

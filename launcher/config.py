@@ -12,7 +12,7 @@ from launcher.errors import UsageError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 EXECUTORS = ("shard_map", "pmap", "fsdp")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "warmup_cosine")
 
 
@@ -33,8 +33,10 @@ KEYS = {
                  "results"),
     "grad_accum_steps": (1, "M microbatches per step (lax.scan), gradients averaged; must divide "
                          "the per-device batch"),
-    "compute_dtype": ("float32", "float32, bfloat16 or float16 for the loss; params, gradients "
-                      "and optimizer state stay float32"),
+    "compute_dtype": ("float32", "float32 or bfloat16 for the loss (the launcher casts params "
+                      "and float inputs; a workload builds its layers with this dtype); params, "
+                      "gradients and optimizer state stay float32. float16 is refused: it needs "
+                      "loss scaling"),
     "compilation_cache_dir": ("", "persistent compilation cache: \"\" = ~/.cache/launcher/jax "
                               "(or $XDG_CACHE_HOME), a path, or none"),
     "optimizer": ("adamw", "sgd, momentum, adam or adamw (optax)"),
@@ -100,8 +102,13 @@ def check(config: ml_collections.ConfigDict) -> None:
        f"config.warmup_steps={config.warmup_steps} must be below config.num_steps={config.num_steps}")
   need(config.parallel in EXECUTORS,
        f"config.parallel={config.parallel!r} is not one of {', '.join(EXECUTORS)}")
-  need(config.compute_dtype in COMPUTE_DTYPES,
-       f"config.compute_dtype={config.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+  if config.compute_dtype == "float16":
+    problems.append("config.compute_dtype='float16' would train without loss scaling, so small "
+                    "gradients underflow to zero: use bfloat16 (float32's range, the same speed "
+                    "on GPUs and TPUs)")
+  else:
+    need(config.compute_dtype in COMPUTE_DTYPES, f"config.compute_dtype={config.compute_dtype!r} "
+         f"is not one of {', '.join(COMPUTE_DTYPES)}")
   need(config.grad_clip_norm >= 0, f"config.grad_clip_norm={config.grad_clip_norm} must be 0 or more")
   need(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay} must be 0 or more")
   need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1), e.g. 0.9")

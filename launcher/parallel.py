@@ -34,6 +34,10 @@ class Pmap:
     # takes the batch as it is, where a new but equal object costs a re-layout per call.
     self._local_split = NamedSharding(Mesh(np.array(jax.local_devices()), ("_local",)),
                                       PartitionSpec("_local"))
+    # The sharding of pmap's own outputs: a state or metrics placed in it is taken as it is by
+    # every call, where another layout (flax's replicate) compiles the step again.
+    self._replicated = NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)),
+                                     PartitionSpec(AXIS))
 
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
     """fn(replicated, replicated, batch) on every local device; `stacked`: batch is [K, ...]."""
@@ -48,7 +52,15 @@ class Pmap:
                     donate_argnums=(0,))
 
   def replicate(self, tree):
-    return jax_utils.replicate(tree)
+    """[local_devices, ...]: one copy of each leaf per local device, laid out as pmap's outputs."""
+    devices = self._replicated.mesh.devices
+
+    def one(x):
+      copies = [jax.device_put(np.asarray(x)[None], device) for device in devices]
+      return jax.make_array_from_single_device_arrays((len(devices),) + np.shape(x),
+                                                      self._replicated, copies)
+
+    return jax.tree.map(one, tree)
 
   def unreplicate(self, tree):
     """One device's copy of a replicated tree (no gather across devices)."""

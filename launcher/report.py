@@ -21,7 +21,7 @@ from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 
 GOODPUT_PARTS = ("startup", "compile", "productive steps", "waiting for data",
                  "blocked by checkpoint saves", "eval", "lost to restarts",
-                 "other (final eval and saves, shutdown)")
+                 "other (reporting, shutdown)")
 
 
 def host_records(workdir: epath.Path) -> dict[int, list[dict]]:
@@ -40,41 +40,64 @@ def segments(records: list[dict]) -> list[list[dict]]:
   return result
 
 
+def _process_start(run: list[dict]) -> float:
+  return run[0]["time"] - run[0]["startup_s"]
+
+
+def _lost_tail(run: list[dict], next_run: list[dict] | None) -> float:
+  """Seconds from the last record of a start that died without its end record (killed) to the
+  next start: its steps after the last report, its death and the restart's wait."""
+  if next_run is None or run[-1]["event"] == "end":
+    return 0.0
+  return max(_process_start(next_run) - run[-1]["time"], 0.0)
+
+
 def goodput(records: list[dict]) -> dict[str, float]:
   """Where one host's wall time went, in seconds, over every start of the run.
 
   A start's wall time is its startup (imports, cluster init: before the run began) plus the time
-  from the run's start to its last record; the records split it exactly: compile (to the first
-  step), then report windows (data wait, checkpoint saves, eval, and the rest productive), then
-  the end. Steps a later start re-did (it resumed from an earlier checkpoint) are lost to restarts.
+  from the run's start to its last record; the records split it exactly: compile (the first call,
+  its steps included), then windows of steps (each report's, and the end's: data wait,
+  checkpoint saves, eval, the steps themselves, and the report's own work), then the end. A window
+  whose steps a later start re-did (it resumed from an earlier checkpoint) is lost to restarts in
+  that share, waits and all; so is the time from a killed start's last record to the next start.
   """
   parts = dict.fromkeys(GOODPUT_PARTS, 0.0)
   runs = segments(records)
   for i, run in enumerate(runs):
     parts["startup"] += run[0]["startup_s"]
-    resumed_at = runs[i + 1][0]["first_step"] if i + 1 < len(runs) else None
+    next_run = runs[i + 1] if i + 1 < len(runs) else None
+    resumed_at = next_run[0]["first_step"] if next_run else None
     for record in run[1:]:
       if record["event"] == "first_step":
         parts["compile"] += record["compile_s"]
         continue
-      parts["waiting for data"] += record["data_wait_s"]
-      parts["blocked by checkpoint saves"] += record["checkpoint_blocked_s"]
-      parts["eval"] += record["eval_s"]
-      rest = record["window_s"] - record["data_wait_s"] - record["checkpoint_blocked_s"] - (
-          record["eval_s"])
-      if record["event"] == "end":
-        parts["other (final eval and saves, shutdown)"] += rest
-        continue
-      redone = 0.0
-      if resumed_at is not None and record["step"] > resumed_at:
-        redone = min(record["step"] - resumed_at, record["steps"]) / record["steps"]
-      parts["lost to restarts"] += rest * redone
-      parts["productive steps"] += rest * (1 - redone)
+      steps = record.get("steps", 0)
+      redone = 0.0  # The share of the window's steps that a later start trained again.
+      if resumed_at is not None and steps and record["step"] > resumed_at:
+        redone = min(record["step"] - resumed_at, steps) / steps
+      parts["lost to restarts"] += record["window_s"] * redone
+      kept = 1.0 - redone
+      waits = record["data_wait_s"] + record["checkpoint_blocked_s"] + record["eval_s"]
+      parts["waiting for data"] += record["data_wait_s"] * kept
+      parts["blocked by checkpoint saves"] += record["checkpoint_blocked_s"] * kept
+      parts["eval"] += record["eval_s"] * kept
+      # The window's steps, less the data wait inside them; what is left is the report's own work.
+      rest = record["window_s"] - waits
+      on_steps = min(record.get("steps_s", rest + record["data_wait_s"]) - record["data_wait_s"],
+                     rest) if steps else 0.0
+      parts["productive steps"] += on_steps * kept
+      parts["other (reporting, shutdown)"] += (rest - on_steps) * kept
+    parts["lost to restarts"] += _lost_tail(run, next_run)
   return parts
 
 
 def wall_time(records: list[dict]) -> float:
-  return sum(run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] for run in segments(records))
+  """One host's seconds over every start: each start's own, and the gap after a killed one."""
+  runs = segments(records)
+  return sum(run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] +
+             _lost_tail(run, runs[i + 1] if i + 1 < len(runs) else None)
+             for i, run in enumerate(runs))
 
 
 def host_table(records: dict[int, list[dict]]) -> list[dict]:

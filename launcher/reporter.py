@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -29,22 +30,28 @@ import launcher
 from launcher import storage
 
 
-# Dense peak FLOP/s per device at bf16, by the start of `jax.devices()[0].device_kind`. MFU is
-# reported only for these; on CPU (no meaningful peak) it is left out rather than invented.
-PEAK_FLOPS_PER_DEVICE = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "NVIDIA H100": 989e12,  # SXM
-    "NVIDIA A100": 312e12,
-}
+# Dense bf16 peak FLOP/s per device, by a pattern of `jax.devices()[0].device_kind` (vendors'
+# datasheets; GPUs by form factor, which sets clocks and power). MFU is reported only for these:
+# on CPU, or a kind not listed, it is left out (and said once) rather than guessed.
+PEAK_FLOPS_PER_DEVICE = (
+    (r"TPU v4", 275e12),
+    (r"TPU v5 lite", 197e12),  # v5e
+    (r"TPU v5p|TPU v5$", 459e12),
+    (r"TPU v6 lite", 918e12),  # v6e (Trillium)
+    (r"NVIDIA H100 NVL", 835e12),
+    (r"NVIDIA H100 PCIe", 756e12),
+    (r"NVIDIA H100 (SXM|80GB HBM3)", 989e12),
+    (r"NVIDIA H200 NVL", 835e12),
+    (r"NVIDIA H200", 989e12),  # SXM
+    (r"NVIDIA GH200", 989e12),
+    (r"NVIDIA A100", 312e12),  # SXM and PCIe alike
+)
 
 
 def peak_flops_per_device(device_kind: str) -> float | None:
-  for prefix, peak in sorted(PEAK_FLOPS_PER_DEVICE.items(), key=lambda kv: -len(kv[0])):
-    if device_kind.startswith(prefix):
+  """The dense bf16 peak of a device kind, or None where the table does not know it."""
+  for pattern, peak in PEAK_FLOPS_PER_DEVICE:
+    if re.match(pattern, device_kind):
       return peak
   return None
 
@@ -186,7 +193,7 @@ class _Trace:
 # The console line shows these (when present) after the loss and the workload's metrics; the rest
 # of a report's row is in metrics.jsonl and TensorBoard.
 _SPEED = {"tokens_per_sec": ("tokens/s", ".0f"), "steps_per_sec": ("steps/s", ".2f")}
-_NOT_SHOWN = {"learning_rate", "grad_norm", "examples_per_sec", "data_wait_s",
+_NOT_SHOWN = {"learning_rate", "grad_norm", "examples_per_sec", "data_wait_s", "eval_s",
               "checkpoint_blocked_s", "model_flops_per_sec", "mfu", "state_bytes_per_device",
               "step_memory_bytes_per_device", "peak_bytes_per_device", "time_to_first_step_s",
               "skipped_steps"}
@@ -243,7 +250,10 @@ class Reporter:
     self._profile = None
     if self._is_main and profile_first_step > 0:
       self._profile = _Trace(workdir, profile_first_step)
-    self._last_step, self._last_time = first_step, time.time()
+    # The current throughput window: from the end of the last one (or of the first call) to the
+    # next report, holding the steps after `_last_step` up to `_step`, the last one trained.
+    self._last_step, self._last_time, self._step = first_step, time.time(), first_step
+    self._steps_s = None  # The window's time spent on its steps, once they finished.
     self._train_steps_per_sec = None
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
     self.last_scalars = {}
@@ -265,10 +275,11 @@ class Reporter:
     yield
     self._data_wait_s += time.monotonic() - start
 
-  def first_step_done(self, start_parts: dict[str, float]) -> None:
+  def first_step_done(self, start_parts: dict[str, float], step: int) -> None:
     """Logs, once, how long the start took and where it went: `start_parts` (seconds by name, from
-    the process's start) and the rest, the first call's compilation."""
-    self._last_time = time.time()  # Throughput windows start after compilation.
+    the process's start) and the rest, the first call's compilation, which ended at `step`.
+    Throughput windows start after it: its steps belong to the compile time, not to a window."""
+    self._last_time, self._last_step, self._step = time.time(), step, step
     since_run = self._last_time - self._started
     since_process = seconds_since_process_start()
     parts = {**start_parts, "compile and first step": since_process - sum(start_parts.values())}
@@ -290,43 +301,58 @@ class Reporter:
     logging.debug("%s: blocked %.3f s by checkpointing", self._process, seconds)
 
   @contextlib.contextmanager
-  def evaluating(self):
-    """Counts the time spent inside the block as eval time."""
+  def evaluating(self, scalars: dict[str, float]):
+    """Counts the time spent inside the block as eval time, and puts it in `scalars["eval_s"]`."""
     start = time.monotonic()
     yield
-    self._eval_s += time.monotonic() - start
+    seconds = time.monotonic() - start
+    self._eval_s += seconds
+    scalars["eval_s"] = seconds
 
   def after_steps(self, first_step: int, last_step: int) -> None:
-    """Runs the profiler hook once for every step a call made (it expects each step)."""
+    """Steps `first_step`..`last_step` were dispatched; runs the profiler hook once for each."""
+    self._step = last_step
     if self._profile:
       for step in range(first_step, last_step + 1):
         self._profile(step)
 
+  def steps_finished(self) -> None:
+    """The window's steps are done (the report's own work, saves and eval follow): they took
+    the time since the window began, less the saves and evals between them."""
+    self._steps_s = (time.time() - self._last_time - self._eval_s - self._checkpoint_blocked_s)
+
   def throughput(self, step: int) -> dict[str, float]:
-    """This host's speed since the last call; every process records it in its hosts/ file."""
+    """This host's speed over the window that ends now, at `step`; every process records it in
+    its hosts/ file. Speeds count the time from the window's start to `steps_finished`, without
+    the saves and evals in between (each is its own field); waiting for data counts, as it slows
+    the steps. A window without steps (a report right after the first call) has no speed."""
     now = time.time()
     seconds, steps = now - self._last_time, step - self._last_step
-    scalars = {"steps_per_sec": steps / seconds,
-               "examples_per_sec": steps * self._examples_per_step / seconds,
-               "data_wait_s": self._data_wait_s,
+    training_s = self._steps_s if self._steps_s is not None else (
+        seconds - self._eval_s - self._checkpoint_blocked_s)
+    scalars = {"data_wait_s": self._data_wait_s,
                "checkpoint_blocked_s": self._checkpoint_blocked_s}
-    if self._tokens_per_example:
-      scalars["tokens_per_sec"] = scalars["examples_per_sec"] * self._tokens_per_example
-    if self._flops_per_example:
-      scalars["model_flops_per_sec"] = scalars["examples_per_sec"] * self._flops_per_example
-      if self._peak_flops:
-        scalars["mfu"] = scalars["model_flops_per_sec"] / self._peak_flops
+    speeds = {}
+    if steps > 0 and training_s > 0:
+      speeds["steps_per_sec"] = steps / training_s
+      speeds["examples_per_sec"] = speeds["steps_per_sec"] * self._examples_per_step
+      if self._tokens_per_example:
+        speeds["tokens_per_sec"] = speeds["examples_per_sec"] * self._tokens_per_example
+      if self._flops_per_example:
+        speeds["model_flops_per_sec"] = speeds["examples_per_sec"] * self._flops_per_example
+        if self._peak_flops:
+          speeds["mfu"] = speeds["model_flops_per_sec"] / self._peak_flops
+      self._train_steps_per_sec = speeds["steps_per_sec"]
+      logging.debug("%s step %d: %.2f steps/s, waited %.3f s for data (%.1f%% of the window)",
+                    self._process, step, speeds["steps_per_sec"], self._data_wait_s,
+                    100 * self._data_wait_s / seconds)
+    scalars.update(speeds)
     scalars.update(self._first_step_scalars)
     self._first_step_scalars = {}
-    logging.debug("%s step %d: %.2f steps/s, %.1f examples/s, waited %.3f s for data (%.1f%%)",
-                  self._process, step, scalars["steps_per_sec"], scalars["examples_per_sec"],
-                  self._data_wait_s, 100 * self._data_wait_s / seconds)
-    self._record("report", step=step, steps=steps, window_s=seconds, **self._waits(),
-                 steps_per_sec=scalars["steps_per_sec"],
-                 examples_per_sec=scalars["examples_per_sec"])
-    training_s = seconds - self._eval_s - self._checkpoint_blocked_s
-    self._train_steps_per_sec = steps / training_s if training_s > 0 else None
-    self._last_step, self._last_time = step, now
+    self._record("report", step=step, steps=steps, window_s=seconds, steps_s=training_s,
+                 **self._waits(), **{name: speeds[name] for name in
+                                     ("steps_per_sec", "examples_per_sec") if name in speeds})
+    self._last_step, self._last_time, self._steps_s = step, now, None
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
     return scalars
 
@@ -349,9 +375,11 @@ class Reporter:
     self._jsonl.flush()
 
   def close(self) -> None:
-    """Records the end (with the waits since the last report) and closes every writer."""
-    self._record("end", step=self._last_step, window_s=time.time() - self._last_time,
-                 **self._waits())
+    """Records the end (the steps trained since the last report, and the waits) and closes
+    every writer."""
+    window_s = time.time() - self._last_time
+    self._record("end", step=self._step, steps=self._step - self._last_step, window_s=window_s,
+                 steps_s=window_s - self._eval_s - self._checkpoint_blocked_s, **self._waits())
     self._records.close()
     if self._is_main:
       self.tensorboard.close()

@@ -80,8 +80,10 @@ def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTr
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
+  # The optimizer's schedule counts the updates it applied: a skipped step does not advance it.
+  applied_updates = state.step - state.skipped_steps
   metrics = {"loss": metrics["loss"], "grad_norm": grad_norm,
-             "learning_rate": schedule(state.step), **metrics}
+             "learning_rate": schedule(applied_updates), **metrics}
   if not skip_nonfinite:
     return new_state, metrics
   finite = jnp.isfinite(mean_loss()) & jnp.isfinite(grad_norm)
@@ -89,8 +91,7 @@ def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTr
   new_state = new_state.replace(params=keep(new_state.params, state.params),
                                 opt_state=keep(new_state.opt_state, state.opt_state),
                                 skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  metrics = {name: jnp.where(finite, value, 0.0) for name, value in metrics.items()}
-  return new_state, {**metrics, "mask": jnp.broadcast_to(finite, jnp.shape(metrics["loss"]) or (1,))}
+  return new_state, {**metrics, "mask": finite}
 
 
 def _cast_loss(loss_fn: LossFn, compute_dtype) -> LossFn:
@@ -112,7 +113,9 @@ def _cast_loss(loss_fn: LossFn, compute_dtype) -> LossFn:
 class MetricSet:
   """Named scalar averages (CLU `Average` metrics) carried from call to call as one float32
   vector: every array a call takes and returns costs dispatch time, and a CLU Collection is two
-  per metric. Adding two vectors merges the collections they hold."""
+  per metric. Adding two vectors merges the collections they hold. A count is a number of steps
+  (each step's values are averaged over the devices first), exact in float32 up to 2**24 steps
+  a window."""
 
   def __init__(self, names):
     self.names = tuple(names)
@@ -125,20 +128,32 @@ class MetricSet:
   def unpack(self, vector: jax.Array) -> clu_metrics.Collection:
     return self._unravel(vector)
 
+  def compute(self, vector) -> dict[str, float]:
+    """The mean of each metric over the steps it counts; a metric that counts none (every step
+    of the window was skipped) is left out."""
+    metrics = {name: getattr(self.unpack(vector), name) for name in self.names}
+    return {name: float(metric.compute()) for name, metric in metrics.items()
+            if float(metric.count) > 0}
+
   def single(self, values: dict) -> clu_metrics.Collection:
-    """One step's metrics (and their `mask`) as a collection, without any collective."""
-    return type(self.empty).single_from_model_output(**values)
+    """One step's metrics as a collection that counts the step once: each value is averaged over
+    whatever device axis it still has, and a false `mask` (a skipped step) leaves it out."""
+    mask = jnp.reshape(jnp.all(values.get("mask", True)), (1,))
+    means = {name: jnp.reshape(jnp.mean(value), (1,)) for name, value in values.items()
+             if name != "mask"}
+    return type(self.empty).single_from_model_output(**means, mask=mask)
 
 
 def train_call(state: TrainState, metrics: jax.Array, batches: dict, *, steps_per_call: int,
                metric_set: MetricSet, **step_kwargs) -> tuple[TrainState, jax.Array]:
   """K steps in one call (lax.scan over [K, per_device, ...] batches). Each device sums its own
-  metrics over the K steps; one all-reduce of one vector adds them to `metrics` at the end."""
+  metrics over the K steps; one all-reduce of one vector adds their device mean to `metrics` at
+  the end (every device counts the same steps, so the counts stay whole step counts)."""
 
   state, local = _steps(lambda state, batch: train_step(state, batch, **step_kwargs), state,
                         batches, steps_per_call=steps_per_call, metric_set=metric_set,
                         like=metrics)
-  return state, metrics + lax.psum(metric_set.pack(local), AXIS)
+  return state, metrics + lax.pmean(metric_set.pack(local), AXIS)
 
 
 def _steps(step_fn, state: TrainState, batches: dict, *, steps_per_call: int,
@@ -185,11 +200,8 @@ def sharded_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
 
   def one_step(state, batch):
     grads, values = device_gradients(state.params, state.rng, state.step, batch)
-    state, step_metrics = update(state, grads, values, tx=tx, schedule=schedule,
-                                 skip_nonfinite=skip_nonfinite,
-                                 mean_loss=lambda: jnp.mean(values["loss"]))
-    return state, {name: jnp.broadcast_to(value, values["loss"].shape)
-                   for name, value in step_metrics.items()}
+    return update(state, grads, values, tx=tx, schedule=schedule, skip_nonfinite=skip_nonfinite,
+                  mean_loss=lambda: jnp.mean(values["loss"]))
 
   state, local = _steps(one_step, state, batches, steps_per_call=steps_per_call,
                         metric_set=metric_set, like=metrics)

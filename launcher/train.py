@@ -116,9 +116,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
         in_flight.add(train_metrics)
         if last_step == first_step + k:
           jax.block_until_ready(train_metrics)
-          report_writer.first_step_done(parts)
           report_writer.first_report_also(**parallel.step_memory(
               train_call, replicated_state, train_metrics, batches))
+          report_writer.first_step_done(parts, last_step)
         watchdog.completed(last_step - k)
         report_writer.after_steps(last_step - k + 1, last_step)
         preempted = stop_notice.reached(last_step // k)
@@ -127,7 +127,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       if not any(due):
         continue
       watchdog.pause()
-      train_scalars = train_metric_set.unpack(executor.unreplicate(train_metrics)).compute()
+      if due.report:
+        jax.block_until_ready(train_metrics)
+        report_writer.steps_finished()
+      train_scalars = train_metric_set.compute(executor.unreplicate(train_metrics))
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
       if due.save:
@@ -137,19 +140,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
                            "global_batch_size": layout.global_batch_size}
           checkpoints.save(last_step, executor.global_state(replicated_state), data_position)
       scalars = {}
-      if due.report:
+      if due.evaluate:
+        with report_writer.evaluating(scalars):
+          scalars.update(evaluate(replicated_state.params))
+      if due.report:  # After the save and eval, which its window times apart from the steps.
         scalars.update(train_scalars)
         scalars.update(report_writer.throughput(last_step))
         scalars["skipped_steps"] = executor.unreplicate(replicated_state.skipped_steps)
         train_metrics = no_train_metrics
-      if due.evaluate:
-        with report_writer.evaluating():
-          scalars.update(evaluate(replicated_state.params))
       if scalars:
         report_writer.write(last_step, scalars)
       if preempted:
         break
-      watchdog.completed(last_step)
+      if last_step < config.num_steps:  # The final save and the exit are not a train call.
+        watchdog.completed(last_step)
   except jax.errors.JaxRuntimeError as e:
     if layout.process_count > 1 and watchdog_lib.is_peer_lost(e):
       watchdog_lib.exit_peer_lost(
@@ -157,6 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
           last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step())
     raise
   finally:  # Even a failing run completes the saves it started: they hold good states.
+    watchdog.pause()
     with report_writer.blocked_by_checkpoint():
       checkpoints.wait()
     report_writer.close()
@@ -243,7 +248,11 @@ def _check_eval_data(config, workload, layout) -> None:
 def _reporter(config, workload, workdir, layout, first_step, started) -> reporter.Reporter:
   tokens_per_example = getattr(workload, "tokens_per_example", None)
   flops_per_example = getattr(workload, "flops_per_example", None)
-  peak = reporter.peak_flops_per_device(jax.devices()[0].device_kind)
+  device_kind = jax.devices()[0].device_kind
+  peak = reporter.peak_flops_per_device(device_kind)
+  if flops_per_example and not peak and jax.devices()[0].platform != "cpu":
+    logging.info("MFU is not reported: no bf16 peak is known for device kind %r "
+                 "(reporter.PEAK_FLOPS_PER_DEVICE)", device_kind)
   return reporter.Reporter(
       workdir, process_index=layout.process_index, process_count=layout.process_count,
       first_step=first_step, num_steps=config.num_steps,

@@ -63,7 +63,8 @@ def test_report_of_a_two_process_run_that_was_resumed(tmp_path):
 
 
 def test_lost_steps_after_a_kill_are_counted():
-  """Steps trained after the last checkpoint and re-done by the next start are lost to restarts."""
+  """Windows of steps trained after the last checkpoint and re-done by the next start are lost to
+  restarts, waits and all, and so is the time from a killed start's last record to the next."""
   records = [
       {"event": "start", "time": 0.0, "startup_s": 1.0, "first_step": 0},
       {"event": "first_step", "time": 2.0, "compile_s": 2.0},
@@ -71,18 +72,39 @@ def test_lost_steps_after_a_kill_are_counted():
        "data_wait_s": 1.0, "checkpoint_blocked_s": 0.5, "eval_s": 0.5},
       {"event": "report", "time": 22.0, "step": 20, "steps": 10, "window_s": 10.0,
        "data_wait_s": 1.0, "checkpoint_blocked_s": 0.0, "eval_s": 0.0},
-      # Killed here; the checkpoint of step 10 was the last complete one.
+      # Killed at 25.0 (no end record); the checkpoint of step 10 was the last complete one. The
+      # next process starts at 29.0.
       {"event": "start", "time": 30.0, "startup_s": 1.0, "first_step": 10},
       {"event": "first_step", "time": 31.0, "compile_s": 1.0},
       {"event": "report", "time": 41.0, "step": 20, "steps": 10, "window_s": 10.0,
        "data_wait_s": 0.0, "checkpoint_blocked_s": 0.0, "eval_s": 0.0},
-      {"event": "end", "time": 42.0, "step": 20, "window_s": 1.0, "data_wait_s": 0.0,
+      {"event": "end", "time": 42.0, "step": 20, "steps": 0, "window_s": 1.0, "data_wait_s": 0.0,
        "checkpoint_blocked_s": 0.5, "eval_s": 0.0},
   ]
   parts = report.goodput(records)
   assert parts == {"startup": 2.0, "compile": 3.0, "productive steps": 18.0,
-                   "waiting for data": 2.0, "blocked by checkpoint saves": 1.0, "eval": 0.5,
-                   "lost to restarts": 9.0, "other (final eval and saves, shutdown)": 0.5}
-  assert report.wall_time(records) == 1.0 + 22.0 + 1.0 + 12.0
+                   "waiting for data": 1.0, "blocked by checkpoint saves": 1.0, "eval": 0.5,
+                   "lost to restarts": 10.0 + 7.0, "other (reporting, shutdown)": 0.5}
+  assert report.wall_time(records) == 1.0 + 22.0 + 7.0 + 1.0 + 12.0
   assert sum(parts.values()) == report.wall_time(records)
   assert list(parts) == list(report.GOODPUT_PARTS)
+
+
+def test_steps_after_the_last_report_kept_by_a_save_are_productive():
+  """A preemption notice at step 15 saves it: the end record's 5 steps since the report at 10
+  are productive; after a crash at 15 that the next start re-does from 10, they are lost."""
+  first = [
+      {"event": "start", "time": 0.0, "startup_s": 1.0, "first_step": 0},
+      {"event": "first_step", "time": 2.0, "compile_s": 2.0},
+      {"event": "report", "time": 12.0, "step": 10, "steps": 10, "window_s": 10.0,
+       "data_wait_s": 0.0, "checkpoint_blocked_s": 0.0, "eval_s": 0.0},
+      {"event": "end", "time": 18.0, "step": 15, "steps": 5, "window_s": 6.0, "data_wait_s": 0.0,
+       "checkpoint_blocked_s": 1.0, "eval_s": 0.0},
+  ]
+  resumed = [{"event": "start", "time": 30.0, "startup_s": 1.0, "first_step": 15},
+             {"event": "first_step", "time": 31.0, "compile_s": 1.0}]
+  parts = report.goodput(first + resumed)
+  assert parts["productive steps"] == 15.0 and parts["lost to restarts"] == 0.0
+  assert parts["other (reporting, shutdown)"] == 0.0
+  parts = report.goodput(first + [{**resumed[0], "first_step": 10}, resumed[1]])
+  assert parts["productive steps"] == 10.0 and parts["lost to restarts"] == 6.0

@@ -105,7 +105,11 @@ def test_throughput_flops_and_time_to_first_step_are_reported(tmp_path):
 
 @pytest.mark.parametrize("device_kind, peak", [
     ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None)])
+    ("TPU v5", 459e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA B200", None), ("NVIDIA H100", None),
+    ("cpu", None)])
 def test_peak_flops_table(device_kind, peak):
   assert reporter.peak_flops_per_device(device_kind) == peak
 

@@ -17,16 +17,19 @@ from launcher import data
 class MLP(nn.Module):
   hidden_sizes: tuple[int, ...]
   num_classes: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     for size in self.hidden_sizes:
-      x = nn.relu(nn.Dense(size)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(nn.Dense(size, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 def _model(config) -> MLP:
-  return MLP(hidden_sizes=tuple(config.hidden_sizes), num_classes=10)
+  """The model computing in `config.compute_dtype` (its params stay float32)."""
+  return MLP(hidden_sizes=tuple(config.hidden_sizes), num_classes=10,
+             dtype=jnp.dtype(config.compute_dtype))
 
 
 def init(config, rng):

@@ -56,18 +56,21 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True):
-    embed = nn.Embed(VOCAB_SIZE, self.width, embedding_init=nn.initializers.normal(0.02))
+    embed = nn.Embed(VOCAB_SIZE, self.width, dtype=self.dtype,
+                     embedding_init=nn.initializers.normal(0.02))
     positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
     x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
     for _ in range(self.num_layers):
       x = Block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic)
     x = nn.LayerNorm(dtype=self.dtype)(x)
-    return embed.attend(x.astype(jnp.float32))
+    return embed.attend(x).astype(jnp.float32)
 
 
 def _model(config) -> Transformer:
+  """The model computing in `config.compute_dtype` (its params stay float32)."""
   return Transformer(seq_len=config.seq_len, width=config.width, num_layers=config.num_layers,
-                     num_heads=config.num_heads, dropout_rate=config.dropout_rate)
+                     num_heads=config.num_heads, dropout_rate=config.dropout_rate,
+                     dtype=jnp.dtype(config.compute_dtype))
 
 
 def init(config, rng):
