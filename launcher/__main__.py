@@ -1,6 +1,10 @@
 """`python -m launcher --config=configs/lm.py --workdir=/tmp/run`: flags in, `train.run` out."""
 
-import os
+from launcher import preemption
+
+preemption.install()  # First of all: a notice during start-up is kept, not fatal.
+
+import os  # pylint: disable=wrong-import-position,wrong-import-order
 import re
 import sys
 import time
@@ -11,7 +15,8 @@ from ml_collections import config_flags
 
 from launcher import config as config_lib
 from launcher import console
-from launcher.errors import EXIT_PREEMPTED, Preempted, UsageError, WorkloadError
+from launcher.errors import (EXIT_PEER_LOST, EXIT_PREEMPTED, PeerUnreachable, Preempted,
+                             UsageError, WorkloadError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
@@ -70,6 +75,7 @@ def main(argv):
     joining = time.time()
     cluster.initialize(job, initialization_timeout=_INIT_TIMEOUT.value,
                        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    preemption.joined(cluster.is_multiprocess())
     startup_parts = {"join the job": time.time() - joining}
     console.name_process(jax.process_index(), jax.process_count())
     logging.info(cluster.describe())
@@ -77,6 +83,10 @@ def main(argv):
               startup_parts=startup_parts)
   except UsageError as e:
     console.usage_error(str(e))
+  except PeerUnreachable as e:
+    print(f"error: {e}; exiting with {EXIT_PEER_LOST} so that a supervisor tries again",
+          file=sys.stderr)
+    sys.exit(EXIT_PEER_LOST)
   except Preempted as e:
     logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)

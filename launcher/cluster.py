@@ -16,7 +16,7 @@ import time
 import jax
 from absl import logging
 
-from launcher.errors import UsageError
+from launcher.errors import PeerUnreachable, UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,7 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
         return
     except OSError as e:
       if time.monotonic() >= deadline:
-        raise UsageError(
+        raise PeerUnreachable(
             f"could not reach the coordinator {address} (process 0) within "
             f"--initialization_timeout={timeout:g} s ({e.strerror or e}): check that process 0 "
             "is running and that this host can reach that address and port") from None

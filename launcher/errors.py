@@ -5,7 +5,7 @@
 | 0 | the run finished | stops |
 | 2 | bad input (config, flags, storage, workload contract): the line says what to change | never restarts |
 | 75 | stopped on a preemption notice with a checkpoint saved | restarts without counting it |
-| 76 | another process of the job was lost (a collective failed) | restarts |
+| 76 | another process of the job was lost (a collective failed), or process 0 could not be reached at the start | restarts |
 | 77 | stuck: no train call finished within --step_timeout_seconds | restarts |
 | other | a crash (1: a Python exception, the workload's own included; 128+N: killed by signal N) | restarts |
 """
@@ -26,6 +26,11 @@ class NonFiniteError(UsageError):
 
 class WorkloadError(Exception):
   """The workload's own code raised: the message names the call, `__cause__` is the exception."""
+
+
+class PeerUnreachable(Exception):
+  """Another process of the job (the coordinator) could not be reached: a transient condition
+  (it may be starting slowly, or restarting); exit with EXIT_PEER_LOST so that it is retried."""
 
 
 class Preempted(Exception):

@@ -6,11 +6,12 @@
 Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
 prints is shown prefixed with `[process i]` and kept in `--process_logs/process_<i>.log` (default
 `WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine).
-When one process fails, or on Ctrl-C or SIGTERM, every process is asked to stop (SIGTERM), and
-killed after `--grace_seconds` (5 s at most after a crash: the rest cannot save without it). With
-`--max_restarts=N` a failed job is started again, on a fresh port, resuming from its last
-checkpoint (launcher/supervise.py). The exit code is the first failure's (128 + N for a process
-killed by signal N, as a shell reports it).
+When one process fails every process is asked to stop (SIGTERM), and killed after
+`--grace_seconds` (5 s at most after a crash: the rest cannot save without it). Ctrl-C, SIGTERM and
+SIGHUP (a dropped SSH session) are preemption notices: every process saves and stops, and the
+runner exits 75 (a second Ctrl-C kills at once). With `--max_restarts=N` a failed job is started
+again, on a fresh port, resuming from its last checkpoint (launcher/supervise.py). The exit code
+is the first failure's (128 + N for a process killed by signal N, as a shell reports it).
 """
 
 import os
@@ -40,6 +41,10 @@ _MAX_RESTARTS = flags.DEFINE_integer(
 _BACKOFF = flags.DEFINE_float("restart_backoff_seconds", 1.0,
                               "Wait before restart i: this times 2^(i-1), at most 60 s.",
                               lower_bound=0)
+_MAX_PREEMPTIONS = flags.DEFINE_integer(
+    "max_preemptions_per_hour", supervise.MAX_PREEMPTIONS_PER_HOUR,
+    "With --max_restarts: restarts after a preemption (exit 75) back off like the others and "
+    "stop after this many within an hour.", lower_bound=1)
 
 def free_port() -> int:
   """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -74,15 +79,16 @@ def main(argv):
 
   def start_job() -> ProcessGroup:
     port = free_port()  # A fresh coordinator for every start.
-    print(f"[local] {num_processes} processes x {devices} devices, coordinator 127.0.0.1:{port}, "
-          f"logs in {log_dir}", flush=True)
+    supervise.say(f"[local] {num_processes} processes x {devices} devices, coordinator "
+                  f"127.0.0.1:{port}, logs in {log_dir}")
     return ProcessGroup(
         [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes, log_dir=log_dir,
         envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],
         grace=_GRACE.value)
 
   sys.exit(supervise.supervise(start_job, workdir=workdir, max_restarts=_MAX_RESTARTS.value,
-                               backoff_seconds=_BACKOFF.value))
+                               backoff_seconds=_BACKOFF.value,
+                               max_preemptions_per_hour=_MAX_PREEMPTIONS.value))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,35 @@ MAX_BACKOFF_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
+def signal_name(signum: int) -> str:
+  """SIGKILL, SIGRTMIN+1 for a real-time signal, or `signal 99` for a number with no name."""
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+      return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    return f"signal {signum}"
+
+
 def describe_exit(code: int) -> str:
   """`exited with 1`, or `was killed by SIGKILL` for a negative Popen code."""
-  return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+  return f"was killed by {signal_name(-code)}" if code < 0 else f"exited with {code}"
+
+
+def say(line: str) -> None:
+  """One line on our stdout. A closed console (`| head`, a dropped SSH session) never stops the
+  runner: from the first failed write on, stdout goes to /dev/null."""
+  try:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+  except OSError:
+    _drop_stdout()
+
+
+def _drop_stdout() -> None:
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+  os.close(devnull)
 
 
 def shell_code(code: int) -> int:
@@ -107,8 +133,7 @@ class ProcessGroup:
                       key=lambda failure: failure[1] == EXIT_PEER_LOST)
       if failed:
         self.first_failure = i, code = failed[0]
-        print(f"[local] {self._name} {i} {describe_exit(code)}: stopping the others",
-              flush=True)
+        say(f"[local] {self._name} {i} {describe_exit(code)}: stopping the others")
         # A preempted job saves and exits by itself; after a crash the rest cannot save (every
         # save needs every process), so they get a short grace.
         self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
@@ -118,8 +143,9 @@ class ProcessGroup:
         return 0
       time.sleep(0.1)
 
-  def stop(self, grace: float | None = None) -> None:
-    """SIGTERM to every process group still running, SIGKILL to any left after the grace period."""
+  def stop(self, grace: float | None = None) -> list[int]:
+    """SIGTERM to every process group still running, SIGKILL to any left after the grace period;
+    returns every process's Popen return code."""
     for process in self.processes:
       _signal_group(process, signal.SIGTERM)
     deadline = time.monotonic() + (self.grace if grace is None else grace)
@@ -128,12 +154,17 @@ class ProcessGroup:
         process.wait(timeout=max(0.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
         pass
+    self.kill()
+    if self._on_stop:
+      self._on_stop()
+    return [process.returncode for process in self.processes]
+
+  def kill(self) -> None:
+    """SIGKILL to every process group still running, and their output drained to the logs."""
     for process in self.processes:
       _signal_group(process, signal.SIGKILL)
       process.wait()
     self._drain()
-    if self._on_stop:
-      self._on_stop()
 
   def _drain(self):
     for pump in self._pumps:
@@ -154,7 +185,8 @@ _CONSOLE_NOISE = re.compile(rb"\[Gloo\]|connected to \d+ peer ranks")
 
 def _pump(stream, log_path: str, prefix: str) -> None:
   """Copies a process's output line by line to its log file and, prefixed, to our stdout (a
-  launcher line that already starts with the same `[process i/n]` is shown as it is)."""
+  launcher line that already starts with the same `[process i/n]` is shown as it is). The log
+  gets every line to the end, whatever becomes of the console."""
   own_prefix = prefix.rstrip("] ").encode() + b"/"
   with open(log_path, "ab") as log:
     for line in iter(stream.readline, b""):
@@ -162,35 +194,60 @@ def _pump(stream, log_path: str, prefix: str) -> None:
       log.flush()
       if _CONSOLE_NOISE.search(line):
         continue
-      sys.stdout.buffer.write(line if line.startswith(own_prefix) else prefix.encode() + line)
-      sys.stdout.buffer.flush()
+      try:
+        sys.stdout.buffer.write(line if line.startswith(own_prefix) else prefix.encode() + line)
+        sys.stdout.buffer.flush()
+      except OSError:
+        _drop_stdout()
+      except ValueError:  # stdout was closed under us: the log still gets every line.
+        pass
+
+
+MAX_PREEMPTIONS_PER_HOUR = 10
 
 
 def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, max_restarts: int,
-              backoff_seconds: float, name: str = "process", prefix: str = "[local]") -> int:
+              backoff_seconds: float, name: str = "process", prefix: str = "[local]",
+              max_preemptions_per_hour: int = MAX_PREEMPTIONS_PER_HOUR) -> int:
   """Runs the job until it succeeds; restarts it after a failure at most `max_restarts` times.
 
-  A preemption exit (75) restarts without counting; bad input (2) never restarts. Each restart
-  is one line (with the step and checkpoint read from `workdir`, when given); when the restarts run out, a summary of the first failure, and its exit code.
+  A preemption exit (75) restarts without counting, with the same backoff, at most
+  `max_preemptions_per_hour` times an hour; bad input (2) never restarts. Each restart is one
+  line (with the step and checkpoint read from `workdir`, when given); when the restarts run
+  out, a summary of the first failure, and its exit code.
+
+  SIGTERM, SIGINT and SIGHUP (a dropped SSH session) are notices: every process is asked to save
+  and stop, and the runner exits with what they did (75 when every one saved). A second notice
+  kills them at once.
   """
-  current = {}
+  current, stopping = {}, []
 
   def stop(signum, frame):
     del frame
-    print(f"{prefix} {signal.Signals(signum).name}: stopping every {name}", flush=True)
-    if current:
-      current["group"].stop()
-    sys.exit(128 + signum)
+    if stopping:
+      say(f"{prefix} {signal_name(signum)} again: killing every {name} now")
+      if current:
+        current["group"].kill()
+      raise SystemExit(128 + signum)
+    stopping.append(signum)
+    say(f"{prefix} {signal_name(signum)}: asking every {name} to save and stop (again to kill "
+        "at once)")
+    codes = current["group"].stop() if current else []
+    saved = codes and all(code in (0, EXIT_PREEMPTED) for code in codes)
+    if saved and EXIT_PREEMPTED in codes:
+      say(f"{prefix} every {name} saved and stopped: exiting with {EXIT_PREEMPTED} (run the same "
+          "command again to resume)")
+      raise SystemExit(EXIT_PREEMPTED)
+    raise SystemExit(0 if saved else 128 + signum)
 
-  signal.signal(signal.SIGINT, stop)
-  signal.signal(signal.SIGTERM, stop)
-  restarts, first_failure = 0, None
+  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, stop)
+  restarts, first_failure, preemptions = 0, None, []
   while True:
     current["group"] = start_job()
     code = current["group"].wait()
     if code == 0:
-      print(f"{prefix} the job finished" + (f" after {restarts} restart(s)" if restarts else ""),
-            flush=True)
+      say(f"{prefix} the job finished" + (f" after {restarts} restart(s)" if restarts else ""))
       return 0
     process, raw = current["group"].first_failure
     step = last_step(workdir, process)
@@ -198,24 +255,30 @@ def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, m
     if workdir is not None:
       failure += f" at step {step}" if step is not None else " before its first step"
     if code == EXIT_USAGE:
-      print(f"{prefix} {failure}: bad input, which a restart cannot fix; not restarting",
-            flush=True)
+      say(f"{prefix} {failure}: bad input, which a restart cannot fix; not restarting")
       return code
     if code == EXIT_PREEMPTED and max_restarts:
-      print(f"{prefix} {failure} (preempted); restarting without counting it", flush=True)
+      now = time.monotonic()
+      preemptions = [t for t in preemptions if now - t < 3600] + [now]
+      if len(preemptions) > max_preemptions_per_hour:
+        say(f"{prefix} {failure} (preempted) for the {len(preemptions)}th time within an hour; "
+            f"giving up (at most {max_preemptions_per_hour} an hour)")
+        return code
+      wait = min(backoff_seconds * 2 ** (len(preemptions) - 1), MAX_BACKOFF_S)
+      say(f"{prefix} {failure} (preempted); restarting in {wait:g} s without counting it")
+      time.sleep(wait)
       continue
     first_failure = first_failure or (failure, code)
     if restarts >= max_restarts:
       if max_restarts:
-        print(f"{prefix} giving up after {restarts} restart(s); the first failure: "
-              f"{first_failure[0]}; the last: {failure}", flush=True)
+        say(f"{prefix} giving up after {restarts} restart(s); the first failure: "
+            f"{first_failure[0]}; the last: {failure}")
       else:
-        print(f"{prefix} {failure}; no restart asked (--max_restarts=0)", flush=True)
+        say(f"{prefix} {failure}; no restart asked (--max_restarts=0)")
       return first_failure[1]
     restarts += 1
     checkpoint = last_checkpoint(workdir)
     resume = ("its last checkpoint" if workdir is None else f"checkpoint {checkpoint}"
               if checkpoint is not None else "the start (no checkpoint yet)")
-    print(f"{prefix} restart {restarts}/{max_restarts} after {failure}; resuming from {resume}",
-          flush=True)
+    say(f"{prefix} restart {restarts}/{max_restarts} after {failure}; resuming from {resume}")
     time.sleep(min(backoff_seconds * 2 ** (restarts - 1), MAX_BACKOFF_S))

@@ -101,3 +101,27 @@ def test_a_failed_job_step_is_restarted_inside_the_allocation(slurm, tmp_path):
   assert "finished after 1 restart(s)" in log
   assert log.count("resuming from the checkpoint of step 10") == 2
   assert max(losses_by_step(str(workdir))) == 20
+
+
+def test_usr1_right_after_the_job_joins_is_saved_and_requeued(slurm, tmp_path):
+  """A notice during start-up (before the first step) is kept: both tasks save at the first step,
+  exit 75, and the requeued job finishes."""
+  del slurm
+  workdir = tmp_path / "run"
+  job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
+                       "--config.num_steps=40", "--config.log_every_steps=10",
+                       "--config.eval_every_steps=0", wait=False)
+  try:
+    wait_for(lambda: output.exists() and output.read_text().count("joining a slurm job") >= 2,
+             120, "both tasks to start joining")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    wait_for(lambda: "requeue 1" in output.read_text() and not subprocess.run(
+        ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip(), 180,
+             "the requeued job to end")
+  finally:
+    subprocess.run(["scancel", job], timeout=30, check=False)
+  log = output.read_text()
+  assert log.count("received SIGUSR1") >= 2 and "Traceback" not in log, log[-3000:]
+  assert log.count("stopped on a preemption notice after saving the checkpoint of step 1;") == 2
+  assert log.count("resuming from the checkpoint of step 1 ") == 2
+  assert max(losses_by_step(str(workdir))) == 40
