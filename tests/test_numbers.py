@@ -152,7 +152,7 @@ def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(exe
   rows = read_metrics(str(tmp_path))
   assert [row["step"] for row in rows] == [8, 16, 24]
   for row in rows:
-    assert row["steps_per_sec"] == pytest.approx(source_speed, rel=0.06), row
+    assert row["steps_per_sec"] == pytest.approx(source_speed, rel=0.1), row
     assert row["examples_per_sec"] == pytest.approx(row["steps_per_sec"] * 32, rel=1e-6)
     assert 0.3 <= row["eval_s"] < 0.3 + 0.5, row
   records = [json.loads(line) for line in open(tmp_path / "hosts" / "process_0.jsonl")]
@@ -160,7 +160,7 @@ def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(exe
   # The first window holds the 6 steps after the first call (2 steps), no more.
   assert [r["steps"] for r in reports] == [6, 8, 8]
   for record in reports:
-    assert record["steps_s"] == pytest.approx(record["steps"] / source_speed, rel=0.06)
+    assert record["steps_s"] == pytest.approx(record["steps"] / source_speed, rel=0.1)
     assert record["steps_s"] + record["eval_s"] + record["checkpoint_blocked_s"] <= (
         record["window_s"])
 
