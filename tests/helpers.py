@@ -110,5 +110,8 @@ def assert_close(config, actual, expected):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=where)
     else:
       off = ~np.isclose(a, b, rtol=2e-5, atol=2e-6)
-      assert off.mean() <= 1e-3, f"{where}: {off.sum()} of {off.size} entries differ"
+      # In bfloat16 the executors' different reduction orders round differently, and Adam turns
+      # any difference in a tiny gradient into up to +-lr: only the learning-rate bound holds.
+      if config.compute_dtype == "float32":
+        assert off.mean() <= 1e-3, f"{where}: {off.sum()} of {off.size} entries differ"
       np.testing.assert_allclose(a, b, rtol=0, atol=config.learning_rate, err_msg=where)
