@@ -30,11 +30,6 @@ def _note(signum, frame):
                   signal.Signals(signum).name)
 
 
-def notice() -> str | None:
-  """The name of the first notice this process received, if any."""
-  return _notice
-
-
 def joined(distributed: bool) -> None:
   """Call right after `jax.distributed.initialize`: jax's preemption service now owns SIGTERM
   and agrees on a step with every process. SIGUSR1 is passed on to it as a SIGTERM, and so is a

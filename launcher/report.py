@@ -40,6 +40,11 @@ def segments(records: list[dict]) -> list[list[dict]]:
   return result
 
 
+def _with_next(runs: list[list[dict]]):
+  """Each start with the one after it (None after the last)."""
+  return zip(runs, [*runs[1:], None])
+
+
 def _process_start(run: list[dict]) -> float:
   return run[0]["time"] - run[0]["startup_s"]
 
@@ -63,10 +68,8 @@ def goodput(records: list[dict]) -> dict[str, float]:
   that share, waits and all; so is the time from a killed start's last record to the next start.
   """
   parts = dict.fromkeys(GOODPUT_PARTS, 0.0)
-  runs = segments(records)
-  for i, run in enumerate(runs):
+  for run, next_run in _with_next(segments(records)):
     parts["startup"] += run[0]["startup_s"]
-    next_run = runs[i + 1] if i + 1 < len(runs) else None
     resumed_at = next_run[0]["first_step"] if next_run else None
     for record in run[1:]:
       if record["event"] == "first_step":
@@ -94,10 +97,8 @@ def goodput(records: list[dict]) -> dict[str, float]:
 
 def wall_time(records: list[dict]) -> float:
   """One host's seconds over every start: each start's own, and the gap after a killed one."""
-  runs = segments(records)
-  return sum(run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] +
-             _lost_tail(run, runs[i + 1] if i + 1 < len(runs) else None)
-             for i, run in enumerate(runs))
+  return sum(run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] + _lost_tail(run, next_run)
+             for run, next_run in _with_next(segments(records)))
 
 
 def host_table(records: dict[int, list[dict]]) -> list[dict]:

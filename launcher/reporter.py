@@ -316,10 +316,14 @@ class Reporter:
       for step in range(first_step, last_step + 1):
         self._profile(step)
 
+  def _time_on_steps(self, now: float) -> float:
+    """The window's seconds up to `now`, less the saves and evals in it."""
+    return now - self._last_time - self._eval_s - self._checkpoint_blocked_s
+
   def steps_finished(self) -> None:
     """The window's steps are done (the report's own work, saves and eval follow): they took
     the time since the window began, less the saves and evals between them."""
-    self._steps_s = (time.time() - self._last_time - self._eval_s - self._checkpoint_blocked_s)
+    self._steps_s = self._time_on_steps(time.time())
 
   def throughput(self, step: int) -> dict[str, float]:
     """This host's speed over the window that ends now, at `step`; every process records it in
@@ -328,8 +332,7 @@ class Reporter:
     the steps. A window without steps (a report right after the first call) has no speed."""
     now = time.time()
     seconds, steps = now - self._last_time, step - self._last_step
-    training_s = self._steps_s if self._steps_s is not None else (
-        seconds - self._eval_s - self._checkpoint_blocked_s)
+    training_s = self._steps_s if self._steps_s is not None else self._time_on_steps(now)
     scalars = {"data_wait_s": self._data_wait_s,
                "checkpoint_blocked_s": self._checkpoint_blocked_s}
     speeds = {}
@@ -377,9 +380,10 @@ class Reporter:
   def close(self) -> None:
     """Records the end (the steps trained since the last report, and the waits) and closes
     every writer."""
-    window_s = time.time() - self._last_time
-    self._record("end", step=self._step, steps=self._step - self._last_step, window_s=window_s,
-                 steps_s=window_s - self._eval_s - self._checkpoint_blocked_s, **self._waits())
+    now = time.time()
+    self._record("end", step=self._step, steps=self._step - self._last_step,
+                 window_s=now - self._last_time, steps_s=self._time_on_steps(now),
+                 **self._waits())
     self._records.close()
     if self._is_main:
       self.tensorboard.close()

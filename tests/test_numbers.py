@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from launcher import config as config_lib
-from launcher import parallel, report, reporter, step, train
+from launcher import report, step, train
 from launcher import state as state_lib
 from launcher import workload as workload_lib
 from tests import numbers_workload
@@ -227,7 +227,7 @@ def test_goodput_through_a_kill_a_preemption_and_a_restart(tmp_path):
 
   records = [json.loads(line) for line in open(workdir / "hosts" / "process_0.jsonl")]
   runs = report.segments(records)
-  assert [run[0]["first_step"] for run in runs][:1] == [0] and len(runs) == 3
+  assert runs[0][0]["first_step"] == 0 and len(runs) == 3
   resumed_at, preempted_at = runs[1][0]["first_step"], runs[2][0]["first_step"]
   assert resumed_at == 8 and preempted_at > killed_at
   parts, wall = report.goodput(records), report.wall_time(records)
@@ -235,7 +235,7 @@ def test_goodput_through_a_kill_a_preemption_and_a_restart(tmp_path):
   # The test's clock, less the pause between the preempted start and the next (not the run's).
   between = runs[2][0]["time"] - runs[2][0]["startup_s"] - runs[1][-1]["time"]
   assert 0.8 * (ended - began - between) < wall <= ended - began - between + 0.1
-  # Each start's first call (2 steps... K=1: 1 step) is compile; the rest of its steps take 50 ms.
+  # Each start's first call (one step) is compile; every other step waits 50 ms for its batch.
   trained = (killed_at - 1) + (preempted_at - resumed_at - 1) + (40 - preempted_at - 1)
   redone = killed_at - resumed_at
   assert parts["lost to restarts"] >= redone * 0.05

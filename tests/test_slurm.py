@@ -60,15 +60,11 @@ def test_two_tasks_join_one_job_and_match_one_process(slurm, tmp_path):
   assert list(slurm_losses.values()) == pytest.approx(list(reference_losses.values()), rel=1e-5)
 
 
-def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
-  del slurm
-  workdir = tmp_path / "run"
-  job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
-                       "--config.num_steps=400", "--config.log_every_steps=10",
-                       "--config.eval_every_steps=0", wait=False)
+def usr1_then_requeued(job: str, output, ready, what: str) -> str:
+  """Once `ready()`, sends SIGUSR1 to every task of `job` and waits until its requeued run ended;
+  returns the job's output. The job is cancelled whatever happens."""
   try:
-    wait_for(lambda: (workdir / "metrics.jsonl").exists() and
-             (workdir / "metrics.jsonl").read_text().count("\n") >= 2, 120, "the job to train")
+    wait_for(ready, 120, what)
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     # The requeued job starts again once its old credential expired: 10 s on the local cluster
     # (AuthInfo=cred_expire=10; SLURM's default is 120 s).
@@ -77,7 +73,17 @@ def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
              "the requeued job to end")
   finally:
     subprocess.run(["scancel", job], timeout=30, check=False)
-  log = output.read_text()
+  return output.read_text()
+
+
+def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
+  del slurm
+  workdir = tmp_path / "run"
+  job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
+                       "--config.num_steps=400", "--config.log_every_steps=10",
+                       "--config.eval_every_steps=0", wait=False)
+  log = usr1_then_requeued(job, output, lambda: (workdir / "metrics.jsonl").exists() and (
+      workdir / "metrics.jsonl").read_text().count("\n") >= 2, "the job to train")
   assert "0: " in log and log.count("received SIGUSR1") == 2, log[-3000:]
   saved = int(log.split("stopped on a preemption notice after saving the checkpoint of step ")[1]
               .split(";")[0])
@@ -111,16 +117,8 @@ def test_usr1_right_after_the_job_joins_is_saved_and_requeued(slurm, tmp_path):
   job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
                        "--config.num_steps=40", "--config.log_every_steps=10",
                        "--config.eval_every_steps=0", wait=False)
-  try:
-    wait_for(lambda: output.exists() and output.read_text().count("joining a slurm job") >= 2,
-             120, "both tasks to start joining")
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-    wait_for(lambda: "requeue 1" in output.read_text() and not subprocess.run(
-        ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip(), 180,
-             "the requeued job to end")
-  finally:
-    subprocess.run(["scancel", job], timeout=30, check=False)
-  log = output.read_text()
+  log = usr1_then_requeued(job, output, lambda: output.exists() and output.read_text().count(
+      "joining a slurm job") >= 2, "both tasks to start joining")
   assert log.count("received SIGUSR1") >= 2 and "Traceback" not in log, log[-3000:]
   assert log.count("stopped on a preemption notice after saving the checkpoint of step 1;") == 2
   assert log.count("resuming from the checkpoint of step 1 ") == 2
