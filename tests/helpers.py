@@ -71,6 +71,12 @@ def finish(process: subprocess.Popen, timeout: float) -> int:
     raise AssertionError(f"{process.args} did not finish within {timeout} s") from None
 
 
+def children(pid: int) -> list[int]:
+  """The process ids of `pid`'s children."""
+  with open(f"/proc/{pid}/task/{pid}/children") as f:
+    return [int(child) for child in f.read().split()]
+
+
 def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
   """Polls `predicate` every 10 ms; fails the test after `timeout` or if `process` ended first."""
   deadline = time.monotonic() + timeout

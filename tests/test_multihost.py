@@ -12,10 +12,10 @@ import jax
 import pytest
 
 from launcher import train
-from launcher.errors import EXIT_PEER_LOST, EXIT_USAGE
+from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE
 from launcher import workload as workload_lib
 from launcher.local import free_port
-from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
+from tests.helpers import (REPO, assert_close, children, finish, launcher_command, load_config, load_params,
                            losses_by_step, start, wait_for)
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
@@ -160,12 +160,11 @@ def test_local_runner_ends_every_process_when_one_dies(tmp_path):
                                   num_processes=2, devices=4, grace=2),
                  str(tmp_path / "runner.log"), devices=4)
   wait_for(lambda: (workdir / "metrics.jsonl").exists(), 120, "training", runner)
-  children = subprocess.run(["pgrep", "-P", str(runner.pid)], capture_output=True,
-                            text=True).stdout.split()
-  assert len(children) == 2
-  os.kill(int(children[1]), signal.SIGKILL)
+  processes = children(runner.pid)
+  assert len(processes) == 2
+  os.kill(processes[1], signal.SIGKILL)
   assert finish(runner, 60) == 128 + signal.SIGKILL
-  assert not [c for c in children if os.path.exists(f"/proc/{c}")]
+  assert not [c for c in processes if os.path.exists(f"/proc/{c}")]
   log = (tmp_path / "runner.log").read_text()
   assert "[local] process 1 was killed by SIGKILL: stopping the others" in log
 
@@ -178,7 +177,8 @@ def test_local_runner_ctrl_c_stops_the_job_with_a_checkpoint(tmp_path):
                  str(tmp_path / "runner.log"), devices=4)
   wait_for(lambda: (workdir / "metrics.jsonl").exists(), 120, "training", runner)
   os.kill(runner.pid, signal.SIGINT)
-  assert finish(runner, 60) == 128 + signal.SIGINT
+  assert finish(runner, 60) == EXIT_PREEMPTED  # Every process saved: "run me again", not a kill.
   log = (tmp_path / "runner.log").read_text()
+  assert "every process saved and stopped: exiting with 75" in log
   assert log.count("stopped on a preemption notice after saving the checkpoint of step") == 2
   assert os.listdir(workdir / "checkpoints")

@@ -11,12 +11,8 @@ import pytest
 
 from launcher import supervise
 from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED
-from tests.helpers import REPO, finish, launcher_command, read_metrics, start, wait_for
-
-
-def _children(pid: int) -> list[int]:
-  with open(f"/proc/{pid}/task/{pid}/children") as f:
-    return [int(child) for child in f.read().split()]
+from tests.helpers import (REPO, children, finish, launcher_command, read_metrics, start,
+                           wait_for)
 
 
 def _alive(pid: int) -> bool:
@@ -98,7 +94,7 @@ def test_sighup_to_the_local_runner_saves_and_exits_75(tmp_path):
 def test_a_child_killed_by_a_real_time_signal_is_named_and_restarted(tmp_path):
   runner, _, log = _runner_at_first_report(
       tmp_path, runner_flags=("--max_restarts=1", "--restart_backoff_seconds=0"))
-  os.kill(_children(runner.pid)[1], signal.SIGRTMIN + 1)
+  os.kill(children(runner.pid)[1], signal.SIGRTMIN + 1)
   assert finish(runner, 180) == 0, log.read_text()[-3000:]
   text = log.read_text()
   assert "process 1 was killed by SIGRTMIN+1" in text and "Traceback" not in text
@@ -111,14 +107,14 @@ def test_a_second_ctrl_c_kills_at_once(tmp_path):
   # The data loader blocks for ever at batch 3: a save on the first Ctrl-C cannot happen.
   runner, _, log = _runner_at_first_report(tmp_path, "--config.fault=block",
                                            "--config.fault_at_batch=3")
-  children = _children(runner.pid)
+  processes = children(runner.pid)
   runner.send_signal(signal.SIGINT)
   time.sleep(1)
   assert runner.poll() is None  # Waiting for the processes to save (up to --grace_seconds).
   runner.send_signal(signal.SIGINT)
   assert finish(runner, 5) == 128 + signal.SIGINT
   assert "SIGINT again: killing every process now" in log.read_text()
-  assert not any(_alive(child) for child in children)
+  assert not any(_alive(process) for process in processes)
 
 
 def test_every_signal_number_has_a_name():
