@@ -155,7 +155,7 @@ def plots(out: epath.Path, metrics: list[dict], records: dict[int, list[dict]],
 
   figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
   for process, host in sorted(records.items()):
-    reports = [r for r in host if r["event"] == "report"]
+    reports = [r for r in host if r["event"] == "report" and "steps_per_sec" in r]  # Timed ones.
     t0 = host[0]["time"]
     top.plot([r["time"] - t0 for r in reports], [r["steps_per_sec"] for r in reports], ".-",
              label=f"process {process}")

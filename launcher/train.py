@@ -127,10 +127,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       if not any(due):
         continue
       watchdog.pause()
+      # The fetch waits for the steps, and raises if a peer's collective failed (where
+      # block_until_ready would wait on it for ever).
+      train_vector = jax.device_get(executor.unreplicate(train_metrics))
       if due.report:
-        jax.block_until_ready(train_metrics)
         report_writer.steps_finished()
-      train_scalars = train_metric_set.compute(executor.unreplicate(train_metrics))
+      train_scalars = train_metric_set.compute(train_vector)
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
       if due.save:
