@@ -190,13 +190,13 @@ class _Trace:
       shutil.rmtree(self._logdir, ignore_errors=True)
 
 
-# The console line shows these (when present) after the loss and the workload's metrics; the rest
-# of a report's row is in metrics.jsonl and TensorBoard.
+# The console line shows the loss, the workload's metrics and the speeds; the finished line the
+# loss and eval metrics; the rest of a report's row (NOT_SHOWN) is in metrics.jsonl and TensorBoard.
 _SPEED = {"tokens_per_sec": ("tokens/s", ".0f"), "steps_per_sec": ("steps/s", ".2f")}
-_NOT_SHOWN = {"learning_rate", "grad_norm", "examples_per_sec", "data_wait_s", "eval_s",
-              "checkpoint_blocked_s", "model_flops_per_sec", "mfu", "state_bytes_per_device",
-              "step_memory_bytes_per_device", "peak_bytes_per_device", "time_to_first_step_s",
-              "skipped_steps"}
+NOT_SHOWN = {"learning_rate", "grad_norm", "examples_per_sec", "data_wait_s", "eval_s",
+             "checkpoint_blocked_s", "model_flops_per_sec", "mfu", "state_bytes_per_device",
+             "step_memory_bytes_per_device", "peak_bytes_per_device", "time_to_first_step_s",
+             "skipped_steps"}
 
 
 def hms(seconds: float) -> str:
@@ -207,7 +207,7 @@ def hms(seconds: float) -> str:
 def console_line(step: int, num_steps: int, scalars: dict[str, float], eta_s: float | None) -> str:
   """One report as a person reads it: step, loss, the workload's and eval metrics, speed, ETA."""
   parts = [f"step {step}/{num_steps}"]
-  shown = [name for name in scalars if name not in _NOT_SHOWN and name not in _SPEED]
+  shown = [name for name in scalars if name not in NOT_SHOWN and name not in _SPEED]
   shown.sort(key=lambda name: (name != "loss", name.startswith("eval_"), name))
   parts += [f"{name} {scalars[name]:.4g}" for name in shown]
   if scalars.get("skipped_steps"):

@@ -283,8 +283,8 @@ def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> 
 
 
 def _say_finished(workdir, num_steps: int, scalars: dict[str, float], seconds: float) -> None:
-  shown = {name: scalars[name] for name in scalars
-           if name == "loss" or name.startswith("eval_")}
+  shown = {name: scalars[name] for name in scalars if name not in reporter.NOT_SHOWN
+           and (name == "loss" or name.startswith("eval_"))}
   logging.info("finished %d steps in %s: %s. Outputs in %s; see them with: python -m "
                "launcher.report %s", num_steps, reporter.hms(seconds),
                ", ".join(f"{name} {value:.4g}" for name, value in shown.items()),

@@ -49,6 +49,7 @@ def test_run_trains_and_reports(name, tmp_path):
   assert len(report_lines) == len(train_rows)
   assert report_lines[-1].startswith(f"step {rows[-1]['step']}/{rows[-1]['step']} | loss ")
   assert f"eval_loss {rows[-1]['eval_loss']:.4g}" in report_lines[-1]
+  assert "eval_s" not in lines[-1]  # A timing, not an eval metric.
   assert lines[-1].startswith(f"finished {rows[-1]['step']} steps in 0:0") and lines[-1].endswith(
       f"Outputs in {workdir}; see them with: python -m launcher.report {workdir}")
   assert len(lines) == 5 + len(report_lines), "\n".join(lines)
