@@ -110,8 +110,9 @@ def test_a_failed_job_step_is_restarted_inside_the_allocation(slurm, tmp_path):
 
 
 def test_usr1_right_after_the_job_joins_is_saved_and_requeued(slurm, tmp_path):
-  """A notice during start-up (before the first step) is kept: both tasks save at the first step,
-  exit 75, and the requeued job finishes."""
+  """A notice during start-up (before the first step) is kept, not fatal: both tasks save at the
+  step jax's preemption sync point agrees on (a few steps in on this fast model), exit 75, and the
+  requeued job resumes there and finishes."""
   del slurm
   workdir = tmp_path / "run"
   job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
@@ -120,6 +121,9 @@ def test_usr1_right_after_the_job_joins_is_saved_and_requeued(slurm, tmp_path):
   log = usr1_then_requeued(job, output, lambda: output.exists() and output.read_text().count(
       "joining a slurm job") >= 2, "both tasks to start joining")
   assert log.count("received SIGUSR1") >= 2 and "Traceback" not in log, log[-3000:]
-  assert log.count("stopped on a preemption notice after saving the checkpoint of step 1;") == 2
-  assert log.count("resuming from the checkpoint of step 1 ") == 2
+  saved = int(log.split("stopped on a preemption notice after saving the checkpoint of step ")[1]
+              .split(";")[0])
+  assert saved < 40 and "requeue 1" in log
+  assert log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved};") == 2
+  assert log.count(f"resuming from the checkpoint of step {saved} ") == 2
   assert max(losses_by_step(str(workdir))) == 40
