@@ -154,13 +154,16 @@ def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(exe
   for row in rows:
     assert row["steps_per_sec"] == pytest.approx(source_speed, rel=0.1), row
     assert row["examples_per_sec"] == pytest.approx(row["steps_per_sec"] * 32, rel=1e-6)
-    assert 0.3 <= row["eval_s"] < 0.3 + 0.5, row
+    assert row["eval_s"] >= 0.3, row  # 3 eval batches of 100 ms; its bound above is the window's.
   records = [json.loads(line) for line in open(tmp_path / "hosts" / "process_0.jsonl")]
   reports = [r for r in records if r["event"] == "report"]
   # The first window holds the 6 steps after the first call (2 steps), no more.
   assert [r["steps"] for r in reports] == [6, 8, 8]
   for record in reports:
+    # Each second of the window is counted once: an eval that took in train time would push the
+    # sum past the window, as would steps that took in the eval (a loaded machine slows either).
     assert record["steps_s"] == pytest.approx(record["steps"] / source_speed, rel=0.1)
+    assert record["eval_s"] >= 0.3
     assert record["steps_s"] + record["eval_s"] + record["checkpoint_blocked_s"] <= (
         record["window_s"])
 
