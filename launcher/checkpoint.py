@@ -1,9 +1,10 @@
 """Checkpoints of the train state and the data position (orbax, async).
 
-A checkpoint holds two items: `state`, the TrainState as arrays replicated over every device of
-the job, and `data`, a small JSON record of the data position. The position is the number of
+A checkpoint holds two items: `state`, the TrainState as job-wide arrays (each process writes the
+shards its devices hold), and `data`, a small JSON record of the data position. The position is the number of
 global batches consumed, which equals the step: with `config.seed` and the global batch size it
-names the next batch under any process layout. Every process takes part in every save and restore.
+names the next batch under any process layout. Every process takes part in every save and restore; a restore reads each array straight into the
+sharding the reading run asks for, whatever executor and layout wrote it.
 """
 
 import os
@@ -17,7 +18,6 @@ from etils import epath
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
 import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
-from launcher.parallel import job_replicated
 from launcher.errors import UsageError
 
 
@@ -25,16 +25,11 @@ def directory(workdir: epath.Path) -> epath.Path:
   return workdir / "checkpoints"
 
 
-def abstract(tree: Any) -> Any:
-  """Shapes, dtypes and the job-wide replicated sharding of a (single-copy) tree, for restore."""
-  sharding = job_replicated()
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
-                      tree)
-
-
-def to_local(global_tree: Any) -> Any:
-  """Job-wide replicated arrays -> this process's copy, as numpy."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), global_tree)
+def target(like: Any, shardings: Any) -> Any:
+  """What a restore reads into: the shapes and dtypes of `like` (arrays or jax.eval_shape's
+  output) in `shardings` (the executor's state_shardings)."""
+  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                               sharding=sharding), like, shardings)
 
 
 def _handlers() -> dict:
@@ -62,14 +57,14 @@ class Checkpoints:
         state=ocp.args.StandardSave(global_state),
         data=ocp.args.JsonSave(data_position)), force=True)
 
-  def restore(self, step: int, like: state_lib.TrainState) -> state_lib.TrainState:
-    """The state saved at `step`, shaped like `like`; a mismatch names the entries that differ.
+  def restore(self, step: int, into: state_lib.TrainState) -> state_lib.TrainState:
+    """The state saved at `step` as job-wide arrays in the shapes and shardings of `into`
+    (checkpoint.target); a mismatch names the entries that differ.
 
     The data position needs no reading back: it is the restored state's step."""
-    check_structure(self._manager.item_metadata(step).state, like, self.directory)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(like))))
-    return to_local(restored.state)
+    check_structure(self._manager.item_metadata(step).state, into, self.directory)
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(into))).state
 
   def check_data_position(self, step: int, **expected) -> None:
     """Refuses a resume whose data order would differ from the saved run's: batch t is a function
@@ -93,21 +88,19 @@ class Checkpoints:
     self._manager.close()
 
 
-def restore_from(path: str, like: state_lib.TrainState, params_only: bool) -> state_lib.TrainState:
-  """`like` with the params (or everything) of another run's checkpoint: its workdir, its
-  checkpoints dir, or one step's dir."""
+def restore_from(path: str, into: state_lib.TrainState, params_only: bool) -> Any:
+  """The params (`params_only`) or the whole state of another run's checkpoint (its workdir, its
+  checkpoints dir, or one step's dir) as job-wide arrays in the shapes and shardings of `into`."""
   item = _step_dir(storage.path(path)) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(item).item_metadata
-  target = {"params": like.params} if params_only else like
-  check_structure({"params": metadata["params"]} if params_only else metadata, target, item)
-  shapes = abstract(target)
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), shapes)
+  wanted = {"params": into.params} if params_only else into
+  check_structure({"params": metadata["params"]} if params_only else metadata, wanted, item)
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
   restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-      item=shapes, restore_args=restore_args, partial_restore=params_only))
-  values = to_local(restored)
+      item=wanted, restore_args=restore_args, partial_restore=params_only))
   logging.info("started from %s (%s)", item, "params only" if params_only else "everything")
-  return like.replace(params=values["params"]) if params_only else values
+  return restored["params"] if params_only else restored
 
 
 def _step_dir(path: epath.Path) -> epath.Path:

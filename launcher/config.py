@@ -31,6 +31,9 @@ KEYS = {
     "parallel": ("shard_map", "the executor: shard_map (jit(shard_map) over a Mesh of every "
                  "device), pmap, or fsdp (the train state sharded over every device); same "
                  "results"),
+    "mesh": ("", "under parallel=fsdp, the device mesh as data:D,fsdp:F (one of them may be -1: "
+             "the devices left): the state is split over fsdp and copied over data, the batch "
+             "split over both; \"\" = fsdp over each process's devices, data across processes"),
     "grad_accum_steps": (1, "M microbatches per step (lax.scan), gradients averaged; must divide "
                          "the per-device batch"),
     "compute_dtype": ("float32", "float32 or bfloat16 for the loss (the launcher casts params "
@@ -204,6 +207,45 @@ class Layout:
   @property
   def global_device_count(self) -> int:
     return self.process_count * self.local_device_count
+
+
+MESH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh: str, parallel: str, process_count: int,
+               local_device_count: int) -> dict[str, int] | None:
+  """`config.mesh` as {"data": D, "fsdp": F} with D * F the job's devices (None when the executor
+  takes no mesh), or one UsageError that says what would fit."""
+  device_count = process_count * local_device_count
+  default = f"data:{process_count},fsdp:{local_device_count}"
+  if parallel != "fsdp":
+    if mesh:
+      raise UsageError(f"config.mesh={mesh!r} shards the train state, which only parallel=fsdp "
+                       f"does: add --config.parallel=fsdp, or leave config.mesh empty under "
+                       f"parallel={parallel}")
+    return None
+  if not mesh:
+    return {"data": process_count, "fsdp": local_device_count}
+  shape = {}
+  for part in mesh.split(","):
+    name, _, size = part.strip().partition(":")
+    if name not in MESH_AXES or name in shape or not re.fullmatch(r"-1|[1-9]\d*", size.strip()):
+      raise UsageError(f"config.mesh={mesh!r} is not a mesh: write axis:size pairs of the axes "
+                       f"{' and '.join(MESH_AXES)}, each once, sizes positive or one -1 (the "
+                       f"devices left), e.g. --config.mesh={default}")
+    shape[name] = int(size)
+  shape = {name: shape.get(name, 1) for name in MESH_AXES}
+  known = math.prod(size for size in shape.values() if size != -1)
+  if list(shape.values()).count(-1) > 1 or (-1 in shape.values() and device_count % known):
+    raise UsageError(f"config.mesh={mesh!r}: -1 stands for the devices left, for one axis only, "
+                     f"and the other axis must divide the {device_count} devices: e.g. "
+                     f"--config.mesh={default}")
+  shape = {name: device_count // known if size == -1 else size for name, size in shape.items()}
+  if math.prod(shape.values()) != device_count:
+    raise UsageError(f"config.mesh={mesh!r} has {math.prod(shape.values())} devices, the job "
+                     f"{device_count} ({process_count} process(es) x {local_device_count} "
+                     f"devices): make data x fsdp = {device_count}, e.g. --config.mesh={default}")
+  return shape
 
 
 def compute_dtype(config: ml_collections.ConfigDict):

@@ -1,29 +1,36 @@
-"""Runs a per-device function on every device of the job: `pmap`, `jit` of `shard_map`, or
-`fsdp` (the state sharded over the devices).
-
-All executors take the same per-device loss (axis name `batch`) and give the same results; they
-differ in how state and batches live on the devices:
+"""Executors: how the train state and batches live on the devices, and the compiled calls over
+them. `pmap` and `shard_map` run the workload's loss per device (axis name `batch`) on a replicated
+state; `fsdp` runs it on global arrays with the state sharded. Same results.
 
   pmap       state replicated as [local_devices, ...]; batches [local_devices, per_device, ...]
   shard_map  state as whole arrays on every device of a Mesh (NamedSharding, P()); batches as
              global arrays split on their batch axis; no host-local <-> global conversion per call
-  fsdp       as shard_map, but each state array split over the devices on one axis (ZeRO-3):
-             gathered whole for the loss, gradients and optimizer update kept per shard
+  fsdp       each state array split over the `fsdp` axis of a (data, fsdp) Mesh on one array
+             axis, copied over `data`; batches split over both; the step is traced on global
+             arrays (the loss sees the global batch) and partitioned by XLA
+
+Every executor has: state_shardings(state) (the job-wide layout a checkpoint restores into and
+init creates in), place(global_state) (-> the run's layout), global_state(run_state),
+replicate/unreplicate (small host trees: metrics), put(host_batch), map_eval, map_train.
 """
 
 import collections
+import contextvars
 import functools
 import os
 
 import jax
 import numpy as np
 from flax import jax_utils
-from jax.experimental import multihost_utils
+from jax import lax
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import step
 from launcher.state import TrainState
 from launcher.step import AXIS
+
+DATA, FSDP = "data", "fsdp"  # The fsdp executor's mesh axes: copies of the state, and its shards.
 
 
 class Pmap:
@@ -50,6 +57,25 @@ class Pmap:
                                       one_gradient_all_reduce=combines_no_all_reduces(),
                                       **step_kwargs), stacked=steps_per_call > 1,
                     donate_argnums=(0,))
+
+  def map_eval(self, loss_fn):
+    """step.eval_step on every device."""
+    return self.map(functools.partial(step.eval_step, loss_fn=loss_fn))
+
+  def state_shardings(self, state_like):
+    """Whole arrays on every device of the job."""
+    return jax.tree.map(lambda _: job_replicated(), state_like)
+
+  def place(self, global_state):
+    """Job-wide replicated arrays -> [local_devices, ...] as pmap's outputs, no copy to the host."""
+    devices = self._replicated.mesh.devices
+
+    def one(x):
+      shards = {shard.device: shard.data for shard in x.addressable_shards}
+      return jax.make_array_from_single_device_arrays(
+          (len(devices),) + x.shape, self._replicated, [shards[d][None] for d in devices])
+
+    return jax.tree.map(one, global_state)
 
   def replicate(self, tree):
     """[local_devices, ...]: one copy of each leaf per local device, laid out as pmap's outputs."""
@@ -113,6 +139,15 @@ class ShardMap:
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
   map_train = Pmap.map_train
+  map_eval = Pmap.map_eval
+
+  def state_shardings(self, state_like):
+    """Whole arrays on every device of the job."""
+    return jax.tree.map(lambda _: self._replicated, state_like)
+
+  def place(self, global_state):
+    """Already in the run's layout."""
+    return global_state
 
   def replicate(self, tree):
     """Whole arrays on every device of the job."""
@@ -134,20 +169,27 @@ class ShardMap:
     return tree
 
 
-class Fsdp(ShardMap):
-  """Like ShardMap, but every state array is split over the devices on one axis (ZeRO-3), so a
-  device holds 1/N of the params and optimizer state; see step.sharded_train_call."""
+class Fsdp:
+  """The state split over the `fsdp` axis of a data x fsdp Mesh and copied over `data` (ZeRO-3 /
+  HSDP). The step is traced on global arrays (step.global_train_call) and XLA gathers each param
+  where it is used and reduce-scatters its gradient, so the whole state is never on one device:
+  not at init, in a step, or at restore. The loss sees the whole global batch."""
 
-  def __init__(self, partition=None):
-    """`partition(params) -> PartitionSpecs` overrides `default_spec` for the params."""
-    super().__init__()
+  def __init__(self, mesh: Mesh, partition=None):
+    """`partition(params) -> PartitionSpecs` (axis name `fsdp`) overrides `default_spec`."""
+    self.mesh = mesh
     self._partition = partition
-    self._param_shardings = self._state_shardings = None
+    self._state_shardings = None
+    self._replicated = NamedSharding(mesh, PartitionSpec())
+    batch_axes = tuple(mesh.axis_names)
+    self._split = NamedSharding(mesh, PartitionSpec(batch_axes))
+    self._stacked_split = NamedSharding(mesh, PartitionSpec(None, batch_axes))
 
   def shardings(self, tree):
     """A NamedSharding per leaf (`default_spec`; the params of a TrainState by `partition`)."""
+    size = self.mesh.shape[FSDP]
     shardings = jax.tree.map(
-        lambda x: NamedSharding(self.mesh, default_spec(np.shape(x), self.mesh.size)), tree)
+        lambda x: NamedSharding(self.mesh, default_spec(np.shape(x), size)), tree)
     if isinstance(tree, TrainState) and self._partition is not None:
       specs = self._partition(tree.params)
       shardings = shardings.replace(params=jax.tree.map(
@@ -155,17 +197,29 @@ class Fsdp(ShardMap):
           is_leaf=lambda x: isinstance(x, PartitionSpec)))
     return shardings
 
+  def state_shardings(self, state_like: TrainState):
+    """The job-wide shardings of the train state (fixed for the run: map_train compiles to them)."""
+    self._state_shardings = self.shardings(state_like)
+    return self._state_shardings
+
+  def place(self, global_state):
+    """Already in the run's layout."""
+    return global_state
+
+  def global_state(self, tree):
+    """Already job-wide arrays."""
+    return tree
+
   def replicate(self, tree):
-    """`tree` split over the devices (despite the name: the state is not copied whole)."""
-    shardings = self.shardings(tree)
-    if isinstance(tree, TrainState):
-      self._state_shardings, self._param_shardings = shardings, shardings.params
+    """Host values split over the devices as `shardings` says (the state is not copied whole)."""
+    shardings = self.state_shardings(tree) if isinstance(tree, TrainState) else self.shardings(tree)
     return jax.tree.map(
         lambda x, sharding: jax.make_array_from_callback(
             np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree, shardings)
 
   def unreplicate(self, tree):
-    """Whole arrays: a replicated one from this process's first device, a sharded one gathered."""
+    """Whole arrays: a replicated one from this process's first device, a sharded one gathered
+    (small trees only: metrics, or a test's look at a state)."""
 
     def whole(x):
       if x.sharding.is_fully_replicated:
@@ -174,17 +228,43 @@ class Fsdp(ShardMap):
 
     return jax.tree.map(whole, tree)
 
+  put = ShardMap.put
+
+  def map_eval(self, loss_fn):
+    """step.eval_step on global arrays: the params stay sharded, the batch split over every device."""
+    return jax.jit(functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=None),
+                   out_shardings=self._replicated)
+
   def map_train(self, *, steps_per_call: int, **step_kwargs):
-    """K train steps per call over the sharded state (step.sharded_train_call); call after
-    `replicate(state)`, which fixes the state's sharding."""
+    """K train steps per call over the sharded state (step.global_train_call); the loss is traced
+    with `constrain_to_batch` on."""
     if self._state_shardings is None:
-      raise RuntimeError("Fsdp.map_train needs the state's shardings: replicate(state) first")
-    call = functools.partial(step.sharded_train_call, steps_per_call=steps_per_call,
-                             mesh=self.mesh, param_specs=jax.tree.map(
-                                 lambda sharding: sharding.spec, self._param_shardings),
-                             **step_kwargs)
-    return jax.jit(call, donate_argnums=(0,), out_shardings=(self._state_shardings,
-                                                             self._replicated))
+      raise RuntimeError("Fsdp needs the state's shardings: call state_shardings(state) first")
+    call = functools.partial(step.global_train_call, steps_per_call=steps_per_call,
+                             param_shardings=self._state_shardings.params,
+                             microbatch_sharding=self._stacked_split, **step_kwargs)
+
+    def traced(*args):
+      token = _BATCH_SHARDING.set(self._split)
+      try:
+        return call(*args)
+      finally:
+        _BATCH_SHARDING.reset(token)
+
+    return jax.jit(traced, donate_argnums=(0,), out_shardings=(self._state_shardings,
+                                                               self._replicated))
+
+
+_BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
+
+
+def constrain_to_batch(x: jax.Array) -> jax.Array:
+  """`x` ([batch, ...], an activation in a workload's loss) split over the devices on its batch
+  axis. Under fsdp this keeps XLA from splitting activations over features, as it may when the
+  params are split that way (it then holds them whole on every device); under the other
+  executors, and in eval, it changes nothing."""
+  sharding = _BATCH_SHARDING.get()
+  return x if sharding is None else lax.with_sharding_constraint(x, sharding)
 
 
 def combines_no_all_reduces() -> bool:
@@ -195,21 +275,40 @@ def combines_no_all_reduces() -> bool:
 
 
 def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:
-  """Split on the largest axis that divides by the device count (the first of equal ones);
-  replicated when none does."""
+  """Split over the `fsdp` axis on the largest array axis that divides by its size (the first of
+  equal ones); replicated when none does."""
   divisible = [axis for axis in range(len(shape)) if shape[axis] % device_count == 0
                and shape[axis] >= device_count]
   if not divisible:
     return PartitionSpec()
   axis = max(divisible, key=lambda a: (shape[a], -a))
-  return PartitionSpec(*([None] * axis), AXIS)
+  return PartitionSpec(*([None] * axis), FSDP)
 
 
-def executor(name: str, partition=None) -> Pmap | ShardMap | Fsdp:
-  """The executor named by `config.parallel`; `partition(params)` is the workload's fsdp rule."""
+def executor(name: str, *, mesh_shape: dict[str, int] | None = None,
+             partition=None) -> Pmap | ShardMap | Fsdp:
+  """The executor named by `config.parallel`; under fsdp `mesh_shape` ({"data": D, "fsdp": F},
+  config.mesh_shape; default: fsdp within each process) and `partition(params)`, the workload's
+  rule."""
   if name == "fsdp":
-    return Fsdp(partition)
+    return Fsdp(data_fsdp_mesh(mesh_shape or {"data": jax.process_count(),
+                                              "fsdp": jax.local_device_count()}), partition)
   return {"pmap": Pmap, "shard_map": ShardMap}[name]()
+
+
+def data_fsdp_mesh(mesh_shape: dict[str, int]) -> Mesh:
+  """A (data, fsdp) Mesh of every device. An fsdp group that fits in a process stays inside it
+  (its gathers never cross the slower network between hosts), with `data` across processes; a
+  larger one spans whole processes. Either way process p holds the p-th part of every batch."""
+  data, fsdp = mesh_shape["data"], mesh_shape["fsdp"]
+  local = jax.local_device_count()
+  if local % fsdp == 0 and jax.process_count() > 1:
+    devices = mesh_utils.create_hybrid_device_mesh(
+        (local // fsdp, fsdp), (jax.process_count(), 1), jax.devices(), process_is_granule=True)
+  else:
+    devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
+    devices = devices.reshape(data, fsdp)
+  return Mesh(devices, (DATA, FSDP))
 
 
 def step_memory(mapped_fn, *args) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """The per-device train and eval steps: pure functions over one device's shard, axis name `batch`."""
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -53,13 +54,14 @@ def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def gradients(params: Any, batch: dict, rng: jax.Array, *, loss_fn: LossFn, grad_accum_steps: int = 1,
-              compute_dtype=None) -> tuple[tuple[jax.Array, dict], Any]:
-  """((loss, metrics), grads) of this device's shard, not yet averaged over devices."""
+              compute_dtype=None, microbatch_sharding=None) -> tuple[tuple[jax.Array, dict], Any]:
+  """((loss, metrics), grads) of `batch`: this device's shard (not yet averaged over devices), or
+  a global batch when `microbatch_sharding` says how its [M, B/M, ...] microbatches lie."""
   grad_fn = jax.value_and_grad(_cast_loss(loss_fn, compute_dtype), has_aux=True)
   if grad_accum_steps == 1:
     return grad_fn(params, batch, rng)
-  microbatches = jax.tree.map(
-      lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
+  microbatches = jax.tree.map(functools.partial(
+      _microbatches, count=grad_accum_steps, sharding=microbatch_sharding), batch)
 
   def accumulate(sums, indexed_microbatch):
     index, microbatch = indexed_microbatch
@@ -70,6 +72,16 @@ def gradients(params: Any, batch: dict, rng: jax.Array, *, loss_fn: LossFn, grad
       lambda x: x[0], microbatches), rng))
   sums, _ = lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches))
   return jax.tree.map(lambda x: x / grad_accum_steps, sums)
+
+
+def _microbatches(x: jax.Array, *, count: int, sharding=None) -> jax.Array:
+  """[B, ...] -> [count, B/count, ...]. A device's shard splits into consecutive parts; a global
+  batch split over the devices is dealt out (part m takes every count-th example), so each
+  device's rows divide evenly among the parts and no part moves between devices."""
+  if sharding is None:
+    return x.reshape((count, x.shape[0] // count) + x.shape[1:])
+  dealt = jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
+  return lax.with_sharding_constraint(dealt, sharding)
 
 
 def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTransformation,
@@ -94,20 +106,26 @@ def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTr
   return new_state, {**metrics, "mask": finite}
 
 
-def _cast_loss(loss_fn: LossFn, compute_dtype) -> LossFn:
-  """`loss_fn` computing in `compute_dtype` (params and float inputs cast), returning float32."""
+def _cast_loss(loss_fn: LossFn, compute_dtype, param_shardings=None) -> LossFn:
+  """`loss_fn` computing in `compute_dtype` (params and float inputs cast), returning float32.
+  With `param_shardings` each param is cast on its shards, so XLA gathers it in `compute_dtype`."""
   if compute_dtype is None:
     return loss_fn
 
-  def cast(tree):
-    return jax.tree.map(
-        lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
   def loss(params, batch, rng):
-    value, metrics = loss_fn(cast(params), cast(batch), rng)
+    params = _cast(params, compute_dtype)
+    if param_shardings is not None:
+      params = lax.with_sharding_constraint(params, param_shardings)
+    value, metrics = loss_fn(params, _cast(batch, compute_dtype), rng)
     return value.astype(jnp.float32), jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
   return loss
+
+
+def _cast(tree, dtype):
+  """Every float array of `tree` in `dtype`."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
 
 
 class MetricSet:
@@ -173,55 +191,42 @@ def _steps(step_fn, state: TrainState, batches: dict, *, steps_per_call: int,
   return lax.scan(one_step, carry, batches)[0]
 
 
-def sharded_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
-                       steps_per_call: int, metric_set: MetricSet, mesh: jax.sharding.Mesh,
-                       param_specs: Any, loss_fn: LossFn, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, grad_accum_steps: int = 1, compute_dtype=None,
-                       skip_nonfinite: bool = False) -> tuple[TrainState, jax.Array]:
-  """`train_call` over the job's global arrays, for a state sharded over the devices (fsdp).
+def global_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
+                      steps_per_call: int, metric_set: MetricSet, param_shardings: Any,
+                      microbatch_sharding: jax.sharding.Sharding, loss_fn: LossFn,
+                      tx: optax.GradientTransformation, schedule: optax.Schedule,
+                      grad_accum_steps: int = 1, compute_dtype=None,
+                      skip_nonfinite: bool = False) -> tuple[TrainState, jax.Array]:
+  """`train_call` traced on the job's global arrays, for a state sharded over the devices (fsdp).
 
-  Per step: the params are gathered whole for the workload's loss on each device's shard of the
-  batch (a shard_map, as under the other executors); the gradients are reduce-scattered, so each
-  device gets the average of its own part (`param_specs`); the optimizer update runs on the
-  shards (XLA partitions it; the global gradient norm spans every shard).
+  The loss sees the whole global batch (one array split over the devices) and one rng per step;
+  XLA's SPMD partitioner gathers each param where the loss uses it (in `compute_dtype`: the cast
+  comes first, on the shards) and reduce-scatters its gradient into the param's sharding
+  (`param_shardings`), so no device holds every param or every gradient at once.
   """
 
-  def per_device(params, rng, step_number, batch):
-    (loss, values), grads = gradients(params, batch, device_rng(rng, step_number), loss_fn=loss_fn,
-                                      grad_accum_steps=grad_accum_steps,
-                                      compute_dtype=compute_dtype)
-    return (jax.tree.map(_average_to_shard, grads, param_specs),
-            jax.tree.map(lambda v: v[None], {"loss": loss, **values}))
-
-  spec = jax.sharding.PartitionSpec
-  device_gradients = jax.shard_map(per_device, mesh=mesh,
-                                   in_specs=(spec(), spec(), spec(), spec(AXIS)),
-                                   out_specs=(param_specs, spec(AXIS)), check_vma=False)
+  cast_loss = _cast_loss(loss_fn, compute_dtype, param_shardings)
 
   def one_step(state, batch):
-    grads, values = device_gradients(state.params, state.rng, state.step, batch)
-    return update(state, grads, values, tx=tx, schedule=schedule, skip_nonfinite=skip_nonfinite,
-                  mean_loss=lambda: jnp.mean(values["loss"]))
+    (loss, values), grads = gradients(
+        state.params, batch, jax.random.fold_in(state.rng, state.step), loss_fn=cast_loss,
+        grad_accum_steps=grad_accum_steps, microbatch_sharding=microbatch_sharding)
+    grads = lax.with_sharding_constraint(grads, param_shardings)
+    return update(state, grads, {"loss": loss, **values}, tx=tx, schedule=schedule,
+                  skip_nonfinite=skip_nonfinite, mean_loss=lambda: loss)
 
   state, local = _steps(one_step, state, batches, steps_per_call=steps_per_call,
                         metric_set=metric_set, like=metrics)
   return state, metrics + metric_set.pack(local)
 
 
-def _average_to_shard(grad: jax.Array, spec: jax.sharding.PartitionSpec) -> jax.Array:
-  """The device average of `grad`, of which this device keeps the part `spec` gives it."""
-  axes = [axis for axis, name in enumerate(spec) if name == AXIS]
-  if not axes:
-    return lax.pmean(grad, AXIS)
-  return lax.psum_scatter(grad, AXIS, scatter_dimension=axes[0], tiled=True) / lax.axis_size(AXIS)
-
-
 def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
-              loss_fn: LossFn) -> clu_metrics.Collection:
+              loss_fn: LossFn, axis_name=AXIS) -> clu_metrics.Collection:
   """Adds one padded batch to the eval metrics; each real example counts once, padding not at all.
 
   The workload's loss sees one example at a time (vmap), so padding never enters a mean; its rng
-  is None, which tells it to run deterministically (no dropout).
+  is None, which tells it to run deterministically (no dropout). `batch` is this device's shard
+  (summed over `axis_name`, one mesh axis name or several).
   """
   examples = {name: x for name, x in batch.items() if name != "mask"}
 
@@ -230,7 +235,10 @@ def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
     return {"loss": loss, **metrics}
 
   values = jax.vmap(per_example)(examples)
-  return metrics.merge(type(metrics).gather_from_model_output(axis_name=AXIS, mask=batch["mask"], **values))
+  if axis_name is None:
+    return metrics.merge(type(metrics).single_from_model_output(mask=batch["mask"], **values))
+  return metrics.merge(type(metrics).gather_from_model_output(axis_name=axis_name,
+                                                              mask=batch["mask"], **values))
 
 
 def empty_metrics(names: list[str]) -> clu_metrics.Collection:

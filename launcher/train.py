@@ -41,10 +41,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
                                jax.local_device_count(), config.grad_accum_steps)
     storage.check_workdir(workdir, layout.process_index, layout.process_count)
   with _timed(parts, "init"):
-    executor, loss_fn, tx, state = _build(config, workload)
+    executor, loss_fn, tx, fresh, state_target = _build(config, workload, layout)
   with _timed(parts, "restore"):
-    checkpoints, state = _resume_or_start(config, workdir, layout, state)
-  first_step, k = int(state.step), config.steps_per_call
+    checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target)
+  first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
   if first_step >= config.num_steps:
     _say_already_finished(workdir, first_step, config.num_steps)
     checkpoints.close()
@@ -69,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   stop_notice = preemption.Preemption()
   watchdog = watchdog_lib.StepWatchdog(step_timeout_seconds,
                                        f"process {layout.process_index}/{layout.process_count} ")
-  eval_call = executor.map(functools.partial(step.eval_step, loss_fn=loss_fn))
+  eval_call = executor.map_eval(loss_fn)
 
   def evaluate(replicated_params) -> dict[str, float]:
     eval_host_batches = workload_lib.open_dataset(workload, config, "eval", layout.process_index,
@@ -89,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     computed = executor.unreplicate(eval_metrics).compute()
     return {f"eval_{name}": value for name, value in computed.items()}
 
-  replicated_state = executor.replicate(state)
+  replicated_state = executor.place(state)
+  del state  # Its arrays now belong to the run's state, which each call donates.
   train_metric_set = step.MetricSet([*step.TRAIN_METRICS, *workload_metric_names])
   train_call = executor.map_train(
       steps_per_call=k, metric_set=train_metric_set, loss_fn=loss_fn, tx=tx,
@@ -173,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
                     f"{last_step}")
   if layout.process_index == 0:
     _say_finished(workdir, config.num_steps, report_writer.last_scalars, time.time() - started)
-  return executor.unreplicate(replicated_state)
+  return executor.global_state(replicated_state)
 
 
 @contextlib.contextmanager
@@ -184,33 +185,44 @@ def _timed(parts: dict[str, float], name: str):
   parts[name] = parts.get(name, 0.0) + time.time() - start
 
 
-def _build(config, workload):
-  """The executor, the loss bound to the config, the optimizer and a fresh state."""
+def _build(config, workload, layout):
+  """The executor, the loss bound to the config, the optimizer, the state's initializer and its
+  shapes in the executor's shardings (nothing computed yet)."""
   partition = getattr(workload, "partition", None)
-  executor = parallel.executor(config.parallel,
-                               functools.partial(partition, config) if partition else None)
+  mesh_shape = config_lib.mesh_shape(config.mesh, config.parallel, layout.process_count,
+                                     layout.local_device_count)
+  executor = parallel.executor(config.parallel, mesh_shape=mesh_shape,
+                               partition=functools.partial(partition, config) if partition else None)
   parallel.enable_compilation_cache(config.compilation_cache_dir)
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
+  fresh = state_lib.initializer(config, workload.init, tx,
+                                functools.partial(workload_lib.check_params, workload))
   with workload_lib.calling(workload, "init(config, rng)"):
-    state = state_lib.create(config, workload.init, tx,
-                             functools.partial(workload_lib.check_params, workload))
-  return executor, loss_fn, tx, state
+    state_shapes = jax.eval_shape(fresh)
+  return executor, loss_fn, tx, fresh, checkpoint_lib.target(
+      state_shapes, executor.state_shardings(state_shapes))
 
 
-def _resume_or_start(config, workdir, layout, state):
-  """The run's checkpoints, and the state to start from: this workdir's newest checkpoint (after
-  checking the data order would be the same), else `config.restore_from`, else `state`."""
+def _resume_or_start(config, workdir, layout, fresh, state_target):
+  """The run's checkpoints, and the state to start from as job-wide arrays in `state_target`'s
+  shardings: this workdir's newest checkpoint (after checking the data order would be the same),
+  else `config.restore_from`, else a fresh state. Each array is created or read in its sharding."""
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   resume_step = checkpoints.latest_step()
+  shardings = jax.tree.map(lambda x: x.sharding, state_target)
   if resume_step is not None:
     checkpoints.check_data_position(resume_step, seed=config.seed,
                                     global_batch_size=layout.global_batch_size)
-    state = checkpoints.restore(resume_step, like=state)
-    logging.info("resuming from the checkpoint of step %d in %s", state.step, checkpoints.directory)
-  elif config.restore_from:
-    state = checkpoint_lib.restore_from(config.restore_from, like=state,
-                                        params_only=config.restore_params_only)
+    state = checkpoints.restore(resume_step, into=state_target)
+    logging.info("resuming from the checkpoint of step %d in %s", resume_step, checkpoints.directory)
+  elif config.restore_from and not config.restore_params_only:
+    state = checkpoint_lib.restore_from(config.restore_from, into=state_target, params_only=False)
+  else:
+    state = jax.jit(fresh, out_shardings=shardings)()
+    if config.restore_from:
+      state = state.replace(params=checkpoint_lib.restore_from(
+          config.restore_from, into=state_target, params_only=True))
   return checkpoints, state
 
 

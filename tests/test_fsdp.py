@@ -40,9 +40,11 @@ def test_fsdp_gives_pmaps_results(case, tmp_path):
   config, pmap_state, pmap_rows = run(name, arg, tmp_path / "pmap", parallel="pmap", **overrides)
   _, fsdp_state, fsdp_rows = run(name, arg, tmp_path / "fsdp", parallel="fsdp", **overrides)
   assert_close(config, fsdp_state.params, pmap_state.params)
+  # bfloat16 keeps 8 bits of mantissa: the executors' reduction orders differ by a few 1e-4.
+  rel = 1e-4 if config.compute_dtype == "float32" else 2e-3
   for key in ("loss", "grad_norm", "eval_loss"):
     assert [r[key] for r in fsdp_rows if key in r] == pytest.approx(
-        [r[key] for r in pmap_rows if key in r], rel=1e-4), key
+        [r[key] for r in pmap_rows if key in r], rel=rel), key
   assert int(fsdp_state.step) == 4
 
 
@@ -56,9 +58,9 @@ def test_lm_state_per_device_is_an_eighth_under_fsdp(tmp_path):
 
 
 def test_default_rule_splits_the_largest_divisible_axis():
-  assert parallel.default_spec((64, 256), 8) == P(None, "batch")
-  assert parallel.default_spec((256, 64), 8) == P("batch")
-  assert parallel.default_spec((12, 16), 8) == P(None, "batch")
+  assert parallel.default_spec((64, 256), 8) == P(None, "fsdp")
+  assert parallel.default_spec((256, 64), 8) == P("fsdp")
+  assert parallel.default_spec((12, 16), 8) == P(None, "fsdp")
   assert parallel.default_spec((3, 5), 8) == P()
   assert parallel.default_spec((), 8) == P()
   assert parallel.default_spec((4,), 8) == P()
@@ -72,12 +74,12 @@ def test_a_workloads_partition_overrides_the_rule(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "partitioned_classifier", module)
   config = load_config("classifier", **{**COMMON, "workload": "partitioned_classifier",
                                         "parallel": "fsdp"})
-  executor = parallel.executor("fsdp", lambda params: module.partition(config, params))
+  executor = parallel.executor("fsdp", partition=lambda params: module.partition(config, params))
   from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
   state = state_lib.create(config, module.init, state_lib.optimizer(config))
   placed = executor.replicate(state)
   assert all(x.sharding.spec == P() for x in jax.tree.leaves(placed.params))
-  assert any(x.sharding.spec == P("batch") for x in jax.tree.leaves(placed.opt_state))
+  assert any(x.sharding.spec == P("fsdp") for x in jax.tree.leaves(placed.opt_state))
   rows = run("classifier", None, tmp_path / "run", workload="partitioned_classifier",
              parallel="fsdp")[2]
   _, _, plain = run("classifier", None, tmp_path / "plain", parallel="fsdp")

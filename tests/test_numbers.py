@@ -20,7 +20,8 @@ from launcher import report, step, train
 from launcher import state as state_lib
 from launcher import workload as workload_lib
 from tests import numbers_workload
-from tests.helpers import finish, launcher_command, load_config, read_metrics, start, wait_for
+from tests.helpers import (finish, launcher_command, load_config, lowered_train_call, read_metrics,
+                           start, wait_for)
 
 EXECUTORS = ("shard_map", "pmap", "fsdp")
 
@@ -98,20 +99,7 @@ def test_train_metrics_and_learning_rate_equal_numpy(executor, steps_per_call, g
 
 def _matmul_operand_dtypes(config) -> list[str]:
   """The operand types of every dot_general in the lowered train call of `config`."""
-  workload = workload_lib.load(config.workload)
-  executor, loss_fn, tx, state = train._build(config, workload)  # pylint: disable=protected-access
-  layout = config_lib.layout(config.batch_size, 0, 1, jax.local_device_count())
-  batch = next(workload_lib.open_dataset(workload, config, "train", 0, 1))
-  metric_names = workload_lib.check_loss_output(
-      workload, jax.eval_shape(loss_fn, state.params, batch, None))
-  metric_set = step.MetricSet([*step.TRAIN_METRICS, *metric_names])
-  replicated_state = executor.replicate(state)
-  call = executor.map_train(steps_per_call=1, metric_set=metric_set, loss_fn=loss_fn, tx=tx,
-                            schedule=state_lib.schedule(config), grad_accum_steps=1,
-                            compute_dtype=config_lib.compute_dtype(config), skip_nonfinite=False)
-  assert layout.host_batch_size == config.batch_size
-  text = call.lower(replicated_state, executor.replicate(metric_set.zeros),
-                    executor.put(batch)).as_text()
+  text = lowered_train_call(config).as_text()
   return re.findall(r"stablehlo\.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
 
 

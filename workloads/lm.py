@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from launcher import data
+from launcher import data, parallel
 from launcher.errors import UsageError
 
 VOCAB_SIZE = 256  # Bytes.
@@ -45,14 +45,31 @@ class Block(nn.Module):
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
+class ScannedBlock(nn.Module):
+  """One Block as the body of `nn.scan`: its params are stacked over the layers, so a step
+  compiles one block and, under fsdp, gathers one layer's params at a time."""
+  num_heads: int
+  dropout_rate: float
+  dtype: jnp.dtype
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, _):
+    x = Block(self.num_heads, self.dropout_rate, self.dtype)(x, self.deterministic)
+    return parallel.constrain_to_batch(x), None
+
+
 class Transformer(nn.Module):
-  """Token and position embeddings, `num_layers` blocks, logits tied to the token embedding."""
+  """Token and position embeddings, `num_layers` blocks (scanned; with `remat` each block's
+  activations are recomputed in the backward pass instead of kept), logits tied to the token
+  embedding."""
   seq_len: int
   width: int
   num_layers: int
   num_heads: int
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True):
@@ -60,8 +77,11 @@ class Transformer(nn.Module):
                      embedding_init=nn.initializers.normal(0.02))
     positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
     x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
-    for _ in range(self.num_layers):
-      x = Block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic)
+    body = nn.remat(ScannedBlock) if self.remat else ScannedBlock
+    blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     length=self.num_layers)
+    x, _ = blocks(self.num_heads, self.dropout_rate, self.dtype, deterministic, name="blocks")(
+        parallel.constrain_to_batch(x), None)
     x = nn.LayerNorm(dtype=self.dtype)(x)
     return embed.attend(x).astype(jnp.float32)
 
@@ -70,7 +90,7 @@ def _model(config) -> Transformer:
   """The model computing in `config.compute_dtype` (its params stay float32)."""
   return Transformer(seq_len=config.seq_len, width=config.width, num_layers=config.num_layers,
                      num_heads=config.num_heads, dropout_rate=config.dropout_rate,
-                     dtype=jnp.dtype(config.compute_dtype))
+                     dtype=jnp.dtype(config.compute_dtype), remat=config.remat)
 
 
 def init(config, rng):
