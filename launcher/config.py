@@ -105,6 +105,14 @@ def check(config: ml_collections.ConfigDict) -> None:
        f"config.warmup_steps={config.warmup_steps} must be below config.num_steps={config.num_steps}")
   need(config.parallel in EXECUTORS,
        f"config.parallel={config.parallel!r} is not one of {', '.join(EXECUTORS)}")
+  if config.mesh:
+    try:
+      parse_mesh(config.mesh)
+      need(config.parallel == "fsdp", f"config.mesh={config.mesh!r} splits the train state, "
+           f"which only parallel=fsdp does: add --config.parallel=fsdp, or leave config.mesh "
+           f"empty under parallel={config.parallel}")
+    except UsageError as e:
+      problems.append(str(e))
   if config.compute_dtype == "float16":
     problems.append("config.compute_dtype='float16' would train without loss scaling, so small "
                     "gradients underflow to zero: use bfloat16 (float32's range, the same speed "
@@ -212,39 +220,41 @@ class Layout:
 MESH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(mesh: str, parallel: str, process_count: int,
-               local_device_count: int) -> dict[str, int] | None:
-  """`config.mesh` as {"data": D, "fsdp": F} with D * F the job's devices (None when the executor
-  takes no mesh), or one UsageError that says what would fit."""
-  device_count = process_count * local_device_count
-  default = f"data:{process_count},fsdp:{local_device_count}"
-  if parallel != "fsdp":
-    if mesh:
-      raise UsageError(f"config.mesh={mesh!r} shards the train state, which only parallel=fsdp "
-                       f"does: add --config.parallel=fsdp, or leave config.mesh empty under "
-                       f"parallel={parallel}")
-    return None
-  if not mesh:
-    return {"data": process_count, "fsdp": local_device_count}
+def parse_mesh(mesh: str) -> dict[str, int]:
+  """`config.mesh` ("data:2,fsdp:4", one size may be -1) as {axis: size}, every axis present."""
   shape = {}
   for part in mesh.split(","):
     name, _, size = part.strip().partition(":")
     if name not in MESH_AXES or name in shape or not re.fullmatch(r"-1|[1-9]\d*", size.strip()):
       raise UsageError(f"config.mesh={mesh!r} is not a mesh: write axis:size pairs of the axes "
-                       f"{' and '.join(MESH_AXES)}, each once, sizes positive or one -1 (the "
-                       f"devices left), e.g. --config.mesh={default}")
+                       f"{' and '.join(MESH_AXES)}, each once, each size positive or -1 for the "
+                       "devices left (one axis at most), e.g. --config.mesh=data:2,fsdp:4")
     shape[name] = int(size)
-  shape = {name: shape.get(name, 1) for name in MESH_AXES}
+  if list(shape.values()).count(-1) > 1:
+    raise UsageError(f"config.mesh={mesh!r}: -1 stands for the devices left, so only one axis "
+                     "may have it, e.g. --config.mesh=data:2,fsdp:-1")
+  return {name: shape.get(name, 1) for name in MESH_AXES}
+
+
+def mesh_shape(mesh: str, parallel: str, process_count: int,
+               local_device_count: int) -> dict[str, int] | None:
+  """`config.mesh` as {"data": D, "fsdp": F} with D * F the job's devices (None when the executor
+  takes no mesh); "" is fsdp over each process's devices and data across processes."""
+  if parallel != "fsdp":
+    return None
+  if not mesh:
+    return {"data": process_count, "fsdp": local_device_count}
+  device_count = process_count * local_device_count
+  shape = parse_mesh(mesh)
   known = math.prod(size for size in shape.values() if size != -1)
-  if list(shape.values()).count(-1) > 1 or (-1 in shape.values() and device_count % known):
-    raise UsageError(f"config.mesh={mesh!r}: -1 stands for the devices left, for one axis only, "
-                     f"and the other axis must divide the {device_count} devices: e.g. "
-                     f"--config.mesh={default}")
-  shape = {name: device_count // known if size == -1 else size for name, size in shape.items()}
+  if -1 in shape.values() and device_count % known == 0:
+    shape = {name: device_count // known if size == -1 else size for name, size in shape.items()}
   if math.prod(shape.values()) != device_count:
-    raise UsageError(f"config.mesh={mesh!r} has {math.prod(shape.values())} devices, the job "
-                     f"{device_count} ({process_count} process(es) x {local_device_count} "
-                     f"devices): make data x fsdp = {device_count}, e.g. --config.mesh={default}")
+    raise UsageError(
+        f"config.mesh={mesh!r} does not fit the job's {device_count} devices ({process_count} "
+        f"process(es) x {local_device_count} devices): make data x fsdp = {device_count}, e.g. "
+        f"--config.mesh=data:{process_count},fsdp:{local_device_count} (fsdp within each "
+        "process, the default)")
   return shape
 
 

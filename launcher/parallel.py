@@ -62,6 +62,9 @@ class Pmap:
     """step.eval_step on every device."""
     return self.map(functools.partial(step.eval_step, loss_fn=loss_fn))
 
+  def describe(self) -> str:
+    return f"pmap, replicated on each of {jax.device_count()} devices"
+
   def state_shardings(self, state_like):
     """Whole arrays on every device of the job."""
     return jax.tree.map(lambda _: job_replicated(), state_like)
@@ -141,6 +144,9 @@ class ShardMap:
   map_train = Pmap.map_train
   map_eval = Pmap.map_eval
 
+  def describe(self) -> str:
+    return f"shard_map, replicated on each of {self.mesh.size} devices"
+
   def state_shardings(self, state_like):
     """Whole arrays on every device of the job."""
     return jax.tree.map(lambda _: self._replicated, state_like)
@@ -196,6 +202,12 @@ class Fsdp:
           lambda spec: NamedSharding(self.mesh, spec), specs,
           is_leaf=lambda x: isinstance(x, PartitionSpec)))
     return shardings
+
+  def describe(self) -> str:
+    """The mesh, and how many processes an fsdp group spans (1: its gathers stay in a host)."""
+    spans = max(len({device.process_index for device in group}) for group in self.mesh.devices)
+    return (f"fsdp on a data:{self.mesh.shape[DATA]} x fsdp:{self.mesh.shape[FSDP]} mesh, each "
+            f"fsdp group within {spans} process(es)")
 
   def state_shardings(self, state_like: TrainState):
     """The job-wide shardings of the train state (fixed for the run: map_train compiles to them)."""

@@ -98,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       grad_accum_steps=config.grad_accum_steps, compute_dtype=config_lib.compute_dtype(config),
       skip_nonfinite=config.skip_nonfinite_steps)
   state_bytes = parallel.state_bytes_per_device(replicated_state)
-  say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, config.parallel)
+  say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, executor.describe())
   report_writer.first_report_also(state_bytes_per_device=state_bytes)
   no_train_metrics = executor.replicate(train_metric_set.zeros)
   train_metrics = no_train_metrics

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from launcher import parallel, train
 from tests.helpers import (assert_close, finish, launcher_command, load_config, load_params,
-                           losses_by_step, read_metrics, start)
+                           losses_by_step, lowered_train_call, read_metrics, start)
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
@@ -108,3 +108,69 @@ def test_a_run_saved_under_one_executor_continues_under_another(first, then, str
   resumed, uninterrupted = losses_by_step(str(workdir)), losses_by_step(straight("1x8"))
   assert list(resumed) == list(range(1, 41))
   assert [resumed[s] for s in resumed] == pytest.approx([uninterrupted[s] for s in resumed], rel=1e-4)
+
+
+@pytest.mark.parametrize("mesh, spans, share", [("data:2,fsdp:4", 1, 4), ("data:1,fsdp:8", 2, 8)])
+def test_two_processes_on_a_data_fsdp_mesh_give_pmaps_results(mesh, spans, share, tmp_path):
+  overrides = {**COMMON, "num_steps": 4}
+  workdir, log = tmp_path / "2x4", tmp_path / "2x4.log"
+  process = start(launcher_command(
+      "--config=configs/lm.py:tiny", f"--workdir={workdir}", "--config.parallel=fsdp",
+      f"--config.mesh={mesh}", *(f"--config.{key}={value}" for key, value in overrides.items()),
+      num_processes=2, devices=4), str(log), devices=4)
+  assert finish(process, 240) == 0, open(log).read()[-3000:]
+  data, fsdp = mesh.split(",")
+  assert f"fsdp on a {data} x {fsdp} mesh, each fsdp group within {spans} process(es)" in (
+      open(log).read())
+  config, pmap_state, pmap_rows = run("lm", "tiny", tmp_path / "pmap", parallel="pmap",
+                                      num_steps=4)
+  rows = read_metrics(str(workdir))
+  for key in ("loss", "grad_norm", "eval_loss"):
+    assert [r[key] for r in rows if key in r] == pytest.approx(
+        [r[key] for r in pmap_rows if key in r], rel=1e-4), key
+  assert_close(config, load_params(str(workdir)), pmap_state.params)
+  # Every lm array divides by 4 and 8: a device holds exactly 1/fsdp of the state.
+  assert rows[0]["state_bytes_per_device"] == pytest.approx(
+      pmap_rows[0]["state_bytes_per_device"] / share, rel=0.01)
+
+
+def _param_bytes(config) -> int:
+  from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
+  workload = workload_lib.load(config.workload)
+  shapes = jax.eval_shape(lambda: workload.init(config, jax.random.PRNGKey(0)))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def test_no_device_holds_every_param_or_gradient_in_a_fsdp_step():
+  # An lm of 8 layers, 24 MB of params. Replicated, a device holds them and their whole
+  # gradients besides the state; under fsdp a step's working memory is a fraction of the params.
+  sizes = {"width": 256, "num_layers": 8, "num_heads": 4, "seq_len": 32, "batch_size": 16}
+  temp = {}
+  for executor in ("shard_map", "fsdp"):
+    config = load_config("lm", "tiny", parallel=executor, remat=True, **sizes)
+    temp[executor] = lowered_train_call(config).compile().memory_analysis().temp_size_in_bytes
+  params = _param_bytes(config)
+  assert temp["shard_map"] >= params  # Its whole gradients.
+  assert temp["fsdp"] < 0.5 * params, (temp, params)
+
+
+def test_fsdp_creates_and_restores_each_array_in_its_shards(tmp_path):
+  from launcher import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from launcher import config as config_lib  # pylint: disable=import-outside-toplevel
+  from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
+  config = load_config("lm", "tiny", parallel="fsdp", **COMMON)
+  workload = workload_lib.load(config.workload)
+  layout = config_lib.layout(config.batch_size, 0, 1, jax.local_device_count())
+  _, _, _, fresh, target = train._build(config, workload, layout)  # pylint: disable=protected-access
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  init = jax.jit(fresh, out_shardings=shardings).lower().compile().memory_analysis()
+  # The initializer's program per device: its eighth of the state, and no whole copy on the way.
+  assert init.output_size_in_bytes == pytest.approx(whole / 8, rel=0.01)
+  assert init.temp_size_in_bytes < 0.25 * whole
+  train.run(config, str(tmp_path))
+  checkpoints = checkpoint_lib.Checkpoints(tmp_path, keep=1)
+  restored = checkpoints.restore(4, into=target)
+  checkpoints.close()
+  assert jax.tree.map(lambda x: x.sharding, restored) == shardings
+  assert parallel.state_bytes_per_device(restored) == pytest.approx(whole / 8, rel=0.01)

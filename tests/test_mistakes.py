@@ -24,7 +24,7 @@ OUT_OF_RANGE = {
     "eval_batches": -1, "warmup_steps": -1, "profile_first_step": -1,
     "checkpoint_every_steps": -10, "learning_rate": 0.0, "momentum": 1.5, "weight_decay": -0.1,
     "grad_clip_norm": -1.0, "seed": -1, "optimizer": "lion", "schedule": "linear",
-    "parallel": "tensor", "compute_dtype": "int8", "workload": "",
+    "parallel": "tensor", "compute_dtype": "int8", "workload": "", "mesh": "data:2,tensor:4",
 }
 ANY_VALUE_OK = {"compilation_cache_dir", "restore_from", "restore_params_only",
                 "skip_nonfinite_steps"}

@@ -201,3 +201,29 @@ def test_profile_first_step_traces_on_process_0(tmp_path):
   train.run(config, str(tmp_path))
   traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+def test_config_mesh_is_data_by_fsdp_with_one_axis_free():
+  shape = lambda mesh, processes=2, local=4: config_lib.mesh_shape(mesh, "fsdp", processes, local)
+  assert shape("") == {"data": 2, "fsdp": 4}  # fsdp within each process by default.
+  assert shape("data:1,fsdp:8") == {"data": 1, "fsdp": 8}
+  assert shape("fsdp:-1") == {"data": 1, "fsdp": 8}
+  assert shape("data:4,fsdp:-1") == {"data": 4, "fsdp": 2}
+  assert shape(" fsdp:2 , data:4") == {"data": 4, "fsdp": 2}
+  assert config_lib.mesh_shape("", "pmap", 2, 4) is None
+  for mesh, message in [("data:3,fsdp:4", "does not fit the job's 8 devices"),
+                        ("data:3,fsdp:-1", "does not fit the job's 8 devices"),
+                        ("data:-1,fsdp:-1", "only one axis may have it"),
+                        ("tensor:8", "is not a mesh"), ("data:2,data:4", "is not a mesh"),
+                        ("fsdp:0", "is not a mesh"), ("fsdp", "is not a mesh")]:
+    with pytest.raises(UsageError, match=message):
+      shape(mesh)
+
+
+def test_config_mesh_under_a_replicated_executor_is_refused():
+  config = config_lib.defaults()
+  config.workload, config.mesh = "linear", "data:2,fsdp:4"
+  with pytest.raises(UsageError, match="only parallel=fsdp does"):
+    config_lib.check(config)
+  config.parallel = "fsdp"
+  config_lib.check(config)
