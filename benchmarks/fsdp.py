@@ -1,7 +1,8 @@
-"""Executors side by side: steps/s of pmap, shard_map and fsdp, the train state per device at 1, 2,
-4 and 8 devices, and the widest lm whose compiled step fits a per-device memory budget.
+"""Executors side by side: steps/s of pmap, shard_map and fsdp, of fsdp's meshes, the train state
+per device at 1, 2, 4 and 8 devices, and the widest lm whose compiled step fits a per-device
+memory budget. (The process's peak memory per state byte: benchmarks/memory.py.)
 
-    python benchmarks/fsdp.py          # about 6 minutes on 2 cores; prints tables, writes JSON
+    python benchmarks/fsdp.py          # about 8 minutes on 2 cores; prints tables, writes JSON
 
 Simulated CPU devices share two cores: steps/s shows each executor's overhead, not accelerator
 scaling; the byte counts are what each device would hold on an accelerator.
@@ -43,7 +44,7 @@ def main():
   parser.add_argument("--budget_mb", type=float, default=300.0)
   parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "fsdp.json"))
   args = parser.parse_args()
-  results = {"steps_per_sec": {}, "state_mb": {}, "fits": {}}
+  results = {"steps_per_sec": {}, "mesh_steps_per_sec": {}, "state_mb": {}, "fits": {}}
 
   print("| model | " + " | ".join(f"{e} steps/s" for e in EXECUTORS) + " |")
   print("| --- |" + " ---: |" * len(EXECUTORS))
@@ -55,6 +56,17 @@ def main():
     print(f"| {model} | " + " | ".join(
         f"{rates[e]['median']:.2f} ({rates[e]['min']:.2f}-{rates[e]['max']:.2f})"
         for e in EXECUTORS) + " |", flush=True)
+
+  print("\n| fsdp mesh (lm tiny 4x wider) | steps/s | state MB/device |")
+  print("| --- | ---: | ---: |")
+  for mesh in ("data:1,fsdp:8", "data:2,fsdp:4", "data:4,fsdp:2", "data:8,fsdp:1"):
+    rate = summary(launcher_steps_per_sec(
+        load_config("lm", "tiny", log_every_steps=30, schedule="constant", parallel="fsdp",
+                    mesh=mesh, **WIDE), args.windows))
+    state_mb = first_row(8, {**WIDE, "parallel": "fsdp", "mesh": mesh})["state_bytes_per_device"]
+    results["mesh_steps_per_sec"][mesh] = {**rate, "state_mb": state_mb / 2**20}
+    print(f"| {mesh} | {rate['median']:.2f} ({rate['min']:.2f}-{rate['max']:.2f}) | "
+          f"{state_mb / 2**20:.2f} |", flush=True)
 
   print("\n| devices | pmap state MB/device | fsdp state MB/device | fsdp / pmap |")
   print("| ---: | ---: | ---: | ---: |")

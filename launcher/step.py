@@ -1,4 +1,5 @@
-"""The per-device train and eval steps: pure functions over one device's shard, axis name `batch`."""
+"""The train and eval steps: pure functions over one device's shard (axis name `batch`), and the
+fsdp train call over the job's global arrays."""
 
 import functools
 from typing import Any, Callable
