@@ -4,7 +4,7 @@
 
 Each run is its own `python` process on 8 simulated CPU devices (so device memory is this
 process's memory): an lm of width 768 and 8 layers (~57M params, 0.68 GB of params and AdamW
-moments, blocks rematerialized), batch 8 x seq 32, 2 steps from scratch, then 2 more resumed from its checkpoint. The
+moments, blocks scanned and rematerialized), batch 8 x seq 32, 2 steps from scratch, then 2 more resumed from its checkpoint. The
 peak above the same runs of lm tiny is divided by the state's bytes: 1.0 is the state held once
 over the devices. Two peaks per run: before the first checkpoint save starts (init or restore,
 compilation, the steps) and overall (ru_maxrss; it includes the async save's copy of the state
@@ -24,7 +24,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = {"width": 768, "num_layers": 8, "num_heads": 12}
 COMMON = {"seq_len": 32, "batch_size": 8, "log_every_steps": 2, "eval_every_steps": 0,
-          "checkpoint_every_steps": 0, "schedule": "constant", "remat": True}
+          "checkpoint_every_steps": 0, "schedule": "constant", "scan_layers": True,
+          "remat": True}
 
 
 def _rss_bytes() -> int:

@@ -28,7 +28,8 @@ def get_config(size: str = "small"):
   config.num_heads = num_heads  # attention heads; must divide width
   config.seq_len = seq_len  # bytes per example (tokens/s counts these)
   config.dropout_rate = 0.0  # dropout in training (eval runs without)
-  config.remat = size != "tiny"  # recompute each block's activations in the backward pass
+  config.scan_layers = size != "tiny"  # the blocks as one nn.scan (fsdp gathers a layer at a time)
+  config.remat = False  # recompute each block's activations in the backward pass (less memory)
   config.text_file = ""  # a UTF-8 file to train on; "": CPython's documentation text
   config.eval_fraction = 0.05  # the corpus's last part held out for eval
   config.batch_size = batch_size

@@ -22,6 +22,7 @@ RUNS = {  # Each workload for a few steps, a report every step.
                                                           "grad_accum_steps": 2,
                                                           "compute_dtype": "bfloat16"}),
     "classifier, skip_nonfinite": ("classifier", None, {"skip_nonfinite_steps": True}),
+    "lm, blocks scanned and rematerialized": ("lm", "tiny", {"scan_layers": True, "remat": True}),
 }
 COMMON = {"num_steps": 4, "log_every_steps": 1, "eval_every_steps": 4, "eval_batches": 2,
           "schedule": "constant", "checkpoint_every_steps": 0}
@@ -147,7 +148,7 @@ def test_no_device_holds_every_param_or_gradient_in_a_fsdp_step():
   sizes = {"width": 256, "num_layers": 8, "num_heads": 4, "seq_len": 32, "batch_size": 16}
   temp = {}
   for executor in ("shard_map", "fsdp"):
-    config = load_config("lm", "tiny", parallel=executor, remat=True, **sizes)
+    config = load_config("lm", "tiny", parallel=executor, scan_layers=True, remat=True, **sizes)
     temp[executor] = lowered_train_call(config).compile().memory_analysis().temp_size_in_bytes
   params = _param_bytes(config)
   assert temp["shard_map"] >= params  # Its whole gradients.

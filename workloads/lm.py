@@ -46,8 +46,7 @@ class Block(nn.Module):
 
 
 class ScannedBlock(nn.Module):
-  """One Block as the body of `nn.scan`: its params are stacked over the layers, so a step
-  compiles one block and, under fsdp, gathers one layer's params at a time."""
+  """One Block as the body of `nn.scan`."""
   num_heads: int
   dropout_rate: float
   dtype: jnp.dtype
@@ -60,15 +59,17 @@ class ScannedBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Token and position embeddings, `num_layers` blocks (scanned; with `remat` each block's
-  activations are recomputed in the backward pass instead of kept), logits tied to the token
-  embedding."""
+  """Token and position embeddings, `num_layers` blocks, logits tied to the token embedding.
+  `scan`: the blocks as one `nn.scan` (params stacked over the layers: one block compiled, and
+  under fsdp one layer's params gathered at a time); `remat`: each block's activations recomputed
+  in the backward pass instead of kept."""
   seq_len: int
   width: int
   num_layers: int
   num_heads: int
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  scan: bool = False
   remat: bool = False
 
   @nn.compact
@@ -77,11 +78,18 @@ class Transformer(nn.Module):
                      embedding_init=nn.initializers.normal(0.02))
     positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
     x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
-    body = nn.remat(ScannedBlock) if self.remat else ScannedBlock
-    blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     length=self.num_layers)
-    x, _ = blocks(self.num_heads, self.dropout_rate, self.dtype, deterministic, name="blocks")(
-        parallel.constrain_to_batch(x), None)
+    x = parallel.constrain_to_batch(x)
+    if self.scan:
+      body = nn.remat(ScannedBlock) if self.remat else ScannedBlock
+      blocks = nn.scan(body, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True}, length=self.num_layers)
+      x, _ = blocks(self.num_heads, self.dropout_rate, self.dtype, deterministic,
+                    name="blocks")(x, None)
+    else:
+      block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+      for _ in range(self.num_layers):
+        x = parallel.constrain_to_batch(
+            block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic))
     x = nn.LayerNorm(dtype=self.dtype)(x)
     return embed.attend(x).astype(jnp.float32)
 
@@ -90,7 +98,8 @@ def _model(config) -> Transformer:
   """The model computing in `config.compute_dtype` (its params stay float32)."""
   return Transformer(seq_len=config.seq_len, width=config.width, num_layers=config.num_layers,
                      num_heads=config.num_heads, dropout_rate=config.dropout_rate,
-                     dtype=jnp.dtype(config.compute_dtype), remat=config.remat)
+                     dtype=jnp.dtype(config.compute_dtype), scan=config.scan_layers,
+                     remat=config.remat)
 
 
 def init(config, rng):
