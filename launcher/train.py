@@ -42,8 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     storage.check_workdir(workdir, layout.process_index, layout.process_count)
   with _timed(parts, "init"):
     executor, loss_fn, tx, fresh, state_target = _build(config, workload, layout)
-  with _timed(parts, "restore"):
-    checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target)
+  checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target, parts)
   first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
   if first_step >= config.num_steps:
     _say_already_finished(workdir, first_step, config.num_steps)
@@ -204,23 +203,27 @@ def _build(config, workload, layout):
       state_shapes, executor.state_shardings(state_shapes))
 
 
-def _resume_or_start(config, workdir, layout, fresh, state_target):
+def _resume_or_start(config, workdir, layout, fresh, state_target, parts):
   """The run's checkpoints, and the state to start from as job-wide arrays in `state_target`'s
   shardings: this workdir's newest checkpoint (after checking the data order would be the same),
-  else `config.restore_from`, else a fresh state. Each array is created or read in its sharding."""
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-  resume_step = checkpoints.latest_step()
-  shardings = jax.tree.map(lambda x: x.sharding, state_target)
-  if resume_step is not None:
-    checkpoints.check_data_position(resume_step, seed=config.seed,
-                                    global_batch_size=layout.global_batch_size)
-    state = checkpoints.restore(resume_step, into=state_target)
-    logging.info("resuming from the checkpoint of step %d in %s", resume_step, checkpoints.directory)
-  elif config.restore_from and not config.restore_params_only:
-    state = checkpoint_lib.restore_from(config.restore_from, into=state_target, params_only=False)
-  else:
-    state = jax.jit(fresh, out_shardings=shardings)()
-    if config.restore_from:
+  else `config.restore_from`, else a fresh state. Each array is created or read in its sharding;
+  the time goes to `parts` "init" and "restore"."""
+  with _timed(parts, "restore"):
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
+      checkpoints.check_data_position(resume_step, seed=config.seed,
+                                      global_batch_size=layout.global_batch_size)
+      logging.info("resuming from the checkpoint of step %d in %s", resume_step,
+                   checkpoints.directory)
+      return checkpoints, checkpoints.restore(resume_step, into=state_target)
+    if config.restore_from and not config.restore_params_only:
+      return checkpoints, checkpoint_lib.restore_from(config.restore_from, into=state_target,
+                                                      params_only=False)
+  with _timed(parts, "init"):
+    state = jax.jit(fresh, out_shardings=jax.tree.map(lambda x: x.sharding, state_target))()
+  if config.restore_from:
+    with _timed(parts, "restore"):
       state = state.replace(params=checkpoint_lib.restore_from(
           config.restore_from, into=state_target, params_only=True))
   return checkpoints, state
