@@ -214,13 +214,8 @@ class Fsdp:
     self._state_shardings = self.shardings(state_like)
     return self._state_shardings
 
-  def place(self, global_state):
-    """Already in the run's layout."""
-    return global_state
-
-  def global_state(self, tree):
-    """Already job-wide arrays."""
-    return tree
+  place = ShardMap.place
+  global_state = ShardMap.global_state
 
   def replicate(self, tree):
     """Host values split over the devices as `shardings` says (the state is not copied whole)."""
