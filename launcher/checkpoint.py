@@ -1,10 +1,11 @@
 """Checkpoints of the train state and the data position (orbax, async).
 
 A checkpoint holds two items: `state`, the TrainState as job-wide arrays (each process writes the
-shards its devices hold), and `data`, a small JSON record of the data position. The position is the number of
-global batches consumed, which equals the step: with `config.seed` and the global batch size it
-names the next batch under any process layout. Every process takes part in every save and restore; a restore reads each array straight into the
-sharding the reading run asks for, whatever executor and layout wrote it.
+shards its devices hold), and `data`, a small JSON record of the data position. The position is
+the number of global batches consumed, which equals the step: with `config.seed` and the global
+batch size it names the next batch under any process layout. Every process takes part in every
+save and restore; a restore reads each array straight into the sharding the reading run asks
+for, whatever executor and layout wrote it.
 """
 
 import os

@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from launcher import config as config_lib
 from launcher import step
 from launcher.state import TrainState
 from launcher.step import AXIS
@@ -67,7 +68,8 @@ class Pmap:
 
   def state_shardings(self, state_like):
     """Whole arrays on every device of the job."""
-    return jax.tree.map(lambda _: job_replicated(), state_like)
+    sharding = job_replicated()
+    return jax.tree.map(lambda _: sharding, state_like)
 
   def place(self, global_state):
     """Job-wide replicated arrays -> [local_devices, ...] as pmap's outputs, no copy to the host."""
@@ -178,7 +180,8 @@ class ShardMap:
 class Fsdp:
   """The state split over the `fsdp` axis of a data x fsdp Mesh and copied over `data` (ZeRO-3 /
   HSDP). The step is traced on global arrays (step.global_train_call) and XLA gathers each param
-  where it is used and reduce-scatters its gradient, so the whole state is never on one device:
+  where it is used and reduces its gradient into the param's shards, so the whole state is never
+  on one device:
   not at init, in a step, or at restore. The loss sees the whole global batch."""
 
   def __init__(self, mesh: Mesh, partition=None):
@@ -292,14 +295,12 @@ def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:
   return PartitionSpec(*([None] * axis), FSDP)
 
 
-def executor(name: str, *, mesh_shape: dict[str, int] | None = None,
-             partition=None) -> Pmap | ShardMap | Fsdp:
-  """The executor named by `config.parallel`; under fsdp `mesh_shape` ({"data": D, "fsdp": F},
-  config.mesh_shape; default: fsdp within each process) and `partition(params)`, the workload's
-  rule."""
+def executor(name: str, *, mesh: str = "", partition=None) -> Pmap | ShardMap | Fsdp:
+  """The executor named by `config.parallel`; under fsdp on `config.mesh` (config.mesh_shape:
+  "" is fsdp within each process) with `partition(params)`, the workload's rule."""
   if name == "fsdp":
-    return Fsdp(data_fsdp_mesh(mesh_shape or {"data": jax.process_count(),
-                                              "fsdp": jax.local_device_count()}), partition)
+    shape = config_lib.mesh_shape(mesh, name, jax.process_count(), jax.local_device_count())
+    return Fsdp(data_fsdp_mesh(shape), partition)
   return {"pmap": Pmap, "shard_map": ShardMap}[name]()
 
 

@@ -109,7 +109,8 @@ def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTr
 
 def _cast_loss(loss_fn: LossFn, compute_dtype, param_shardings=None) -> LossFn:
   """`loss_fn` computing in `compute_dtype` (params and float inputs cast), returning float32.
-  With `param_shardings` each param is cast on its shards, so XLA gathers it in `compute_dtype`."""
+  With `param_shardings` each param is cast on its shards, before XLA gathers it (XLA's CPU
+  backend still moves the cast after the gather)."""
   if compute_dtype is None:
     return loss_fn
 
@@ -201,9 +202,9 @@ def global_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
   """`train_call` traced on the job's global arrays, for a state sharded over the devices (fsdp).
 
   The loss sees the whole global batch (one array split over the devices) and one rng per step;
-  XLA's SPMD partitioner gathers each param where the loss uses it (in `compute_dtype`: the cast
-  comes first, on the shards) and reduce-scatters its gradient into the param's sharding
-  (`param_shardings`), so no device holds every param or every gradient at once.
+  XLA's SPMD partitioner gathers each param where the loss uses it and reduces its gradient into
+  the param's sharding (`param_shardings`), so no device holds every param or every gradient at
+  once.
   """
 
   cast_loss = _cast_loss(loss_fn, compute_dtype, param_shardings)
@@ -227,7 +228,7 @@ def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
 
   The workload's loss sees one example at a time (vmap), so padding never enters a mean; its rng
   is None, which tells it to run deterministically (no dropout). `batch` is this device's shard
-  (summed over `axis_name`, one mesh axis name or several).
+  (summed over the devices of `axis_name`), or with `axis_name` None a global batch (fsdp).
   """
   examples = {name: x for name, x in batch.items() if name != "mask"}
 

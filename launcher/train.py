@@ -41,7 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
                                jax.local_device_count(), config.grad_accum_steps)
     storage.check_workdir(workdir, layout.process_index, layout.process_count)
   with _timed(parts, "init"):
-    executor, loss_fn, tx, fresh, state_target = _build(config, workload, layout)
+    executor, loss_fn, tx, fresh, state_target = _build(config, workload)
   checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target, parts)
   first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
   if first_step >= config.num_steps:
@@ -184,13 +184,11 @@ def _timed(parts: dict[str, float], name: str):
   parts[name] = parts.get(name, 0.0) + time.time() - start
 
 
-def _build(config, workload, layout):
+def _build(config, workload):
   """The executor, the loss bound to the config, the optimizer, the state's initializer and its
   shapes in the executor's shardings (nothing computed yet)."""
   partition = getattr(workload, "partition", None)
-  mesh_shape = config_lib.mesh_shape(config.mesh, config.parallel, layout.process_count,
-                                     layout.local_device_count)
-  executor = parallel.executor(config.parallel, mesh_shape=mesh_shape,
+  executor = parallel.executor(config.parallel, mesh=config.mesh,
                                partition=functools.partial(partition, config) if partition else None)
   parallel.enable_compilation_cache(config.compilation_cache_dir)
   loss_fn = functools.partial(workload.loss, config)

@@ -134,8 +134,7 @@ def lowered_train_call(config):
   from launcher import step, train  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
   workload = workload_lib.load(config.workload)
-  layout = config_lib.layout(config.batch_size, 0, 1, jax.local_device_count())
-  executor, loss_fn, tx, _, state = train._build(config, workload, layout)  # pylint: disable=protected-access
+  executor, loss_fn, tx, _, state = train._build(config, workload)  # pylint: disable=protected-access
   batch = next(workload_lib.open_dataset(workload, config, "train", 0, 1))
   metric_names = workload_lib.check_loss_output(
       workload, jax.eval_shape(loss_fn, state.params, batch, None))
@@ -144,6 +143,6 @@ def lowered_train_call(config):
                             schedule=state_lib.schedule(config), grad_accum_steps=1,
                             compute_dtype=config_lib.compute_dtype(config), skip_nonfinite=False)
   if config.parallel == "pmap":
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((layout.local_device_count,) + x.shape,
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape,
                                                         x.dtype), state)
   return call.lower(state, executor.replicate(metric_set.zeros), executor.put(batch))

@@ -157,12 +157,10 @@ def test_no_device_holds_every_param_or_gradient_in_a_fsdp_step():
 
 def test_fsdp_creates_and_restores_each_array_in_its_shards(tmp_path):
   from launcher import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from launcher import config as config_lib  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
   config = load_config("lm", "tiny", parallel="fsdp", **COMMON)
   workload = workload_lib.load(config.workload)
-  layout = config_lib.layout(config.batch_size, 0, 1, jax.local_device_count())
-  _, _, _, fresh, target = train._build(config, workload, layout)  # pylint: disable=protected-access
+  _, _, _, fresh, target = train._build(config, workload)  # pylint: disable=protected-access
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
   shardings = jax.tree.map(lambda x: x.sharding, target)
   init = jax.jit(fresh, out_shardings=shardings).lower().compile().memory_analysis()
