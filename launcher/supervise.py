@@ -108,8 +108,8 @@ class ProcessGroup:
 
   def __init__(self, commands: list[list[str]], *, log_dir: str, name: str = "process",
                envs: list[dict[str, str]] | None = None, grace: float = 30.0,
-               on_stop: Callable[[], None] | None = None):
-    self.grace, self._name, self._on_stop = grace, name, on_stop
+               on_stop: Callable[[], None] | None = None, prefix: str = "[local]"):
+    self.grace, self._name, self._on_stop, self._prefix = grace, name, on_stop, prefix
     os.makedirs(log_dir, exist_ok=True)
     self.processes, self._pumps = [], []
     self.first_failure = None
@@ -133,7 +133,7 @@ class ProcessGroup:
                       key=lambda failure: failure[1] == EXIT_PEER_LOST)
       if failed:
         self.first_failure = i, code = failed[0]
-        say(f"[local] {self._name} {i} {describe_exit(code)}: stopping the others")
+        say(f"{self._prefix} {self._name} {i} {describe_exit(code)}: stopping the others")
         # A preempted job saves and exits by itself; after a crash the rest cannot save (every
         # save needs every process), so they get a short grace.
         self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
