@@ -139,7 +139,7 @@ def _launchers(python: str) -> list[int]:
   return [int(pid) for pid in found.stdout.split()]
 
 
-@pytest.mark.slow  # Installs the project twice (uv; a minute with a cold cache), trains 40 steps.
+@pytest.mark.slow  # Installs the project with uv, trains 40 steps with a restart: ~1 min here.
 def test_the_pod_script_trains_on_a_stand_in_slice_survives_a_killed_worker_and_reinstalls_nothing(
     tpu_slice, straight, tmp_path):
   root, gcs, env = tpu_slice
