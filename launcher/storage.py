@@ -137,14 +137,19 @@ def write_bytes(p: epath.Path, data: bytes) -> None:
 
 
 def read_jsonl(p: epath.Path) -> list[dict]:
-  """The rows of a JSON-lines file (none when it does not exist yet; a line being written is
-  skipped)."""
-  rows = []
-  for line in (read_text(p) or "").splitlines():
+  """The rows of a JSON-lines file (none when it does not exist yet). A line that does not parse
+  (torn by a kill mid-write) is skipped, and how many were is one warning; the last line, with
+  no newline yet, is being written and is skipped quietly."""
+  lines = (read_text(p) or "").split("\n")
+  rows, torn = [], 0
+  for number, line in enumerate(lines, start=1):
     try:
       rows.append(json.loads(line))
     except json.JSONDecodeError:
-      pass
+      torn += number < len(lines) and bool(line.strip())
+  if torn:
+    logging.warning("skipped %d unreadable line(s) of %s (torn by a kill while being written)",
+                    torn, p)
   return rows
 
 
@@ -163,7 +168,8 @@ class Appender:
 
   Locally an ordinary append. On GCS each flush uploads the buffered bytes as a small object next
   to the file and composes it onto the file's end, then deletes it: the file is whole up to its
-  last flush after any kill, and a flush costs the new bytes plus three requests.
+  last flush after any kill, and a flush costs the new bytes plus three requests. A file that
+  ends in a partial line (a local write torn by a kill) gets its next line on a line of its own.
   """
 
   def __init__(self, p: epath.Path):
@@ -174,9 +180,15 @@ class Appender:
       self._fs = _filesystem()
       self._name = os.fspath(p)
       self._exists = self._fs.exists(self._name)
+      size = self._fs.size(self._name) if self._exists else 0
+      last = self._fs.cat_file(self._name, start=size - 1, end=size) if size else b"\n"
     else:
       p.parent.mkdir(parents=True, exist_ok=True)
-      self._file = open(p, "ab")  # pylint: disable=consider-using-with
+      self._file = open(p, "ab+")  # pylint: disable=consider-using-with
+      size = self._file.seek(0, os.SEEK_END)
+      last = os.pread(self._file.fileno(), 1, size - 1) if size else b"\n"
+    if last != b"\n":
+      self._buffer.write(b"\n")
 
   def write(self, data: bytes | str) -> None:
     self._buffer.write(data.encode() if isinstance(data, str) else data)

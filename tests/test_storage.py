@@ -131,6 +131,18 @@ def test_appends_on_gcs_keep_every_line(gcs, tmp_path):
   lines = (gcs.root / "appends" / "a" / "log.jsonl").read_text().splitlines()
   assert lines == [str(i) for i in range(35)]
   assert [p.name for p in (gcs.root / "appends" / "a").iterdir()] == ["log.jsonl"]
+  # An object that ends in a partial line gets the next line on a line of its own.
+  torn = ("from launcher import storage\n"
+          "storage.write_text(storage.path('gs://appends/a/torn.jsonl'), '{\"step\": 1}\\n{\"st')\n"
+          "log = storage.Appender(storage.path('gs://appends/a/torn.jsonl'))\n"
+          "log.write('{\"step\": 2}\\n')\n"
+          "log.close()\n"
+          "print(storage.read_jsonl(storage.path('gs://appends/a/torn.jsonl')))\n")
+  result = subprocess.run([sys.executable, "-c", torn], cwd=REPO, env={**os.environ, **gcs.env},
+                          timeout=60, check=True, capture_output=True, text=True)
+  assert (gcs.root / "appends" / "a" / "torn.jsonl").read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'
+  assert result.stdout.strip() == "[{'step': 1}, {'step': 2}]"
+  assert "skipped 1 unreadable line(s) of gs://appends/a/torn.jsonl" in result.stderr
 
 
 def test_a_missing_bucket_is_one_line_before_any_compute(gcs, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from launcher import checkpoint, config as config_lib, parallel, reporter, step, train
+from launcher import checkpoint, config as config_lib, parallel, reporter, step, storage, train
 from launcher.errors import UsageError
 from launcher.state import TrainState
 from tests.helpers import load_config
@@ -227,3 +227,22 @@ def test_config_mesh_under_a_replicated_executor_is_refused():
     config_lib.check(config)
   config.parallel = "fsdp"
   config_lib.check(config)
+
+
+def test_a_torn_line_is_skipped_counted_and_the_next_start_writes_on_a_new_line(tmp_path, caplog):
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')  # A kill in the middle of a row.
+  assert storage.read_jsonl(storage.path(str(metrics))) == [{"step": 1, "loss": 2.5}]
+  assert "skipped" not in caplog.text  # A last line without its newline is being written.
+  appender = storage.Appender(storage.path(str(metrics)))
+  appender.write('{"step": 3, "loss": 2.25}\n')
+  appender.close()
+  assert metrics.read_text().splitlines()[1:] == ['{"step": 2, "lo', '{"step": 3, "loss": 2.25}']
+  with caplog.at_level("WARNING"):
+    rows = storage.read_jsonl(storage.path(str(metrics)))
+  assert rows == [{"step": 1, "loss": 2.5}, {"step": 3, "loss": 2.25}]
+  assert f"skipped 1 unreadable line(s) of {metrics} (torn by a kill" in caplog.text
+  whole = storage.Appender(storage.path(str(metrics)))  # A file that ends whole gets no blank line.
+  whole.write('{"step": 4}\n')
+  whole.close()
+  assert metrics.read_text().endswith('2.25}\n{"step": 4}\n')
