@@ -9,10 +9,11 @@ for, whatever executor and layout wrote it.
 """
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 from etils import epath
 
@@ -50,6 +51,39 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def restore_newest(self, into: state_lib.TrainState, **expected) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that reads, in the shapes and shardings of `into`,
+    or (None, None) when there is none; `expected` as `check_data_position` takes it.
+
+    A checkpoint that does not read on some process (damaged or missing metadata or array files)
+    is named in one line and moved aside to WORKDIR/damaged_checkpoints/, kept for a look, and
+    the one before it is tried: a run loses at most what it lost since its last intact save."""
+    def read(step):
+      self.check_data_position(step, **expected)
+      return self.restore(step, into)
+
+    def set_aside(step, why):
+      aside = self._set_aside(step)
+      if aside is not None:
+        logging.error("the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
+                      "trying the one before", step, self.directory, why, aside)
+
+    return _newest_that_reads(sorted(self._manager.all_steps(), reverse=True), read, set_aside)
+
+  def _set_aside(self, step: int) -> epath.Path | None:
+    """Moves a damaged step out of the checkpoints (process 0; every process waits for it);
+    returns where to, on process 0."""
+    aside = None
+    if jax.process_index() == 0:
+      aside = self.directory.parent / "damaged_checkpoints" / str(step)
+      while aside.exists():
+        aside = aside.parent / f"{aside.name}+"
+      storage.move(self.directory / str(step), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"launcher: set aside checkpoint {step}")
+    self._manager.reload()
+    return aside
+
   def save(self, step: int, global_state: state_lib.TrainState, data_position: dict) -> None:
     """Starts an async save of the state (job-wide arrays) at `step`: returns once the arrays are
     copied off the devices, and commits in the background (a killed save leaves no checkpoint
@@ -63,7 +97,8 @@ class Checkpoints:
     (checkpoint.target); a mismatch names the entries that differ.
 
     The data position needs no reading back: it is the restored state's step."""
-    check_structure(self._manager.item_metadata(step).state, into, self.directory)
+    check_structure(_readable(self._manager.item_metadata(step).state, self.directory / str(step)),
+                    into, self.directory)
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(into))).state
 
@@ -91,24 +126,36 @@ class Checkpoints:
 
 def restore_from(path: str, into: state_lib.TrainState, params_only: bool) -> Any:
   """The params (`params_only`) or the whole state of another run's checkpoint (its workdir, its
-  checkpoints dir, or one step's dir) as job-wide arrays in the shapes and shardings of `into`."""
-  item = _step_dir(storage.path(path)) / "state"
+  checkpoints dir, or one step's dir) as job-wide arrays in the shapes and shardings of `into`:
+  its newest checkpoint that reads (a damaged one is named, left where it is, and skipped)."""
   checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(item).item_metadata
   wanted = {"params": into.params} if params_only else into
-  check_structure({"params": metadata["params"]} if params_only else metadata, wanted, item)
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
-  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=params_only))
-  logging.info("started from %s (%s)", item, "params only" if params_only else "everything")
+
+  def read(step_dir):
+    item = step_dir / "state"
+    metadata = _readable(checkpointer.metadata(item).item_metadata, step_dir)
+    check_structure({"params": metadata["params"]} if params_only else metadata, wanted, item)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
+    return checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=params_only))
+
+  def skip(step_dir, why):
+    logging.error("config.restore_from: the checkpoint in %s cannot be read (%s); trying the one "
+                  "before", step_dir, why)
+
+  step_dir, restored = _newest_that_reads(_step_dirs(storage.path(path)), read, skip)
+  if step_dir is None:
+    raise UsageError(f"config.restore_from={path!r}: no checkpoint there can be read (each is "
+                     "named above); give another run's workdir or step directory")
+  logging.info("started from %s (%s)", step_dir, "params only" if params_only else "everything")
   return restored["params"] if params_only else restored
 
 
-def _step_dir(path: epath.Path) -> epath.Path:
-  """The newest complete step directory under a run's workdir or checkpoints dir, or `path`
-  itself when it is one."""
+def _step_dirs(path: epath.Path) -> list[epath.Path]:
+  """The complete step directories under a run's workdir or checkpoints dir, newest first, or
+  `path` itself when it is one."""
   if (path / "state").is_dir():
-    return path
+    return [path]
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   steps = sorted(int(p.name) for p in path.iterdir()
@@ -116,7 +163,63 @@ def _step_dir(path: epath.Path) -> epath.Path:
   if not steps:
     raise UsageError(f"config.restore_from={os.fspath(path)!r} holds no complete checkpoint: give "
                      "a run's workdir, its checkpoints directory or one step's directory")
-  return path / str(steps[-1])
+  return [path / str(step) for step in reversed(steps)]
+
+
+def _newest_that_reads(candidates: list, read: Callable[[Any], Any],
+                       on_damaged: Callable[[Any, str], None]) -> tuple[Any, Any]:
+  """(candidate, read(candidate)) for the first candidate (newest first) that reads on every
+  process, or (None, None). A UsageError (a mismatch, the same on every process) propagates; any
+  other error on any process is damage: `on_damaged(candidate, why)` runs on every process and
+  the next candidate is tried."""
+  for candidate in candidates:
+    value, why = None, None
+    try:
+      value = read(candidate)
+    except UsageError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # Whatever an unreadable file raises.
+      if _unreachable(e):
+        raise  # Storage that is away now says nothing about the files.
+      why = _why(e)
+    if not _any_process(why is not None):
+      return candidate, value
+    on_damaged(candidate, why or "another process could not read it")
+  return None, None
+
+
+def _readable(metadata: Any, step_dir: epath.Path) -> Any:
+  """A checkpoint's tree metadata; orbax gives None for a metadata file it cannot parse."""
+  if metadata is None:
+    raise ValueError(f"its metadata ({step_dir}/state/_METADATA) cannot be parsed")
+  return metadata
+
+
+def _unreachable(error: BaseException) -> bool:
+  """Whether `error` (or a cause of it) says the storage could not be reached, not that a file
+  is damaged."""
+  while error is not None:
+    if isinstance(error, (ConnectionError, TimeoutError)) or any(
+        mark in str(error) for mark in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Cannot connect",
+                                        "Connection refused", "Too Many Requests")):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _why(error: BaseException) -> str:
+  """An error's innermost cause in one line (tensorstore's message, not its spec dump)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process of the job (every process must ask)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def check_structure(metadata: Any, like: Any, where: str) -> None:

@@ -281,6 +281,16 @@ def _wait_for_token(token_path: epath.Path, nonce: str, timeout: float) -> bool:
     time.sleep(0.2)
 
 
+def move(source: epath.Path, destination: epath.Path) -> None:
+  """Moves a file or directory (a rename on local disks; a copy and delete of each object on
+  GCS)."""
+  if is_remote(source):
+    _filesystem().mv(os.fspath(source), os.fspath(destination), recursive=True)
+    return
+  destination.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(source, destination)
+
+
 def copy_tree(source: str, destination: epath.Path) -> None:
   """Copies a local directory's files under `destination` (e.g. a profile into a gs:// workdir)."""
   for root, _, files in os.walk(source):

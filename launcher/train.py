@@ -203,18 +203,18 @@ def _build(config, workload):
 
 def _resume_or_start(config, workdir, layout, fresh, state_target, parts):
   """The run's checkpoints, and the state to start from as job-wide arrays in `state_target`'s
-  shardings: this workdir's newest checkpoint (after checking the data order would be the same),
+  shardings: this workdir's newest checkpoint that reads (after checking the data order would be
+  the same),
   else `config.restore_from`, else a fresh state. Each array is created or read in its sharding;
   the time goes to `parts` "init" and "restore"."""
   with _timed(parts, "restore"):
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-    resume_step = checkpoints.latest_step()
+    resume_step, state = checkpoints.restore_newest(
+        state_target, seed=config.seed, global_batch_size=layout.global_batch_size)
     if resume_step is not None:
-      checkpoints.check_data_position(resume_step, seed=config.seed,
-                                      global_batch_size=layout.global_batch_size)
       logging.info("resuming from the checkpoint of step %d in %s", resume_step,
                    checkpoints.directory)
-      return checkpoints, checkpoints.restore(resume_step, into=state_target)
+      return checkpoints, state
     if config.restore_from and not config.restore_params_only:
       return checkpoints, checkpoint_lib.restore_from(config.restore_from, into=state_target,
                                                       params_only=False)

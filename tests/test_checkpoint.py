@@ -184,3 +184,45 @@ def test_a_resume_that_would_change_the_data_order_is_refused(override, message,
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
   assert (tmp_path / "config.json").read_text() == saved_config
   assert len(read_metrics(str(tmp_path))) == 1
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(straight, tmp_path):
+  """Real damage on disk, 2 processes: step 30's array data truncated, step 20's metadata
+  truncated; the next start names both, keeps them aside and resumes exactly from step 10."""
+  workdir = str(tmp_path / "run")
+  assert run_to_end(workdir, "2x4", "--config.num_steps=30", "--config.checkpoint_every_steps=10",
+                    ) == 0, open(f"{workdir}.log").read()[-3000:]
+  assert complete_checkpoints(workdir) == [10, 20, 30]
+  data_files = glob.glob(os.path.join(workdir, "checkpoints", "30", "state", "ocdbt.process_*",
+                                      "d", "*"))
+  biggest = max(data_files, key=os.path.getsize)
+  os.truncate(biggest, os.path.getsize(biggest) // 2)
+  metadata = os.path.join(workdir, "checkpoints", "20", "state", "_METADATA")
+  os.truncate(metadata, os.path.getsize(metadata) // 2)
+
+  assert run_to_end(workdir, "2x4", "--config.checkpoint_every_steps=10") == 0, \
+      open(f"{workdir}.log").read()[-3000:]
+  log = open(f"{workdir}.log").read()
+  checkpoints = os.path.join(workdir, "checkpoints")
+  aside = os.path.join(workdir, "damaged_checkpoints")
+  assert (f"error: the checkpoint of step 30 in {checkpoints} cannot be read (ValueError: "
+          "OUT_OF_RANGE: Error reading") in log
+  assert f"moved it to {aside}/30 and trying the one before" in log
+  assert (f"error: the checkpoint of step 20 in {checkpoints} cannot be read (JSONDecodeError: "
+          in log) and f"moved it to {aside}/20" in log
+  assert "resuming from the checkpoint of step 10" in log and "Traceback" not in log
+  assert sorted(os.listdir(aside)) == ["20", "30"]  # Kept, byte for byte.
+  assert os.path.getsize(os.path.join(aside, "20", "state", "_METADATA")) == os.path.getsize(
+      metadata.replace(checkpoints, aside)) > 0
+  assert_same_run(workdir, straight("2x4"), from_step=10)
+
+  # Another run's newest checkpoint damaged: restore_from names it and takes the one before.
+  metadata_40 = os.path.join(checkpoints, "40", "state", "_METADATA")
+  os.truncate(metadata_40, 10)
+  other = str(tmp_path / "other")
+  assert run_to_end(other, "1x8", f"--config.restore_from={workdir}", "--config.num_steps=1") == 0
+  log = open(f"{other}.log").read()
+  assert (f"config.restore_from: the checkpoint in {checkpoints}/40 cannot be read (ValueError: "
+          f"its metadata ({checkpoints}/40/state/_METADATA) cannot be parsed); trying the one "
+          "before") in log
+  assert f"started from {checkpoints}/30 (params only)" in log and "Traceback" not in log
