@@ -11,6 +11,7 @@ import time
 import traceback
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from launcher import config as config_lib
@@ -35,6 +36,8 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "Devices this process uses, e.g. 0,1,2,3 (default: all it sees).")
 flags.register_validator("local_device_ids", lambda ids: ids is None or all(
     i.strip().isdigit() for i in ids), "--local_device_ids takes device numbers, e.g. 0,1,2,3")
+flags.register_validator("local_device_ids", lambda ids: ids is None or len(set(ids)) == len(ids),
+                         "--local_device_ids names a device twice")
 _ONE_PROCESS_PER = flags.DEFINE_enum(
     "one_process_per", "auto", ["auto", "node", "device"],
     "Under SLURM on GPUs: each task drives all GPUs of its node, or one GPU; auto picks `node` "
@@ -55,8 +58,12 @@ _STEP_TIMEOUT = flags.DEFINE_float(
 def main(argv):
   if len(argv) > 1:
     console.usage_error(f"unexpected arguments: {' '.join(argv[1:])}: flags start with --")
-  if _CONFIG.value is None:
+  if not flags.FLAGS["config"].present:
     console.usage_error("--config is required, e.g. --config=configs/lm.py:tiny")
+  if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    console.usage_error(f"{flags.FLAGS['config'].config_filename}: get_config() returned a "
+                        f"{type(_CONFIG.value).__name__}; it must return an "
+                        "ml_collections.ConfigDict (start from launcher.config.defaults())")
   if _SHOW_CONFIG.value:
     meanings = config_lib.file_comments(flags.FLAGS["config"].config_filename)
     print(config_lib.describe(_CONFIG.value, meanings))

@@ -70,6 +70,12 @@ def detect(*, coordinator_address: str | None = None, num_processes: int | None 
     if "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" not in environ:
       logging.warning("SLURM_JOB_ID is set but this is not a SLURM job step: run the launcher "
                       "through `srun` so that every task joins one job; running as one process.")
+    if local_device_ids:
+      raise UsageError(
+          f"--local_device_ids={','.join(map(str, local_device_ids))} is for a process of a "
+          "multi-process job (jax.distributed takes it), and this process runs alone, on every "
+          "device it sees: choose its devices with CUDA_VISIBLE_DEVICES (GPU) or "
+          "TPU_VISIBLE_CHIPS (TPU) instead, or drop the flag")
     return None
   hosts = sorted(set(slurm["nodes"])) if slurm else []
   if len(hosts) > 1 and job.coordinator_address and _is_loopback(job.coordinator_address):

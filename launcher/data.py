@@ -68,16 +68,18 @@ def prefetch(batches: Iterator, put: Callable[[Batch], Any], size: int = 2) -> I
 
 
 def train_batches(host_batches: Iterator[Batch], *, steps_per_call: int, put: Callable[..., Any],
-                  check: Callable[[Batch], None]) -> Iterator:
+                  check: Callable[..., None], first_number: int = 0) -> Iterator:
   """Per-call batches on the devices, two calls ahead; `put` is the executor's placement and
-  `check` raises on a batch that breaks the workload contract."""
-  return prefetch(group(_checked(host_batches, check), steps_per_call),
+  `check(batch, number=t)` raises on a batch that breaks the workload contract (the first host
+  batch is global batch `first_number`)."""
+  return prefetch(group(_checked(host_batches, check, first_number), steps_per_call),
                   lambda batch: put(batch, stacked=steps_per_call > 1))
 
 
-def _checked(batches: Iterator[Batch], check: Callable[[Batch], None]) -> Iterator[Batch]:
-  for batch in batches:
-    check(batch)
+def _checked(batches: Iterator[Batch], check: Callable[..., None],
+             first_number: int = 0) -> Iterator[Batch]:
+  for number, batch in enumerate(batches, start=first_number):
+    check(batch, number=number)
     yield batch
 
 

@@ -18,9 +18,11 @@ import collections
 import contextvars
 import functools
 import os
+import tempfile
 
 import jax
 import numpy as np
+from absl import logging
 from flax import jax_utils
 from jax import lax
 from jax.experimental import mesh_utils, multihost_utils
@@ -28,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import config as config_lib
 from launcher import step
+from launcher.errors import UsageError
 from launcher.state import TrainState
 from launcher.step import AXIS
 
@@ -356,9 +359,22 @@ def enable_compilation_cache(directory: str) -> None:
   same run skips compilation. "" picks ~/.cache/launcher/jax (or $XDG_CACHE_HOME); "none" is off."""
   if directory == "none":
     return
+  given = directory
   if not directory:
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     directory = os.path.join(cache_home, "launcher", "jax")
+  if "://" not in directory:
+    try:
+      os.makedirs(directory, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=directory):
+        pass
+    except OSError as e:
+      if given:
+        raise UsageError(f"config.compilation_cache_dir={given!r} cannot be used ({e}): give a "
+                         "directory this user can write, or none to compile every start") from None
+      logging.warning("the compilation cache %s cannot be used (%s): compiling every start; "
+                      "set --config.compilation_cache_dir to a writable directory", directory, e)
+      return
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -35,6 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   parts = {"imports": reporter.seconds_before(started) - sum(startup_parts.values()), **startup_parts}
   with _timed(parts, "checks"):
     config_lib.check(config)
+    parallel.enable_compilation_cache(config.compilation_cache_dir)
     workdir = storage.path(workdir)
     workload = workload_lib.load(config.workload)
     layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
@@ -81,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
         eval_host_batches, example=example_batch, host_batch_size=layout.host_batch_size,
         process_count=layout.process_count, put=executor.put,
         check=functools.partial(workload_lib.check_batch, workload, "eval", rows=None,
-                                max_rows=layout.host_batch_size)):
+                                max_rows=layout.host_batch_size, like=example_batch)):
       in_flight.wait_for_room()
       eval_metrics = eval_call(replicated_params, eval_metrics, batch)
       in_flight.add(eval_metrics)
@@ -190,7 +191,6 @@ def _build(config, workload):
   partition = getattr(workload, "partition", None)
   executor = parallel.executor(config.parallel, mesh=config.mesh,
                                partition=functools.partial(partition, config) if partition else None)
-  parallel.enable_compilation_cache(config.compilation_cache_dir)
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
   fresh = state_lib.initializer(config, workload.init, tx,
@@ -237,14 +237,14 @@ def _open_train_data(config, workload, layout, loss_fn, state, executor, first_s
     raise UsageError(f"workload {config.workload}'s train dataset yielded no batch: "
                      "dataset(config, 'train', ...) must be endless")
   check = functools.partial(workload_lib.check_batch, workload, "train",
-                            rows=layout.host_batch_size)
+                            rows=layout.host_batch_size, like=example_batch)
   check(example_batch)
   with workload_lib.calling(workload, "loss(config, params, batch, rng=None)"):
     loss_shapes = jax.eval_shape(loss_fn, state.params, example_batch, None)
   metric_names = workload_lib.check_loss_output(workload, loss_shapes)
   train_batches = data.train_batches(itertools.chain([example_batch], host_batches),
                                      steps_per_call=config.steps_per_call, put=executor.put,
-                                     check=check)
+                                     check=check, first_number=first_step)
   return example_batch, train_batches, metric_names
 
 

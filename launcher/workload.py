@@ -139,12 +139,16 @@ def check_loss_output(module: types.ModuleType, output: Any) -> list[str]:
 
 
 def check_batch(module: types.ModuleType, split: str, batch: Any, rows: int | None,
-                max_rows: int | None = None) -> None:
-  """A batch is a non-empty dict of arrays with `rows` rows each (or at most `max_rows`)."""
+                max_rows: int | None = None, like: dict | None = None,
+                number: int | None = None) -> None:
+  """A batch is a non-empty dict of arrays with `rows` rows each (or at most `max_rows`), and,
+  given `like` (the first train batch), its keys and each entry's per-row shape and dtype."""
   where = f"workload {module.__name__}'s dataset(config, {split!r}, ...)"
   if not isinstance(batch, dict) or not batch:
     raise UsageError(f"{where} yielded a {type(batch).__name__}: a batch is a non-empty dict of "
                      "numpy arrays, e.g. {'x': x, 'y': y}")
+  if like is not None:
+    _check_like(where, batch, like, number)
   for name, x in batch.items():
     shape = np.shape(x)
     if not shape:
@@ -157,6 +161,22 @@ def check_batch(module: types.ModuleType, split: str, batch: Any, rows: int | No
           f"{where} yielded {shape[0]} rows in {name!r}, but this process's share of "
           f"config.batch_size is {wanted} rows: a batch holds config.batch_size // process_count "
           "rows (the process's slice of the global batch)")
+
+
+def _check_like(where: str, batch: dict, like: dict, number: int | None) -> None:
+  """Every batch has the first train batch's keys, per-row shapes and dtypes: the step was
+  compiled for them."""
+  which = f"batch {number}" if number is not None else "a batch"
+  if sorted(batch) != sorted(like):
+    raise UsageError(f"{where} yielded {which} with keys {sorted(batch)}, but the first train "
+                     f"batch had {sorted(like)}: every batch has the same keys")
+  for name, x in batch.items():
+    got = (tuple(np.shape(x)[1:]), np.asarray(x).dtype)
+    first = (tuple(np.shape(like[name])[1:]), np.asarray(like[name]).dtype)
+    if got != first:
+      raise UsageError(f"{where} yielded {which} whose {name!r} has rows of shape {got[0]} and "
+                       f"dtype {got[1]}, but the first train batch's had {first[0]} and "
+                       f"{first[1]}: every batch has the same per-row shapes and dtypes")
 
 
 def _parents(dotted: str) -> set[str]:

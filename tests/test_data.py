@@ -43,7 +43,7 @@ def test_each_device_gets_its_slice_of_k_stacked_batches(name):
                        for t in range(4)])
   executor = parallel.executor(name)
   device_batches = data.train_batches(host_batches, steps_per_call=2, put=executor.put,
-                                      check=lambda batch: None)
+                                      check=lambda batch, number: None)
   first = next(device_batches)["x"]
   shards = {s.device: np.asarray(s.data) for s in first.addressable_shards}
   device_3 = shards[jax.local_devices()[3]].reshape(2, 2, 3)  # [K, per_device, ...]

@@ -196,6 +196,7 @@ def test_the_pod_script_trains_on_a_stand_in_slice_survives_a_killed_worker_and_
   assert again.stdout.count("already finished") == 2
 
 
+@pytest.mark.slow  # Starts the GCS emulator and the stand-in's processes.
 def test_a_worker_python_older_than_3_11_is_one_line_before_anything_is_installed(tpu_slice,
                                                                                   tmp_path):
   root, _, env = tpu_slice

@@ -140,7 +140,10 @@ def dataset(config, split, process_index, process_count, start=0):
   window = config.seq_len + 1
   num_windows = (len(text) - 1) // config.seq_len
   if num_windows < 1:
-    raise ValueError(f"the {split} text has {len(text)} bytes, fewer than one window of {window}")
+    source = f"config.text_file={config.text_file!r}" if config.text_file else "the corpus"
+    raise UsageError(f"{source} leaves {len(text)} bytes for the {split} split (eval_fraction="
+                     f"{config.eval_fraction}), fewer than one window of seq_len + 1 = {window}: "
+                     "give a longer text file, or a smaller --config.seq_len or eval_fraction")
   offsets = np.arange(window)
   indices = data.batch_indices(num_windows, batch_size=config.batch_size,
                                process_index=process_index, process_count=process_count,
