@@ -16,8 +16,8 @@ from ml_collections import config_flags
 
 from launcher import config as config_lib
 from launcher import console
-from launcher.errors import (EXIT_PEER_LOST, EXIT_PREEMPTED, PeerUnreachable, Preempted,
-                             UsageError, WorkloadError)
+from launcher.errors import (EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE, PeerUnreachable,
+                             Preempted, UsageError, WorkloadError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
@@ -48,6 +48,10 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100, "Seconds without a heartbeat before a process counts as lost.",
     lower_bound=1)
+_PEER_TIMEOUT = flags.DEFINE_float(
+    "peer_timeout_seconds", 20, "In a multi-process job, end this process (the lost-peer line, "
+    "exit 76) when another process has shown no sign of life for this long (jax's own "
+    "--heartbeat_timeout_seconds ends it later, without the line).", lower_bound=2)
 _STEP_TIMEOUT = flags.DEFINE_float(
     "step_timeout_seconds", 600,
     "End this process (exit 77, every thread's stack in its log) when no train call finishes "
@@ -72,7 +76,7 @@ def main(argv):
     console.usage_error("--workdir is required: where the run writes, e.g. --workdir=/tmp/run")
   console.quiet_libraries()
   import jax  # pylint: disable=import-outside-toplevel
-  from launcher import cluster, train  # pylint: disable=import-outside-toplevel
+  from launcher import cluster, storage, supervise, train  # pylint: disable=import-outside-toplevel
   try:
     job = cluster.detect(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -87,7 +91,7 @@ def main(argv):
     console.name_process(jax.process_index(), jax.process_count())
     logging.info(cluster.describe())
     train.run(_CONFIG.value, _WORKDIR.value, step_timeout_seconds=_STEP_TIMEOUT.value,
-              startup_parts=startup_parts)
+              peer_timeout_seconds=_PEER_TIMEOUT.value, startup_parts=startup_parts)
   except UsageError as e:
     console.usage_error(str(e))
   except PeerUnreachable as e:
@@ -98,6 +102,11 @@ def main(argv):
     logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)
   except Exception as e:  # pylint: disable=broad-except
+    refused = storage.refusal(e, _WORKDIR.value, supervise.last_checkpoint(_WORKDIR.value))
+    if refused:  # A restart cannot make space: one line, and the code that says so.
+      print(f"error: {refused}", file=sys.stderr)
+      sys.stderr.flush()
+      os._exit(EXIT_STORAGE)  # pylint: disable=protected-access
     if isinstance(e, WorkloadError):  # The user's code: its own traceback, headed by the call.
       print(f"error: {e}; its traceback:", file=sys.stderr)
       traceback.print_exception(e.__cause__, file=sys.stderr)

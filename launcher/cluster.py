@@ -230,6 +230,13 @@ def initialize(job: Job | None, *, initialization_timeout: int = 300,
       heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
+def coordination_client():
+  """The client of jax.distributed's coordination service (its key-value store), or None when
+  this process runs alone. jax exposes it only privately (jax._src.distributed)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.client
+
+
 def wait_for_coordinator(address: str, timeout: float) -> None:
   """Returns once the coordinator accepts connections; a clear error after `timeout` seconds.
 

@@ -5,6 +5,7 @@
 import logging as std_logging
 import os
 import sys
+import threading
 
 from absl import flags, logging
 
@@ -14,10 +15,14 @@ _LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class _LibraryNoise(std_logging.Filter):
-  """Drops other libraries' INFO and DEBUG lines; their warnings and errors stay."""
+  """Drops other libraries' INFO and DEBUG lines; their warnings and errors stay, except orbax's
+  errors from its background threads, which it raises again in the thread that saves or waits
+  (where the launcher names them in one line)."""
 
   def filter(self, record):
     path = os.path.abspath(record.pathname)
+    if record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in path:
+      return False
     return (record.levelno >= std_logging.WARNING or path.startswith(_LAUNCHER_DIR)
             or not any(part in path for part in ("site-packages", "dist-packages")))
 
@@ -46,6 +51,22 @@ def quiet_libraries() -> None:
   handler = logging.get_absl_handler()
   handler.setFormatter(_formatter)
   handler.addFilter(_LibraryNoise())
+  sys.excepthook = _without_closed_loops(sys.excepthook)
+  threading.excepthook = _without_closed_loops(threading.excepthook, unpack=True)
+  sys.unraisablehook = _without_closed_loops(sys.unraisablehook, unpack=True)
+
+
+def _without_closed_loops(hook, unpack=False):
+  """`hook` (sys.excepthook, or threading's or the unraisable hook, which take one argument),
+  quiet about "Event loop is closed": tensorstore's callbacks into orbax's asyncio loop after a
+  failed save closed it."""
+
+  def quiet(*args):
+    value = args[0].exc_value if unpack else args[1]
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      hook(*args)
+
+  return quiet
 
 
 def name_process(process_index: int, process_count: int) -> None:

@@ -4,6 +4,7 @@
 | ---: | --- | --- |
 | 0 | the run finished | stops |
 | 2 | bad input (config, flags, storage, workload contract): the line says what to change | never restarts |
+| 74 | the workdir's storage refused a write that a restart cannot fix (full, quota, read-only, no permission); the last complete checkpoint is kept | never restarts |
 | 75 | stopped on a preemption notice with a checkpoint saved | restarts without counting it |
 | 76 | another process of the job was lost (a collective failed), or process 0 could not be reached at the start | restarts |
 | 77 | stuck: no train call finished within --step_timeout_seconds | restarts |
@@ -11,6 +12,7 @@
 """
 
 EXIT_USAGE = 2
+EXIT_STORAGE = 74  # EX_IOERR: the storage refuses writes; a person has to make room or fix it.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a notice with the work saved; run it again.
 EXIT_PEER_LOST = 76
 EXIT_STUCK = 77

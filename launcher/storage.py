@@ -12,12 +12,14 @@ its last flush after a kill -9 and a flush costs the new bytes, never the whole 
 """
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 import uuid
@@ -113,6 +115,52 @@ def clear_errors(p: epath.Path, doing: str):
                        f"({str(e).splitlines()[0]}); grant it storage.objects.create on the "
                        "bucket, or choose another --workdir") from None
     raise UsageError(f"cannot {doing} {p}: {e}") from None
+
+
+# What a write failure says, by errno or by the words tensorstore and gcsfs put in its message,
+# and what a person does about it.
+_REFUSALS = (
+    ((errno.ENOSPC,), ("No space left on device",), "the filesystem is full",
+     "free space there (or choose a --workdir with room)"),
+    ((errno.EDQUOT,), ("Disk quota exceeded",), "this user's disk quota is used up",
+     "free space within the quota (or choose a --workdir with room)"),
+    ((errno.EROFS,), ("Read-only file system",), "the filesystem is read-only",
+     "remount it writable (or choose another --workdir)"),
+    ((errno.EACCES, errno.EPERM), ("Permission denied", "403 Forbidden", "Forbidden"),
+     "permission denied", "give this user write access (or choose another --workdir)"),
+)
+
+
+def refusal(error: BaseException, workdir: str, last_checkpoint: int | None) -> str | None:
+  """One line for a write the storage refused, which a restart cannot fix (full, quota,
+  read-only, no permission), or None for any other error."""
+  seen = error
+  while seen is not None:
+    for errnos, words, what, fix in _REFUSALS:
+      if getattr(seen, "errno", None) in errnos or any(word in str(seen) for word in words):
+        where = re.search(r'"(/[^"]+|gs://[^"]+)"', str(seen))
+        kept = ("no checkpoint was complete yet" if last_checkpoint is None else
+                f"the checkpoint of step {last_checkpoint} is complete and kept")
+        return (f"cannot write {where[1] if where else workdir}: {what} "
+                f"({_detail(seen)}){_free_space(workdir)}. The run stopped; {kept}. {fix[0].upper()}"
+                f"{fix[1:]}, then run the same command to resume")
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def _detail(error: BaseException) -> str:
+  text = (str(error).splitlines() or [""])[0]
+  return f"{type(error).__name__}: {text[:200]}"
+
+
+def _free_space(workdir: str) -> str:
+  if "://" in workdir:
+    return ""
+  try:
+    usage = shutil.disk_usage(workdir)
+  except OSError:
+    return ""
+  return f"; {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
 
 
 def makedirs(p: epath.Path) -> None:

@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 from launcher import console, storage
-from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, UsageError
+from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UsageError
 
 MAX_BACKOFF_S = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -254,8 +254,9 @@ def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, m
     failure = f"{name} {process} {describe_exit(raw)}"
     if workdir is not None:
       failure += f" at step {step}" if step is not None else " before its first step"
-    if code == EXIT_USAGE:
-      say(f"{prefix} {failure}: bad input, which a restart cannot fix; not restarting")
+    if code in (EXIT_USAGE, EXIT_STORAGE):
+      cause = "bad input" if code == EXIT_USAGE else "its storage refused to write"
+      say(f"{prefix} {failure}: {cause}, which a restart cannot fix; not restarting")
       return code
     if code == EXIT_PREEMPTED and max_restarts:
       now = time.monotonic()

@@ -13,7 +13,7 @@ from absl import logging
 
 from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
-from launcher import data, parallel, preemption, reporter, step, storage
+from launcher import cluster, data, parallel, preemption, reporter, step, storage
 from launcher import state as state_lib
 from launcher import watchdog as watchdog_lib
 from launcher import workload as workload_lib
@@ -21,14 +21,17 @@ from launcher.errors import NonFiniteError, Preempted, UsageError
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds: float = 0,
+        peer_timeout_seconds: float = watchdog_lib.PEER_TIMEOUT_S,
         startup_parts: dict[str, float] | None = None) -> state_lib.TrainState:
   """Trains `config.workload` data-parallel on every device of every process; returns the state.
 
   `workdir` is a local path, a path on a filesystem every host shares, or gs://bucket/path. A
   workdir that holds checkpoints continues from the newest complete one; a finished run is left
   as it is. A train call that does not finish within `step_timeout_seconds` (0: never) ends the
-  process (watchdog.StepWatchdog). `startup_parts`: seconds the caller spent on named parts of
-  the start (e.g. joining the job); the start-up line shows them, and the rest before as imports.
+  process (watchdog.StepWatchdog); in a multi-process job, so does another process showing no
+  sign of life for `peer_timeout_seconds` (watchdog.PeerMonitor). `startup_parts`: seconds the
+  caller spent on named parts of the start (e.g. joining the job); the start-up line shows them,
+  and the rest before as imports.
   """
   started = time.time()
   startup_parts = startup_parts or {}
@@ -41,6 +44,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
                                jax.local_device_count(), config.grad_accum_steps)
     storage.check_workdir(workdir, layout.process_index, layout.process_count)
+  peers = (watchdog_lib.PeerMonitor(cluster.coordination_client(), layout.process_index,
+                                    layout.process_count, timeout=peer_timeout_seconds,
+                                    describe_process=f"process "
+                                    f"{layout.process_index}/{layout.process_count}")
+           if layout.process_count > 1 else None)
   with _timed(parts, "init"):
     executor, loss_fn, tx, fresh, state_target = _build(config, workload)
   checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target, parts)
@@ -69,6 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   stop_notice = preemption.Preemption()
   watchdog = watchdog_lib.StepWatchdog(step_timeout_seconds,
                                        f"process {layout.process_index}/{layout.process_count} ")
+  if peers:
+    peers.progress = lambda: (watchdog.last_completed_step, checkpoints.latest_step())
   eval_call = executor.map_eval(loss_fn)
 
   def evaluate(replicated_params) -> dict[str, float]:
@@ -103,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   no_train_metrics = executor.replicate(train_metric_set.zeros)
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
-  preempted = False
+  preempted = abandon_saves = False
   try:
     for last_step in range(first_step + k, config.num_steps + 1, k):
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
@@ -163,12 +173,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
           e, process=f"process {layout.process_index}/{layout.process_count}",
           last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step())
     raise
+  except UsageError:
+    raise  # Every process raises it at the same step: their saves can still finish.
+  except BaseException:
+    # Raised here alone (a full disk under one process's append, a bug): a save needs every
+    # process, and the others are in a collective that waits for this one.
+    abandon_saves = layout.process_count > 1
+    raise
   finally:  # Even a failing run completes the saves it started: they hold good states.
     watchdog.pause()
-    with report_writer.blocked_by_checkpoint():
-      checkpoints.wait()
+    if not abandon_saves:
+      with report_writer.blocked_by_checkpoint():
+        checkpoints.wait()
+      checkpoints.close()
     report_writer.close()
-    checkpoints.close()
   if preempted:
     raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
                     f"{last_step}")

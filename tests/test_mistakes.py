@@ -103,6 +103,8 @@ BAD_COMMANDS = {
     "heartbeat_timeout_seconds": (["--config=configs/linear.py",
                                    "--heartbeat_timeout_seconds=-1"],
                                   "--heartbeat_timeout_seconds=-1"),
+    "peer_timeout_seconds": (["--config=configs/linear.py", "--peer_timeout_seconds=1"],
+                             "--peer_timeout_seconds=1"),
     "step_timeout_seconds": (["--config=configs/linear.py", "--step_timeout_seconds=-1"],
                              "--step_timeout_seconds=-1"),
     "show_config": (["--config=configs/linear.py", "--show_config=maybe"], "--show_config"),
@@ -111,7 +113,7 @@ BAD_COMMANDS = {
 }
 LAUNCHER_FLAGS = {"config", "workdir", "show_config", "coordinator_address", "num_processes",
                   "process_id", "local_device_ids", "one_process_per", "initialization_timeout",
-                  "heartbeat_timeout_seconds", "step_timeout_seconds"}
+                  "heartbeat_timeout_seconds", "peer_timeout_seconds", "step_timeout_seconds"}
 
 
 def test_help_lists_every_launcher_flag_and_the_catalogue_covers_them():

@@ -246,3 +246,27 @@ def test_a_torn_line_is_skipped_counted_and_the_next_start_writes_on_a_new_line(
   whole.write('{"step": 4}\n')
   whole.close()
   assert metrics.read_text().endswith('2.25}\n{"step": 4}\n')
+
+
+@pytest.mark.parametrize("error, what", [
+    (OSError(28, "No space left on device", "/w/metrics.jsonl"), "the filesystem is full"),
+    (OSError(122, "Disk quota exceeded"), "this user's disk quota is used up"),
+    (OSError(30, "Read-only file system"), "the filesystem is read-only"),
+    (PermissionError(13, "Permission denied"), "permission denied"),
+    (ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/5/_sharding": '
+                "Failed to write 10 bytes: No space left on device [OS error: 28]"),
+     "the filesystem is full"),
+])
+def test_a_write_the_storage_refuses_is_one_line_naming_what_and_the_fix(error, what, tmp_path):
+  try:
+    try:
+      raise error
+    except Exception as inner:
+      raise RuntimeError("the save failed") from inner
+  except RuntimeError as outer:
+    line = storage.refusal(outer, str(tmp_path), last_checkpoint=5)
+  assert line.startswith("cannot write ") and f": {what} (" in line and "\n" not in line
+  assert "MiB free of" in line and "the checkpoint of step 5 is complete and kept" in line
+  assert line.endswith("then run the same command to resume")
+  assert storage.refusal(ValueError("shapes differ"), str(tmp_path), None) is None
+  assert "no checkpoint was complete yet" in storage.refusal(error, str(tmp_path), None)
