@@ -9,6 +9,7 @@ for, whatever executor and layout wrote it.
 """
 
 import os
+import threading
 from typing import Any, Callable
 
 import jax
@@ -119,6 +120,20 @@ class Checkpoints:
   def wait(self) -> None:
     """Blocks until every started save is committed."""
     self._manager.wait_until_finished()
+
+  def wait_at_most(self, seconds: float) -> bool:
+    """Waits up to `seconds` for the started saves, for a run that is failing: whether they
+    finished (their own errors belong to the failure, and are not raised)."""
+    def wait_quietly():
+      try:
+        self._manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        pass
+
+    waiter = threading.Thread(target=wait_quietly, name="last-saves", daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    return not waiter.is_alive()
 
   def close(self) -> None:
     self._manager.close()

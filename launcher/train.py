@@ -19,6 +19,9 @@ from launcher import watchdog as watchdog_lib
 from launcher import workload as workload_lib
 from launcher.errors import NonFiniteError, Preempted, UsageError
 
+# How long a failing run waits for the saves it started when they may never finish.
+LAST_SAVES_GRACE_S = 30.0
+
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds: float = 0,
         peer_timeout_seconds: float = watchdog_lib.PEER_TIMEOUT_S,
@@ -113,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   no_train_metrics = executor.replicate(train_metric_set.zeros)
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
-  preempted = abandon_saves = False
+  preempted = saves_may_hang = False
   try:
     for last_step in range(first_step + k, config.num_steps + 1, k):
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
@@ -176,15 +179,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   except UsageError:
     raise  # Every process raises it at the same step: their saves can still finish.
   except BaseException:
-    # Raised here alone (a full disk under one process's append, a bug): a save needs every
-    # process, and the others are in a collective that waits for this one.
-    abandon_saves = layout.process_count > 1
+    # Raised here alone (a bug, a full disk under one process's append): the saves in flight
+    # may wait for ever for another process, which waits in a collective for this one.
+    saves_may_hang = layout.process_count > 1
     raise
   finally:  # Even a failing run completes the saves it started: they hold good states.
     watchdog.pause()
-    if not abandon_saves:
+    if not saves_may_hang:
       with report_writer.blocked_by_checkpoint():
         checkpoints.wait()
+      checkpoints.close()
+    elif checkpoints.wait_at_most(LAST_SAVES_GRACE_S):
       checkpoints.close()
     report_writer.close()
   if preempted:

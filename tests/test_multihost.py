@@ -89,24 +89,30 @@ def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10):
   return processes
 
 
+def kill_one(processes, victim: int, after_step: int, tmp_path) -> tuple[int, float, str]:
+  """Kills `victim` once process 0 reported `after_step`; the survivor's exit code, the seconds
+  it took to exit after the kill, and its log. Every process is ended before it returns."""
+  try:
+    wait_for(lambda: f"step {after_step}/" in open(tmp_path / "process_0.log").read(), 120,
+             "the job to train", processes[0])
+    processes[victim].kill()
+    killed_at = time.monotonic()
+    code = processes[1 - victim].wait(timeout=30)
+    waited = time.monotonic() - killed_at
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  return code, waited, open(tmp_path / f"process_{1 - victim}.log").read()
+
+
 @pytest.mark.parametrize("kill_after_step", [100, 400, 900])
 def test_a_killed_process_ends_its_peer_with_the_line_every_time(kill_after_step, tmp_path):
   """Three trials without a supervisor, each killed at another moment: the survivor, in a
   collective or not, prints the lost-peer line naming process 1 and exits 76 within
   --peer_timeout_seconds (+ 1 s polling), long before jax's heartbeat timeout (100 s)."""
   processes = two_launchers(tmp_path, "--peer_timeout_seconds=5", heartbeat=100)
-  try:
-    wait_for(lambda: f"step {kill_after_step}/" in open(tmp_path / "process_0.log").read(), 120,
-             "the job to train", processes[0])
-    processes[1].kill()
-    killed_at = time.monotonic()
-    code = processes[0].wait(timeout=30)
-    waited = time.monotonic() - killed_at
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-  log = open(tmp_path / "process_0.log").read()
+  code, waited, log = kill_one(processes, 1, kill_after_step, tmp_path)
   assert code == EXIT_PEER_LOST and waited < 5 + 4, (code, waited, log[-3000:])
   line = [l for l in log.splitlines() if "lost another process of the job" in l]
   assert len(line) == 1 and line[0].startswith("error: process 0/2 lost another process of the "
@@ -119,19 +125,7 @@ def test_a_killed_coordinator_ends_its_peer_at_once(tmp_path):
   """Process 0 hosts jax's coordination service: its loss ends the others within a second,
   through jax's own abort (the launcher cannot put its line first: jax's error callback cannot
   hand its status to Python)."""
-  processes = two_launchers(tmp_path)
-  try:
-    wait_for(lambda: "step 100/" in open(tmp_path / "process_0.log").read(), 120,
-             "the job to train", processes[0])
-    processes[0].kill()
-    killed_at = time.monotonic()
-    code = processes[1].wait(timeout=30)
-    waited = time.monotonic() - killed_at
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-  log = open(tmp_path / "process_1.log").read()
+  code, waited, log = kill_one(two_launchers(tmp_path), 0, 100, tmp_path)
   assert code != 0 and waited < 5
   assert "coordination" in log and "Socket closed" in log
 
