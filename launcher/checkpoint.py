@@ -21,7 +21,7 @@ from etils import epath
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
 import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
-from launcher.errors import UsageError
+from launcher.errors import UsageError, causes, one_line
 
 
 def directory(workdir: epath.Path) -> epath.Path:
@@ -213,21 +213,17 @@ def _readable(metadata: Any, step_dir: epath.Path) -> Any:
 def _unreachable(error: BaseException) -> bool:
   """Whether `error` (or a cause of it) says the storage could not be reached, not that a file
   is damaged."""
-  while error is not None:
-    if isinstance(error, (ConnectionError, TimeoutError)) or any(
-        mark in str(error) for mark in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Cannot connect",
-                                        "Connection refused", "Too Many Requests")):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any(isinstance(seen, (ConnectionError, TimeoutError)) or any(
+      mark in str(seen) for mark in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Cannot connect",
+                                     "Connection refused", "Too Many Requests"))
+             for seen in causes(error))
 
 
 def _why(error: BaseException) -> str:
   """An error's innermost cause in one line (tensorstore's message, not its spec dump)."""
   while error.__cause__ is not None:
     error = error.__cause__
-  text = str(error).split(" See full TensorStore details")[0]
-  return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
+  return one_line(error).split(" See full TensorStore details")[0]
 
 
 def _any_process(flag: bool) -> bool:

@@ -37,3 +37,15 @@ class PeerUnreachable(Exception):
 
 class Preempted(Exception):
   """The job was told to stop and saved a checkpoint; exit with EXIT_PREEMPTED."""
+
+
+def causes(error: BaseException | None):
+  """`error` and each error it was raised from or while handling, outermost first."""
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """`Type: the first line of its message` (at most `limit` characters of it)."""
+  return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:limit]}"

@@ -27,7 +27,7 @@ import uuid
 import numpy as np
 from etils import epath
 
-from launcher.errors import UsageError
+from launcher.errors import UsageError, causes, one_line
 
 SCHEMES = ("gs",)  # Besides plain local paths.
 SHARED_WORKDIR_TIMEOUT_S = 10.0  # How long a process looks for process 0's token in the workdir.
@@ -134,23 +134,16 @@ _REFUSALS = (
 def refusal(error: BaseException, workdir: str, last_checkpoint: int | None) -> str | None:
   """One line for a write the storage refused, which a restart cannot fix (full, quota,
   read-only, no permission), or None for any other error."""
-  seen = error
-  while seen is not None:
+  for seen in causes(error):
     for errnos, words, what, fix in _REFUSALS:
       if getattr(seen, "errno", None) in errnos or any(word in str(seen) for word in words):
         where = re.search(r'"(/[^"]+|gs://[^"]+)"', str(seen))
         kept = ("no checkpoint was complete yet" if last_checkpoint is None else
                 f"the checkpoint of step {last_checkpoint} is complete and kept")
         return (f"cannot write {where[1] if where else workdir}: {what} "
-                f"({_detail(seen)}){_free_space(workdir)}. The run stopped; {kept}. {fix[0].upper()}"
-                f"{fix[1:]}, then run the same command to resume")
-    seen = seen.__cause__ or seen.__context__
+                f"({one_line(seen, 200)}){_free_space(workdir)}. The run stopped; {kept}. "
+                f"{fix[0].upper()}{fix[1:]}, then run the same command to resume")
   return None
-
-
-def _detail(error: BaseException) -> str:
-  text = (str(error).splitlines() or [""])[0]
-  return f"{type(error).__name__}: {text[:200]}"
 
 
 def _free_space(workdir: str) -> str:

@@ -227,9 +227,8 @@ def _build(config, workload):
 def _resume_or_start(config, workdir, layout, fresh, state_target, parts):
   """The run's checkpoints, and the state to start from as job-wide arrays in `state_target`'s
   shardings: this workdir's newest checkpoint that reads (after checking the data order would be
-  the same),
-  else `config.restore_from`, else a fresh state. Each array is created or read in its sharding;
-  the time goes to `parts` "init" and "restore"."""
+  the same), else `config.restore_from`, else a fresh state. Each array is created or read in its
+  sharding; the time goes to `parts` "init" and "restore"."""
   with _timed(parts, "restore"):
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
     resume_step, state = checkpoints.restore_newest(

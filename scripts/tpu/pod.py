@@ -148,14 +148,15 @@ def commands(launcher_args: list[str], num_workers: int) -> dict[str, list]:
                                 f"--output={archive}", commit]),
         ("copying it to every worker",
          gcloud("scp", "--worker=all", archive, f"{_TPU.value}:{ARCHIVE}"))]
-  setup.append(("ending stale users of the TPU on every worker", ssh("all", cleanup())))
+  stop = ssh("all", cleanup())
+  setup.append(("ending stale users of the TPU on every worker", stop))
   if _INSTALL.value:
     setup.append(("installing it on every worker (skipped where this source is installed)",
                   ssh("all", install_script(tree))))
   run = " ".join(shlex.quote(a) for a in launcher_args)
   workers = [ssh(str(i), f"cd {REMOTE_DIR} && exec {worker_python()} -m launcher {run}")
              for i in range(num_workers)]
-  return {"setup": setup, "workers": workers, "stop": [ssh("all", cleanup())]}
+  return {"setup": setup, "workers": workers, "stop": [stop]}
 
 
 def count_workers() -> int:
