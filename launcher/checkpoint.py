@@ -21,7 +21,7 @@ from etils import epath
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
 import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
-from launcher.errors import UsageError, causes, one_line
+from launcher.errors import UsageError, one_line
 
 
 def directory(workdir: epath.Path) -> epath.Path:
@@ -44,10 +44,11 @@ class Checkpoints:
 
   def __init__(self, workdir: epath.Path, *, keep: int):
     self.directory = directory(workdir)
-    self._manager = ocp.CheckpointManager(
-        self.directory, item_handlers=_handlers(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=True))
+    with storage.bounded(f"listing the checkpoints in {self.directory}", self.directory):
+      self._manager = ocp.CheckpointManager(
+          self.directory, item_handlers=_handlers(),
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                               create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -69,7 +70,8 @@ class Checkpoints:
         logging.error("the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
                       "trying the one before", step, self.directory, why, aside)
 
-    return _newest_that_reads(sorted(self._manager.all_steps(), reverse=True), read, set_aside)
+    with storage.bounded(f"restoring a checkpoint from {self.directory}", self.directory):
+      return _newest_that_reads(sorted(self._manager.all_steps(), reverse=True), read, set_aside)
 
   def _set_aside(self, step: int) -> epath.Path | None:
     """Moves a damaged step out of the checkpoints (process 0; every process waits for it);
@@ -89,9 +91,10 @@ class Checkpoints:
     """Starts an async save of the state (job-wide arrays) at `step`: returns once the arrays are
     copied off the devices, and commits in the background (a killed save leaves no checkpoint
     restore picks)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(global_state),
-        data=ocp.args.JsonSave(data_position)), force=True)
+    with storage.bounded(f"saving the checkpoint of step {step}", self.directory):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(global_state),
+          data=ocp.args.JsonSave(data_position)), force=True)
 
   def restore(self, step: int, into: state_lib.TrainState) -> state_lib.TrainState:
     """The state saved at `step` as job-wide arrays in the shapes and shardings of `into`
@@ -119,7 +122,8 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
-    self._manager.wait_until_finished()
+    with storage.bounded("finishing the checkpoint saves", self.directory):
+      self._manager.wait_until_finished()
 
   def wait_at_most(self, seconds: float) -> bool:
     """Waits up to `seconds` for the started saves, for a run that is failing: whether they
@@ -136,7 +140,8 @@ class Checkpoints:
     return not waiter.is_alive()
 
   def close(self) -> None:
-    self._manager.close()
+    with storage.bounded("finishing the checkpoint saves", self.directory):
+      self._manager.close()
 
 
 def restore_from(path: str, into: state_lib.TrainState, params_only: bool) -> Any:
@@ -158,7 +163,8 @@ def restore_from(path: str, into: state_lib.TrainState, params_only: bool) -> An
     logging.error("config.restore_from: the checkpoint in %s cannot be read (%s); trying the one "
                   "before", step_dir, why)
 
-  step_dir, restored = _newest_that_reads(_step_dirs(storage.path(path)), read, skip)
+  with storage.bounded(f"reading config.restore_from={path}", storage.path(path)):
+    step_dir, restored = _newest_that_reads(_step_dirs(storage.path(path)), read, skip)
   if step_dir is None:
     raise UsageError(f"config.restore_from={path!r}: no checkpoint there can be read (each is "
                      "named above); give another run's workdir or step directory")
@@ -194,7 +200,7 @@ def _newest_that_reads(candidates: list, read: Callable[[Any], Any],
     except UsageError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # Whatever an unreadable file raises.
-      if _unreachable(e):
+      if storage.is_unreachable(e):
         raise  # Storage that is away now says nothing about the files.
       why = _why(e)
     if not _any_process(why is not None):
@@ -208,15 +214,6 @@ def _readable(metadata: Any, step_dir: epath.Path) -> Any:
   if metadata is None:
     raise ValueError(f"its metadata ({step_dir}/state/_METADATA) cannot be parsed")
   return metadata
-
-
-def _unreachable(error: BaseException) -> bool:
-  """Whether `error` (or a cause of it) says the storage could not be reached, not that a file
-  is damaged."""
-  return any(isinstance(seen, (ConnectionError, TimeoutError)) or any(
-      mark in str(seen) for mark in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Cannot connect",
-                                     "Connection refused", "Too Many Requests"))
-             for seen in causes(error))
 
 
 def _why(error: BaseException) -> str:

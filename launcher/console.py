@@ -16,12 +16,15 @@ _LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
 
 class _LibraryNoise(std_logging.Filter):
   """Drops other libraries' INFO and DEBUG lines; their warnings and errors stay, except orbax's
-  errors from its background threads, which it raises again in the thread that saves or waits
-  (where the launcher names them in one line)."""
+  errors from its background threads and asyncio's word on their tasks' unread exceptions: orbax
+  raises them again in the thread that saves or waits (where the launcher names them in one
+  line)."""
 
   def filter(self, record):
     path = os.path.abspath(record.pathname)
     if record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in path:
+      return False
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
       return False
     return (record.levelno >= std_logging.WARNING or path.startswith(_LAUNCHER_DIR)
             or not any(part in path for part in ("site-packages", "dist-packages")))

@@ -3,6 +3,7 @@
 | code | meaning | a supervisor (launcher.local --max_restarts, the SLURM and TPU scripts) |
 | ---: | --- | --- |
 | 0 | the run finished | stops |
+| 69 | remote storage (gs://) did not answer within --storage_timeout_seconds; nothing is lost beyond the last complete checkpoint | restarts |
 | 2 | bad input (config, flags, storage, workload contract): the line says what to change | never restarts |
 | 74 | the workdir's storage refused a write that a restart cannot fix (full, quota, read-only, no permission); the last complete checkpoint is kept | never restarts |
 | 75 | stopped on a preemption notice with a checkpoint saved | restarts without counting it |
@@ -12,6 +13,7 @@
 """
 
 EXIT_USAGE = 2
+EXIT_STORAGE_UNREACHABLE = 69  # EX_UNAVAILABLE: the storage went away; a later start may find it.
 EXIT_STORAGE = 74  # EX_IOERR: the storage refuses writes; a person has to make room or fix it.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a notice with the work saved; run it again.
 EXIT_PEER_LOST = 76
@@ -33,6 +35,10 @@ class WorkloadError(Exception):
 class PeerUnreachable(Exception):
   """Another process of the job (the coordinator) could not be reached: a transient condition
   (it may be starting slowly, or restarting); exit with EXIT_PEER_LOST so that it is retried."""
+
+
+class StorageUnreachable(Exception):
+  """Remote storage did not answer within the bound: one line, exit EXIT_STORAGE_UNREACHABLE."""
 
 
 class Preempted(Exception):

@@ -9,6 +9,10 @@ GCS objects cannot be appended to, so append-only files (metrics.jsonl, per-host
 TensorBoard events) are an `Appender`: each flush uploads the new bytes as a small object and
 composes it onto the end of the file (one server-side GCS compose), so the file is complete up to
 its last flush after a kill -9 and a flush costs the new bytes, never the whole file.
+
+Remote storage that stops answering (connection refused or reset, timeouts, 408/429/5xx) is
+retried, by the clients and by `call`, until a bound that the trainer sets (`bound_calls`);
+past it the run ends with one line and EXIT_STORAGE_UNREACHABLE, which supervisors restart.
 """
 
 import contextlib
@@ -16,20 +20,27 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import socket
+import sys
+import threading
 import time
 import uuid
+from concurrent import futures
+from typing import Callable
 
 import numpy as np
 from etils import epath
 
-from launcher.errors import UsageError, causes, one_line
+from launcher.errors import (EXIT_STORAGE_UNREACHABLE, StorageUnreachable, UsageError, causes,
+                             one_line)
 
 SCHEMES = ("gs",)  # Besides plain local paths.
+STORAGE_TIMEOUT_S = 120.0  # --storage_timeout_seconds: how long remote storage may not answer.
 SHARED_WORKDIR_TIMEOUT_S = 10.0  # How long a process looks for process 0's token in the workdir.
 TOKEN_NAME = ".workdir_token"
 
@@ -54,7 +65,9 @@ def _configure_clients(environ=os.environ) -> None:
 
 
 _configure_clients()
-logging.getLogger("gcsfs").setLevel(logging.WARNING)  # It logs every read-ahead cache at INFO.
+# gcsfs logs every read-ahead cache at INFO, and each request it gives up on as a traceback at
+# ERROR; `call` says what failed, in one line.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def _emulated() -> bool:
@@ -87,6 +100,139 @@ def is_remote(p: epath.Path) -> bool:
 def _filesystem():
   import fsspec  # pylint: disable=import-outside-toplevel
   return fsspec.filesystem("gs", token="anon") if _emulated() else fsspec.filesystem("gs")
+
+
+# Words of the errors that say the storage could not be reached now, not that a file is wrong:
+# tensorstore's status codes, and what aiohttp and the OS say of a connection.
+_UNREACHABLE_SIGNS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Cannot connect", "Connection refused",
+                      "Connection reset", "Too Many Requests", "Service Unavailable")
+
+
+def is_unreachable(error: BaseException) -> bool:
+  """Whether `error` (or a cause of it) says the storage could not be reached now (connection
+  refused or reset, a timeout, 408, 429, 5xx), which may pass, rather than that a file is wrong."""
+  from gcsfs import retry  # pylint: disable=import-outside-toplevel
+  return any(isinstance(seen, (ConnectionError, TimeoutError)) or retry.is_retriable(seen) or
+             any(sign in str(seen) for sign in _UNREACHABLE_SIGNS) for seen in causes(error))
+
+
+class _Deadlines:
+  """The remote storage calls in progress and when each must end. Once the trainer sets a bound
+  (`bound_calls`), a thread ends the process with one line and EXIT_STORAGE_UNREACHABLE when a
+  call outlives it: a client retrying for minutes, or a request that never returns. Without a
+  bound (the supervisor, the report) only the clients' own retries apply."""
+
+  def __init__(self):
+    self.seconds: float | None = None
+    self.last_error: BaseException | None = None
+    self.gave_up: str | None = None  # The line, once the storage was given up on.
+    self._calls: dict[object, tuple[float, str, epath.Path]] = {}
+    self._condition = threading.Condition()
+    self._thread = None
+
+  def start(self, seconds: float) -> None:
+    self.seconds = seconds
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._watch, name="storage-deadlines", daemon=True)
+      self._thread.start()
+
+  @contextlib.contextmanager
+  def watch(self, what: str, where: epath.Path):
+    if self.gave_up:
+      raise StorageUnreachable(self.gave_up)
+    key = object()
+    with self._condition:
+      self._calls[key] = (time.monotonic() + (self.seconds or math.inf), what, where)
+      self._condition.notify()
+    try:
+      yield
+    finally:
+      with self._condition:
+        del self._calls[key]
+
+  def give_up(self, what: str, where: epath.Path, error: BaseException | None) -> str:
+    self.gave_up = self.gave_up or (
+        f"the storage of {_bucket(where)} did not answer within --storage_timeout_seconds="
+        f"{self.seconds or 0:g} while {what}"
+        + (f" (last error: {one_line(_innermost(error), 200)})" if error else "") +
+        f". The run stopped with exit code {EXIT_STORAGE_UNREACHABLE}, which supervisors restart "
+        "(launcher.local --max_restarts, the cluster scripts' MAX_RESTARTS): it resumes from its "
+        "last complete checkpoint once the storage answers")
+    return self.gave_up
+
+  def _watch(self) -> None:
+    with self._condition:
+      while True:
+        now = time.monotonic()
+        soonest = min(self._calls.values(), default=None, key=lambda call: call[0])
+        if soonest is not None and soonest[0] <= now:
+          break
+        self._condition.wait(None if soonest is None else min(soonest[0] - now, 3600.0))
+    sys.stderr.write(f"error: {self.give_up(soonest[1], soonest[2], self.last_error)}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_STORAGE_UNREACHABLE)  # pylint: disable=protected-access
+
+
+_DEADLINES = _Deadlines()
+
+
+def bound_calls(seconds: float) -> None:
+  """From now on a remote storage call that has not succeeded within `seconds` (retries
+  included) ends the process with one line and EXIT_STORAGE_UNREACHABLE."""
+  _DEADLINES.start(seconds)
+
+
+def gave_up() -> bool:
+  """Whether this process has given up on its remote storage (nothing more can be written)."""
+  return _DEADLINES.gave_up is not None
+
+
+def call(what: str, where: epath.Path, fn: Callable, *args, retry: bool = True, **kwargs):
+  """`fn(*args, **kwargs)`, an operation on the storage of `where`. On remote storage an error
+  that says it cannot be reached now is retried with backoff (1, 2, 4 .. 16 s) within the bound;
+  past it (or at once with `retry=False`, for an operation that must not run twice),
+  StorageUnreachable with the one line. `what` says what the run was doing, for that line."""
+  if not is_remote(where):
+    return fn(*args, **kwargs)
+  started, delay = time.monotonic(), 1.0
+  with _DEADLINES.watch(what, where):
+    while True:
+      try:
+        return fn(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-except  # Sorted just below.
+        if not is_unreachable(e):
+          raise
+        _DEADLINES.last_error = e
+        if not retry or time.monotonic() - started + delay > (_DEADLINES.seconds or 0):
+          raise StorageUnreachable(_DEADLINES.give_up(what, where, e)) from None
+      time.sleep(delay)
+      delay = min(2 * delay, 16.0)
+
+
+@contextlib.contextmanager
+def bounded(what: str, where: epath.Path):
+  """The block (a library's calls that retry by themselves, like orbax's) within the bound on
+  remote storage; an error in it that says the storage cannot be reached is StorageUnreachable."""
+  if not is_remote(where):
+    yield
+    return
+  with _DEADLINES.watch(what, where):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # Sorted just below.
+      if not is_unreachable(e):
+        raise
+      raise StorageUnreachable(_DEADLINES.give_up(what, where, e)) from None
+
+
+def _bucket(where: epath.Path) -> str:
+  return "/".join(os.fspath(where).split("/")[:3])
+
+
+def _innermost(error: BaseException) -> BaseException:
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return error
 
 
 @contextlib.contextmanager
@@ -169,7 +315,7 @@ def write_text(p: epath.Path, text: str) -> None:
 
 def write_bytes(p: epath.Path, data: bytes) -> None:
   if is_remote(p):
-    p.write_bytes(data)
+    call(f"writing {p}", p, p.write_bytes, data)
     return
   p.parent.mkdir(parents=True, exist_ok=True)
   partial = p.parent / f".{p.name}.{uuid.uuid4().hex}.tmp"
@@ -197,8 +343,8 @@ def read_jsonl(p: epath.Path) -> list[dict]:
 def read_text(p: epath.Path) -> str | None:
   """The file's text, or None when it does not exist."""
   try:
-    if is_remote(p):
-      return _filesystem().cat_file(os.fspath(p)).decode()  # No cached listing: always fresh.
+    if is_remote(p):  # No cached listing: always fresh.
+      return call(f"reading {p}", p, _filesystem().cat_file, os.fspath(p)).decode()
     return p.read_text()
   except FileNotFoundError:
     return None
@@ -207,10 +353,12 @@ def read_text(p: epath.Path) -> str | None:
 class Appender:
   """An append-only file that one writer adds to: `write` buffers, `flush` makes it durable.
 
-  Locally an ordinary append. On GCS each flush uploads the buffered bytes as a small object next
-  to the file and composes it onto the file's end, then deletes it: the file is whole up to its
-  last flush after any kill, and a flush costs the new bytes plus three requests. A file that
-  ends in a partial line (a local write torn by a kill) gets its next line on a line of its own.
+  Locally an ordinary append. On GCS each flush hands the buffered bytes to a thread of the file's
+  own, which uploads them as a small object next to the file, composes it onto the file's end and
+  deletes it, while the caller goes on (at most one flush in flight; the next waits for it): the
+  file is whole up to its last finished flush after any kill, and a flush costs the new bytes
+  plus three requests. A file that ends in a partial line (a write torn by a kill) gets its next
+  line on a line of its own.
   """
 
   def __init__(self, p: epath.Path):
@@ -220,9 +368,15 @@ class Appender:
     if self._remote:
       self._fs = _filesystem()
       self._name = os.fspath(p)
-      self._exists = self._fs.exists(self._name)
-      size = self._fs.size(self._name) if self._exists else 0
-      last = self._fs.cat_file(self._name, start=size - 1, end=size) if size else b"\n"
+      self._uploads = futures.ThreadPoolExecutor(1, thread_name_prefix=f"append-{p.name}")
+      self._upload: futures.Future | None = None
+      try:
+        size = call(f"opening {p}", p, self._fs.size, self._name)
+      except FileNotFoundError:
+        size = None
+      self._exists = size is not None
+      last = (call(f"opening {p}", p, self._fs.cat_file, self._name, start=size - 1, end=size)
+              if size else b"\n")
     else:
       p.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(p, "ab+")  # pylint: disable=consider-using-with
@@ -238,23 +392,38 @@ class Appender:
     data = self._buffer.getvalue()
     if not data:
       return
+    self._buffer = io.BytesIO()
     if not self._remote:
       self._file.write(data)
       self._file.flush()
-    elif not self._exists:
-      self._fs.pipe_file(self._name, data)
-      self._exists = True
-    else:
-      part = f"{self._name}.part-{uuid.uuid4().hex}"
-      self._fs.pipe_file(part, data)
-      self._fs.merge(self._name, [self._name, part])
-      self._fs.rm_file(part)
-    self._buffer = io.BytesIO()
+      return
+    self._wait_for_upload()
+    self._upload = self._uploads.submit(self._append_remote, data)
 
   def close(self) -> None:
     self.flush()
-    if not self._remote:
+    if self._remote:
+      self._wait_for_upload()
+      self._uploads.shutdown()
+    else:
       self._file.close()
+
+  def _wait_for_upload(self) -> None:
+    """Waits for the flush in flight (bounded by `call`), raising what it raised."""
+    if self._upload is not None:
+      upload, self._upload = self._upload, None
+      upload.result()
+
+  def _append_remote(self, data: bytes) -> None:
+    what = f"appending to {self._name}"
+    if not self._exists:
+      call(what, self.path, self._fs.pipe_file, self._name, data)
+      self._exists = True
+      return
+    part = f"{self._name}.part-{uuid.uuid4().hex}"
+    call(what, self.path, self._fs.pipe_file, part, data)
+    call(what, self.path, self._fs.merge, self._name, [self._name, part], retry=False)
+    call(what, self.path, self._fs.rm_file, part)
 
 
 def check_workdir(workdir: epath.Path, process_index: int, process_count: int,
@@ -326,7 +495,8 @@ def move(source: epath.Path, destination: epath.Path) -> None:
   """Moves a file or directory (a rename on local disks; a copy and delete of each object on
   GCS)."""
   if is_remote(source):
-    _filesystem().mv(os.fspath(source), os.fspath(destination), recursive=True)
+    call(f"moving {source}", source, _filesystem().mv, os.fspath(source), os.fspath(destination),
+         recursive=True)
     return
   destination.parent.mkdir(parents=True, exist_ok=True)
   os.replace(source, destination)

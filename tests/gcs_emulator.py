@@ -22,11 +22,16 @@ class Emulator:
     self.root.mkdir(parents=True, exist_ok=True)
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    with open(log_path, "ab") as log:
+    self._log_path = log_path
+    self.start()
+
+  def start(self) -> None:
+    """Starts the server (again, after `stop`: on the same port, with the same objects)."""
+    with open(self._log_path, "ab") as log:
       self._process = subprocess.Popen(
           [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-           "-backend", "filesystem", "-filesystem-root", str(root), "-external-url", self.url,
-           "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+           "-backend", "filesystem", "-filesystem-root", str(self.root), "-external-url",
+           self.url, "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while True:
       try:
@@ -35,7 +40,7 @@ class Emulator:
       except OSError:
         if time.monotonic() > deadline or self._process.poll() is not None:
           self.stop()
-          raise RuntimeError(f"fake-gcs-server did not start; see {log_path}") from None
+          raise RuntimeError(f"fake-gcs-server did not start; see {self._log_path}") from None
         time.sleep(0.05)
 
   @property

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.util import tensor_util
 
 from launcher import storage, train
-from launcher.errors import EXIT_USAGE, UsageError
+from launcher.errors import EXIT_STORAGE_UNREACHABLE, EXIT_USAGE, UsageError
 from launcher.local import free_port, process_env
 from tests.gcs_emulator import Emulator
 from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
@@ -113,6 +113,54 @@ def test_two_processes_share_a_gs_workdir_and_save_on_preemption(gcs, straight, 
   assert [two[s] for s in two] == pytest.approx([one[s] for s in one], rel=1e-4)
   hosts = {p.name for p in (mirror / "hosts").iterdir()}
   assert hosts == {"process_0.jsonl", "process_1.jsonl"}
+
+
+def test_a_bucket_outage_is_waited_out_within_the_bound_then_ends_in_one_line(
+    gcs, straight, tmp_path):
+  """The emulator stopped for 5 s mid-run: the run goes on, every step is reported once, the
+  numbers are the uninterrupted run's. Stopped for longer than --storage_timeout_seconds: one
+  line and exit 69 within the bound, the step-20 checkpoint complete in the bucket."""
+  uninterrupted = losses_by_step(straight("1x8"))
+  log = tmp_path / "run.log"
+  mirror = gcs.bucket("runs") / "outage"
+  args = [CONFIG, "--workdir=gs://runs/outage", "--storage_timeout_seconds=60"]
+  process = start(launcher_command(*args, "--config.slow_from_batch=8",
+                                   "--config.slow_seconds=0.25"), log, env=gcs.env)
+  wait_for(lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 12, 120,
+           "step 12", process)
+  gcs.stop()
+  time.sleep(5)
+  gcs.start()
+  assert finish(process, 120) == 0, log_of(log)[-3000:]
+  assert [row["step"] for row in read_metrics(mirror)] == list(range(1, 41))
+  assert losses_by_step(str(mirror)) == uninterrupted
+  for a, b in zip(jax.tree.leaves(load_params(str(mirror), 40)),
+                  jax.tree.leaves(load_params(straight("1x8"), 40))):
+    assert (a == b).all()
+
+  log = tmp_path / "gone.log"
+  mirror = gcs.bucket("runs") / "gone"
+  args = [CONFIG, "--workdir=gs://runs/gone", "--storage_timeout_seconds=6"]
+  process = start(launcher_command(*args, "--config.slow_from_batch=8",
+                                   "--config.slow_seconds=0.25"), log, env=gcs.env)
+  wait_for(lambda: (mirror / "checkpoints" / "20" / "commit_success.txt").exists(), 120,
+           "the step-20 checkpoint", process)
+  gcs.stop()
+  stopped = time.monotonic()
+  try:
+    assert finish(process, 60) == EXIT_STORAGE_UNREACHABLE, log_of(log)[-3000:]
+  finally:
+    gcs.start()
+  assert time.monotonic() - stopped < 6 + 5
+  errors = [line for line in log_of(log).splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in log_of(log), log_of(log)[-3000:]
+  assert errors[0].startswith("error: the storage of gs://runs did not answer within "
+                              "--storage_timeout_seconds=6 while "), errors
+  assert errors[0].endswith("it resumes from its last complete checkpoint once the storage "
+                            "answers")
+  # What it leaves is what a kill leaves, which the same command resumes from (the kill test
+  # above): the step-20 checkpoint, complete.
+  assert (mirror / "checkpoints" / "20" / "commit_success.txt").exists()
 
 
 def test_appends_on_gcs_keep_every_line(gcs, tmp_path):
