@@ -4,7 +4,8 @@
   small   ~85M params (GPT-2 small's shape), seq 1024, global batch 256: the default, accelerators.
   medium  ~300M params (GPT-2 medium's shape), seq 1024, global batch 256: accelerators.
 
-The corpus is CPython's documentation text unless `--config.text_file=PATH` names your own.
+The corpus is CPython's documentation text unless `--config.text_file=PATH` names your own text
+file, or `--config.data=DIR` a corpus of Parquet or ArrayRecord shards (local or gs://).
 """
 
 from launcher import config as launcher_config
@@ -26,11 +27,13 @@ def get_config(size: str = "small"):
   config.width = width  # model width (embedding size)
   config.num_layers = num_layers  # transformer blocks
   config.num_heads = num_heads  # attention heads; must divide width
-  config.seq_len = seq_len  # bytes per example (tokens/s counts these)
+  config.seq_len = seq_len  # tokens per example (tokens/s counts these)
   config.dropout_rate = 0.0  # dropout in training (eval runs without)
   config.scan_layers = size != "tiny"  # the blocks as one nn.scan (fsdp gathers a layer at a time)
   config.remat = False  # recompute each block's activations in the backward pass (less memory)
   config.text_file = ""  # a UTF-8 file to train on; "": CPython's documentation text
+  config.data = ""  # a corpus: a directory or glob of Parquet or ArrayRecord files, local or gs://
+  config.tokenizer = ""  # with data: a Hugging Face tokenizer.json; "": bytes
   config.eval_fraction = 0.05  # the corpus's last part held out for eval
   config.batch_size = batch_size
   config.num_steps = num_steps

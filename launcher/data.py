@@ -7,11 +7,17 @@ batch split on its batch axis.
 """
 
 import collections
+import functools
 import itertools
+import multiprocessing
+import os
+import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -35,6 +41,73 @@ def batch_indices(num_records: int, *, batch_size: int, process_index: int, proc
     indices = indices.repeat(None)
   indices = indices.batch(batch_size // process_count, drop_remainder=False)
   return indices[process_index::process_count][start:]
+
+
+def from_source(source: Any, config: Any, split: str, process_index: int, process_count: int,
+                start: int = 0, transform: Callable[[Any], Batch] | None = None) -> Iterator[Batch]:
+  """The contract's host batches from any random-access source (`len(source)`, `source[i]`:
+  grain's ArrayRecordDataSource, launcher.corpus's sources, a numpy memmap, a Hugging Face
+  Dataset): process i's slice of each global batch from `start` on, of
+  `transform(source[record])` stacked (each a dict of arrays; the record itself without one).
+
+  train: shuffled by config.seed and repeated for ever; other splits: once, in order. The record
+  reads and transforms run in `config.data_workers` worker processes (0: in this one), each
+  computing whole host batches in turn, prefetched one per worker; the batches are the same for
+  any number of workers.
+  """
+  train = split == "train"
+  indices = batch_indices(len(source), batch_size=config.batch_size, process_index=process_index,
+                          process_count=process_count, seed=config.seed if train else None,
+                          repeat=train, start=start)
+  host_batches = indices.map(_ReadBatch(source, transform))
+  workers = config.get("data_workers", 0)
+  if not workers or not train:
+    return read(host_batches)
+  return _in_workers(host_batches, workers)
+
+
+class _ReadBatch:
+  """Record indices -> one stacked host batch (picklable, for grain's worker processes)."""
+
+  def __init__(self, source: Any, transform: Callable[[Any], Batch] | None):
+    self.source, self.transform = source, transform
+
+  def __call__(self, indices: np.ndarray) -> Batch:
+    _end_with_parent()
+    examples = [self.source[int(i)] for i in indices]
+    if self.transform is not None:
+      examples = [self.transform(example) for example in examples]
+    return jax.tree.map(lambda *xs: np.stack(xs), *examples)
+
+
+@functools.cache
+def _end_with_parent() -> None:
+  """In a worker process (multiprocessing's), a thread that ends it once its parent is gone: a
+  launcher killed with -9 leaves no workers behind."""
+  parent = multiprocessing.parent_process()
+  if parent is None:
+    return
+
+  def watch():
+    while parent.is_alive():
+      time.sleep(1.0)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+def _in_workers(host_batches: grain.MapDataset, workers: int) -> Iterator[Batch]:
+  """Host batches computed in `workers` grain worker processes, in order."""
+  if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app, defaults.
+    flags.FLAGS.mark_as_parsed()
+  dataset = grain.experimental.WithOptionsIterDataset(
+      host_batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+      grain.experimental.DatasetOptions(min_shm_size=1 << 62))  # Batches come back pickled.
+  iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
 
 
 def read(dataset: grain.MapDataset) -> Iterator:

@@ -1,8 +1,10 @@
-"""A decoder-only transformer (flax) predicting the next byte of real English text.
+"""A decoder-only transformer (flax) predicting the next token of real English text.
 
 The corpus is CPython's own documentation text (`pydoc_data.topics`, ~466 KB, shipped with every
-Python), or any UTF-8 file given as `config.text_file`. Its last `config.eval_fraction` is the
-eval split. An example is a window of `config.seq_len + 1` bytes; windows do not overlap.
+Python), any UTF-8 file given as `config.text_file`, or a corpus of Parquet or ArrayRecord shards
+given as `config.data` (launcher/corpus.py), local or gs://. Its last `config.eval_fraction` is
+the eval split. An example is a window of `config.seq_len + 1` tokens: bytes, or the tokens of a
+Hugging Face `tokenizers` file given as `config.tokenizer` (with config.data).
 """
 
 import functools
@@ -14,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from launcher import corpus as corpus_lib
 from launcher import data, parallel
 from launcher.errors import UsageError
 
-VOCAB_SIZE = 256  # Bytes.
 
 
 class Block(nn.Module):
@@ -67,6 +69,7 @@ class Transformer(nn.Module):
   width: int
   num_layers: int
   num_heads: int
+  vocab_size: int = 256
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   scan: bool = False
@@ -74,7 +77,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True):
-    embed = nn.Embed(VOCAB_SIZE, self.width, dtype=self.dtype,
+    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
                      embedding_init=nn.initializers.normal(0.02))
     positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
     x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
@@ -97,7 +100,8 @@ class Transformer(nn.Module):
 def _model(config) -> Transformer:
   """The model computing in `config.compute_dtype` (its params stay float32)."""
   return Transformer(seq_len=config.seq_len, width=config.width, num_layers=config.num_layers,
-                     num_heads=config.num_heads, dropout_rate=config.dropout_rate,
+                     num_heads=config.num_heads, vocab_size=_tokenizer(config).vocab_size,
+                     dropout_rate=config.dropout_rate,
                      dtype=jnp.dtype(config.compute_dtype), scan=config.scan_layers,
                      remat=config.remat)
 
@@ -107,12 +111,13 @@ def init(config, rng):
 
 
 def loss(config, params, batch, rng):
-  """Mean next-byte cross entropy; dropout when training (rng given), none in eval (rng None)."""
+  """Mean next-token cross entropy; dropout when training (rng given), none in eval (rng None)."""
   inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
   logits = _model(config).apply({"params": params}, inputs, deterministic=rng is None,
                                 rngs=None if rng is None else {"dropout": rng})
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return losses.mean(), {"bits_per_byte": losses.mean() / jnp.log(2.0),
+  bits = "bits_per_token" if config.get("tokenizer") else "bits_per_byte"
+  return losses.mean(), {bits: losses.mean() / jnp.log(2.0),
                          "accuracy": (logits.argmax(-1) == targets).mean()}
 
 
@@ -133,7 +138,21 @@ def _corpus(text_file: str) -> np.ndarray:
   return np.frombuffer(text.encode("utf-8"), np.uint8)
 
 
+@functools.cache
+def _tokenizer_of(path: str) -> corpus_lib.Tokenizer:
+  return corpus_lib.Tokenizer(path)
+
+
+def _tokenizer(config) -> corpus_lib.Tokenizer:
+  if config.get("tokenizer") and not config.get("data"):
+    raise UsageError(f"config.tokenizer={config.tokenizer!r} is for a corpus given as "
+                     "config.data; config.text_file and the built-in text are read as bytes")
+  return _tokenizer_of(config.get("tokenizer", ""))
+
+
 def dataset(config, split, process_index, process_count, start=0):
+  if config.get("data"):
+    return _corpus_dataset(config, split, process_index, process_count, start)
   corpus = _corpus(config.text_file)
   eval_start = int(len(corpus) * (1 - config.eval_fraction))
   text = corpus[:eval_start] if split == "train" else corpus[eval_start:]
@@ -152,6 +171,24 @@ def dataset(config, split, process_index, process_count, start=0):
   return data.read(indices.map(lambda i: {
       "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
       "id": i.astype(np.int32)}))
+
+
+def _corpus_dataset(config, split, process_index, process_count, start):
+  """Windows of a Parquet or ArrayRecord corpus (launcher/corpus.py), read through
+  launcher.data.from_source: config.data_workers processes tokenize them."""
+  if config.text_file:
+    raise UsageError(f"config.data={config.data!r} and config.text_file={config.text_file!r} "
+                     "both name a corpus: keep one")
+  windows = corpus_lib.windows(config.data, split, seq_len=config.seq_len,
+                               eval_fraction=config.eval_fraction, tokenizer=_tokenizer(config))
+  needed = config.batch_size if split == "train" else 1
+  if len(windows) < needed:
+    raise UsageError(f"config.data={config.data!r}: its {split} split ({windows.total_bytes:,} "
+                     f"bytes) holds {len(windows)} window(s) of seq_len + 1 = {config.seq_len + 1} "
+                     f"tokens, fewer than {'one global batch of ' if needed > 1 else ''}{needed}: "
+                     "give a larger corpus, or a smaller --config.seq_len, batch_size or "
+                     "eval_fraction")
+  return data.from_source(windows, config, split, process_index, process_count, start)
 
 
 def flops_per_example(config) -> float:

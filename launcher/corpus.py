@@ -1,0 +1,352 @@
+"""Text corpora of many files: Parquet (a `text` column) or ArrayRecord (UTF-8 records) shards,
+local or `gs://`, read by random access and packed into windows of tokens.
+
+A corpus is its records in file order (files sorted by name). The split's records, each followed
+by b"\\n", form one byte stream; window w is the tokens of that stream from byte w * stride on,
+the first seq_len + 1 of them (bytes: the bytes themselves, stride seq_len, so consecutive
+windows share one byte, as the lm's text file windows do; a `tokenizers` file: stride seq_len
+times the bytes per token measured on the split's first records). A window is a function of
+the corpus and w alone: any process, worker or start reads the same tokens.
+
+Finding where window w starts needs every record's length: one pass over the corpus when it is
+opened (`Records.lengths`), at ~GB/s from Parquet (no decoding of the text) and at the reading
+speed of the records for ArrayRecord. A record that is not UTF-8 is skipped and counted.
+
+`python -m launcher.corpus --out=DIR FILES...` writes text files as a corpus (see `main`).
+"""
+
+import bisect
+import functools
+import glob
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from launcher import storage
+from launcher.errors import UsageError
+
+FORMATS = ("parquet", "array_record")
+SEPARATOR = b"\n"  # After every record in the byte stream.
+
+
+def _format_of(name: str) -> str | None:
+  if name.endswith(".parquet"):
+    return "parquet"
+  if ".array_record" in name:  # e.g. train.array_record-00000-of-00008
+    return "array_record"
+  return None
+
+
+def find_files(location: str) -> tuple[str, list[str]]:
+  """(format, the corpus's files sorted by name) at a directory, a glob or one file, local or
+  gs://; one UsageError when there is no Parquet or ArrayRecord file there, or both kinds."""
+  remote = location.startswith("gs://")
+  if remote:
+    storage.path(location)  # Checks the scheme and the bucket name.
+    fs = storage._filesystem()  # pylint: disable=protected-access
+    found = storage.call(f"listing {location}", storage.path(location), fs.glob,
+                         location if glob.has_magic(location) else location.rstrip("/") + "/*")
+    if not found and fs.isfile(location):
+      found = [location]
+    paths = sorted("gs://" + p.removeprefix("gs://") for p in found)
+  elif os.path.isdir(location):
+    paths = sorted(os.path.join(location, name) for name in os.listdir(location))
+  else:
+    paths = sorted(glob.glob(location))
+  paths = [p for p in paths if _format_of(os.path.basename(p))]
+  kinds = {_format_of(os.path.basename(p)) for p in paths}
+  if not paths:
+    raise UsageError(f"config.data={location!r}: no Parquet (*.parquet) or ArrayRecord "
+                     "(*.array_record*) files there: give a directory, a glob or a file of a corpus "
+                     "(python -m launcher.corpus writes one from text files)")
+  if len(kinds) > 1:
+    raise UsageError(f"config.data={location!r} holds both Parquet and ArrayRecord files: point it "
+                     "at one kind (a glob such as DIR/*.parquet)")
+  if remote and kinds == {"array_record"}:
+    raise UsageError(f"config.data={location!r}: ArrayRecord files are read from a local or "
+                     "shared filesystem (array_record's reader has no GCS); copy them there, or "
+                     "use Parquet shards, which are read from gs:// directly")
+  return kinds.pop(), paths
+
+
+class Records:
+  """The records of a corpus's files as bytes, by random access (grain's RandomAccessDataSource
+  protocol: `len`, `[i]`). Picklable: files are opened lazily in each process that reads."""
+
+  def __init__(self, location: str, column: str = "text"):
+    self.location, self.column = location, column
+    self.format, self.paths = find_files(location)
+    self._open: dict = {}  # Open files and the last row group read, in this process.
+    counts = [self._count(f) for f in range(len(self.paths))]
+    self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_open": {}}
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> bytes:
+    f = bisect.bisect_right(self._starts, index) - 1
+    row = int(index - self._starts[f])
+    if self.format == "array_record":
+      return self._array_record(f)[row]
+    group, first = self._row_group_of(f, row)
+    return self._row_group(f, group)[row - first].as_buffer().to_pybytes()
+
+  def lengths(self) -> np.ndarray:
+    """Every record's length in bytes (int64), -1 for a record that is not UTF-8."""
+    parts = []
+    for f, path in enumerate(self.paths):
+      if self.format == "parquet":
+        import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
+        for group in range(self._parquet(f).metadata.num_row_groups):
+          parts.append(pc.binary_length(self._row_group(f, group)).to_numpy(zero_copy_only=False))
+      else:
+        source = self._array_record(f)
+        for first in range(0, len(source), 1024):
+          records = source.__getitems__(range(first, min(first + 1024, len(source))))
+          parts.append(np.array([_utf8_length(r) for r in records], np.int64))
+      logging.debug("indexed %s", path)
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+  def _count(self, f: int) -> int:
+    """File `f`'s number of records, after checking that it reads and has the text column."""
+    path = self.paths[f]
+    try:
+      if self.format == "array_record":
+        return len(self._array_record(f))
+      metadata = self._parquet(f).metadata
+    except UsageError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # Whatever a damaged file raises.
+      raise UsageError(f"config.data: {path} cannot be read as {self.format} "
+                       f"({type(e).__name__}: {str(e)[:200]})") from None
+    columns = metadata.schema.to_arrow_schema()
+    if self.column not in columns.names:
+      raise UsageError(f"config.data: {path} has no column {self.column!r} (its columns: "
+                       f"{', '.join(columns.names)}): write the text into a column named "
+                       f"{self.column!r}")
+    kind = str(columns.field(self.column).type)
+    if kind not in ("string", "large_string", "binary", "large_binary"):
+      raise UsageError(f"config.data: {path}'s column {self.column!r} holds {kind}, not text")
+    return metadata.num_rows
+
+  def _parquet(self, f: int):
+    if ("file", f) not in self._open:
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+      path = self.paths[f]
+      source = storage._filesystem().open(path, "rb") if path.startswith("gs://") else path  # pylint: disable=protected-access
+      self._open[("file", f)] = pq.ParquetFile(source)
+    return self._open[("file", f)]
+
+  def _row_group_of(self, f: int, row: int) -> tuple[int, int]:
+    """(row group, its first row) of row `row` of file `f`."""
+    if ("groups", f) not in self._open:
+      metadata = self._parquet(f).metadata
+      sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+      self._open[("groups", f)] = np.concatenate([[0], np.cumsum(sizes)])
+    starts = self._open[("groups", f)]
+    group = bisect.bisect_right(starts, row) - 1
+    return group, int(starts[group])
+
+  def _row_group(self, f: int, group: int):
+    """One row group's text column as binary (the last one read is kept: windows read runs of
+    consecutive records)."""
+    key = ("group", f, group)
+    if self._open.get("last") != key:
+      import pyarrow as pa  # pylint: disable=import-outside-toplevel
+      column = self._parquet(f).read_row_group(group, columns=[self.column]).column(0)
+      self._open["last"], self._open["rows"] = key, column.combine_chunks().cast(pa.binary())
+    return self._open["rows"]
+
+  def _array_record(self, f: int):
+    if ("file", f) not in self._open:
+      from grain.sources import ArrayRecordDataSource  # pylint: disable=import-outside-toplevel
+      self._open[("file", f)] = ArrayRecordDataSource([self.paths[f]])
+    return self._open[("file", f)]
+
+
+def _utf8_length(record: bytes) -> int:
+  try:
+    record.decode("utf-8")
+  except UnicodeDecodeError:
+    return -1
+  return len(record)
+
+
+class Tokenizer:
+  """Bytes (vocabulary 256) or a Hugging Face `tokenizers` file (tokenizer.json)."""
+
+  def __init__(self, path: str = ""):
+    self.path = path
+    self._tokenizer = None
+    if path:
+      self._load()
+
+  def __getstate__(self):
+    return {"path": self.path, "_tokenizer": None}
+
+  def _load(self):
+    if self._tokenizer is None:
+      try:
+        from tokenizers import Tokenizer as HfTokenizer  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        raise UsageError("config.tokenizer needs Hugging Face tokenizers: pip install -e "
+                         "'.[data]'") from None
+      try:
+        self._tokenizer = HfTokenizer.from_file(self.path)
+      except Exception as e:  # pylint: disable=broad-except  # Its Rust errors.
+        raise UsageError(f"config.tokenizer={self.path!r} does not load as a Hugging Face "
+                         f"tokenizers file ({type(e).__name__}: {str(e)[:200]}): give a "
+                         "tokenizer.json") from None
+    return self._tokenizer
+
+  @property
+  def vocab_size(self) -> int:
+    return self._load().get_vocab_size() if self.path else 256
+
+  def encode(self, data: bytes) -> np.ndarray:
+    if not self.path:
+      return np.frombuffer(data, np.uint8).astype(np.int32)
+    return np.asarray(self._load().encode(data.decode("utf-8", errors="ignore")).ids, np.int32)
+
+
+class Windows:
+  """Windows of `seq_len + 1` tokens over records [first, last) of `records` (see the module's
+  docstring), by random access; each is {"tokens": int32 [seq_len + 1], "id": its index}."""
+
+  def __init__(self, records: Records, lengths: np.ndarray, first: int, last: int, seq_len: int,
+               tokenizer: Tokenizer):
+    self.records, self.seq_len, self.tokenizer = records, seq_len, tokenizer
+    kept = np.flatnonzero(lengths[first:last] >= 0) + first
+    self._record_ids = kept
+    self._ends = np.cumsum(lengths[kept] + len(SEPARATOR))
+    self.total_bytes = int(self._ends[-1]) if len(kept) else 0
+    self.stride = seq_len if not tokenizer.path else self._bytes_per_window()
+    self._windows = (max(0, (self.total_bytes - 1) // seq_len) if not tokenizer.path else
+                     max(0, self.total_bytes // self.stride - 1))
+
+  def __len__(self) -> int:
+    return self._windows
+
+  def __getitem__(self, w: int) -> dict:
+    w = int(w)
+    start = w * self.stride
+    want = self.seq_len + 1
+    if not self.tokenizer.path:
+      tokens = self.tokenizer.encode(self._bytes(start, start + want))
+    else:
+      tokens, end = np.zeros(0, np.int32), start + self.stride * 5 // 4 + 16
+      while len(tokens) < want:  # Rarely more than once: the stride is measured, +25% here.
+        tokens = self.tokenizer.encode(self._bytes(start, min(end, self.total_bytes)))
+        if end >= self.total_bytes:  # The split's end: its start follows.
+          tokens = np.concatenate([tokens, self.tokenizer.encode(self._bytes(0, 4 * self.stride))])
+          break
+        end += self.stride // 2 + 16
+    return {"tokens": tokens[:want], "id": np.int32(w)}
+
+  def _bytes(self, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the split's stream."""
+    first = bisect.bisect_right(self._ends, start)
+    pieces, position = [], int(self._ends[first - 1]) if first else 0
+    for k in range(first, len(self._ends)):
+      if position >= end:
+        break
+      pieces.append(self.records[int(self._record_ids[k])] + SEPARATOR)
+      position = int(self._ends[k])
+    stream = b"".join(pieces)
+    offset = (int(self._ends[first - 1]) if first else 0)
+    return stream[start - offset:end - offset]
+
+  def _bytes_per_window(self) -> int:
+    """The bytes that hold seq_len tokens, measured on the split's first records (up to 1 MB)."""
+    sample = self._bytes(0, min(self.total_bytes, 1 << 20))
+    tokens = max(1, len(self.tokenizer.encode(sample)))
+    return max(1, int(len(sample) / tokens * self.seq_len))
+
+
+@functools.cache
+def _records_and_lengths(location: str) -> tuple[Records, np.ndarray]:
+  records = Records(location)
+  lengths = records.lengths()
+  bad = int((lengths < 0).sum())
+  if bad:
+    logging.warning("config.data=%s: skipped %d of %d records that are not UTF-8", location, bad,
+                    len(lengths))
+  return records, lengths
+
+
+def windows(location: str, split: str, *, seq_len: int, eval_fraction: float,
+            tokenizer: Tokenizer) -> Windows:
+  """The split's windows of a corpus: eval is its last `eval_fraction` of records (at least one),
+  train the rest; they share no record."""
+  records, lengths = _records_and_lengths(location)
+  if len(records) < 2:
+    raise UsageError(f"config.data={location!r} holds {len(records)} record(s): a corpus needs at "
+                     "least two (one for training, one held out)")
+  eval_start = min(len(records) - 1, int(len(records) * (1 - eval_fraction)))
+  first, last = (0, eval_start) if split == "train" else (eval_start, len(records))
+  return Windows(records, lengths, first, last, seq_len, tokenizer)
+
+
+def write(texts: Sequence[str], out: str, *, format: str = "parquet", shards: int = 1,  # pylint: disable=redefined-builtin
+          row_group_size: int = 1024) -> list[str]:
+  """Writes `texts` (one record each) as `shards` files of a corpus under the directory `out`;
+  returns their paths."""
+  if format not in FORMATS:
+    raise UsageError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+  os.makedirs(out, exist_ok=True)
+  paths = []
+  for shard in range(shards):
+    part = texts[len(texts) * shard // shards:len(texts) * (shard + 1) // shards]
+    if format == "parquet":
+      import pyarrow as pa  # pylint: disable=import-outside-toplevel
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+      path = os.path.join(out, f"data-{shard:05d}-of-{shards:05d}.parquet")
+      pq.write_table(pa.table({"text": pa.array(list(part), pa.string())}), path,
+                     row_group_size=row_group_size)
+    else:
+      from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+      path = os.path.join(out, f"data.array_record-{shard:05d}-of-{shards:05d}")
+      writer = ArrayRecordWriter(path, "group_size:1")
+      for text in part:
+        writer.write(text.encode("utf-8"))
+      writer.close()
+    paths.append(path)
+  return paths
+
+
+RECORD_KINDS = {
+    "file": lambda text: [text],
+    "paragraph": lambda text: [p.strip("\n") for p in text.split("\n\n") if p.strip()],
+    "line": lambda text: [line for line in text.splitlines() if line.strip()],
+}
+
+
+def main(argv: Sequence[str]) -> None:
+  """python -m launcher.corpus --out=DIR [--format=parquet|array_record] [--shards=N]
+  [--record=paragraph|line|file] FILE...: writes the UTF-8 text files as a corpus, one record per
+  paragraph (default), line or file."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  del flags
+  texts = []
+  for name in argv[1:]:
+    with open(name, encoding="utf-8") as f:
+      texts.extend(RECORD_KINDS[_RECORD.value](f.read()))
+  paths = write(texts, _OUT.value, format=_FORMAT.value, shards=_SHARDS.value)
+  print(f"wrote {len(texts)} records ({sum(len(t.encode()) for t in texts):,} bytes) as "
+        f"{len(paths)} {_FORMAT.value} file(s) in {_OUT.value}; train on them with "
+        f"--config.data={_OUT.value}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=ungrouped-imports
+  _OUT = flags.DEFINE_string("out", None, "The directory to write the corpus into.", required=True)
+  _FORMAT = flags.DEFINE_enum("format", "parquet", FORMATS, "The files' format.")
+  _SHARDS = flags.DEFINE_integer("shards", 1, "How many files.", lower_bound=1)
+  _RECORD = flags.DEFINE_enum("record", "paragraph", list(RECORD_KINDS),
+                              "What of the text files one record is.")
+  app.run(main)
