@@ -16,8 +16,9 @@ from ml_collections import config_flags
 
 from launcher import config as config_lib
 from launcher import console
-from launcher.errors import (EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE, PeerUnreachable,
-                             Preempted, UsageError, WorkloadError)
+from launcher.errors import (EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE,
+                             EXIT_STORAGE_UNREACHABLE, PeerUnreachable, Preempted,
+                             StorageUnreachable, UsageError, WorkloadError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
@@ -52,6 +53,10 @@ _PEER_TIMEOUT = flags.DEFINE_float(
     "peer_timeout_seconds", 20, "In a multi-process job, end this process (the lost-peer line, "
     "exit 76) when another process has shown no sign of life for this long (jax's own "
     "--heartbeat_timeout_seconds ends it later, without the line).", lower_bound=2)
+_STORAGE_TIMEOUT = flags.DEFINE_float(
+    "storage_timeout_seconds", 120, "How long remote (gs://) storage may not answer, retries "
+    "included, before the run ends (one line, exit 69, which supervisors restart).",
+    lower_bound=1)
 _STEP_TIMEOUT = flags.DEFINE_float(
     "step_timeout_seconds", 600,
     "End this process (exit 77, every thread's stack in its log) when no train call finishes "
@@ -72,6 +77,9 @@ def main(argv):
     meanings = config_lib.file_comments(flags.FLAGS["config"].config_filename)
     print(config_lib.describe(_CONFIG.value, meanings))
     return
+  if not _CONFIG.value.get("experiment", "x"):  # Trackers log under the config file's name.
+    _CONFIG.value.experiment = os.path.splitext(os.path.basename(
+        flags.FLAGS["config"].config_filename.split(":")[0]))[0]
   if not _WORKDIR.value:
     console.usage_error("--workdir is required: where the run writes, e.g. --workdir=/tmp/run")
   console.quiet_libraries()
@@ -91,13 +99,18 @@ def main(argv):
     console.name_process(jax.process_index(), jax.process_count())
     logging.info(cluster.describe())
     train.run(_CONFIG.value, _WORKDIR.value, step_timeout_seconds=_STEP_TIMEOUT.value,
-              peer_timeout_seconds=_PEER_TIMEOUT.value, startup_parts=startup_parts)
+              peer_timeout_seconds=_PEER_TIMEOUT.value,
+              storage_timeout_seconds=_STORAGE_TIMEOUT.value, startup_parts=startup_parts)
   except UsageError as e:
     console.usage_error(str(e))
   except PeerUnreachable as e:
     print(f"error: {e}; exiting with {EXIT_PEER_LOST} so that a supervisor tries again",
           file=sys.stderr)
     sys.exit(EXIT_PEER_LOST)
+  except StorageUnreachable as e:  # Its line says what was given up on; jax's exit would wait.
+    print(f"error: {e}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(EXIT_STORAGE_UNREACHABLE)  # pylint: disable=protected-access
   except Preempted as e:
     logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)

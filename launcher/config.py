@@ -65,6 +65,14 @@ KEYS = {
                      "(ignored when this workdir has checkpoints: then the run resumes)"),
     "restore_params_only": (True, "with restore_from: only the params (fresh optimizer, step 0), "
                             "or everything"),
+    "data_workers": (0, "worker processes that read and transform the train records of a "
+                     "workload that reads through launcher.data.from_source (the lm with "
+                     "config.data); 0: in the main process; never changes the batches"),
+    "trackers": ("tensorboard", "where process 0 also logs each report: a comma-separated list "
+                 "of tensorboard, mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_* variables), or "
+                 "none; mlflow and wandb are extras (pip install -e '.[mlflow]')"),
+    "experiment": ("", "the MLflow experiment (W&B project, unless WANDB_PROJECT is set) the run "
+                   "is logged under; \"\": the config file's name"),
     "skip_nonfinite_steps": (False, "a step with a NaN/Inf loss or gradient norm leaves the state "
                              "unchanged and is counted in skipped_steps, instead of stopping the "
                              "run"),
@@ -93,7 +101,7 @@ def check(config: ml_collections.ConfigDict) -> None:
               "keep_checkpoints", "grad_accum_steps"):
     need(config[key] >= 1, f"config.{key}={config[key]} must be a positive integer")
   for key in ("eval_every_steps", "eval_batches", "warmup_steps", "profile_first_step",
-              "checkpoint_every_steps"):
+              "checkpoint_every_steps", "data_workers"):
     need(config[key] >= 0, f"config.{key}={config[key]} must be 0 or more")
   need(math.isfinite(config.learning_rate) and config.learning_rate > 0,
        f"config.learning_rate={config.learning_rate} must be a positive finite number (e.g. 3e-4)")
@@ -113,6 +121,11 @@ def check(config: ml_collections.ConfigDict) -> None:
            f"empty under parallel={config.parallel}")
     except UsageError as e:
       problems.append(str(e))
+  try:
+    from launcher import trackers  # pylint: disable=import-outside-toplevel  # Brings jax.
+    trackers.names(config.trackers)
+  except UsageError as e:
+    problems.append(str(e))
   if config.compute_dtype == "float16":
     problems.append("config.compute_dtype='float16' would train without loss scaling, so small "
                     "gradients underflow to zero: use bfloat16 (float32's range, the same speed "

@@ -230,8 +230,10 @@ class Reporter:
   def __init__(self, workdir: epath.Path, *, process_index: int, process_count: int, first_step: int,
                num_steps: int, examples_per_step: int,
                tokens_per_example: int | None, flops_per_example: float | None,
-               peak_flops: float | None, profile_first_step: int, started: float):
-    """`started`: the time.time() at which the run started."""
+               peak_flops: float | None, profile_first_step: int, started: float,
+               tensorboard: bool = True, trackers: list[MetricWriter] = ()):
+    """`started`: the time.time() at which the run started; `tensorboard`: whether process 0
+    writes TensorBoard events; `trackers`: process 0's other writers (launcher.trackers)."""
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
     self._num_steps = num_steps
@@ -245,7 +247,8 @@ class Reporter:
     self._record("start", at=started, process=process_index, process_count=process_count,
                  hostname=socket.gethostname(), devices=jax.local_device_count(),
                  first_step=first_step, startup_s=startup_s)
-    self.tensorboard = TensorBoardWriter(workdir) if self._is_main else None
+    self._writers = [*([TensorBoardWriter(workdir)] if self._is_main and tensorboard else []),
+                     *trackers]
     self._jsonl = storage.Appender(workdir / "metrics.jsonl") if self._is_main else None
     self._profile = None
     if self._is_main and profile_first_step > 0:
@@ -284,8 +287,11 @@ class Reporter:
     since_process = seconds_since_process_start()
     parts = {**start_parts, "compile and first step": since_process - sum(start_parts.values())}
     log = logging.info if self._is_main else logging.debug
-    log("time to first step %.2f s (%.2f s since the process started): %s", since_run,
-        since_process, ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items()))
+    line = (f"time to first step {since_run:.2f} s ({since_process:.2f} s since the process "
+            f"started): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items()))
+    log("%s", line)
+    for writer in self._writers:
+      writer.write_texts(step, {"startup": line})
     self._first_step_scalars["time_to_first_step_s"] = since_run
     self._record("first_step", compile_s=since_run, **{
         f"{name.replace(' ', '_')}_s": seconds for name, seconds in parts.items()})
@@ -372,21 +378,26 @@ class Reporter:
     eta_s = ((self._num_steps - step) / self._train_steps_per_sec
              if self._train_steps_per_sec else None)
     logging.info("%s", console_line(step, self._num_steps, scalars, eta_s))
-    self.tensorboard.write_scalars(step, scalars)
-    self.tensorboard.flush()
+    for writer in self._writers:
+      writer.write_scalars(step, scalars)
+      writer.flush()
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
 
-  def close(self) -> None:
+  def close(self, outcome: str = "FINISHED") -> None:
     """Records the end (the steps trained since the last report, and the waits) and closes
-    every writer."""
+    every writer; a tracker's run ends with `outcome` (FINISHED, FAILED or KILLED)."""
     now = time.time()
     self._record("end", step=self._step, steps=self._step - self._last_step,
                  window_s=now - self._last_time, steps_s=self._time_on_steps(now),
                  **self._waits())
     self._records.close()
+    for writer in self._writers:
+      if hasattr(writer, "end"):
+        writer.end(outcome)
+      else:
+        writer.close()
     if self._is_main:
-      self.tensorboard.close()
       self._jsonl.close()
     if self._profile:
       self._profile.close()

@@ -13,7 +13,7 @@ from absl import logging
 
 from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
-from launcher import cluster, data, parallel, preemption, reporter, step, storage
+from launcher import cluster, data, parallel, preemption, reporter, step, storage, trackers
 from launcher import state as state_lib
 from launcher import watchdog as watchdog_lib
 from launcher import workload as workload_lib
@@ -25,6 +25,7 @@ LAST_SAVES_GRACE_S = 30.0
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds: float = 0,
         peer_timeout_seconds: float = watchdog_lib.PEER_TIMEOUT_S,
+        storage_timeout_seconds: float = storage.STORAGE_TIMEOUT_S,
         startup_parts: dict[str, float] | None = None) -> state_lib.TrainState:
   """Trains `config.workload` data-parallel on every device of every process; returns the state.
 
@@ -32,13 +33,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   workdir that holds checkpoints continues from the newest complete one; a finished run is left
   as it is. A train call that does not finish within `step_timeout_seconds` (0: never) ends the
   process (watchdog.StepWatchdog); in a multi-process job, so does another process showing no
-  sign of life for `peer_timeout_seconds` (watchdog.PeerMonitor). `startup_parts`: seconds the
+  sign of life for `peer_timeout_seconds` (watchdog.PeerMonitor); and so does remote storage
+  that does not answer within `storage_timeout_seconds`. `startup_parts`: seconds the
   caller spent on named parts of the start (e.g. joining the job); the start-up line shows them,
   and the rest before as imports.
   """
   started = time.time()
   startup_parts = startup_parts or {}
   parts = {"imports": reporter.seconds_before(started) - sum(startup_parts.values()), **startup_parts}
+  storage.bound_calls(storage_timeout_seconds)
   with _timed(parts, "checks"):
     config_lib.check(config)
     parallel.enable_compilation_cache(config.compilation_cache_dir)
@@ -76,7 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
       layout.process_count, layout.local_device_count, layout.per_device_batch_size)
 
-  report_writer = _reporter(config, workload, workdir, layout, first_step, started)
+  report_writer = _reporter(config, workload, workdir, layout, first_step, started,
+                            trackers.names(config.trackers))
   stop_notice = preemption.Preemption()
   watchdog = watchdog_lib.StepWatchdog(step_timeout_seconds,
                                        f"process {layout.process_index}/{layout.process_count} ")
@@ -117,6 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   train_metrics = no_train_metrics
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   preempted = saves_may_hang = False
+  outcome = "FAILED"  # What the trackers' run ends as, unless the loop completes.
   try:
     for last_step in range(first_step + k, config.num_steps + 1, k):
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
@@ -170,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
         break
       if last_step < config.num_steps:  # The final save and the exit are not a train call.
         watchdog.completed(last_step)
+    outcome = "KILLED" if preempted else "FINISHED"
   except jax.errors.JaxRuntimeError as e:
     if layout.process_count > 1 and watchdog_lib.is_peer_lost(e):
       watchdog_lib.exit_peer_lost(
@@ -183,21 +189,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     # may wait for ever for another process, which waits in a collective for this one.
     saves_may_hang = layout.process_count > 1
     raise
-  finally:  # Even a failing run completes the saves it started: they hold good states.
+  finally:
     watchdog.pause()
-    if not saves_may_hang:
-      with report_writer.blocked_by_checkpoint():
-        checkpoints.wait()
-      checkpoints.close()
-    elif checkpoints.wait_at_most(LAST_SAVES_GRACE_S):
-      checkpoints.close()
-    report_writer.close()
+    if not storage.gave_up():  # Else nothing more can be written.
+      _finish_writes(checkpoints, report_writer, saves_may_hang, outcome)
   if preempted:
     raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
                     f"{last_step}")
   if layout.process_index == 0:
     _say_finished(workdir, config.num_steps, report_writer.last_scalars, time.time() - started)
   return executor.global_state(replicated_state)
+
+
+def _finish_writes(checkpoints, report_writer, saves_may_hang: bool, outcome: str) -> None:
+  """Completes the saves the run started, even when it is failing (they hold good states), for
+  at most LAST_SAVES_GRACE_S when they may wait for a failed process; then the last reports,
+  and the trackers' run ends as `outcome`."""
+  if not saves_may_hang:
+    with report_writer.blocked_by_checkpoint():
+      checkpoints.wait()
+    checkpoints.close()
+  elif checkpoints.wait_at_most(LAST_SAVES_GRACE_S):
+    checkpoints.close()
+  report_writer.close(outcome)
 
 
 @contextlib.contextmanager
@@ -282,7 +296,8 @@ def _check_eval_data(config, workload, layout) -> None:
                      "--config.eval_every_steps=0 to train without eval")
 
 
-def _reporter(config, workload, workdir, layout, first_step, started) -> reporter.Reporter:
+def _reporter(config, workload, workdir, layout, first_step, started,
+              tracker_names) -> reporter.Reporter:
   tokens_per_example = getattr(workload, "tokens_per_example", None)
   flops_per_example = getattr(workload, "flops_per_example", None)
   device_kind = jax.devices()[0].device_kind
@@ -297,7 +312,22 @@ def _reporter(config, workload, workdir, layout, first_step, started) -> reporte
       tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
       flops_per_example=flops_per_example(config) if flops_per_example else None,
       peak_flops=peak * layout.global_device_count if peak else None,
-      profile_first_step=config.profile_first_step, started=started)
+      profile_first_step=config.profile_first_step, started=started,
+      tensorboard="tensorboard" in tracker_names, trackers=_trackers(config, workdir, layout,
+                                                                    tracker_names))
+
+
+def _trackers(config, workdir, layout, tracker_names) -> list:
+  """Process 0's MLflow and W&B writers, the config as their run's parameters and the job as a
+  tag; none elsewhere."""
+  if layout.process_index != 0:
+    return []
+  writers = trackers.open_writers(tracker_names, workdir, experiment=config.experiment or
+                                  config.workload, params=trackers.flatten(config))
+  for writer in writers:
+    writer.write_texts(0, {"job": f"{cluster.describe()}; {layout.process_count} process(es), "
+                                  f"{layout.global_device_count} devices", "workdir": str(workdir)})
+  return writers
 
 
 class Due(NamedTuple):

@@ -25,9 +25,10 @@ OUT_OF_RANGE = {
     "checkpoint_every_steps": -10, "learning_rate": 0.0, "momentum": 1.5, "weight_decay": -0.1,
     "grad_clip_norm": -1.0, "seed": -1, "optimizer": "lion", "schedule": "linear",
     "parallel": "tensor", "compute_dtype": "int8", "workload": "", "mesh": "data:2,tensor:4",
+    "data_workers": -1, "trackers": "tensorboard,comet",
 }
 ANY_VALUE_OK = {"compilation_cache_dir", "restore_from", "restore_params_only",
-                "skip_nonfinite_steps"}
+                "skip_nonfinite_steps", "experiment"}
 
 
 def test_every_launcher_key_is_ranged_or_free():
@@ -107,13 +108,18 @@ BAD_COMMANDS = {
                              "--peer_timeout_seconds=1"),
     "step_timeout_seconds": (["--config=configs/linear.py", "--step_timeout_seconds=-1"],
                              "--step_timeout_seconds=-1"),
+    "storage_timeout_seconds": (["--config=configs/linear.py", "--storage_timeout_seconds=0"],
+                                "--storage_timeout_seconds=0"),
+    "lm corpus without files": (["--config=configs/lm.py:tiny", "--config.data={tmp}/a_file"],
+                                "no Parquet (*.parquet) or ArrayRecord (*.array_record*) files"),
     "show_config": (["--config=configs/linear.py", "--show_config=maybe"], "--show_config"),
     "workdir bucket": (["--config=configs/linear.py", "--workdir=gs://Bad_Bucket/run"],
                        "Bad_Bucket"),
 }
 LAUNCHER_FLAGS = {"config", "workdir", "show_config", "coordinator_address", "num_processes",
                   "process_id", "local_device_ids", "one_process_per", "initialization_timeout",
-                  "heartbeat_timeout_seconds", "peer_timeout_seconds", "step_timeout_seconds"}
+                  "heartbeat_timeout_seconds", "peer_timeout_seconds", "step_timeout_seconds",
+                  "storage_timeout_seconds"}
 
 
 def test_help_lists_every_launcher_flag_and_the_catalogue_covers_them():

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +60,28 @@ def test_the_example_workload_trains_as_written(tmp_path):
   assert rows[-1]["loss"] < 0.1 * rows[0]["loss"] or rows[-1]["loss"] < 0.01
   assert rows[-1]["eval_abs_error"] < 0.1  # sin(3x) on [-1, 1] spans [-1, 1].
   assert "finished 400 steps" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_corpus_commands_run_as_written(tmp_path):
+  """The README's two commands: text files to a Parquet corpus, and the lm trained on it with
+  two worker processes (bounded here to 20 steps)."""
+  from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+  (tmp_path / "my_texts").mkdir()
+  for i, name in enumerate(sorted(topics)[:40]):
+    (tmp_path / "my_texts" / f"{i:02d}.txt").write_text(topics[name])
+  block = README.split("<!-- corpus-commands -->")[1].split("```bash")[1].split("```")[0]
+  make, train = [line.replace("/tmp/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
+                 for line in block.strip().splitlines()]
+  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  made = subprocess.run(make, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert made.returncode == 0, made.stderr[-2000:]
+  assert len(list((tmp_path / "my_corpus").glob("*.parquet"))) == 4
+  trained = subprocess.run(f"{train} --config.num_steps=20 --config.log_every_steps=10 "
+                           "--config.eval_every_steps=20", shell=True, cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  rows = read_metrics(str(tmp_path / "my_lm"))
+  assert [row["step"] for row in rows] == [10, 20]
+  assert rows[-1]["loss"] < rows[0]["loss"] < 5.6 and rows[-1]["eval_loss"] < 5.6  # ln 256 = 5.55.
