@@ -16,6 +16,7 @@ speed of the records for ArrayRecord. A record that is not UTF-8 is skipped and 
 """
 
 import bisect
+import collections
 import functools
 import glob
 import os
@@ -29,6 +30,7 @@ from launcher.errors import UsageError
 
 FORMATS = ("parquet", "array_record")
 SEPARATOR = b"\n"  # After every record in the byte stream.
+ROW_GROUP_CACHE_BYTES = 256 << 20  # Parquet row groups kept per process (and worker).
 
 
 def _format_of(name: str) -> str | None:
@@ -138,7 +140,10 @@ class Records:
     if ("file", f) not in self._open:
       import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
       path = self.paths[f]
-      source = storage._filesystem().open(path, "rb") if path.startswith("gs://") else path  # pylint: disable=protected-access
+      # fsspec's plain read-ahead cache (gcsfs's "adaptive" default leaves prefetch tasks
+      # pending at exit).
+      source = (storage._filesystem().open(path, "rb", cache_type="readahead")  # pylint: disable=protected-access
+                if path.startswith("gs://") else path)
       self._open[("file", f)] = pq.ParquetFile(source)
     return self._open[("file", f)]
 
@@ -153,14 +158,18 @@ class Records:
     return group, int(starts[group])
 
   def _row_group(self, f: int, group: int):
-    """One row group's text column as binary (the last one read is kept: windows read runs of
-    consecutive records)."""
-    key = ("group", f, group)
-    if self._open.get("last") != key:
-      import pyarrow as pa  # pylint: disable=import-outside-toplevel
-      column = self._parquet(f).read_row_group(group, columns=[self.column]).column(0)
-      self._open["last"], self._open["rows"] = key, column.combine_chunks().cast(pa.binary())
-    return self._open["rows"]
+    """One row group's text column as binary. Parquet reads a row group whole, so the ones read
+    are kept, up to ROW_GROUP_CACHE_BYTES per process (the least recently used go first)."""
+    cache = self._open.setdefault("row groups", collections.OrderedDict())
+    if (f, group) in cache:
+      cache.move_to_end((f, group))
+      return cache[(f, group)]
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    column = self._parquet(f).read_row_group(group, columns=[self.column]).column(0)
+    rows = cache[(f, group)] = column.combine_chunks().cast(pa.binary())
+    while sum(value.nbytes for value in cache.values()) > ROW_GROUP_CACHE_BYTES and len(cache) > 1:
+      cache.popitem(last=False)
+    return rows
 
   def _array_record(self, f: int):
     if ("file", f) not in self._open:
