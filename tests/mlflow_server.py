@@ -1,13 +1,14 @@
 """A real MLflow tracking server for tests (`mlflow server`, from the [mlflow] extra) on
 127.0.0.1, its runs in a SQLite file under `root`."""
 
+import os
 import pathlib
+import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 from launcher.local import free_port
+from tests.helpers import wait_for_http
 
 
 class MlflowServer:
@@ -23,19 +24,14 @@ class MlflowServer:
            str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
            "--artifacts-destination", str(root / "artifacts")],
           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-      try:
-        urllib.request.urlopen(f"{self.url}/health", timeout=1).read()
-        return
-      except OSError:
-        if time.monotonic() > deadline or self._process.poll() is not None:
-          self.stop()
-          raise RuntimeError(f"mlflow server did not start; see {log_path}") from None
-        time.sleep(0.2)
+    try:
+      wait_for_http(f"{self.url}/health", self._process, 90,
+                    f"mlflow server (its log: {log_path})")
+    except RuntimeError:
+      self.stop()
+      raise
 
   def stop(self) -> None:
-    import os, signal  # pylint: disable=import-outside-toplevel,multiple-imports
     try:
       os.killpg(self._process.pid, signal.SIGKILL)
     except ProcessLookupError:
