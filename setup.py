@@ -35,8 +35,9 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        # The lm on a corpus of Parquet shards (pyarrow 25, ~170 MB; mlflow 3.17 needs pyarrow<26) with a Hugging Face tokenizer
-        # (tokenizers, ~12 MB with huggingface_hub); ArrayRecord comes with grain.
+        # The lm on a corpus of Parquet shards (pyarrow, ~170 MB; 25 because mlflow 3.17 needs
+        # <26) with a Hugging Face tokenizer (tokenizers, ~12 MB with huggingface_hub);
+        # ArrayRecord comes with grain.
         "data": ["pyarrow>=25.0.1", "tokenizers>=0.23.3", "array-record>=0.8.6"],
         # Trackers (launcher/trackers.py), imported only when config.trackers names them: the
         # MLflow client (mlflow-skinny, no server) and W&B's client (62 MB). The tests' full

@@ -219,7 +219,8 @@ class WandbWriter(_TrackerWriter):
     os.makedirs(directory, exist_ok=True)
     self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", experiment), id=run_id,
                            name=run_name, resume="allow", dir=directory, config=params,
-                           settings=wandb.Settings(console="off", silent=True))
+                           settings=wandb.Settings(console="off", silent=True,
+                                                   x_transaction_log_flush_interval=1.0))
     run_ids.set("wandb", run_id)
     self._run.define_metric("train_step")
     self._run.define_metric("*", step_metric="train_step")
