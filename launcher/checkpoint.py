@@ -21,7 +21,7 @@ from etils import epath
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
 import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
-from launcher.errors import UsageError, one_line
+from launcher.errors import UsageError, innermost, one_line
 
 
 def directory(workdir: epath.Path) -> epath.Path:
@@ -218,9 +218,7 @@ def _readable(metadata: Any, step_dir: epath.Path) -> Any:
 
 def _why(error: BaseException) -> str:
   """An error's innermost cause in one line (tensorstore's message, not its spec dump)."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  return one_line(error).split(" See full TensorStore details")[0]
+  return one_line(innermost(error)).split(" See full TensorStore details")[0]
 
 
 def _any_process(flag: bool) -> bool:

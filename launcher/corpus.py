@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from launcher import storage
-from launcher.errors import UsageError
+from launcher.errors import UsageError, one_line
 
 FORMATS = ("parquet", "array_record")
 SEPARATOR = b"\n"  # After every record in the byte stream.
@@ -80,7 +80,7 @@ class Records:
   def __init__(self, location: str, column: str = "text"):
     self.location, self.column = location, column
     self.format, self.paths = find_files(location)
-    self._open: dict = {}  # Open files and the last row group read, in this process.
+    self._open: dict = {}  # Open files and cached row groups, in this process.
     counts = [self._count(f) for f in range(len(self.paths))]
     self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -125,7 +125,7 @@ class Records:
       raise
     except Exception as e:  # pylint: disable=broad-except  # Whatever a damaged file raises.
       raise UsageError(f"config.data: {path} cannot be read as {self.format} "
-                       f"({type(e).__name__}: {str(e)[:200]})") from None
+                       f"({one_line(e, 200)})") from None
     columns = metadata.schema.to_arrow_schema()
     if self.column not in columns.names:
       raise UsageError(f"config.data: {path} has no column {self.column!r} (its columns: "
@@ -209,8 +209,7 @@ class Tokenizer:
         self._tokenizer = HfTokenizer.from_file(self.path)
       except Exception as e:  # pylint: disable=broad-except  # Its Rust errors.
         raise UsageError(f"config.tokenizer={self.path!r} does not load as a Hugging Face "
-                         f"tokenizers file ({type(e).__name__}: {str(e)[:200]}): give a "
-                         "tokenizer.json") from None
+                         f"tokenizers file ({one_line(e, 200)}): give a tokenizer.json") from None
     return self._tokenizer
 
   @property
@@ -260,15 +259,14 @@ class Windows:
   def _bytes(self, start: int, end: int) -> bytes:
     """Bytes [start, end) of the split's stream."""
     first = bisect.bisect_right(self._ends, start)
-    pieces, position = [], int(self._ends[first - 1]) if first else 0
+    offset = int(self._ends[first - 1]) if first else 0  # Where record `first` starts.
+    pieces, position = [], offset
     for k in range(first, len(self._ends)):
       if position >= end:
         break
       pieces.append(self.records[int(self._record_ids[k])] + SEPARATOR)
       position = int(self._ends[k])
-    stream = b"".join(pieces)
-    offset = (int(self._ends[first - 1]) if first else 0)
-    return stream[start - offset:end - offset]
+    return b"".join(pieces)[start - offset:end - offset]
 
   def _bytes_per_window(self) -> int:
     """The bytes that hold seq_len tokens, measured on the split's first records (up to 1 MB)."""

@@ -52,6 +52,13 @@ def causes(error: BaseException | None):
     error = error.__cause__ or error.__context__
 
 
+def innermost(error: BaseException) -> BaseException:
+  """The error `error` was raised from, and so on down: the library's own word."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return error
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
   """`Type: the first line of its message` (at most `limit` characters of it)."""
   return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:limit]}"

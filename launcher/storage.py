@@ -37,7 +37,7 @@ import numpy as np
 from etils import epath
 
 from launcher.errors import (EXIT_STORAGE_UNREACHABLE, StorageUnreachable, UsageError, causes,
-                             one_line)
+                             innermost, one_line)
 
 SCHEMES = ("gs",)  # Besides plain local paths.
 STORAGE_TIMEOUT_S = 120.0  # --storage_timeout_seconds: how long remote storage may not answer.
@@ -154,7 +154,7 @@ class _Deadlines:
     self.gave_up = self.gave_up or (
         f"the storage of {_bucket(where)} did not answer within --storage_timeout_seconds="
         f"{self.seconds or 0:g} while {what}"
-        + (f" (last error: {one_line(_innermost(error), 200)})" if error else "") +
+        + (f" (last error: {one_line(innermost(error), 200)})" if error else "") +
         f". The run stopped with exit code {EXIT_STORAGE_UNREACHABLE}, which supervisors restart "
         "(launcher.local --max_restarts, the cluster scripts' MAX_RESTARTS): it resumes from its "
         "last complete checkpoint once the storage answers")
@@ -192,19 +192,16 @@ def call(what: str, where: epath.Path, fn: Callable, *args, retry: bool = True, 
   that says it cannot be reached now is retried with backoff (1, 2, 4 .. 16 s) within the bound;
   past it (or at once with `retry=False`, for an operation that must not run twice),
   StorageUnreachable with the one line. `what` says what the run was doing, for that line."""
-  if not is_remote(where):
-    return fn(*args, **kwargs)
   started, delay = time.monotonic(), 1.0
-  with _DEADLINES.watch(what, where):
+  with bounded(what, where):
     while True:
       try:
         return fn(*args, **kwargs)
       except Exception as e:  # pylint: disable=broad-except  # Sorted just below.
-        if not is_unreachable(e):
-          raise
+        if (not is_remote(where) or not is_unreachable(e) or not retry or
+            time.monotonic() - started + delay > (_DEADLINES.seconds or 0)):
+          raise  # `bounded` makes an unreachable storage's error StorageUnreachable.
         _DEADLINES.last_error = e
-        if not retry or time.monotonic() - started + delay > (_DEADLINES.seconds or 0):
-          raise StorageUnreachable(_DEADLINES.give_up(what, where, e)) from None
       time.sleep(delay)
       delay = min(2 * delay, 16.0)
 
@@ -227,12 +224,6 @@ def bounded(what: str, where: epath.Path):
 
 def _bucket(where: epath.Path) -> str:
   return "/".join(os.fspath(where).split("/")[:3])
-
-
-def _innermost(error: BaseException) -> BaseException:
-  while error.__cause__ is not None:
-    error = error.__cause__
-  return error
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from launcher.errors import UsageError
 from launcher.reporter import MetricWriter
 
 NAMES = ("tensorboard", "mlflow", "wandb", "none")
-_EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+_EXTRAS = ("mlflow", "wandb")  # Each the name of its module and of its extra.
 RETRY_S = 60.0  # How long one MLflow request is retried before it is dropped.
 CLOSE_S = 10.0  # How long the end of a run waits for the requests still queued.
 
@@ -43,12 +43,11 @@ def names(spec: str) -> list[str]:
     raise UsageError(f"config.trackers={spec!r}: none cannot go with other trackers")
   for name in chosen:
     if name in _EXTRAS:
-      module, extra = _EXTRAS[name]
       try:
-        __import__(module)
+        __import__(name)
       except ImportError:
         raise UsageError(f"config.trackers names {name}, which is not installed: pip install -e "
-                         f"'.[{extra}]' (or leave it out of config.trackers)") from None
+                         f"'.[{name}]' (or leave it out of config.trackers)") from None
   return [name for name in chosen if name != "none"]
 
 
