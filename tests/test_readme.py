@@ -64,13 +64,14 @@ def test_the_example_workload_trains_as_written(tmp_path):
 
 @pytest.mark.slow
 def test_the_corpus_commands_run_as_written(tmp_path):
-  """The README's two commands: text files to a Parquet corpus, and the lm trained on it with
+  """docs/corpus.md's two commands: text files to a Parquet corpus, and the lm trained on it with
   two worker processes (bounded here to 20 steps)."""
   from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
   (tmp_path / "my_texts").mkdir()
   for i, name in enumerate(sorted(topics)[:40]):
     (tmp_path / "my_texts" / f"{i:02d}.txt").write_text(topics[name])
-  block = README.split("<!-- corpus-commands -->")[1].split("```bash")[1].split("```")[0]
+  with open(os.path.join(REPO, "docs", "corpus.md")) as f:
+    block = f.read().split("<!-- corpus-commands -->")[1].split("```bash")[1].split("```")[0]
   make, train = [line.replace("/tmp/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
                  for line in block.strip().splitlines()]
   env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
