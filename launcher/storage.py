@@ -348,7 +348,7 @@ class Appender:
   own, which uploads them as a small object next to the file, composes it onto the file's end and
   deletes it, while the caller goes on (at most one flush in flight; the next waits for it): the
   file is whole up to its last finished flush after any kill, and a flush costs the new bytes
-  plus three requests. A file that ends in a partial line (a write torn by a kill) gets its next
+  plus three requests. Such objects left by a kill are deleted when the file is opened again. A file that ends in a partial line (a write torn by a kill) gets its next
   line on a line of its own.
   """
 
@@ -366,6 +366,7 @@ class Appender:
       except FileNotFoundError:
         size = None
       self._exists = size is not None
+      self._remove_leftover_parts()
       last = (call(f"opening {p}", p, self._fs.cat_file, self._name, start=size - 1, end=size)
               if size else b"\n")
     else:
@@ -411,10 +412,20 @@ class Appender:
       call(what, self.path, self._fs.pipe_file, self._name, data)
       self._exists = True
       return
-    part = f"{self._name}.part-{uuid.uuid4().hex}"
+    part = f"{self._part_prefix()}{uuid.uuid4().hex}"
     call(what, self.path, self._fs.pipe_file, part, data)
     call(what, self.path, self._fs.merge, self._name, [self._name, part], retry=False)
     call(what, self.path, self._fs.rm_file, part)
+
+
+  def _part_prefix(self) -> str:
+    return f"{os.path.dirname(self._name)}/.{os.path.basename(self._name)}.part-"
+
+  def _remove_leftover_parts(self) -> None:
+    """Deletes the uploads a killed writer left behind (composed onto the file or not: either way
+    they are not part of it)."""
+    for part in call(f"opening {self.path}", self.path, self._fs.glob, f"{self._part_prefix()}*"):
+      call(f"opening {self.path}", self.path, self._fs.rm_file, part)
 
 
 def check_workdir(workdir: epath.Path, process_index: int, process_count: int,

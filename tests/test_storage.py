@@ -164,11 +164,14 @@ def test_a_bucket_outage_is_waited_out_within_the_bound_then_ends_in_one_line(
 
 
 def test_appends_on_gcs_keep_every_line(gcs, tmp_path):
-  """gcsfs's own open("a") keeps 1 of 30 appended lines; the Appender keeps all, across writers."""
+  """gcsfs's own open("a") keeps 1 of 30 appended lines; the Appender keeps all, across writers,
+  and deletes the uploads a killed writer left."""
   gcs.bucket("appends")
   script = (
       "import sys\nfrom launcher import storage\n"
       "for start, count in ((0, 30), (30, 5)):\n"
+      "  if start:  # An upload that a kill left behind, which the next writer deletes.\n"
+      "    storage.write_text(storage.path('gs://appends/a/.log.jsonl.part-0'), 'torn\\n')\n"
       "  log = storage.Appender(storage.path('gs://appends/a/log.jsonl'))\n"
       "  for i in range(start, start + count):\n"
       "    log.write(f'{i}\\n')\n"
