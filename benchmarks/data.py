@@ -26,6 +26,7 @@ sys.path.insert(0, REPO)
 def make_corpus(root: pathlib.Path, megabytes: float) -> list[str]:
   """CPython's documentation text, its topics repeated (each copy numbered) to `megabytes`."""
   from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+
   texts, size, copy = [], 0, 0
   while size < megabytes * 2**20:
     for name in sorted(topics):
@@ -38,11 +39,16 @@ def make_corpus(root: pathlib.Path, megabytes: float) -> list[str]:
 
 def train_tokenizer(texts: list[str], path: pathlib.Path, vocab_size: int) -> None:
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(texts[:200], trainers.BpeTrainer(
-      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.train_from_iterator(
+    texts[:200],
+    trainers.BpeTrainer(
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
+  )
   tokenizer.save(str(path))
 
 
@@ -50,10 +56,18 @@ def measure(data: str, tokenizer: str, workers: int, args) -> dict:
   from launcher import corpus  # pylint: disable=import-outside-toplevel
   from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
   from workloads import lm  # pylint: disable=import-outside-toplevel
+
   corpus._records_and_lengths.cache_clear()  # pylint: disable=protected-access  # Time the opening.
   lm._tokenizer_of.cache_clear()  # pylint: disable=protected-access
-  config = load_config("lm", "small", data=data, tokenizer=tokenizer, data_workers=workers,
-                       batch_size=args.batch_size, seq_len=args.seq_len)
+  config = load_config(
+    "lm",
+    "small",
+    data=data,
+    tokenizer=tokenizer,
+    data_workers=workers,
+    batch_size=args.batch_size,
+    seq_len=args.seq_len,
+  )
   began = time.perf_counter()
   host_batches = lm.dataset(config, "train", 0, 1, start=0)
   opened = time.perf_counter()
@@ -64,9 +78,13 @@ def measure(data: str, tokenizer: str, workers: int, args) -> dict:
   seconds = time.perf_counter() - first
   host_batches.close() if hasattr(host_batches, "close") else None
   per_batch = seconds / args.batches
-  return {"open_s": opened - began, "first_batch_s": first - opened, "ms_per_batch": 1e3 * per_batch,
-          "examples_per_s": args.batch_size / per_batch,
-          "tokens_per_s": args.batch_size * args.seq_len / per_batch}
+  return {
+    "open_s": opened - began,
+    "first_batch_s": first - opened,
+    "ms_per_batch": 1e3 * per_batch,
+    "examples_per_s": args.batch_size / per_batch,
+    "tokens_per_s": args.batch_size * args.seq_len / per_batch,
+  }
 
 
 def main():
@@ -79,6 +97,7 @@ def main():
   parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "data.json"))
   args = parser.parse_args()
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
+
   flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
   from launcher import corpus, storage  # pylint: disable=import-outside-toplevel
@@ -97,30 +116,43 @@ def main():
       os.environ.update(emulator.env)
       for path in sorted((tmp / "parquet").iterdir()):
         storage.write_bytes(storage.path(f"gs://bench/parquet/{path.name}"), path.read_bytes())
-      cases = [(fmt, where, tok, workers)
-               for fmt, where in (("parquet", "local"), ("array_record", "local"),
-                                  ("parquet", "gs://"))
-               for tok in ("bytes", "bpe")
-               for workers in map(int, args.workers.split(","))]
+      cases = [
+        (fmt, where, tok, workers)
+        for fmt, where in (("parquet", "local"), ("array_record", "local"), ("parquet", "gs://"))
+        for tok in ("bytes", "bpe")
+        for workers in map(int, args.workers.split(","))
+      ]
       # Parquet reads a row group whole: without the cache (a corpus much larger than it), each
       # window's read is a row group's (in this process: workers start with the default).
       cases += [("parquet, 1 row group cached", "local", tok, 0) for tok in ("bytes", "bpe")]
-      print(f"corpus: {len(texts):,} records, {sum(len(t.encode()) for t in texts) / 2**20:.1f} MB "
-            f"in 8 shards (Parquet row groups of 256 records); host batch {args.batch_size} x "
-            f"{args.seq_len + 1} tokens; {os.cpu_count()} cores\n")
-      print("| format | where | tokens | workers | open s | first batch s | ms/batch | "
-            "examples/s | tokens/s |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+      print(
+        f"corpus: {len(texts):,} records, {sum(len(t.encode()) for t in texts) / 2**20:.1f} MB "
+        f"in 8 shards (Parquet row groups of 256 records); host batch {args.batch_size} x "
+        f"{args.seq_len + 1} tokens; {os.cpu_count()} cores\n"
+      )
+      print(
+        "| format | where | tokens | workers | open s | first batch s | ms/batch | "
+        "examples/s | tokens/s |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+      )
       default_cache = corpus.ROW_GROUP_CACHE_BYTES
       for fmt, where, tok, workers in cases:
         corpus.ROW_GROUP_CACHE_BYTES = default_cache if "cached" not in fmt else 0
         folder = fmt.split(",")[0]
         data = str(tmp / folder) if where == "local" else f"gs://bench/{folder}"
-        row = {"format": fmt, "where": where, "tokens": tok, "workers": workers,
-               **measure(data, str(tmp / "tokenizer.json") if tok == "bpe" else "", workers, args)}
+        row = {
+          "format": fmt,
+          "where": where,
+          "tokens": tok,
+          "workers": workers,
+          **measure(data, str(tmp / "tokenizer.json") if tok == "bpe" else "", workers, args),
+        }
         rows.append(row)
-        print(f"| {fmt} | {where} | {tok} | {workers} | {row['open_s']:.2f} | "
-              f"{row['first_batch_s']:.2f} | {row['ms_per_batch']:.1f} | "
-              f"{row['examples_per_s']:,.0f} | {row['tokens_per_s']:,.0f} |", flush=True)
+        print(
+          f"| {fmt} | {where} | {tok} | {workers} | {row['open_s']:.2f} | "
+          f"{row['first_batch_s']:.2f} | {row['ms_per_batch']:.1f} | "
+          f"{row['examples_per_s']:,.0f} | {row['tokens_per_s']:,.0f} |",
+          flush=True,
+        )
     finally:
       emulator.stop()
   os.makedirs(os.path.dirname(args.output), exist_ok=True)

@@ -60,7 +60,10 @@ def hand_loop_steps_per_sec(window: int, windows: int, one_all_reduce: bool = Fa
     return params, jax.lax.pmean(value, "batch")
 
   params = jax_utils.replicate(mlp.init(None, jax.random.PRNGKey(0)))
-  split = lambda batch: {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+  def split(batch):
+    return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
   pool = [split(batch) for batch in mlp.host_batches(BATCH_SIZE)]
   in_flight = collections.deque()
   rates = []
@@ -80,38 +83,56 @@ def hand_loop_steps_per_sec(window: int, windows: int, one_all_reduce: bool = Fa
 def launcher_steps_per_sec(window: int, windows: int, **overrides) -> list[float]:
   """`train.run` of benchmarks/mlp.py, one report per window; the first window is dropped."""
   config = config_lib.defaults()
-  config.update(workload="benchmarks.mlp", batch_size=BATCH_SIZE, optimizer="sgd",
-                learning_rate=LEARNING_RATE, log_every_steps=window,
-                num_steps=window * (windows + 2), eval_every_steps=0, checkpoint_every_steps=0,
-                **overrides)
+  config.update(
+    workload="benchmarks.mlp",
+    batch_size=BATCH_SIZE,
+    optimizer="sgd",
+    learning_rate=LEARNING_RATE,
+    log_every_steps=window,
+    num_steps=window * (windows + 2),
+    eval_every_steps=0,
+    checkpoint_every_steps=0,
+    **overrides,
+  )
   with tempfile.TemporaryDirectory() as workdir:
     train.run(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
-  return [row["steps_per_sec"] for row in rows[1:windows + 1]]
+  return [row["steps_per_sec"] for row in rows[1 : windows + 1]]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--output",
-                      default=os.path.join(REPO, "benchmarks", "results", "dispatch.json"))
+  parser.add_argument(
+    "--output", default=os.path.join(REPO, "benchmarks", "results", "dispatch.json")
+  )
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   window, windows = (200, 3) if args.quick else (500, 5)
   rows, ratios = [], {}
 
   def row(name, values):
-    result = {"name": name, "steps_per_sec": statistics.median(values), "min": min(values),
-              "max": max(values), "ms_per_step": 1e3 / statistics.median(values),
-              "windows": len(values)}
+    result = {
+      "name": name,
+      "steps_per_sec": statistics.median(values),
+      "min": min(values),
+      "max": max(values),
+      "ms_per_step": 1e3 / statistics.median(values),
+      "windows": len(values),
+    }
     rows.append(result)
-    print(f"| {name:<36} | {result['steps_per_sec']:8.1f} | {result['min']:7.1f}-"
-          f"{result['max']:<7.1f} | {result['ms_per_step']:6.3f} |", flush=True)
+    print(
+      f"| {name:<36} | {result['steps_per_sec']:8.1f} | {result['min']:7.1f}-"
+      f"{result['max']:<7.1f} | {result['ms_per_step']:6.3f} |",
+      flush=True,
+    )
     return result["steps_per_sec"]
 
-  print(f"2-layer MLP, global batch {BATCH_SIZE}, SGD, {jax.device_count()} devices; "
-        f"{windows} windows of {window} steps\n")
+  print(
+    f"2-layer MLP, global batch {BATCH_SIZE}, SGD, {jax.device_count()} devices; "
+    f"{windows} windows of {window} steps\n"
+  )
   print(f"| {'loop':<36} | steps/s  | min-max         | ms/step |")
   print(f"| {'-' * 36} | -------: | --------------: | ------: |")
   hand, default = [], []
@@ -123,11 +144,15 @@ def main():
   ratios["launcher defaults / hand loop, K=1"] = default / hand
   for executor in config_lib.EXECUTORS:
     for k in (1, 10):
-      rate = row(f"launcher {executor}, K={k}",
-                 launcher_steps_per_sec(window, windows, parallel=executor, steps_per_call=k))
+      rate = row(
+        f"launcher {executor}, K={k}",
+        launcher_steps_per_sec(window, windows, parallel=executor, steps_per_call=k),
+      )
       ratios[f"launcher {executor} K={k} / hand loop"] = rate / hand
-  combined = row("hand loop, one gradient all-reduce",
-                 hand_loop_steps_per_sec(window, windows, one_all_reduce=True))
+  combined = row(
+    "hand loop, one gradient all-reduce",
+    hand_loop_steps_per_sec(window, windows, one_all_reduce=True),
+  )
   ratios["launcher defaults / hand loop with one all-reduce, K=1"] = default / combined
   print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
 

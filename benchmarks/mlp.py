@@ -10,10 +10,12 @@ INPUTS, HIDDEN, CLASSES, POOL = 64, 256, 10, 16
 
 def init(config, rng):
   first, second = jax.random.split(rng)
-  return {"w1": jax.random.normal(first, (INPUTS, HIDDEN)) / np.sqrt(INPUTS),
-          "b1": jnp.zeros(HIDDEN),
-          "w2": jax.random.normal(second, (HIDDEN, CLASSES)) / np.sqrt(HIDDEN),
-          "b2": jnp.zeros(CLASSES)}
+  return {
+    "w1": jax.random.normal(first, (INPUTS, HIDDEN)) / np.sqrt(INPUTS),
+    "b1": jnp.zeros(HIDDEN),
+    "w2": jax.random.normal(second, (HIDDEN, CLASSES)) / np.sqrt(HIDDEN),
+    "b2": jnp.zeros(CLASSES),
+  }
 
 
 def logits(params, x):
@@ -42,4 +44,4 @@ def dataset(config, split, process_index, process_count, start=0):
   rows = config.batch_size // process_count
   for t in range(start, 10**12 if split == "train" else start + 1):
     batch = pool[t % POOL]
-    yield {name: x[process_index * rows:(process_index + 1) * rows] for name, x in batch.items()}
+    yield {name: x[process_index * rows : (process_index + 1) * rows] for name, x in batch.items()}

@@ -41,15 +41,31 @@ def print_ratios_and_write(path: str, *, ratios: dict[str, float], **results) ->
     print(f"| {name} | {value:.2f} |")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "jax": jax.__version__, "devices": jax.device_count()},
-               "date": time.strftime("%Y-%m-%d"), "ratios": ratios, **results}, f, indent=2)
+    json.dump(
+      {
+        "machine": {
+          "cpus": os.cpu_count(),
+          "python": platform.python_version(),
+          "jax": jax.__version__,
+          "devices": jax.device_count(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "ratios": ratios,
+        **results,
+      },
+      f,
+      indent=2,
+    )
   print(f"\nwrote {path}")
 
 
 def summary(values: list[float]) -> dict:
-  return {"median": statistics.median(values), "min": min(values), "max": max(values),
-          "windows": len(values)}
+  return {
+    "median": statistics.median(values),
+    "min": min(values),
+    "max": max(values),
+    "windows": len(values),
+  }
 
 
 def launcher_steps_per_sec(config, windows: int) -> list[float]:
@@ -61,11 +77,12 @@ def launcher_steps_per_sec(config, windows: int) -> list[float]:
   with tempfile.TemporaryDirectory() as workdir:
     train.run(config, workdir)
     rows = read_metrics(workdir)
-  return [row["steps_per_sec"] for row in rows[1:windows + 1]]
+  return [row["steps_per_sec"] for row in rows[1 : windows + 1]]
 
 
-def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
-                            sync_every_step: bool = False) -> list[float]:
+def hand_loop_steps_per_sec(
+  config, windows: int, *, on_device: bool = True, sync_every_step: bool = False
+) -> list[float]:
   """A minimal pmap loop: the launcher's per-device step, the same bound on calls in flight,
   no metrics reporting, no prefetch thread, nothing else. Data: one batch kept on the devices, or
   the workload's real host pipeline (dataset -> per-device split -> device_put, 2 ahead)."""
@@ -73,26 +90,40 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
   k, window = config.steps_per_call, config.log_every_steps
   executor = parallel.executor(config.parallel)
   tx = state_lib.optimizer(config)
-  loss_fn = lambda params, batch, rng: workload.loss(config, params, batch, rng)
+
+  def loss_fn(params, batch, rng):
+    return workload.loss(config, params, batch, rng)
+
   state = state_lib.create(config, workload.init, tx)
   replicated_state = executor.replicate(state)
   host_batches = workload.dataset(config, "train", 0, 1)
   example = next(host_batches)
   metric_names = workload_lib.check_loss_output(
-      workload, jax.eval_shape(loss_fn, state.params, example, None))
+    workload, jax.eval_shape(loss_fn, state.params, example, None)
+  )
   metric_set = step.MetricSet([*step.TRAIN_METRICS, *metric_names])
   empty = executor.replicate(metric_set.zeros)
   call = executor.map(
-      lambda s, m, b: step.train_call(s, m, b, steps_per_call=k, metric_set=metric_set,
-                                      loss_fn=loss_fn, tx=tx,
-                                      schedule=state_lib.schedule(config)),
-      stacked=k > 1, donate_argnums=(0,))
+    lambda s, m, b: step.train_call(
+      s,
+      m,
+      b,
+      steps_per_call=k,
+      metric_set=metric_set,
+      loss_fn=loss_fn,
+      tx=tx,
+      schedule=state_lib.schedule(config),
+    ),
+    stacked=k > 1,
+    donate_argnums=(0,),
+  )
   if on_device:
     fixed = executor.put(next(data.group(iter([example] * k), k)), stacked=k > 1)
     batches = iter(lambda: fixed, None)
   else:
-    batches = data.prefetch(data.group(host_batches, k),
-                            lambda batch: executor.put(batch, stacked=k > 1))
+    batches = data.prefetch(
+      data.group(host_batches, k), lambda batch: executor.put(batch, stacked=k > 1)
+    )
   in_flight = parallel.InFlight(config.max_calls_in_flight)
   rates = []
   for w in range(windows + 1):
@@ -113,18 +144,31 @@ def hand_loop_steps_per_sec(config, windows: int, *, on_device: bool = True,
 def time_to_first_step(config_args: list[str], cache_dir: str, workdir: str) -> float:
   """A fresh `python -m launcher` process; the time to first step it logs."""
   result = subprocess.run(
-      [sys.executable, "-m", "launcher", *config_args, f"--workdir={workdir}",
-       f"--config.compilation_cache_dir={cache_dir}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
-      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  line = next(l for l in result.stderr.splitlines() if "time to first step" in l)
+    [
+      sys.executable,
+      "-m",
+      "launcher",
+      *config_args,
+      f"--workdir={workdir}",
+      f"--config.compilation_cache_dir={cache_dir}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=True,
+    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
+  line = next(text for text in result.stderr.splitlines() if "time to first step" in text)
   return float(line.split("time to first step ")[1].split(" s")[0])
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "latest.json"))
+  parser.add_argument(
+    "--output", default=os.path.join(REPO, "benchmarks", "results", "latest.json")
+  )
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   windows = 3 if args.quick else 5
@@ -133,13 +177,19 @@ def main():
   def row(group, name, values, unit="steps/s", note=""):
     result = {"group": group, "name": name, "unit": unit, "note": note, **summary(values)}
     rows.append(result)
-    print(f"  {name:<52} {result['median']:>10.2f} {unit:<8} "
-          f"[{result['min']:.2f}-{result['max']:.2f}] {note}", flush=True)
+    print(
+      f"  {name:<52} {result['median']:>10.2f} {unit:<8} "
+      f"[{result['min']:.2f}-{result['max']:.2f}] {note}",
+      flush=True,
+    )
     return result["median"]
 
   def lm(**overrides):
-    return load_config("lm", "tiny", **{"log_every_steps": 20 if args.quick else 60,
-                                        "schedule": "constant", **overrides})
+    return load_config(
+      "lm",
+      "tiny",
+      **{"log_every_steps": 20 if args.quick else 60, "schedule": "constant", **overrides},
+    )
 
   def linear(**overrides):
     return load_config("linear", **{"log_every_steps": 200 if args.quick else 400, **overrides})
@@ -152,12 +202,16 @@ def main():
       b += second()
     return a, b
 
-  print("launcher overhead: train.run vs a hand-written pmap loop, the same step (lm tiny, "
-        "~60 ms per step here)")
+  print(
+    "launcher overhead: train.run vs a hand-written pmap loop, the same step (lm tiny, "
+    "~60 ms per step here)"
+  )
   ratios = {}
   for k in (1, 10):
-    hand, ours = alternating(lambda k=k: hand_loop_steps_per_sec(lm(steps_per_call=k), windows),
-                             lambda k=k: launcher_steps_per_sec(lm(steps_per_call=k), windows))
+    hand, ours = alternating(
+      lambda k=k: hand_loop_steps_per_sec(lm(steps_per_call=k), windows),
+      lambda k=k: launcher_steps_per_sec(lm(steps_per_call=k), windows),
+    )
     hand = row("overhead", f"hand pmap loop, on-device data, K={k}", hand)
     ours = row("overhead", f"launcher train.run, K={k}", ours)
     ratios[f"launcher/hand K={k}"] = ours / hand
@@ -166,41 +220,57 @@ def main():
   for name, make in (("linear (dispatch-bound)", linear), ("lm tiny (compute-bound)", lm)):
     base = None
     for k in (1, 2, 5, 10, 20):
-      rate = row("steps_per_call", f"{name}, K={k}",
-                 launcher_steps_per_sec(make(steps_per_call=k), windows),
-                 note=f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
+      rate = row(
+        "steps_per_call",
+        f"{name}, K={k}",
+        launcher_steps_per_sec(make(steps_per_call=k), windows),
+        note=f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB",
+      )
       base = base or rate
       ratios[f"{name} K={k}/K=1"] = rate / base
 
   print("executors: pmap vs jit(shard_map), the same per-device step")
   for name, make in (("linear (dispatch-bound)", linear), ("lm tiny (compute-bound)", lm)):
     pmap, shard_map = alternating(
-        lambda make=make: launcher_steps_per_sec(make(parallel="pmap"), windows),
-        lambda make=make: launcher_steps_per_sec(make(parallel="shard_map"), windows))
+      lambda make=make: launcher_steps_per_sec(make(parallel="pmap"), windows),
+      lambda make=make: launcher_steps_per_sec(make(parallel="shard_map"), windows),
+    )
     pmap = row("executor", f"{name}, pmap", pmap)
     shard_map = row("executor", f"{name}, shard_map", shard_map)
     ratios[f"{name} pmap/shard_map step time"] = shard_map / pmap
 
   print("host syncs and input pipeline (hand loop, lm tiny)")
   on_device, real = alternating(
-      lambda: hand_loop_steps_per_sec(lm(), windows),
-      lambda: hand_loop_steps_per_sec(lm(), windows, on_device=False))
+    lambda: hand_loop_steps_per_sec(lm(), windows),
+    lambda: hand_loop_steps_per_sec(lm(), windows, on_device=False),
+  )
   on_device = row("pipeline", "on-device data", on_device)
   real = row("pipeline", "real host pipeline (dataset -> split -> prefetch)", real)
-  synced = row("pipeline", "on-device data + float(loss) every step",
-               hand_loop_steps_per_sec(lm(), windows, sync_every_step=True))
+  synced = row(
+    "pipeline",
+    "on-device data + float(loss) every step",
+    hand_loop_steps_per_sec(lm(), windows, sync_every_step=True),
+  )
   ratios["per-step float(loss) / none"] = synced / on_device
   ratios["real pipeline / on-device data"] = real / on_device
 
   print("warm start: time to first step, fresh process, persistent compilation cache")
   with tempfile.TemporaryDirectory() as tmp:
-    config_args = ["--config=configs/lm.py:tiny", "--config.num_steps=10",
-                   "--config.eval_every_steps=0", "--config.log_every_steps=10",
-                   "--config.schedule=constant"]
-    cold = [time_to_first_step(config_args, os.path.join(tmp, f"cache{i}"),
-                               os.path.join(tmp, f"cold{i}")) for i in range(windows)]
-    warm = [time_to_first_step(config_args, os.path.join(tmp, "cache0"),
-                               os.path.join(tmp, f"warm{i}")) for i in range(windows)]
+    config_args = [
+      "--config=configs/lm.py:tiny",
+      "--config.num_steps=10",
+      "--config.eval_every_steps=0",
+      "--config.log_every_steps=10",
+      "--config.schedule=constant",
+    ]
+    cold = [
+      time_to_first_step(config_args, os.path.join(tmp, f"cache{i}"), os.path.join(tmp, f"cold{i}"))
+      for i in range(windows)
+    ]
+    warm = [
+      time_to_first_step(config_args, os.path.join(tmp, "cache0"), os.path.join(tmp, f"warm{i}"))
+      for i in range(windows)
+    ]
   cold_s = row("warm_start", "first start (empty cache)", cold, unit="s")
   warm_s = row("warm_start", "second start (cache filled)", warm, unit="s")
   ratios["warm / cold time to first step"] = warm_s / cold_s

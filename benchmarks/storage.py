@@ -27,7 +27,9 @@ from tests.gcs_emulator import Emulator  # pylint: disable=wrong-import-position
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "storage.json"))
+  parser.add_argument(
+    "--output", default=os.path.join(REPO, "benchmarks", "results", "storage.json")
+  )
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     emulator = Emulator(pathlib.Path(tmp, "gcs"), pathlib.Path(tmp, "gcs.log"))
@@ -37,10 +39,14 @@ def main():
       rows = measure(args.repeats, os.path.join(tmp, "local"), "gs://bench/run")
     finally:
       emulator.stop()
-  print("\n| measurement | local disk | gs:// (emulator) | gs / local |\n| --- | ---: | ---: | ---: |")
+  print(
+    "\n| measurement | local disk | gs:// (emulator) | gs / local |\n| --- | ---: | ---: | ---: |"
+  )
   for row in rows:
-    print(f"| {row['name']} | {row['local']:.3g} ms | {row['gs']:.3g} ms | "
-          f"{row['gs'] / row['local']:.3g}x |")
+    print(
+      f"| {row['name']} | {row['local']:.3g} ms | {row['gs']:.3g} ms | "
+      f"{row['gs'] / row['local']:.3g}x |"
+    )
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
   with open(args.output, "w") as f:
     json.dump({"repeats": args.repeats, "rows": rows}, f, indent=2)
@@ -50,10 +56,12 @@ def main():
 def measure(repeats: int, local: str, remote: str) -> list[dict]:
   import jax  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
+
   from launcher import checkpoint, parallel, storage  # pylint: disable=import-outside-toplevel
   from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
   from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
+
   logging.set_verbosity(logging.WARNING)
 
   config = load_config("classifier", hidden_sizes=(2048, 2048))  # 52 MB with AdamW moments.
@@ -63,11 +71,17 @@ def measure(repeats: int, local: str, remote: str) -> list[dict]:
   megabytes = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
   executor = parallel.executor("pmap")
   global_state = executor.global_state(executor.replicate(state))
-  samples = {name: {"local": [], "gs": []} for name in (
-      "checkpoint save: loop blocked", "checkpoint save: until committed", "checkpoint restore",
-      "append one metrics row (flush)")}
+  samples = {
+    name: {"local": [], "gs": []}
+    for name in (
+      "checkpoint save: loop blocked",
+      "checkpoint save: until committed",
+      "checkpoint restore",
+      "append one metrics row (flush)",
+    )
+  }
   print(f"train state {megabytes:.1f} MB; {repeats} repeats each, local and gs:// alternating")
-  for kind, location in (("local", local), ("gs", remote)):  # First saves set up orbax: not timed.
+  for location in (local, remote):  # First saves set up orbax: not timed.
     checkpoints = checkpoint.Checkpoints(storage.path(location), keep=2)
     checkpoints.save(0, global_state, {"step": 0})
     checkpoints.wait()
@@ -94,9 +108,15 @@ def measure(repeats: int, local: str, remote: str) -> list[dict]:
         samples["append one metrics row (flush)"][kind].append(time.perf_counter() - start)
       appender.close()
     print(f"  repeat {i}/{repeats} done", flush=True)
-  return [{"name": name, "unit": "ms", "state_mb": round(megabytes, 1),
-           **{kind: 1000 * statistics.median(values) for kind, values in by_kind.items()}}
-          for name, by_kind in samples.items()]
+  return [
+    {
+      "name": name,
+      "unit": "ms",
+      "state_mb": round(megabytes, 1),
+      **{kind: 1000 * statistics.median(values) for kind, values in by_kind.items()},
+    }
+    for name, by_kind in samples.items()
+  ]
 
 
 if __name__ == "__main__":

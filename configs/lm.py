@@ -11,10 +11,10 @@ file, or `--config.data=DIR` a corpus of Parquet or ArrayRecord shards (local or
 from launcher import config as launcher_config
 
 SIZES = {
-    #          width, layers, heads, seq_len, batch_size, learning_rate, num_steps
-    "tiny": (64, 2, 4, 64, 64, 3e-3, 300),
-    "small": (768, 12, 12, 1024, 256, 6e-4, 20_000),
-    "medium": (1024, 24, 16, 1024, 256, 3e-4, 20_000),
+  #          width, layers, heads, seq_len, batch_size, learning_rate, num_steps
+  "tiny": (64, 2, 4, 64, 64, 3e-3, 300),
+  "small": (768, 12, 12, 1024, 256, 6e-4, 20_000),
+  "medium": (1024, 24, 16, 1024, 256, 3e-4, 20_000),
 }
 
 

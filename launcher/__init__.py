@@ -2,4 +2,6 @@
 
 import time
 
-IMPORTED_AT = time.time()  # The first line of the launcher a process runs: start-up is timed from here.
+IMPORTED_AT = (
+  time.time()
+)  # The first line of the launcher a process runs: start-up is timed from here.

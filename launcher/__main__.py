@@ -10,58 +10,97 @@ import sys
 import time
 import traceback
 
-from absl import app, flags, logging
 import ml_collections
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launcher import config as config_lib
 from launcher import console
-from launcher.errors import (EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE,
-                             EXIT_STORAGE_UNREACHABLE, PeerUnreachable, Preempted,
-                             StorageUnreachable, UsageError, WorkloadError)
+from launcher.errors import (
+  EXIT_PEER_LOST,
+  EXIT_PREEMPTED,
+  EXIT_STORAGE,
+  EXIT_STORAGE_UNREACHABLE,
+  PeerUnreachable,
+  Preempted,
+  StorageUnreachable,
+  UsageError,
+  WorkloadError,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
-    "override any key with --config.KEY=VALUE.")
+  "config",
+  None,
+  "Config file with get_config(), e.g. configs/lm.py or configs/lm.py:tiny; "
+  "override any key with --config.KEY=VALUE.",
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where the run writes config, metrics, checkpoints and logs: a local path, a "
-    "path every host shares, or gs://bucket/path.")
+  "workdir",
+  None,
+  "Where the run writes config, metrics, checkpoints and logs: a local path, a "
+  "path every host shares, or gs://bucket/path.",
+)
 _SHOW_CONFIG = flags.DEFINE_bool(
-    "show_config", False, "Print every key of --config with its value and meaning, and exit.")
+  "show_config", False, "Print every key of --config with its value and meaning, and exit."
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for a multi-process job given by hand.")
+  "coordinator_address", None, "host:port of process 0, for a multi-process job given by hand."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.",
-                                   lower_bound=0)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index in the job.", lower_bound=0
+)
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
-    "local_device_ids", None, "Devices this process uses, e.g. 0,1,2,3 (default: all it sees).")
-flags.register_validator("local_device_ids", lambda ids: ids is None or all(
-    i.strip().isdigit() for i in ids), "--local_device_ids takes device numbers, e.g. 0,1,2,3")
-flags.register_validator("local_device_ids", lambda ids: ids is None or len(set(ids)) == len(ids),
-                         "--local_device_ids names a device twice")
+  "local_device_ids", None, "Devices this process uses, e.g. 0,1,2,3 (default: all it sees)."
+)
+flags.register_validator(
+  "local_device_ids",
+  lambda ids: ids is None or all(i.strip().isdigit() for i in ids),
+  "--local_device_ids takes device numbers, e.g. 0,1,2,3",
+)
+flags.register_validator(
+  "local_device_ids",
+  lambda ids: ids is None or len(set(ids)) == len(ids),
+  "--local_device_ids names a device twice",
+)
 _ONE_PROCESS_PER = flags.DEFINE_enum(
-    "one_process_per", "auto", ["auto", "node", "device"],
-    "Under SLURM on GPUs: each task drives all GPUs of its node, or one GPU; auto picks `node` "
-    "when a node runs one task.")
+  "one_process_per",
+  "auto",
+  ["auto", "node", "device"],
+  "Under SLURM on GPUs: each task drives all GPUs of its node, or one GPU; auto picks `node` "
+  "when a node runs one task.",
+)
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process to join the job.",
-    lower_bound=1)
+  "initialization_timeout", 300, "Seconds to wait for every process to join the job.", lower_bound=1
+)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_seconds", 100, "Seconds without a heartbeat before a process counts as lost.",
-    lower_bound=1)
+  "heartbeat_timeout_seconds",
+  100,
+  "Seconds without a heartbeat before a process counts as lost.",
+  lower_bound=1,
+)
 _PEER_TIMEOUT = flags.DEFINE_float(
-    "peer_timeout_seconds", 20, "In a multi-process job, end this process (the lost-peer line, "
-    "exit 76) when another process has shown no sign of life for this long (jax's own "
-    "--heartbeat_timeout_seconds ends it later, without the line).", lower_bound=2)
+  "peer_timeout_seconds",
+  20,
+  "In a multi-process job, end this process (the lost-peer line, "
+  "exit 76) when another process has shown no sign of life for this long (jax's own "
+  "--heartbeat_timeout_seconds ends it later, without the line).",
+  lower_bound=2,
+)
 _STORAGE_TIMEOUT = flags.DEFINE_float(
-    "storage_timeout_seconds", 120, "How long remote (gs://) storage may not answer, retries "
-    "included, before the run ends (one line, exit 69, which supervisors restart).",
-    lower_bound=1)
+  "storage_timeout_seconds",
+  120,
+  "How long remote (gs://) storage may not answer, retries "
+  "included, before the run ends (one line, exit 69, which supervisors restart).",
+  lower_bound=1,
+)
 _STEP_TIMEOUT = flags.DEFINE_float(
-    "step_timeout_seconds", 600,
-    "End this process (exit 77, every thread's stack in its log) when no train call finishes "
-    "for this long; compilation, eval and checkpoint saves do not count. 0 disables.",
-    lower_bound=0)
+  "step_timeout_seconds",
+  600,
+  "End this process (exit 77, every thread's stack in its log) when no train call finishes "
+  "for this long; compilation, eval and checkpoint saves do not count. 0 disables.",
+  lower_bound=0,
+)
 
 
 def main(argv):
@@ -70,42 +109,58 @@ def main(argv):
   if not flags.FLAGS["config"].present:
     console.usage_error("--config is required, e.g. --config=configs/lm.py:tiny")
   if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
-    console.usage_error(f"{flags.FLAGS['config'].config_filename}: get_config() returned a "
-                        f"{type(_CONFIG.value).__name__}; it must return an "
-                        "ml_collections.ConfigDict (start from launcher.config.defaults())")
+    console.usage_error(
+      f"{flags.FLAGS['config'].config_filename}: get_config() returned a "
+      f"{type(_CONFIG.value).__name__}; it must return an "
+      "ml_collections.ConfigDict (start from launcher.config.defaults())"
+    )
   if _SHOW_CONFIG.value:
     meanings = config_lib.file_comments(flags.FLAGS["config"].config_filename)
     print(config_lib.describe(_CONFIG.value, meanings))
     return
   if not _CONFIG.value.get("experiment", "x"):  # Trackers log under the config file's name.
-    _CONFIG.value.experiment = os.path.splitext(os.path.basename(
-        flags.FLAGS["config"].config_filename.split(":")[0]))[0]
+    _CONFIG.value.experiment = os.path.splitext(
+      os.path.basename(flags.FLAGS["config"].config_filename.split(":")[0])
+    )[0]
   if not _WORKDIR.value:
     console.usage_error("--workdir is required: where the run writes, e.g. --workdir=/tmp/run")
   console.quiet_libraries()
   import jax  # pylint: disable=import-outside-toplevel
+
   from launcher import cluster, storage, supervise, train  # pylint: disable=import-outside-toplevel
+
   try:
     job = cluster.detect(
-        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-        local_device_ids=tuple(map(int, _LOCAL_DEVICE_IDS.value or ())) or None,
-        one_process_per=_ONE_PROCESS_PER.value)
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      local_device_ids=tuple(map(int, _LOCAL_DEVICE_IDS.value or ())) or None,
+      one_process_per=_ONE_PROCESS_PER.value,
+    )
     joining = time.time()
-    cluster.initialize(job, initialization_timeout=_INIT_TIMEOUT.value,
-                       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    cluster.initialize(
+      job,
+      initialization_timeout=_INIT_TIMEOUT.value,
+      heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+    )
     preemption.joined(cluster.is_multiprocess())
     startup_parts = {"join the job": time.time() - joining}
     console.name_process(jax.process_index(), jax.process_count())
     logging.info(cluster.describe())
-    train.run(_CONFIG.value, _WORKDIR.value, step_timeout_seconds=_STEP_TIMEOUT.value,
-              peer_timeout_seconds=_PEER_TIMEOUT.value,
-              storage_timeout_seconds=_STORAGE_TIMEOUT.value, startup_parts=startup_parts)
+    train.run(
+      _CONFIG.value,
+      _WORKDIR.value,
+      step_timeout_seconds=_STEP_TIMEOUT.value,
+      peer_timeout_seconds=_PEER_TIMEOUT.value,
+      storage_timeout_seconds=_STORAGE_TIMEOUT.value,
+      startup_parts=startup_parts,
+    )
   except UsageError as e:
     console.usage_error(str(e))
   except PeerUnreachable as e:
-    print(f"error: {e}; exiting with {EXIT_PEER_LOST} so that a supervisor tries again",
-          file=sys.stderr)
+    print(
+      f"error: {e}; exiting with {EXIT_PEER_LOST} so that a supervisor tries again", file=sys.stderr
+    )
     sys.exit(EXIT_PEER_LOST)
   except StorageUnreachable as e:  # Its line says what was given up on; jax's exit would wait.
     print(f"error: {e}", file=sys.stderr)
@@ -159,9 +214,11 @@ def parse_flags(argv):
       e = e.args[0]
     key, _, suggestion = str(e.args[0] if e.args else e).partition("\n")
     suggestion = re.sub(r'Did you mean "(\w+)".*', r" (did you mean \1?)", suggestion)
-    console.usage_error(f"the config has no key {key}{suggestion}: overridable keys are the "
-                        "config file's (--show_config lists them); a new one belongs in its "
-                        "get_config()")
+    console.usage_error(
+      f"the config has no key {key}{suggestion}: overridable keys are the "
+      "config file's (--show_config lists them); a new one belongs in its "
+      "get_config()"
+    )
   except Exception as e:  # pylint: disable=broad-except
     console.usage_error(f"--config={config_file}: loading it raised {type(e).__name__}: {e}")
 

@@ -10,17 +10,18 @@ for, whatever executor and layout wrote it.
 
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
-import orbax.checkpoint as ocp  # pylint: disable=g-bad-import-order,wrong-import-order
 from launcher.errors import UsageError, innermost, one_line
 
 
@@ -31,8 +32,11 @@ def directory(workdir: epath.Path) -> epath.Path:
 def target(like: Any, shardings: Any) -> Any:
   """What a restore reads into: the shapes and dtypes of `like` (arrays or jax.eval_shape's
   output) in `shardings` (the executor's state_shardings)."""
-  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                                               sharding=sharding), like, shardings)
+  return jax.tree.map(
+    lambda x, sharding: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
+    like,
+    shardings,
+  )
 
 
 def _handlers() -> dict:
@@ -46,9 +50,12 @@ class Checkpoints:
     self.directory = directory(workdir)
     with storage.bounded(f"listing the checkpoints in {self.directory}", self.directory):
       self._manager = ocp.CheckpointManager(
-          self.directory, item_handlers=_handlers(),
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                               create=True))
+        self.directory,
+        item_handlers=_handlers(),
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, enable_async_checkpointing=True, create=True
+        ),
+      )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -60,6 +67,7 @@ class Checkpoints:
     A checkpoint that does not read on some process (damaged or missing metadata or array files)
     is named in one line and moved aside to WORKDIR/damaged_checkpoints/, kept for a look, and
     the one before it is tried: a run loses at most what it lost since its last intact save."""
+
     def read(step):
       self.check_data_position(step, **expected)
       return self.restore(step, into)
@@ -67,8 +75,14 @@ class Checkpoints:
     def set_aside(step, why):
       aside = self._set_aside(step)
       if aside is not None:
-        logging.error("the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
-                      "trying the one before", step, self.directory, why, aside)
+        logging.error(
+          "the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
+          "trying the one before",
+          step,
+          self.directory,
+          why,
+          aside,
+        )
 
     with storage.bounded(f"restoring a checkpoint from {self.directory}", self.directory):
       return _newest_that_reads(sorted(self._manager.all_steps(), reverse=True), read, set_aside)
@@ -92,19 +106,27 @@ class Checkpoints:
     copied off the devices, and commits in the background (a killed save leaves no checkpoint
     restore picks)."""
     with storage.bounded(f"saving the checkpoint of step {step}", self.directory):
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(global_state),
-          data=ocp.args.JsonSave(data_position)), force=True)
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(global_state), data=ocp.args.JsonSave(data_position)
+        ),
+        force=True,
+      )
 
   def restore(self, step: int, into: state_lib.TrainState) -> state_lib.TrainState:
     """The state saved at `step` as job-wide arrays in the shapes and shardings of `into`
     (checkpoint.target); a mismatch names the entries that differ.
 
     The data position needs no reading back: it is the restored state's step."""
-    check_structure(_readable(self._manager.item_metadata(step).state, self.directory / str(step)),
-                    into, self.directory)
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(into))).state
+    check_structure(
+      _readable(self._manager.item_metadata(step).state, self.directory / str(step)),
+      into,
+      self.directory,
+    )
+    return self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(into))
+    ).state
 
   def check_data_position(self, step: int, **expected) -> None:
     """Refuses a resume whose data order would differ from the saved run's: batch t is a function
@@ -115,10 +137,11 @@ class Checkpoints:
       if name in saved and saved[name] != value:
         key = config_key[name]
         raise UsageError(
-            f"the checkpoint of step {step} in {self.directory} was trained with "
-            f"config.{key}={saved[name]}, this run has config.{key}={value}: the data order "
-            f"depends on it, so resuming would silently change the run. Keep "
-            f"--config.{key}={saved[name]} to resume, or start a new run with another --workdir")
+          f"the checkpoint of step {step} in {self.directory} was trained with "
+          f"config.{key}={saved[name]}, this run has config.{key}={value}: the data order "
+          f"depends on it, so resuming would silently change the run. Keep "
+          f"--config.{key}={saved[name]} to resume, or start a new run with another --workdir"
+        )
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
@@ -128,6 +151,7 @@ class Checkpoints:
   def wait_at_most(self, seconds: float) -> bool:
     """Waits up to `seconds` for the started saves, for a run that is failing: whether they
     finished (their own errors belong to the failure, and are not raised)."""
+
     def wait_quietly():
       try:
         self._manager.wait_until_finished()
@@ -156,18 +180,27 @@ def restore_from(path: str, into: state_lib.TrainState, params_only: bool) -> An
     metadata = _readable(checkpointer.metadata(item).item_metadata, step_dir)
     check_structure({"params": metadata["params"]} if params_only else metadata, wanted, item)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
-    return checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=restore_args, partial_restore=params_only))
+    return checkpointer.restore(
+      item,
+      args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=params_only
+      ),
+    )
 
   def skip(step_dir, why):
-    logging.error("config.restore_from: the checkpoint in %s cannot be read (%s); trying the one "
-                  "before", step_dir, why)
+    logging.error(
+      "config.restore_from: the checkpoint in %s cannot be read (%s); trying the one before",
+      step_dir,
+      why,
+    )
 
   with storage.bounded(f"reading config.restore_from={path}", storage.path(path)):
     step_dir, restored = _newest_that_reads(_step_dirs(storage.path(path)), read, skip)
   if step_dir is None:
-    raise UsageError(f"config.restore_from={path!r}: no checkpoint there can be read (each is "
-                     "named above); give another run's workdir or step directory")
+    raise UsageError(
+      f"config.restore_from={path!r}: no checkpoint there can be read (each is "
+      "named above); give another run's workdir or step directory"
+    )
   logging.info("started from %s (%s)", step_dir, "params only" if params_only else "everything")
   return restored["params"] if params_only else restored
 
@@ -179,16 +212,26 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
     return [path]
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
-  steps = sorted(int(p.name) for p in path.iterdir()
-                 if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)) if path.is_dir() else []
+  steps = (
+    sorted(
+      int(p.name)
+      for p in path.iterdir()
+      if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)
+    )
+    if path.is_dir()
+    else []
+  )
   if not steps:
-    raise UsageError(f"config.restore_from={os.fspath(path)!r} holds no complete checkpoint: give "
-                     "a run's workdir, its checkpoints directory or one step's directory")
+    raise UsageError(
+      f"config.restore_from={os.fspath(path)!r} holds no complete checkpoint: give "
+      "a run's workdir, its checkpoints directory or one step's directory"
+    )
   return [path / str(step) for step in reversed(steps)]
 
 
-def _newest_that_reads(candidates: list, read: Callable[[Any], Any],
-                       on_damaged: Callable[[Any, str], None]) -> tuple[Any, Any]:
+def _newest_that_reads(
+  candidates: list, read: Callable[[Any], Any], on_damaged: Callable[[Any, str], None]
+) -> tuple[Any, Any]:
   """(candidate, read(candidate)) for the first candidate (newest first) that reads on every
   process, or (None, None). A UsageError (a mismatch, the same on every process) propagates; any
   other error on any process is damage: `on_damaged(candidate, why)` runs on every process and
@@ -242,14 +285,18 @@ def check_structure(metadata: Any, like: Any, where: str) -> None:
       problems.append(f"{key}: checkpoint shape {saved[key]}, this config's {wanted[key]}")
   if problems:
     shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-    raise UsageError(f"the checkpoint in {where} does not match this config ({len(problems)} "
-                     "entries differ):\n  " + "\n  ".join(shown) +
-                     "\nUse the config it was saved with, or a new --workdir.")
+    raise UsageError(
+      f"the checkpoint in {where} does not match this config ({len(problems)} "
+      "entries differ):\n  "
+      + "\n  ".join(shown)
+      + "\nUse the config it was saved with, or a new --workdir."
+    )
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+    tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+  )[0]
   return {_key(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 

@@ -22,6 +22,7 @@ from launcher.errors import PeerUnreachable, UsageError
 @dataclasses.dataclass(frozen=True)
 class Job:
   """How to join the job; None fields are left for jax's own cluster detection to fill."""
+
   source: str
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -29,31 +30,51 @@ class Job:
   local_device_ids: tuple[int, ...] | None = None
 
 
-def detect(*, coordinator_address: str | None = None, num_processes: int | None = None,
-           process_id: int | None = None, local_device_ids: tuple[int, ...] | None = None,
-           one_process_per: str = "auto", environ=os.environ) -> Job | None:
+def detect(
+  *,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: tuple[int, ...] | None = None,
+  one_process_per: str = "auto",
+  environ=os.environ,
+) -> Job | None:
   """The multi-process job this process belongs to, or None when it runs alone."""
   check_address(environ.get("JAX_COORDINATOR_ADDRESS") or None, "JAX_COORDINATOR_ADDRESS")
   slurm = _slurm_step(environ)
   scheduler_count = (slurm or {}).get("num_processes") or _int(environ, "OMPI_COMM_WORLD_SIZE")
   if coordinator_address or num_processes is not None or process_id is not None:
-    missing = [name for name, value in (("--coordinator_address", coordinator_address),
-                                         ("--num_processes", num_processes),
-                                         ("--process_id", process_id)) if value is None]
+    missing = [
+      name
+      for name, value in (
+        ("--coordinator_address", coordinator_address),
+        ("--num_processes", num_processes),
+        ("--process_id", process_id),
+      )
+      if value is None
+    ]
     if missing:
-      raise UsageError(f"a multi-process job given by flags needs all of --coordinator_address, "
-                       f"--num_processes and --process_id; missing: {', '.join(missing)}")
+      raise UsageError(
+        f"a multi-process job given by flags needs all of --coordinator_address, "
+        f"--num_processes and --process_id; missing: {', '.join(missing)}"
+      )
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise UsageError(f"--num_processes={num_processes} --process_id={process_id}: a job has at "
-                       "least one process, and --process_id counts from 0 to --num_processes-1")
+      raise UsageError(
+        f"--num_processes={num_processes} --process_id={process_id}: a job has at "
+        "least one process, and --process_id counts from 0 to --num_processes-1"
+      )
     _agree(num_processes, "--num_processes", scheduler_count)
     check_address(coordinator_address, "--coordinator_address")
     job = Job("flags", coordinator_address, num_processes, process_id, local_device_ids)
   elif slurm:
     _agree(_int(environ, "JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES", slurm["num_processes"])
-    job = Job("slurm", environ.get("JAX_COORDINATOR_ADDRESS") or slurm["coordinator_address"],
-              slurm["num_processes"], slurm["process_id"],
-              local_device_ids or slurm_local_device_ids(environ, one_process_per))
+    job = Job(
+      "slurm",
+      environ.get("JAX_COORDINATOR_ADDRESS") or slurm["coordinator_address"],
+      slurm["num_processes"],
+      slurm["process_id"],
+      local_device_ids or slurm_local_device_ids(environ, one_process_per),
+    )
   elif "OMPI_MCA_orte_hnp_uri" in environ and (scheduler_count or 1) > 1:
     _agree(_int(environ, "JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES", scheduler_count)
     job = Job("openmpi", environ.get("JAX_COORDINATOR_ADDRESS"), local_device_ids=local_device_ids)
@@ -61,29 +82,35 @@ def detect(*, coordinator_address: str | None = None, num_processes: int | None 
     try:
       count, index = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
     except (KeyError, ValueError) as e:
-      raise UsageError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID "
-                       f"must be set to integers too ({e!r})") from None
+      raise UsageError(
+        "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+        f"must be set to integers too ({e!r})"
+      ) from None
     job = Job("env", environ["JAX_COORDINATOR_ADDRESS"], count, index, local_device_ids)
   elif _on_cloud_tpu_vm():
     return Job("tpu", local_device_ids=local_device_ids)
   else:
     if "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" not in environ:
-      logging.warning("SLURM_JOB_ID is set but this is not a SLURM job step: run the launcher "
-                      "through `srun` so that every task joins one job; running as one process.")
+      logging.warning(
+        "SLURM_JOB_ID is set but this is not a SLURM job step: run the launcher "
+        "through `srun` so that every task joins one job; running as one process."
+      )
     if local_device_ids:
       raise UsageError(
-          f"--local_device_ids={','.join(map(str, local_device_ids))} is for a process of a "
-          "multi-process job (jax.distributed takes it), and this process runs alone, on every "
-          "device it sees: choose its devices with CUDA_VISIBLE_DEVICES (GPU) or "
-          "TPU_VISIBLE_CHIPS (TPU) instead, or drop the flag")
+        f"--local_device_ids={','.join(map(str, local_device_ids))} is for a process of a "
+        "multi-process job (jax.distributed takes it), and this process runs alone, on every "
+        "device it sees: choose its devices with CUDA_VISIBLE_DEVICES (GPU) or "
+        "TPU_VISIBLE_CHIPS (TPU) instead, or drop the flag"
+      )
     return None
   hosts = sorted(set(slurm["nodes"])) if slurm else []
   if len(hosts) > 1 and job.coordinator_address and _is_loopback(job.coordinator_address):
     raise UsageError(
-        f"the coordinator address {job.coordinator_address} is a loopback address, but this job "
-        f"spans {len(hosts)} hosts ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): "
-        "the other hosts would wait for a coordinator on themselves. Unset "
-        "JAX_COORDINATOR_ADDRESS or give the first host's name or IP address.")
+      f"the coordinator address {job.coordinator_address} is a loopback address, but this job "
+      f"spans {len(hosts)} hosts ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): "
+      "the other hosts would wait for a coordinator on themselves. Unset "
+      "JAX_COORDINATOR_ADDRESS or give the first host's name or IP address."
+    )
   return job
 
 
@@ -112,7 +139,9 @@ def slurm_local_device_ids(environ, one_process_per: str = "auto") -> tuple[int,
   if environ.get("CUDA_VISIBLE_DEVICES"):
     visible = list(range(len(environ["CUDA_VISIBLE_DEVICES"].split(","))))
   elif environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS"):
-    visible = [int(g) for g in (environ.get("SLURM_STEP_GPUS") or environ["SLURM_JOB_GPUS"]).split(",")]
+    visible = [
+      int(g) for g in (environ.get("SLURM_STEP_GPUS") or environ["SLURM_JOB_GPUS"]).split(",")
+    ]
   else:
     return None
   if one_process_per == "auto":
@@ -125,8 +154,10 @@ def slurm_local_device_ids(environ, one_process_per: str = "auto") -> tuple[int,
   if len(visible) == 1:
     return tuple(visible)
   if local_rank >= len(visible):
-    raise UsageError(f"SLURM task with local rank {local_rank} but only {len(visible)} GPUs are "
-                     "visible to it: ask for one GPU per task, or use --one_process_per=node")
+    raise UsageError(
+      f"SLURM task with local rank {local_rank} but only {len(visible)} GPUs are "
+      "visible to it: ask for one GPU per task, or use --one_process_per=node"
+    )
   return (visible[local_rank],)
 
 
@@ -139,14 +170,19 @@ def _slurm_step(environ) -> dict | None:
     return None
   nodes = expand_hostlist(environ["SLURM_STEP_NODELIST"])
   port = _int(environ, "JAX_COORDINATOR_PORT") or int(environ["SLURM_JOB_ID"]) % 4096 + 61440
-  return {"nodes": nodes, "num_processes": count, "process_id": int(environ["SLURM_PROCID"]),
-          "coordinator_address": f"{nodes[0]}:{port}"}
+  return {
+    "nodes": nodes,
+    "num_processes": count,
+    "process_id": int(environ["SLURM_PROCID"]),
+    "coordinator_address": f"{nodes[0]}:{port}",
+  }
 
 
 def _tasks_on_this_node(environ) -> int:
   nodes = expand_hostlist(environ.get("SLURM_STEP_NODELIST", ""))
-  counts = expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
-                                 or environ.get("SLURM_TASKS_PER_NODE") or "1")
+  counts = expand_tasks_per_node(
+    environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1"
+  )
   name = environ.get("SLURMD_NODENAME")
   index = nodes.index(name) if name in nodes else 0
   return counts[index] if index < len(counts) else counts[-1]
@@ -154,9 +190,11 @@ def _tasks_on_this_node(environ) -> int:
 
 def _agree(given: int | None, what: str, scheduler_count: int | None) -> None:
   if given is not None and scheduler_count is not None and given != scheduler_count:
-    raise UsageError(f"{what}={given} disagrees with the scheduler, which started "
-                     f"{scheduler_count} processes for this job: drop {what} or make it "
-                     f"{scheduler_count}")
+    raise UsageError(
+      f"{what}={given} disagrees with the scheduler, which started "
+      f"{scheduler_count} processes for this job: drop {what} or make it "
+      f"{scheduler_count}"
+    )
 
 
 def _int(environ, name: str) -> int | None:
@@ -170,8 +208,10 @@ def check_address(address: str | None, where: str) -> None:
     return
   host, _, port = address.rpartition(":")
   if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-    raise UsageError(f"{where}={address!r} is not host:port: give the address of process 0 and a "
-                     "free port, e.g. 10.0.0.1:12345 or 127.0.0.1:12345 on one machine")
+    raise UsageError(
+      f"{where}={address!r} is not host:port: give the address of process 0 and a "
+      "free port, e.g. 10.0.0.1:12345 or 127.0.0.1:12345 on one machine"
+    )
 
 
 def _is_loopback(address: str) -> bool:
@@ -200,7 +240,7 @@ def _expand_brackets(pattern: str) -> list[str]:
   match = re.search(r"\[([^\]]*)\]", pattern)
   if not match:
     return [pattern]
-  head, tail = pattern[:match.start()], pattern[match.end():]
+  head, tail = pattern[: match.start()], pattern[match.end() :]
   names = []
   for item in match[1].split(","):
     if "-" in item:
@@ -211,29 +251,37 @@ def _expand_brackets(pattern: str) -> list[str]:
   return [head + name + rest for name in names for rest in _expand_brackets(tail)]
 
 
-def initialize(job: Job | None, *, initialization_timeout: int = 300,
-               heartbeat_timeout_seconds: int = 100) -> None:
+def initialize(
+  job: Job | None, *, initialization_timeout: int = 300, heartbeat_timeout_seconds: int = 100
+) -> None:
   """Starts `jax.distributed` for a multi-process job; idempotent; must run before any JAX work."""
   if job is None or jax.distributed.is_initialized():
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  logging.info("joining a %s job as process %s of %s (coordinator %s, process 0)", job.source,
-               "auto" if job.process_id is None else job.process_id, job.num_processes or "auto",
-               job.coordinator_address or "auto")
+  logging.info(
+    "joining a %s job as process %s of %s (coordinator %s, process 0)",
+    job.source,
+    "auto" if job.process_id is None else job.process_id,
+    job.num_processes or "auto",
+    job.coordinator_address or "auto",
+  )
   if job.coordinator_address and job.process_id:
     wait_for_coordinator(job.coordinator_address, initialization_timeout)
   jax.distributed.initialize(
-      coordinator_address=job.coordinator_address, num_processes=job.num_processes,
-      process_id=job.process_id,
-      local_device_ids=list(job.local_device_ids) if job.local_device_ids else None,
-      initialization_timeout=initialization_timeout,
-      heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    coordinator_address=job.coordinator_address,
+    num_processes=job.num_processes,
+    process_id=job.process_id,
+    local_device_ids=list(job.local_device_ids) if job.local_device_ids else None,
+    initialization_timeout=initialization_timeout,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+  )
 
 
 def coordination_client():
   """The client of jax.distributed's coordination service (its key-value store), or None when
   this process runs alone. jax exposes it only privately (jax._src.distributed)."""
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
   return distributed.global_state.client
 
 
@@ -252,9 +300,10 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
     except OSError as e:
       if time.monotonic() >= deadline:
         raise PeerUnreachable(
-            f"could not reach the coordinator {address} (process 0) within "
-            f"--initialization_timeout={timeout:g} s ({e.strerror or e}): check that process 0 "
-            "is running and that this host can reach that address and port") from None
+          f"could not reach the coordinator {address} (process 0) within "
+          f"--initialization_timeout={timeout:g} s ({e.strerror or e}): check that process 0 "
+          "is running and that this host can reach that address and port"
+        ) from None
       time.sleep(0.5)
 
 
@@ -265,9 +314,11 @@ def is_multiprocess() -> bool:
 
 def describe() -> str:
   """One line: process i/n, host, local and global device counts, platform."""
-  return (f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
-          f"platform {jax.devices()[0].platform}")
+  return (
+    f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: "
+    f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
+    f"platform {jax.devices()[0].platform}"
+  )
 
 
 def _on_cloud_tpu_vm() -> bool:

@@ -19,63 +19,111 @@ SCHEDULES = ("constant", "warmup_cosine")
 # Every key the launcher reads: its default and what it means (the README's reference and
 # `python -m launcher --config=FILE --show_config` print these).
 KEYS = {
-    "workload": ("", "a module under workloads/, or any importable module (my_pkg.my_workload)"),
-    "seed": (0, "parameter init, dropout and the data order; a resume must keep it"),
-    "batch_size": (256, "the global batch, split evenly over processes, then over each process's "
-                   "devices: a multiple of the device count (times grad_accum_steps); a resume "
-                   "must keep it"),
-    "num_steps": (1000, "optimizer updates in the run; a multiple of steps_per_call"),
-    "steps_per_call": (1, "K updates inside one compiled call (lax.scan over K stacked batches)"),
-    "max_calls_in_flight": (2, "compiled calls dispatched but not finished (CPU collectives abort "
-                            "when too many queue up)"),
-    "parallel": ("shard_map", "the executor: shard_map (jit(shard_map) over a Mesh of every "
-                 "device), pmap, or fsdp (the train state sharded over every device); same "
-                 "results"),
-    "mesh": ("", "under parallel=fsdp, the device mesh as data:D,fsdp:F (one of them may be -1: "
-             "the devices left): the state is split over fsdp and copied over data, the batch "
-             "split over both; \"\" = fsdp over each process's devices, data across processes"),
-    "grad_accum_steps": (1, "M microbatches per step (lax.scan), gradients averaged; must divide "
-                         "the per-device batch"),
-    "compute_dtype": ("float32", "float32 or bfloat16 for the loss (the launcher casts params "
-                      "and float inputs; a workload builds its layers with this dtype); params, "
-                      "gradients and optimizer state stay float32. float16 is refused: it needs "
-                      "loss scaling"),
-    "compilation_cache_dir": ("", "persistent compilation cache: \"\" = ~/.cache/launcher/jax "
-                              "(or $XDG_CACHE_HOME), a path, or none"),
-    "optimizer": ("adamw", "sgd, momentum, adam or adamw (optax)"),
-    "learning_rate": (1e-3, "peak learning rate; positive"),
-    "schedule": ("constant", "constant, or warmup_cosine: linear warmup over warmup_steps from 0, "
-                 "cosine decay to 0 at num_steps"),
-    "warmup_steps": (0, "for warmup_cosine; below num_steps"),
-    "momentum": (0.9, "for the momentum optimizer (adam(w) use optax's b1/b2)"),
-    "weight_decay": (0.0, "for adamw"),
-    "grad_clip_norm": (0.0, "clip gradients to this global norm; 0 disables"),
-    "log_every_steps": (100, "steps between reports (metrics leave the devices only then); a "
-                        "multiple of steps_per_call"),
-    "eval_every_steps": (1000, "steps between evals, and after the last step; 0 disables eval; "
-                         "a multiple of steps_per_call"),
-    "eval_batches": (0, "0: the whole eval split; n: its first n global batches"),
-    "profile_first_step": (0, "process 0 traces 5 steps from this step (TensorBoard's profile "
-                           "plugin); 0 disables"),
-    "checkpoint_every_steps": (1000, "steps between checkpoints (one is also saved after the last "
-                               "step and on a preemption notice); 0: only those; a multiple of "
-                               "steps_per_call"),
-    "keep_checkpoints": (3, "newest checkpoints kept"),
-    "restore_from": ("", "another run's workdir, checkpoints dir or step dir to start from "
-                     "(ignored when this workdir has checkpoints: then the run resumes)"),
-    "restore_params_only": (True, "with restore_from: only the params (fresh optimizer, step 0), "
-                            "or everything"),
-    "data_workers": (0, "worker processes that read and transform the train records of a "
-                     "workload that reads through launcher.data.from_source (the lm with "
-                     "config.data); 0: in the main process; never changes the batches"),
-    "trackers": ("tensorboard", "where process 0 also logs each report: a comma-separated list "
-                 "of tensorboard, mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_* variables), or "
-                 "none; mlflow and wandb are extras (pip install -e '.[mlflow]')"),
-    "experiment": ("", "the MLflow experiment (W&B project, unless WANDB_PROJECT is set) the run "
-                   "is logged under; \"\": the config file's name"),
-    "skip_nonfinite_steps": (False, "a step with a NaN/Inf loss or gradient norm leaves the state "
-                             "unchanged and is counted in skipped_steps, instead of stopping the "
-                             "run"),
+  "workload": ("", "a module under workloads/, or any importable module (my_pkg.my_workload)"),
+  "seed": (0, "parameter init, dropout and the data order; a resume must keep it"),
+  "batch_size": (
+    256,
+    "the global batch, split evenly over processes, then over each process's "
+    "devices: a multiple of the device count (times grad_accum_steps); a resume "
+    "must keep it",
+  ),
+  "num_steps": (1000, "optimizer updates in the run; a multiple of steps_per_call"),
+  "steps_per_call": (1, "K updates inside one compiled call (lax.scan over K stacked batches)"),
+  "max_calls_in_flight": (
+    2,
+    "compiled calls dispatched but not finished (CPU collectives abort when too many queue up)",
+  ),
+  "parallel": (
+    "shard_map",
+    "the executor: shard_map (jit(shard_map) over a Mesh of every "
+    "device), pmap, or fsdp (the train state sharded over every device); same "
+    "results",
+  ),
+  "mesh": (
+    "",
+    "under parallel=fsdp, the device mesh as data:D,fsdp:F (one of them may be -1: "
+    "the devices left): the state is split over fsdp and copied over data, the batch "
+    'split over both; "" = fsdp over each process\'s devices, data across processes',
+  ),
+  "grad_accum_steps": (
+    1,
+    "M microbatches per step (lax.scan), gradients averaged; must divide the per-device batch",
+  ),
+  "compute_dtype": (
+    "float32",
+    "float32 or bfloat16 for the loss (the launcher casts params "
+    "and float inputs; a workload builds its layers with this dtype); params, "
+    "gradients and optimizer state stay float32. float16 is refused: it needs "
+    "loss scaling",
+  ),
+  "compilation_cache_dir": (
+    "",
+    'persistent compilation cache: "" = ~/.cache/launcher/jax '
+    "(or $XDG_CACHE_HOME), a path, or none",
+  ),
+  "optimizer": ("adamw", "sgd, momentum, adam or adamw (optax)"),
+  "learning_rate": (1e-3, "peak learning rate; positive"),
+  "schedule": (
+    "constant",
+    "constant, or warmup_cosine: linear warmup over warmup_steps from 0, "
+    "cosine decay to 0 at num_steps",
+  ),
+  "warmup_steps": (0, "for warmup_cosine; below num_steps"),
+  "momentum": (0.9, "for the momentum optimizer (adam(w) use optax's b1/b2)"),
+  "weight_decay": (0.0, "for adamw"),
+  "grad_clip_norm": (0.0, "clip gradients to this global norm; 0 disables"),
+  "log_every_steps": (
+    100,
+    "steps between reports (metrics leave the devices only then); a multiple of steps_per_call",
+  ),
+  "eval_every_steps": (
+    1000,
+    "steps between evals, and after the last step; 0 disables eval; a multiple of steps_per_call",
+  ),
+  "eval_batches": (0, "0: the whole eval split; n: its first n global batches"),
+  "profile_first_step": (
+    0,
+    "process 0 traces 5 steps from this step (TensorBoard's profile plugin); 0 disables",
+  ),
+  "checkpoint_every_steps": (
+    1000,
+    "steps between checkpoints (one is also saved after the last "
+    "step and on a preemption notice); 0: only those; a multiple of "
+    "steps_per_call",
+  ),
+  "keep_checkpoints": (3, "newest checkpoints kept"),
+  "restore_from": (
+    "",
+    "another run's workdir, checkpoints dir or step dir to start from "
+    "(ignored when this workdir has checkpoints: then the run resumes)",
+  ),
+  "restore_params_only": (
+    True,
+    "with restore_from: only the params (fresh optimizer, step 0), or everything",
+  ),
+  "data_workers": (
+    0,
+    "worker processes that read and transform the train records of a "
+    "workload that reads through launcher.data.from_source (the lm with "
+    "config.data); 0: in the main process; never changes the batches",
+  ),
+  "trackers": (
+    "tensorboard",
+    "where process 0 also logs each report: a comma-separated list "
+    "of tensorboard, mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_* variables), or "
+    "none; mlflow and wandb are extras (pip install -e '.[mlflow]')",
+  ),
+  "experiment": (
+    "",
+    "the MLflow experiment (W&B project, unless WANDB_PROJECT is set) the run "
+    'is logged under; "": the config file\'s name',
+  ),
+  "skip_nonfinite_steps": (
+    False,
+    "a step with a NaN/Inf loss or gradient norm leaves the state "
+    "unchanged and is counted in skipped_steps, instead of stopping the "
+    "run",
+  ),
 }
 
 
@@ -94,46 +142,81 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not ok:
       problems.append(message)
 
-  need(isinstance(config.workload, str) and config.workload,
-       "config.workload is empty: set it to a module under workloads/ (e.g. --config.workload=lm) "
-       "or to any importable module")
-  for key in ("batch_size", "num_steps", "steps_per_call", "max_calls_in_flight", "log_every_steps",
-              "keep_checkpoints", "grad_accum_steps"):
+  need(
+    isinstance(config.workload, str) and config.workload,
+    "config.workload is empty: set it to a module under workloads/ (e.g. --config.workload=lm) "
+    "or to any importable module",
+  )
+  for key in (
+    "batch_size",
+    "num_steps",
+    "steps_per_call",
+    "max_calls_in_flight",
+    "log_every_steps",
+    "keep_checkpoints",
+    "grad_accum_steps",
+  ):
     need(config[key] >= 1, f"config.{key}={config[key]} must be a positive integer")
-  for key in ("eval_every_steps", "eval_batches", "warmup_steps", "profile_first_step",
-              "checkpoint_every_steps", "data_workers"):
+  for key in (
+    "eval_every_steps",
+    "eval_batches",
+    "warmup_steps",
+    "profile_first_step",
+    "checkpoint_every_steps",
+    "data_workers",
+  ):
     need(config[key] >= 0, f"config.{key}={config[key]} must be 0 or more")
-  need(math.isfinite(config.learning_rate) and config.learning_rate > 0,
-       f"config.learning_rate={config.learning_rate} must be a positive finite number (e.g. 3e-4)")
-  need(config.optimizer in OPTIMIZERS,
-       f"config.optimizer={config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-  need(config.schedule in SCHEDULES,
-       f"config.schedule={config.schedule!r} is not one of {', '.join(SCHEDULES)}")
-  need(config.schedule != "warmup_cosine" or config.warmup_steps < config.num_steps,
-       f"config.warmup_steps={config.warmup_steps} must be below config.num_steps={config.num_steps}")
-  need(config.parallel in EXECUTORS,
-       f"config.parallel={config.parallel!r} is not one of {', '.join(EXECUTORS)}")
+  need(
+    math.isfinite(config.learning_rate) and config.learning_rate > 0,
+    f"config.learning_rate={config.learning_rate} must be a positive finite number (e.g. 3e-4)",
+  )
+  need(
+    config.optimizer in OPTIMIZERS,
+    f"config.optimizer={config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}",
+  )
+  need(
+    config.schedule in SCHEDULES,
+    f"config.schedule={config.schedule!r} is not one of {', '.join(SCHEDULES)}",
+  )
+  need(
+    config.schedule != "warmup_cosine" or config.warmup_steps < config.num_steps,
+    f"config.warmup_steps={config.warmup_steps} must be below config.num_steps={config.num_steps}",
+  )
+  need(
+    config.parallel in EXECUTORS,
+    f"config.parallel={config.parallel!r} is not one of {', '.join(EXECUTORS)}",
+  )
   if config.mesh:
     try:
       parse_mesh(config.mesh)
-      need(config.parallel == "fsdp", f"config.mesh={config.mesh!r} splits the train state, "
-           f"which only parallel=fsdp does: add --config.parallel=fsdp, or leave config.mesh "
-           f"empty under parallel={config.parallel}")
+      need(
+        config.parallel == "fsdp",
+        f"config.mesh={config.mesh!r} splits the train state, "
+        f"which only parallel=fsdp does: add --config.parallel=fsdp, or leave config.mesh "
+        f"empty under parallel={config.parallel}",
+      )
     except UsageError as e:
       problems.append(str(e))
   try:
     from launcher import trackers  # pylint: disable=import-outside-toplevel  # Brings jax.
+
     trackers.names(config.trackers)
   except UsageError as e:
     problems.append(str(e))
   if config.compute_dtype == "float16":
-    problems.append("config.compute_dtype='float16' would train without loss scaling, so small "
-                    "gradients underflow to zero: use bfloat16 (float32's range, the same speed "
-                    "on GPUs and TPUs)")
+    problems.append(
+      "config.compute_dtype='float16' would train without loss scaling, so small "
+      "gradients underflow to zero: use bfloat16 (float32's range, the same speed "
+      "on GPUs and TPUs)"
+    )
   else:
-    need(config.compute_dtype in COMPUTE_DTYPES, f"config.compute_dtype={config.compute_dtype!r} "
-         f"is not one of {', '.join(COMPUTE_DTYPES)}")
-  need(config.grad_clip_norm >= 0, f"config.grad_clip_norm={config.grad_clip_norm} must be 0 or more")
+    need(
+      config.compute_dtype in COMPUTE_DTYPES,
+      f"config.compute_dtype={config.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}",
+    )
+  need(
+    config.grad_clip_norm >= 0, f"config.grad_clip_norm={config.grad_clip_norm} must be 0 or more"
+  )
   need(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay} must be 0 or more")
   need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1), e.g. 0.9")
   need(config.seed >= 0, f"config.seed={config.seed} must be 0 or more")
@@ -144,8 +227,10 @@ def check(config: ml_collections.ConfigDict) -> None:
       if value > 0 and value % k:
         lower, upper = (value // k) * k, (value // k + 1) * k
         nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
-        problems.append(f"config.{key}={value} is not a multiple of config.steps_per_call={k}: "
-                        f"steps happen {k} per call, so use {nearest}")
+        problems.append(
+          f"config.{key}={value} is not a multiple of config.steps_per_call={k}: "
+          f"steps happen {k} per call, so use {nearest}"
+        )
   if problems:
     raise _bad_config(problems)
 
@@ -168,8 +253,10 @@ def _wrong_types(config: ml_collections.ConfigDict) -> list[str]:
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
       ok = True
     if not ok:
-      problems.append(f"config.{key}={value!r} is a {type(value).__name__}: it must be a "
-                      f"{wanted.__name__} (default {default!r})")
+      problems.append(
+        f"config.{key}={value!r} is a {type(value).__name__}: it must be a "
+        f"{wanted.__name__} (default {default!r})"
+      )
   return problems
 
 
@@ -179,28 +266,41 @@ def describe(config: ml_collections.ConfigDict, meanings: dict[str, str]) -> str
   rows = [(key, repr(config[key]), KEYS[key][1]) for key in KEYS if key in config]
   own = [(key, repr(config[key]), meanings.get(key, "")) for key in config if key not in KEYS]
   width = max(len(key) + len(value) + 3 for key, value, _ in rows + own)
-  lines = lambda rows: [f"{f'{key} = {value}':<{width}}  {meaning}".rstrip()
-                        for key, value, meaning in rows]
-  return "\n".join(["# the launcher's keys", *lines(rows),
-                    "# the workload's keys (from the config file)", *lines(own)])
+
+  def lines(rows):
+    return [f"{f'{key} = {value}':<{width}}  {meaning}".rstrip() for key, value, meaning in rows]
+
+  return "\n".join(
+    [
+      "# the launcher's keys",
+      *lines(rows),
+      "# the workload's keys (from the config file)",
+      *lines(own),
+    ]
+  )
 
 
 def check_file(config_file: str) -> None:
   """`--config=PATH[:VARIANT]` names a readable Python file that defines get_config()."""
   path = config_file.split(":", 1)[0]
   if not os.path.isfile(path):
-    raise UsageError(f"--config={config_file}: there is no file {path!r} (relative to "
-                     f"{os.getcwd()}): give a config file's path, e.g. configs/lm.py:tiny")
+    raise UsageError(
+      f"--config={config_file}: there is no file {path!r} (relative to "
+      f"{os.getcwd()}): give a config file's path, e.g. configs/lm.py:tiny"
+    )
   with open(path) as f:
     source = f.read()
   try:
     tree = ast.parse(source, path)
   except SyntaxError as e:
-    raise UsageError(f"--config={config_file}: {path} line {e.lineno}: {e.msg}: fix the file's "
-                     "Python syntax") from None
+    raise UsageError(
+      f"--config={config_file}: {path} line {e.lineno}: {e.msg}: fix the file's Python syntax"
+    ) from None
   if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
-    raise UsageError(f"--config={config_file}: {path} defines no get_config(): a config file "
-                     "defines get_config() returning launcher.config.defaults() plus its own keys")
+    raise UsageError(
+      f"--config={config_file}: {path} defines no get_config(): a config file "
+      "defines get_config() returning launcher.config.defaults() plus its own keys"
+    )
 
 
 def file_comments(config_file: str) -> dict[str, str]:
@@ -211,13 +311,16 @@ def file_comments(config_file: str) -> dict[str, str]:
       source = f.read()
   except OSError:
     return {}
-  return {m.group(1): m.group(2).strip() for m in re.finditer(
-      r"^\s*config\.(\w+)\s*=[^#\n]*#\s*(.+)$", source, re.MULTILINE)}
+  return {
+    m.group(1): m.group(2).strip()
+    for m in re.finditer(r"^\s*config\.(\w+)\s*=[^#\n]*#\s*(.+)$", source, re.MULTILINE)
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where this process sits in the job, and how the global batch splits over it."""
+
   process_index: int
   process_count: int
   local_device_count: int
@@ -239,18 +342,23 @@ def parse_mesh(mesh: str) -> dict[str, int]:
   for part in mesh.split(","):
     name, _, size = part.strip().partition(":")
     if name not in MESH_AXES or name in shape or not re.fullmatch(r"-1|[1-9]\d*", size.strip()):
-      raise UsageError(f"config.mesh={mesh!r} is not a mesh: write axis:size pairs of the axes "
-                       f"{' and '.join(MESH_AXES)}, each once, each size positive or -1 for the "
-                       "devices left (one axis at most), e.g. --config.mesh=data:2,fsdp:4")
+      raise UsageError(
+        f"config.mesh={mesh!r} is not a mesh: write axis:size pairs of the axes "
+        f"{' and '.join(MESH_AXES)}, each once, each size positive or -1 for the "
+        "devices left (one axis at most), e.g. --config.mesh=data:2,fsdp:4"
+      )
     shape[name] = int(size)
   if list(shape.values()).count(-1) > 1:
-    raise UsageError(f"config.mesh={mesh!r}: -1 stands for the devices left, so only one axis "
-                     "may have it, e.g. --config.mesh=data:2,fsdp:-1")
+    raise UsageError(
+      f"config.mesh={mesh!r}: -1 stands for the devices left, so only one axis "
+      "may have it, e.g. --config.mesh=data:2,fsdp:-1"
+    )
   return {name: shape.get(name, 1) for name in MESH_AXES}
 
 
-def mesh_shape(mesh: str, parallel: str, process_count: int,
-               local_device_count: int) -> dict[str, int] | None:
+def mesh_shape(
+  mesh: str, parallel: str, process_count: int, local_device_count: int
+) -> dict[str, int] | None:
   """`config.mesh` as {"data": D, "fsdp": F} with D * F the job's devices (None when the executor
   takes no mesh); "" is fsdp over each process's devices and data across processes."""
   if parallel != "fsdp":
@@ -264,21 +372,28 @@ def mesh_shape(mesh: str, parallel: str, process_count: int,
     shape = {name: device_count // known if size == -1 else size for name, size in shape.items()}
   if math.prod(shape.values()) != device_count:
     raise UsageError(
-        f"config.mesh={mesh!r} does not fit the job's {device_count} devices ({process_count} "
-        f"process(es) x {local_device_count} devices): make data x fsdp = {device_count}, e.g. "
-        f"--config.mesh=data:{process_count},fsdp:{local_device_count} (fsdp within each "
-        "process, the default)")
+      f"config.mesh={mesh!r} does not fit the job's {device_count} devices ({process_count} "
+      f"process(es) x {local_device_count} devices): make data x fsdp = {device_count}, e.g. "
+      f"--config.mesh=data:{process_count},fsdp:{local_device_count} (fsdp within each "
+      "process, the default)"
+    )
   return shape
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
   """The dtype the loss computes in, or None for float32 (no casts at all)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   return None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
 
 
-def layout(batch_size: int, process_index: int, process_count: int,
-           local_device_count: int, grad_accum_steps: int = 1) -> Layout:
+def layout(
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  local_device_count: int,
+  grad_accum_steps: int = 1,
+) -> Layout:
   """Splits a global batch over processes and their devices, or says which sizes would split."""
   device_count = process_count * local_device_count
   if batch_size % device_count:
@@ -286,17 +401,23 @@ def layout(batch_size: int, process_index: int, process_count: int,
     upper = lower + device_count
     nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
     raise UsageError(
-        f"config.batch_size={batch_size} does not divide over {device_count} devices "
-        f"({process_count} process(es) x {local_device_count} local devices): "
-        f"use a multiple of {device_count}, e.g. {nearest}")
+      f"config.batch_size={batch_size} does not divide over {device_count} devices "
+      f"({process_count} process(es) x {local_device_count} local devices): "
+      f"use a multiple of {device_count}, e.g. {nearest}"
+    )
   host_batch_size = batch_size // process_count
   per_device = host_batch_size // local_device_count
   if per_device % grad_accum_steps:
     raise UsageError(
-        f"config.grad_accum_steps={grad_accum_steps} does not divide the per-device batch of "
-        f"{per_device} (config.batch_size={batch_size} over {device_count} devices): use a "
-        f"batch size that is a multiple of {device_count * grad_accum_steps}, or fewer steps")
-  return Layout(process_index=process_index, process_count=process_count,
-                local_device_count=local_device_count, global_batch_size=batch_size,
-                host_batch_size=host_batch_size,
-                per_device_batch_size=host_batch_size // local_device_count)
+      f"config.grad_accum_steps={grad_accum_steps} does not divide the per-device batch of "
+      f"{per_device} (config.batch_size={batch_size} over {device_count} devices): use a "
+      f"batch size that is a multiple of {device_count * grad_accum_steps}, or fewer steps"
+    )
+  return Layout(
+    process_index=process_index,
+    process_count=process_count,
+    local_device_count=local_device_count,
+    global_batch_size=batch_size,
+    host_batch_size=host_batch_size,
+    per_device_batch_size=host_batch_size // local_device_count,
+  )

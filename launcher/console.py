@@ -26,8 +26,11 @@ class _LibraryNoise(std_logging.Filter):
       return False
     if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
       return False
-    return (record.levelno >= std_logging.WARNING or path.startswith(_LAUNCHER_DIR)
-            or not any(part in path for part in ("site-packages", "dist-packages")))
+    return (
+      record.levelno >= std_logging.WARNING
+      or path.startswith(_LAUNCHER_DIR)
+      or not any(part in path for part in ("site-packages", "dist-packages"))
+    )
 
 
 class _Plain(std_logging.Formatter):
@@ -98,13 +101,15 @@ def usage_error(message: str) -> None:
 
 def print_help(main_module) -> None:
   """The launcher's own flags and where to find the config keys, on stdout."""
-  print("usage: python -m launcher --config=CONFIG_FILE[:VARIANT] --workdir=DIR "
-        "[--config.KEY=VALUE ...] [flags]\n\n"
-        "Trains the config's workload on every device of every process; a workdir that holds "
-        "checkpoints resumes.\n\n"
-        "Config keys: python -m launcher --config=configs/lm.py --show_config prints every key of "
-        "a config with its value and meaning (overrides applied).\n"
-        "Configs shipped: configs/linear.py, configs/classifier.py, configs/lm.py:tiny|small|"
-        "medium.\n\nflags:")
+  print(
+    "usage: python -m launcher --config=CONFIG_FILE[:VARIANT] --workdir=DIR "
+    "[--config.KEY=VALUE ...] [flags]\n\n"
+    "Trains the config's workload on every device of every process; a workdir that holds "
+    "checkpoints resumes.\n\n"
+    "Config keys: python -m launcher --config=configs/lm.py --show_config prints every key of "
+    "a config with its value and meaning (overrides applied).\n"
+    "Configs shipped: configs/linear.py, configs/classifier.py, configs/lm.py:tiny|small|"
+    "medium.\n\nflags:"
+  )
   print(flags.FLAGS.module_help(main_module))
   print("\n--verbosity=1 shows every library's log lines; --helpfull lists every library's flags.")

@@ -20,7 +20,7 @@ import collections
 import functools
 import glob
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -48,8 +48,12 @@ def find_files(location: str) -> tuple[str, list[str]]:
   if remote:
     storage.path(location)  # Checks the scheme and the bucket name.
     fs = storage._filesystem()  # pylint: disable=protected-access
-    found = storage.call(f"listing {location}", storage.path(location), fs.glob,
-                         location if glob.has_magic(location) else location.rstrip("/") + "/*")
+    found = storage.call(
+      f"listing {location}",
+      storage.path(location),
+      fs.glob,
+      location if glob.has_magic(location) else location.rstrip("/") + "/*",
+    )
     if not found and fs.isfile(location):
       found = [location]
     paths = sorted("gs://" + p.removeprefix("gs://") for p in found)
@@ -60,16 +64,22 @@ def find_files(location: str) -> tuple[str, list[str]]:
   paths = [p for p in paths if _format_of(os.path.basename(p))]
   kinds = {_format_of(os.path.basename(p)) for p in paths}
   if not paths:
-    raise UsageError(f"config.data={location!r}: no Parquet (*.parquet) or ArrayRecord "
-                     "(*.array_record*) files there: give a directory, a glob or a file of a corpus "
-                     "(python -m launcher.corpus writes one from text files)")
+    raise UsageError(
+      f"config.data={location!r}: no Parquet (*.parquet) or ArrayRecord "
+      "(*.array_record*) files there: give a directory, a glob or a file of a corpus "
+      "(python -m launcher.corpus writes one from text files)"
+    )
   if len(kinds) > 1:
-    raise UsageError(f"config.data={location!r} holds both Parquet and ArrayRecord files: point it "
-                     "at one kind (a glob such as DIR/*.parquet)")
+    raise UsageError(
+      f"config.data={location!r} holds both Parquet and ArrayRecord files: point it "
+      "at one kind (a glob such as DIR/*.parquet)"
+    )
   if remote and kinds == {"array_record"}:
-    raise UsageError(f"config.data={location!r}: ArrayRecord files are read from a local or "
-                     "shared filesystem (array_record's reader has no GCS); copy them there, or "
-                     "use Parquet shards, which are read from gs:// directly")
+    raise UsageError(
+      f"config.data={location!r}: ArrayRecord files are read from a local or "
+      "shared filesystem (array_record's reader has no GCS); copy them there, or "
+      "use Parquet shards, which are read from gs:// directly"
+    )
   return kinds.pop(), paths
 
 
@@ -104,6 +114,7 @@ class Records:
     for f, path in enumerate(self.paths):
       if self.format == "parquet":
         import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
+
         for group in range(self._parquet(f).metadata.num_row_groups):
           parts.append(pc.binary_length(self._row_group(f, group)).to_numpy(zero_copy_only=False))
       else:
@@ -124,13 +135,16 @@ class Records:
     except UsageError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # Whatever a damaged file raises.
-      raise UsageError(f"config.data: {path} cannot be read as {self.format} "
-                       f"({one_line(e, 200)})") from None
+      raise UsageError(
+        f"config.data: {path} cannot be read as {self.format} ({one_line(e, 200)})"
+      ) from None
     columns = metadata.schema.to_arrow_schema()
     if self.column not in columns.names:
-      raise UsageError(f"config.data: {path} has no column {self.column!r} (its columns: "
-                       f"{', '.join(columns.names)}): write the text into a column named "
-                       f"{self.column!r}")
+      raise UsageError(
+        f"config.data: {path} has no column {self.column!r} (its columns: "
+        f"{', '.join(columns.names)}): write the text into a column named "
+        f"{self.column!r}"
+      )
     kind = str(columns.field(self.column).type)
     if kind not in ("string", "large_string", "binary", "large_binary"):
       raise UsageError(f"config.data: {path}'s column {self.column!r} holds {kind}, not text")
@@ -139,11 +153,15 @@ class Records:
   def _parquet(self, f: int):
     if ("file", f) not in self._open:
       import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
       path = self.paths[f]
       # fsspec's plain read-ahead cache (gcsfs's "adaptive" default leaves prefetch tasks
       # pending at exit).
-      source = (storage._filesystem().open(path, "rb", cache_type="readahead")  # pylint: disable=protected-access
-                if path.startswith("gs://") else path)
+      source = (
+        storage._filesystem().open(path, "rb", cache_type="readahead")  # pylint: disable=protected-access
+        if path.startswith("gs://")
+        else path
+      )
       self._open[("file", f)] = pq.ParquetFile(source)
     return self._open[("file", f)]
 
@@ -165,6 +183,7 @@ class Records:
       cache.move_to_end((f, group))
       return cache[(f, group)]
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
     column = self._parquet(f).read_row_group(group, columns=[self.column]).column(0)
     rows = cache[(f, group)] = column.combine_chunks().cast(pa.binary())
     while sum(value.nbytes for value in cache.values()) > ROW_GROUP_CACHE_BYTES and len(cache) > 1:
@@ -174,6 +193,7 @@ class Records:
   def _array_record(self, f: int):
     if ("file", f) not in self._open:
       from grain.sources import ArrayRecordDataSource  # pylint: disable=import-outside-toplevel
+
       self._open[("file", f)] = ArrayRecordDataSource([self.paths[f]])
     return self._open[("file", f)]
 
@@ -203,13 +223,16 @@ class Tokenizer:
       try:
         from tokenizers import Tokenizer as HfTokenizer  # pylint: disable=import-outside-toplevel
       except ImportError:
-        raise UsageError("config.tokenizer needs Hugging Face tokenizers: pip install -e "
-                         "'.[data]'") from None
+        raise UsageError(
+          "config.tokenizer needs Hugging Face tokenizers: pip install -e '.[data]'"
+        ) from None
       try:
         self._tokenizer = HfTokenizer.from_file(self.path)
       except Exception as e:  # pylint: disable=broad-except  # Its Rust errors.
-        raise UsageError(f"config.tokenizer={self.path!r} does not load as a Hugging Face "
-                         f"tokenizers file ({one_line(e, 200)}): give a tokenizer.json") from None
+        raise UsageError(
+          f"config.tokenizer={self.path!r} does not load as a Hugging Face "
+          f"tokenizers file ({one_line(e, 200)}): give a tokenizer.json"
+        ) from None
     return self._tokenizer
 
   @property
@@ -226,16 +249,26 @@ class Windows:
   """Windows of `seq_len + 1` tokens over records [first, last) of `records` (see the module's
   docstring), by random access; each is {"tokens": int32 [seq_len + 1], "id": its index}."""
 
-  def __init__(self, records: Records, lengths: np.ndarray, first: int, last: int, seq_len: int,
-               tokenizer: Tokenizer):
+  def __init__(
+    self,
+    records: Records,
+    lengths: np.ndarray,
+    first: int,
+    last: int,
+    seq_len: int,
+    tokenizer: Tokenizer,
+  ):
     self.records, self.seq_len, self.tokenizer = records, seq_len, tokenizer
     kept = np.flatnonzero(lengths[first:last] >= 0) + first
     self._record_ids = kept
     self._ends = np.cumsum(lengths[kept] + len(SEPARATOR))
     self.total_bytes = int(self._ends[-1]) if len(kept) else 0
     self.stride = seq_len if not tokenizer.path else self._bytes_per_window()
-    self._windows = (max(0, (self.total_bytes - 1) // seq_len) if not tokenizer.path else
-                     max(0, self.total_bytes // self.stride - 1))
+    self._windows = (
+      max(0, (self.total_bytes - 1) // seq_len)
+      if not tokenizer.path
+      else max(0, self.total_bytes // self.stride - 1)
+    )
 
   def __len__(self) -> int:
     return self._windows
@@ -266,7 +299,7 @@ class Windows:
         break
       pieces.append(self.records[int(self._record_ids[k])] + SEPARATOR)
       position = int(self._ends[k])
-    return b"".join(pieces)[start - offset:end - offset]
+    return b"".join(pieces)[start - offset : end - offset]
 
   def _bytes_per_window(self) -> int:
     """The bytes that hold seq_len tokens, measured on the split's first records (up to 1 MB)."""
@@ -281,26 +314,36 @@ def _records_and_lengths(location: str) -> tuple[Records, np.ndarray]:
   lengths = records.lengths()
   bad = int((lengths < 0).sum())
   if bad:
-    logging.warning("config.data=%s: skipped %d of %d records that are not UTF-8", location, bad,
-                    len(lengths))
+    logging.warning(
+      "config.data=%s: skipped %d of %d records that are not UTF-8", location, bad, len(lengths)
+    )
   return records, lengths
 
 
-def windows(location: str, split: str, *, seq_len: int, eval_fraction: float,
-            tokenizer: Tokenizer) -> Windows:
+def windows(
+  location: str, split: str, *, seq_len: int, eval_fraction: float, tokenizer: Tokenizer
+) -> Windows:
   """The split's windows of a corpus: eval is its last `eval_fraction` of records (at least one),
   train the rest; they share no record."""
   records, lengths = _records_and_lengths(location)
   if len(records) < 2:
-    raise UsageError(f"config.data={location!r} holds {len(records)} record(s): a corpus needs at "
-                     "least two (one for training, one held out)")
+    raise UsageError(
+      f"config.data={location!r} holds {len(records)} record(s): a corpus needs at "
+      "least two (one for training, one held out)"
+    )
   eval_start = min(len(records) - 1, int(len(records) * (1 - eval_fraction)))
   first, last = (0, eval_start) if split == "train" else (eval_start, len(records))
   return Windows(records, lengths, first, last, seq_len, tokenizer)
 
 
-def write(texts: Sequence[str], out: str, *, format: str = "parquet", shards: int = 1,  # pylint: disable=redefined-builtin
-          row_group_size: int = 1024) -> list[str]:
+def write(
+  texts: Sequence[str],
+  out: str,
+  *,
+  format: str = "parquet",
+  shards: int = 1,  # pylint: disable=redefined-builtin
+  row_group_size: int = 1024,
+) -> list[str]:
   """Writes `texts` (one record each) as `shards` files of a corpus under the directory `out`;
   returns their paths."""
   if format not in FORMATS:
@@ -308,15 +351,18 @@ def write(texts: Sequence[str], out: str, *, format: str = "parquet", shards: in
   os.makedirs(out, exist_ok=True)
   paths = []
   for shard in range(shards):
-    part = texts[len(texts) * shard // shards:len(texts) * (shard + 1) // shards]
+    part = texts[len(texts) * shard // shards : len(texts) * (shard + 1) // shards]
     if format == "parquet":
       import pyarrow as pa  # pylint: disable=import-outside-toplevel
       import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
       path = os.path.join(out, f"data-{shard:05d}-of-{shards:05d}.parquet")
-      pq.write_table(pa.table({"text": pa.array(list(part), pa.string())}), path,
-                     row_group_size=row_group_size)
+      pq.write_table(
+        pa.table({"text": pa.array(list(part), pa.string())}), path, row_group_size=row_group_size
+      )
     else:
       from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+
       path = os.path.join(out, f"data.array_record-{shard:05d}-of-{shards:05d}")
       writer = ArrayRecordWriter(path, "group_size:1")
       for text in part:
@@ -327,9 +373,9 @@ def write(texts: Sequence[str], out: str, *, format: str = "parquet", shards: in
 
 
 RECORD_KINDS = {
-    "file": lambda text: [text],
-    "paragraph": lambda text: [p.strip("\n") for p in text.split("\n\n") if p.strip()],
-    "line": lambda text: [line for line in text.splitlines() if line.strip()],
+  "file": lambda text: [text],
+  "paragraph": lambda text: [p.strip("\n") for p in text.split("\n\n") if p.strip()],
+  "line": lambda text: [line for line in text.splitlines() if line.strip()],
 }
 
 
@@ -338,22 +384,27 @@ def main(argv: Sequence[str]) -> None:
   [--record=paragraph|line|file] FILE...: writes the UTF-8 text files as a corpus, one record per
   paragraph (default), line or file."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   del flags
   texts = []
   for name in argv[1:]:
     with open(name, encoding="utf-8") as f:
       texts.extend(RECORD_KINDS[_RECORD.value](f.read()))
   paths = write(texts, _OUT.value, format=_FORMAT.value, shards=_SHARDS.value)
-  print(f"wrote {len(texts)} records ({sum(len(t.encode()) for t in texts):,} bytes) as "
-        f"{len(paths)} {_FORMAT.value} file(s) in {_OUT.value}; train on them with "
-        f"--config.data={_OUT.value}")
+  print(
+    f"wrote {len(texts)} records ({sum(len(t.encode()) for t in texts):,} bytes) as "
+    f"{len(paths)} {_FORMAT.value} file(s) in {_OUT.value}; train on them with "
+    f"--config.data={_OUT.value}"
+  )
 
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=ungrouped-imports
+
   _OUT = flags.DEFINE_string("out", None, "The directory to write the corpus into.", required=True)
   _FORMAT = flags.DEFINE_enum("format", "parquet", FORMATS, "The files' format.")
   _SHARDS = flags.DEFINE_integer("shards", 1, "How many files.", lower_bound=1)
-  _RECORD = flags.DEFINE_enum("record", "paragraph", list(RECORD_KINDS),
-                              "What of the text files one record is.")
+  _RECORD = flags.DEFINE_enum(
+    "record", "paragraph", list(RECORD_KINDS), "What of the text files one record is."
+  )
   app.run(main)

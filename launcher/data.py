@@ -13,19 +13,28 @@ import multiprocessing
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 
 Batch = dict[str, np.ndarray]
 
 
-def batch_indices(num_records: int, *, batch_size: int, process_index: int, process_count: int,
-                  seed: int | None = None, repeat: bool = True, start: int = 0) -> grain.MapDataset:
+def batch_indices(
+  num_records: int,
+  *,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int | None = None,
+  repeat: bool = True,
+  start: int = 0,
+) -> grain.MapDataset:
   """Record indices of this process's share of each global batch: element t is its slice of
   batch start + t.
 
@@ -43,8 +52,15 @@ def batch_indices(num_records: int, *, batch_size: int, process_index: int, proc
   return indices[process_index::process_count][start:]
 
 
-def from_source(source: Any, config: Any, split: str, process_index: int, process_count: int,
-                start: int = 0, transform: Callable[[Any], Batch] | None = None) -> Iterator[Batch]:
+def from_source(
+  source: Any,
+  config: Any,
+  split: str,
+  process_index: int,
+  process_count: int,
+  start: int = 0,
+  transform: Callable[[Any], Batch] | None = None,
+) -> Iterator[Batch]:
   """The contract's host batches from any random-access source (`len(source)`, `source[i]`:
   grain's ArrayRecordDataSource, launcher.corpus's sources, a numpy memmap, a Hugging Face
   Dataset): process i's slice of each global batch from `start` on, of
@@ -56,9 +72,15 @@ def from_source(source: Any, config: Any, split: str, process_index: int, proces
   any number of workers.
   """
   train = split == "train"
-  indices = batch_indices(len(source), batch_size=config.batch_size, process_index=process_index,
-                          process_count=process_count, seed=config.seed if train else None,
-                          repeat=train, start=start)
+  indices = batch_indices(
+    len(source),
+    batch_size=config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=config.seed if train else None,
+    repeat=train,
+    start=start,
+  )
   host_batches = indices.map(_ReadBatch(source, transform))
   workers = config.get("data_workers", 0)
   if not workers or not train:
@@ -101,8 +123,9 @@ def _in_workers(host_batches: grain.MapDataset, workers: int) -> Iterator[Batch]
   if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app, defaults.
     flags.FLAGS.mark_as_parsed()
   dataset = grain.experimental.WithOptionsIterDataset(
-      host_batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
-      grain.experimental.DatasetOptions(min_shm_size=1 << 62))  # Batches come back pickled.
+    host_batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+    grain.experimental.DatasetOptions(min_shm_size=1 << 62),
+  )  # Batches come back pickled.
   iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
   try:
     yield from iterator
@@ -140,25 +163,40 @@ def prefetch(batches: Iterator, put: Callable[[Batch], Any], size: int = 2) -> I
     yield queue.popleft()
 
 
-def train_batches(host_batches: Iterator[Batch], *, steps_per_call: int, put: Callable[..., Any],
-                  check: Callable[..., None], first_number: int = 0) -> Iterator:
+def train_batches(
+  host_batches: Iterator[Batch],
+  *,
+  steps_per_call: int,
+  put: Callable[..., Any],
+  check: Callable[..., None],
+  first_number: int = 0,
+) -> Iterator:
   """Per-call batches on the devices, two calls ahead; `put` is the executor's placement and
   `check(batch, number=t)` raises on a batch that breaks the workload contract (the first host
   batch is global batch `first_number`)."""
-  return prefetch(group(_checked(host_batches, check, first_number), steps_per_call),
-                  lambda batch: put(batch, stacked=steps_per_call > 1))
+  return prefetch(
+    group(_checked(host_batches, check, first_number), steps_per_call),
+    lambda batch: put(batch, stacked=steps_per_call > 1),
+  )
 
 
-def _checked(batches: Iterator[Batch], check: Callable[..., None],
-             first_number: int = 0) -> Iterator[Batch]:
+def _checked(
+  batches: Iterator[Batch], check: Callable[..., None], first_number: int = 0
+) -> Iterator[Batch]:
   for number, batch in enumerate(batches, start=first_number):
     check(batch, number=number)
     yield batch
 
 
-def eval_batches(host_batches: Iterator[Batch], *, example: Batch, host_batch_size: int,
-                 process_count: int, put: Callable[..., Any],
-                 check: Callable[[Batch], None]) -> Iterator:
+def eval_batches(
+  host_batches: Iterator[Batch],
+  *,
+  example: Batch,
+  host_batch_size: int,
+  process_count: int,
+  put: Callable[..., Any],
+  check: Callable[[Batch], None],
+) -> Iterator:
   """Eval batches padded to the host batch size with a `mask` (1 = real example), on the devices;
   `check` raises on a batch that breaks the workload contract.
 
@@ -190,7 +228,9 @@ def pad(batch: Batch, size: int) -> Batch:
   rows = len(next(iter(batch.values())))
   if rows > size:
     raise ValueError(f"eval batch has {rows} rows, more than the host batch size {size}")
-  padded = {k: np.concatenate([v, np.zeros((size - rows,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}
+  padded = {
+    k: np.concatenate([v, np.zeros((size - rows,) + v.shape[1:], v.dtype)])
+    for k, v in batch.items()
+  }
   padded["mask"] = (np.arange(size) < rows).astype(np.float32)
   return padded

@@ -43,12 +43,14 @@ class Pmap:
   def __init__(self):
     # One sharding object for every batch: pmap recognizes it (a cache keyed on the object) and
     # takes the batch as it is, where a new but equal object costs a re-layout per call.
-    self._local_split = NamedSharding(Mesh(np.array(jax.local_devices()), ("_local",)),
-                                      PartitionSpec("_local"))
+    self._local_split = NamedSharding(
+      Mesh(np.array(jax.local_devices()), ("_local",)), PartitionSpec("_local")
+    )
     # The sharding of pmap's own outputs: a state or metrics placed in it is taken as it is by
     # every call, where another layout (flax's replicate) compiles the step again.
-    self._replicated = NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)),
-                                     PartitionSpec(AXIS))
+    self._replicated = NamedSharding(
+      Mesh(np.array(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS)
+    )
 
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
     """fn(replicated, replicated, batch) on every local device; `stacked`: batch is [K, ...]."""
@@ -57,10 +59,16 @@ class Pmap:
 
   def map_train(self, *, steps_per_call: int, **step_kwargs):
     """K train steps per call (step.train_call) on every device; the state argument is donated."""
-    return self.map(functools.partial(step.train_call, steps_per_call=steps_per_call,
-                                      one_gradient_all_reduce=combines_no_all_reduces(),
-                                      **step_kwargs), stacked=steps_per_call > 1,
-                    donate_argnums=(0,))
+    return self.map(
+      functools.partial(
+        step.train_call,
+        steps_per_call=steps_per_call,
+        one_gradient_all_reduce=combines_no_all_reduces(),
+        **step_kwargs,
+      ),
+      stacked=steps_per_call > 1,
+      donate_argnums=(0,),
+    )
 
   def map_eval(self, loss_fn):
     """step.eval_step on every device."""
@@ -81,7 +89,8 @@ class Pmap:
     def one(x):
       shards = {shard.device: shard.data for shard in x.addressable_shards}
       return jax.make_array_from_single_device_arrays(
-          (len(devices),) + x.shape, self._replicated, [shards[d][None] for d in devices])
+        (len(devices),) + x.shape, self._replicated, [shards[d][None] for d in devices]
+      )
 
     return jax.tree.map(one, global_state)
 
@@ -91,8 +100,9 @@ class Pmap:
 
     def one(x):
       copies = [jax.device_put(np.asarray(x)[None], device) for device in devices]
-      return jax.make_array_from_single_device_arrays((len(devices),) + np.shape(x),
-                                                      self._replicated, copies)
+      return jax.make_array_from_single_device_arrays(
+        (len(devices),) + np.shape(x), self._replicated, copies
+      )
 
     return jax.tree.map(one, tree)
 
@@ -111,8 +121,9 @@ class Pmap:
         return np.swapaxes(x, 0, 1)
       return x.reshape((d, x.shape[0] // d) + x.shape[1:])
 
-    return jax.device_put(jax.tree.map(lambda x: split(np.asarray(x)), host_batch),
-                          self._local_split)
+    return jax.device_put(
+      jax.tree.map(lambda x: split(np.asarray(x)), host_batch), self._local_split
+    )
 
   def global_state(self, replicated_tree):
     """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, as a
@@ -141,9 +152,13 @@ class ShardMap:
     # check_vma=False: CLU's gather_from_model_output needs it, and with it jax.grad of the
     # replicated params is per device, exactly as under pmap (lax.pmean then averages it).
     batch_spec = (self._stacked_split if stacked else self._split).spec
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(),
-                                                         batch_spec),
-                           out_specs=PartitionSpec(), check_vma=False)
+    mapped = jax.shard_map(
+      fn,
+      mesh=self.mesh,
+      in_specs=(PartitionSpec(), PartitionSpec(), batch_spec),
+      out_specs=PartitionSpec(),
+      check_vma=False,
+    )
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
   map_train = Pmap.map_train
@@ -162,8 +177,9 @@ class ShardMap:
 
   def replicate(self, tree):
     """Whole arrays on every device of the job."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        self._replicated, np.asarray(x)), tree)
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree
+    )
 
   def unreplicate(self, tree):
     """This process's first device's copy (no gather across devices)."""
@@ -172,8 +188,9 @@ class ShardMap:
   def put(self, host_batch, *, stacked: bool = False):
     """This process's [host_batch, ...] (or [K, host_batch, ...]) as its part of a global batch."""
     sharding = self._stacked_split if stacked else self._split
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        host_batch)
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
+    )
 
   def global_state(self, tree):
     """Already job-wide arrays."""
@@ -201,19 +218,26 @@ class Fsdp:
     """A NamedSharding per leaf (`default_spec`; the params of a TrainState by `partition`)."""
     size = self.mesh.shape[FSDP]
     shardings = jax.tree.map(
-        lambda x: NamedSharding(self.mesh, default_spec(np.shape(x), size)), tree)
+      lambda x: NamedSharding(self.mesh, default_spec(np.shape(x), size)), tree
+    )
     if isinstance(tree, TrainState) and self._partition is not None:
       specs = self._partition(tree.params)
-      shardings = shardings.replace(params=jax.tree.map(
-          lambda spec: NamedSharding(self.mesh, spec), specs,
-          is_leaf=lambda x: isinstance(x, PartitionSpec)))
+      shardings = shardings.replace(
+        params=jax.tree.map(
+          lambda spec: NamedSharding(self.mesh, spec),
+          specs,
+          is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+      )
     return shardings
 
   def describe(self) -> str:
     """The mesh, and how many processes an fsdp group spans (1: its gathers stay in a host)."""
     spans = max(len({device.process_index for device in group}) for group in self.mesh.devices)
-    return (f"fsdp on a data:{self.mesh.shape[DATA]} x fsdp:{self.mesh.shape[FSDP]} mesh, each "
-            f"fsdp group within {spans} process(es)")
+    return (
+      f"fsdp on a data:{self.mesh.shape[DATA]} x fsdp:{self.mesh.shape[FSDP]} mesh, each "
+      f"fsdp group within {spans} process(es)"
+    )
 
   def state_shardings(self, state_like: TrainState):
     """The job-wide shardings of the train state (fixed for the run: map_train compiles to them)."""
@@ -227,8 +251,14 @@ class Fsdp:
     """Host values split over the devices as `shardings` says (the state is not copied whole)."""
     shardings = self.state_shardings(tree) if isinstance(tree, TrainState) else self.shardings(tree)
     return jax.tree.map(
-        lambda x, sharding: jax.make_array_from_callback(
-            np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree, shardings)
+      lambda x, sharding: jax.make_array_from_callback(
+        np.shape(x),
+        sharding,
+        lambda index, x=np.asarray(x): x[index],  # noqa: B008
+      ),
+      tree,
+      shardings,
+    )
 
   def unreplicate(self, tree):
     """Whole arrays: a replicated one from this process's first device, a sharded one gathered
@@ -245,17 +275,23 @@ class Fsdp:
 
   def map_eval(self, loss_fn):
     """step.eval_step on global arrays: the params stay sharded, the batch split over every device."""
-    return jax.jit(functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=None),
-                   out_shardings=self._replicated)
+    return jax.jit(
+      functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=None),
+      out_shardings=self._replicated,
+    )
 
   def map_train(self, *, steps_per_call: int, **step_kwargs):
     """K train steps per call over the sharded state (step.global_train_call); the loss is traced
     with `constrain_to_batch` on."""
     if self._state_shardings is None:
       raise RuntimeError("Fsdp needs the state's shardings: call state_shardings(state) first")
-    call = functools.partial(step.global_train_call, steps_per_call=steps_per_call,
-                             param_shardings=self._state_shardings.params,
-                             microbatch_sharding=self._stacked_split, **step_kwargs)
+    call = functools.partial(
+      step.global_train_call,
+      steps_per_call=steps_per_call,
+      param_shardings=self._state_shardings.params,
+      microbatch_sharding=self._stacked_split,
+      **step_kwargs,
+    )
 
     def traced(*args):
       token = _BATCH_SHARDING.set(self._split)
@@ -264,8 +300,9 @@ class Fsdp:
       finally:
         _BATCH_SHARDING.reset(token)
 
-    return jax.jit(traced, donate_argnums=(0,), out_shardings=(self._state_shardings,
-                                                               self._replicated))
+    return jax.jit(
+      traced, donate_argnums=(0,), out_shardings=(self._state_shardings, self._replicated)
+    )
 
 
 _BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
@@ -290,8 +327,11 @@ def combines_no_all_reduces() -> bool:
 def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:
   """Split over the `fsdp` axis on the largest array axis that divides by its size (the first of
   equal ones); replicated when none does."""
-  divisible = [axis for axis in range(len(shape)) if shape[axis] % device_count == 0
-               and shape[axis] >= device_count]
+  divisible = [
+    axis
+    for axis in range(len(shape))
+    if shape[axis] % device_count == 0 and shape[axis] >= device_count
+  ]
   if not divisible:
     return PartitionSpec()
   axis = max(divisible, key=lambda a: (shape[a], -a))
@@ -315,7 +355,8 @@ def data_fsdp_mesh(mesh_shape: dict[str, int]) -> Mesh:
   local = jax.local_device_count()
   if local % fsdp == 0 and jax.process_count() > 1:
     devices = mesh_utils.create_hybrid_device_mesh(
-        (local // fsdp, fsdp), (jax.process_count(), 1), jax.devices(), process_is_granule=True)
+      (local // fsdp, fsdp), (jax.process_count(), 1), jax.devices(), process_is_granule=True
+    )
   else:
     devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
     devices = devices.reshape(data, fsdp)
@@ -335,9 +376,14 @@ def step_memory(mapped_fn, *args) -> dict[str, int]:
   analysis = mapped_fn.lower(*args).compile().memory_analysis()
   if analysis is None:
     return {}
-  return {"step_memory_bytes_per_device": int(
-      analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
-      analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)}
+  return {
+    "step_memory_bytes_per_device": int(
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+    )
+  }
 
 
 def state_bytes_per_device(tree) -> int:
@@ -370,10 +416,16 @@ def enable_compilation_cache(directory: str) -> None:
         pass
     except OSError as e:
       if given:
-        raise UsageError(f"config.compilation_cache_dir={given!r} cannot be used ({e}): give a "
-                         "directory this user can write, or none to compile every start") from None
-      logging.warning("the compilation cache %s cannot be used (%s): compiling every start; "
-                      "set --config.compilation_cache_dir to a writable directory", directory, e)
+        raise UsageError(
+          f"config.compilation_cache_dir={given!r} cannot be used ({e}): give a "
+          "directory this user can write, or none to compile every start"
+        ) from None
+      logging.warning(
+        "the compilation cache %s cannot be used (%s): compiling every start; "
+        "set --config.compilation_cache_dir to a writable directory",
+        directory,
+        e,
+      )
       return
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

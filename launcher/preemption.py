@@ -26,8 +26,9 @@ def _note(signum, frame):
   global _notice
   if _notice is None:
     _notice = signal.Signals(signum).name
-  logging.warning("received %s: saving a checkpoint and stopping at the next step",
-                  signal.Signals(signum).name)
+  logging.warning(
+    "received %s: saving a checkpoint and stopping at the next step", signal.Signals(signum).name
+  )
 
 
 def joined(distributed: bool) -> None:
@@ -52,6 +53,7 @@ class Preemption:
 
   def __init__(self):
     import jax  # pylint: disable=import-outside-toplevel
+
     self._distributed = jax.process_count() > 1
     if not self._distributed:
       install()  # A run started from Python (train.run) rather than `python -m launcher`.
@@ -60,5 +62,6 @@ class Preemption:
     """True once, on every process at the same step, after a notice reached any process."""
     if self._distributed:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
       return multihost_utils.reached_preemption_sync_point(step)
     return _notice is not None

@@ -19,9 +19,16 @@ from etils import epath  # pylint: disable=wrong-import-position
 from launcher import storage  # pylint: disable=wrong-import-position
 from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 
-GOODPUT_PARTS = ("startup", "compile", "productive steps", "waiting for data",
-                 "blocked by checkpoint saves", "eval", "lost to restarts",
-                 "other (reporting, shutdown)")
+GOODPUT_PARTS = (
+  "startup",
+  "compile",
+  "productive steps",
+  "waiting for data",
+  "blocked by checkpoint saves",
+  "eval",
+  "lost to restarts",
+  "other (reporting, shutdown)",
+)
 
 
 def host_records(workdir: epath.Path) -> dict[int, list[dict]]:
@@ -87,8 +94,11 @@ def goodput(records: list[dict]) -> dict[str, float]:
       parts["eval"] += record["eval_s"] * kept
       # The window's steps, less the data wait inside them; what is left is the report's own work.
       rest = record["window_s"] - waits
-      on_steps = min(record.get("steps_s", rest + record["data_wait_s"]) - record["data_wait_s"],
-                     rest) if steps else 0.0
+      on_steps = (
+        min(record.get("steps_s", rest + record["data_wait_s"]) - record["data_wait_s"], rest)
+        if steps
+        else 0.0
+      )
       parts["productive steps"] += on_steps * kept
       parts["other (reporting, shutdown)"] += (rest - on_steps) * kept
     parts["lost to restarts"] += _lost_tail(run, next_run)
@@ -97,8 +107,10 @@ def goodput(records: list[dict]) -> dict[str, float]:
 
 def wall_time(records: list[dict]) -> float:
   """One host's seconds over every start: each start's own, and the gap after a killed one."""
-  return sum(run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] + _lost_tail(run, next_run)
-             for run, next_run in _with_next(segments(records)))
+  return sum(
+    run[0]["startup_s"] + run[-1]["time"] - run[0]["time"] + _lost_tail(run, next_run)
+    for run, next_run in _with_next(segments(records))
+  )
 
 
 def host_table(records: dict[int, list[dict]]) -> list[dict]:
@@ -108,12 +120,16 @@ def host_table(records: dict[int, list[dict]]) -> list[dict]:
     reports = [r for r in host if r["event"] == "report"]
     seconds = sum(r["window_s"] for r in reports)
     steps = sum(r["steps"] for r in reports)
-    rows.append({
-        "process": process, "hostname": start["hostname"], "devices": start["devices"],
+    rows.append(
+      {
+        "process": process,
+        "hostname": start["hostname"],
+        "devices": start["devices"],
         "steps_per_sec": steps / seconds if seconds else float("nan"),
         "data_wait_share": sum(r["data_wait_s"] for r in reports) / seconds if seconds else 0.0,
         "last_step": max((r["step"] for r in reports), default=start["first_step"]),
-    })
+      }
+    )
   measured = [row for row in rows if not math.isnan(row["steps_per_sec"])]
   slowest = min(measured, key=lambda row: row["steps_per_sec"]) if len(measured) > 1 else None
   for row in rows:
@@ -121,18 +137,27 @@ def host_table(records: dict[int, list[dict]]) -> list[dict]:
   return rows
 
 
-def plots(out: epath.Path, metrics: list[dict], records: dict[int, list[dict]],
-          table: list[dict]) -> list[str]:
+def plots(
+  out: epath.Path, metrics: list[dict], records: dict[int, list[dict]], table: list[dict]
+) -> list[str]:
   """Writes the PNGs into `out`; returns their file names. `table` is host_table(records)."""
   files = []
-  restarts = sorted({run[0]["first_step"] for host in records.values()
-                     for run in segments(host)[1:]})
+  restarts = sorted(
+    {run[0]["first_step"] for host in records.values() for run in segments(host)[1:]}
+  )
 
   def mark_restarts(axis):
     for step in restarts:
       axis.axvline(step, color="grey", linestyle="--", linewidth=1)
-      axis.annotate("restart", (step, 1), xycoords=("data", "axes fraction"), rotation=90,
-                    va="top", fontsize=8, color="grey")
+      axis.annotate(
+        "restart",
+        (step, 1),
+        xycoords=("data", "axes fraction"),
+        rotation=90,
+        va="top",
+        fontsize=8,
+        color="grey",
+      )
 
   def save(figure, name):
     figure.tight_layout()
@@ -157,10 +182,18 @@ def plots(out: epath.Path, metrics: list[dict], records: dict[int, list[dict]],
   for process, host in sorted(records.items()):
     reports = [r for r in host if r["event"] == "report" and "steps_per_sec" in r]  # Timed ones.
     t0 = host[0]["time"]
-    top.plot([r["time"] - t0 for r in reports], [r["steps_per_sec"] for r in reports], ".-",
-             label=f"process {process}")
-    bottom.plot([r["time"] - t0 for r in reports], [r["examples_per_sec"] for r in reports], ".-",
-                label=f"process {process}")
+    top.plot(
+      [r["time"] - t0 for r in reports],
+      [r["steps_per_sec"] for r in reports],
+      ".-",
+      label=f"process {process}",
+    )
+    bottom.plot(
+      [r["time"] - t0 for r in reports],
+      [r["examples_per_sec"] for r in reports],
+      ".-",
+      label=f"process {process}",
+    )
   top.set(ylabel="steps/s", title="Throughput")
   bottom.set(xlabel="seconds since the first start", ylabel="examples/s")
   top.legend(fontsize=8)
@@ -168,8 +201,11 @@ def plots(out: epath.Path, metrics: list[dict], records: dict[int, list[dict]],
 
   figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
   names = [f"{r['process']}{' (slowest)' if r['slowest'] else ''}" for r in table]
-  left.bar(names, [r["steps_per_sec"] for r in table],
-           color=["tab:red" if r["slowest"] else "tab:blue" for r in table])
+  left.bar(
+    names,
+    [r["steps_per_sec"] for r in table],
+    color=["tab:red" if r["slowest"] else "tab:blue" for r in table],
+  )
   left.set(xlabel="process", ylabel="steps/s", title="Speed per host")
   right.bar(names, [100 * r["data_wait_share"] for r in table], color="tab:orange")
   right.set(xlabel="process", ylabel="% of time", title="Waiting for data per host")
@@ -178,8 +214,12 @@ def plots(out: epath.Path, metrics: list[dict], records: dict[int, list[dict]],
   figure, axis = plt.subplots(figsize=(7, 3.5))
   for process, host in sorted(records.items()):
     reports = [r for r in host if r["event"] == "report"]
-    axis.plot([r["step"] for r in reports], [r["checkpoint_blocked_s"] for r in reports], ".-",
-              label=f"process {process}")
+    axis.plot(
+      [r["step"] for r in reports],
+      [r["checkpoint_blocked_s"] for r in reports],
+      ".-",
+      label=f"process {process}",
+    )
   axis.set(xlabel="step", ylabel="seconds", title="Time blocked by checkpoint saves per report")
   mark_restarts(axis)
   axis.legend(fontsize=8)
@@ -204,30 +244,52 @@ def build(location: str) -> str:
   runs = segments(main)
   finished = main[-1]["event"] == "end"
   restarts = ", ".join(str(run[0]["first_step"]) for run in runs[1:])
-  lines = [f"# Run report: {workdir}", "",
-           f"{len(records)} process(es), {len(runs)} start(s) "
-           f"({f'restarts at steps {restarts}' if restarts else 'no restart'}); "
-           f"{'finished' if finished else 'still running or stopped'} at step "
-           f"{max((r['step'] for r in main if r['event'] == 'report'), default=0)}.", "",
-           "## Goodput (process 0's wall time)", "",
-           "| part | seconds | share |", "| --- | ---: | ---: |"]
+  lines = [
+    f"# Run report: {workdir}",
+    "",
+    f"{len(records)} process(es), {len(runs)} start(s) "
+    f"({f'restarts at steps {restarts}' if restarts else 'no restart'}); "
+    f"{'finished' if finished else 'still running or stopped'} at step "
+    f"{max((r['step'] for r in main if r['event'] == 'report'), default=0)}.",
+    "",
+    "## Goodput (process 0's wall time)",
+    "",
+    "| part | seconds | share |",
+    "| --- | ---: | ---: |",
+  ]
   for name in GOODPUT_PARTS:
     lines.append(f"| {name} | {parts[name]:.2f} | {100 * parts[name] / wall:.1f}% |")
-  lines += [f"| **wall time** | {wall:.2f} | 100% |", "",
-            "## Per host", "",
-            "| process | hostname | devices | steps/s | data-wait share | last step |",
-            "| --- | --- | ---: | ---: | ---: | ---: |"]
+  lines += [
+    f"| **wall time** | {wall:.2f} | 100% |",
+    "",
+    "## Per host",
+    "",
+    "| process | hostname | devices | steps/s | data-wait share | last step |",
+    "| --- | --- | ---: | ---: | ---: | ---: |",
+  ]
   for row in table:
     mark = " **slowest**" if row["slowest"] else ""
-    lines.append(f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | "
-                 f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
-                 f"{row['last_step']} |")
+    lines.append(
+      f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | "
+      f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
+      f"{row['last_step']} |"
+    )
   lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
   path = out / "report.md"
   storage.write_text(path, "\n".join(lines) + "\n")
-  storage.write_text(out / "summary.json", json.dumps(
-      {"goodput_s": parts, "wall_s": wall, "hosts": table, "starts": len(runs),
-       "finished": finished}, indent=2))
+  storage.write_text(
+    out / "summary.json",
+    json.dumps(
+      {
+        "goodput_s": parts,
+        "wall_s": wall,
+        "hosts": table,
+        "starts": len(runs),
+        "finished": finished,
+      },
+      indent=2,
+    ),
+  )
   return str(path)
 
 

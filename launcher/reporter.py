@@ -29,22 +29,21 @@ from tensorboardX.proto import event_pb2, summary_pb2
 import launcher
 from launcher import storage
 
-
 # Dense bf16 peak FLOP/s per device, by a pattern of `jax.devices()[0].device_kind` (vendors'
 # datasheets; GPUs by form factor, which sets clocks and power). MFU is reported only for these:
 # on CPU, or a kind not listed, it is left out (and said once) rather than guessed.
 PEAK_FLOPS_PER_DEVICE = (
-    (r"TPU v4", 275e12),
-    (r"TPU v5 lite", 197e12),  # v5e
-    (r"TPU v5p|TPU v5$", 459e12),
-    (r"TPU v6 lite", 918e12),  # v6e (Trillium)
-    (r"NVIDIA H100 NVL", 835e12),
-    (r"NVIDIA H100 PCIe", 756e12),
-    (r"NVIDIA H100 (SXM|80GB HBM3)", 989e12),
-    (r"NVIDIA H200 NVL", 835e12),
-    (r"NVIDIA H200", 989e12),  # SXM
-    (r"NVIDIA GH200", 989e12),
-    (r"NVIDIA A100", 312e12),  # SXM and PCIe alike
+  (r"TPU v4", 275e12),
+  (r"TPU v5 lite", 197e12),  # v5e
+  (r"TPU v5p|TPU v5$", 459e12),
+  (r"TPU v6 lite", 918e12),  # v6e (Trillium)
+  (r"NVIDIA H100 NVL", 835e12),
+  (r"NVIDIA H100 PCIe", 756e12),
+  (r"NVIDIA H100 (SXM|80GB HBM3)", 989e12),
+  (r"NVIDIA H200 NVL", 835e12),
+  (r"NVIDIA H200", 989e12),  # SXM
+  (r"NVIDIA GH200", 989e12),
+  (r"NVIDIA A100", 312e12),  # SXM and PCIe alike
 )
 
 
@@ -120,24 +119,40 @@ class TensorBoardWriter(MetricWriter):
 
   def _write(self, step: int, summaries) -> None:
     values = [value for summary in summaries for value in summary.value]
-    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                             summary=summary_pb2.Summary(value=values)))
+    self._events.write_event(
+      event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+      )
+    )
 
   def write_scalars(self, step, scalars):
-    self._write(step, [tbx_summary.scalar(name, float(np.asarray(value)))
-                       for name, value in scalars.items()])
+    self._write(
+      step, [tbx_summary.scalar(name, float(np.asarray(value))) for name, value in scalars.items()]
+    )
 
   def write_texts(self, step, texts):
     self._write(step, [tbx_summary.text(name, text) for name, text in texts.items()])
 
   def write_histograms(self, step, arrays, num_buckets=None):
-    self._write(step, [tbx_summary.histogram(name, np.asarray(values), bins="tensorflow",
-                                             max_bins=(num_buckets or {}).get(name))
-                       for name, values in arrays.items()])
+    self._write(
+      step,
+      [
+        tbx_summary.histogram(
+          name, np.asarray(values), bins="tensorflow", max_bins=(num_buckets or {}).get(name)
+        )
+        for name, values in arrays.items()
+      ],
+    )
 
   def write_images(self, step, images):
-    self._write(step, [tbx_summary.image(f"{name}/{i}", image, dataformats="HWC")
-                       for name, batch in images.items() for i, image in enumerate(np.asarray(batch))])
+    self._write(
+      step,
+      [
+        tbx_summary.image(f"{name}/{i}", image, dataformats="HWC")
+        for name, batch in images.items()
+        for i, image in enumerate(np.asarray(batch))
+      ],
+    )
 
   def write_hparams(self, hparams):
     self.write_texts(0, {"hparams": json.dumps(hparams, default=str, indent=2)})
@@ -168,8 +183,9 @@ class _Trace:
 
   def __init__(self, workdir: epath.Path, first_step: int):
     self._destination = workdir if storage.is_remote(workdir) else None
-    self._logdir = (tempfile.mkdtemp(prefix="launcher-profile-") if self._destination
-                    else os.fspath(workdir))
+    self._logdir = (
+      tempfile.mkdtemp(prefix="launcher-profile-") if self._destination else os.fspath(workdir)
+    )
     self._first_step, self._end_step = first_step, first_step + PROFILE_STEPS
     self._tracing = False
 
@@ -193,10 +209,21 @@ class _Trace:
 # The console line shows the loss, the workload's metrics and the speeds; the finished line the
 # loss and eval metrics; the rest of a report's row (NOT_SHOWN) is in metrics.jsonl and TensorBoard.
 _SPEED = {"tokens_per_sec": ("tokens/s", ".0f"), "steps_per_sec": ("steps/s", ".2f")}
-NOT_SHOWN = {"learning_rate", "grad_norm", "examples_per_sec", "data_wait_s", "eval_s",
-             "checkpoint_blocked_s", "model_flops_per_sec", "mfu", "state_bytes_per_device",
-             "step_memory_bytes_per_device", "peak_bytes_per_device", "time_to_first_step_s",
-             "skipped_steps"}
+NOT_SHOWN = {
+  "learning_rate",
+  "grad_norm",
+  "examples_per_sec",
+  "data_wait_s",
+  "eval_s",
+  "checkpoint_blocked_s",
+  "model_flops_per_sec",
+  "mfu",
+  "state_bytes_per_device",
+  "step_memory_bytes_per_device",
+  "peak_bytes_per_device",
+  "time_to_first_step_s",
+  "skipped_steps",
+}
 
 
 def hms(seconds: float) -> str:
@@ -212,8 +239,9 @@ def console_line(step: int, num_steps: int, scalars: dict[str, float], eta_s: fl
   parts += [f"{name} {scalars[name]:.4g}" for name in shown]
   if scalars.get("skipped_steps"):
     parts.append(f"skipped {int(scalars['skipped_steps'])} non-finite steps")
-  parts += [f"{scalars[name]:{spec}} {unit}" for name, (unit, spec) in _SPEED.items()
-            if name in scalars]
+  parts += [
+    f"{scalars[name]:{spec}} {unit}" for name, (unit, spec) in _SPEED.items() if name in scalars
+  ]
   if eta_s is not None and step < num_steps:
     parts.append(f"ETA {hms(eta_s)}")
   return " | ".join(parts)
@@ -227,11 +255,23 @@ class Reporter:
   wall time went.
   """
 
-  def __init__(self, workdir: epath.Path, *, process_index: int, process_count: int, first_step: int,
-               num_steps: int, examples_per_step: int,
-               tokens_per_example: int | None, flops_per_example: float | None,
-               peak_flops: float | None, profile_first_step: int, started: float,
-               tensorboard: bool = True, trackers: list[MetricWriter] = ()):
+  def __init__(
+    self,
+    workdir: epath.Path,
+    *,
+    process_index: int,
+    process_count: int,
+    first_step: int,
+    num_steps: int,
+    examples_per_step: int,
+    tokens_per_example: int | None,
+    flops_per_example: float | None,
+    peak_flops: float | None,
+    profile_first_step: int,
+    started: float,
+    tensorboard: bool = True,
+    trackers: list[MetricWriter] = (),
+  ):
     """`started`: the time.time() at which the run started; `tensorboard`: whether process 0
     writes TensorBoard events; `trackers`: process 0's other writers (launcher.trackers)."""
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
@@ -244,11 +284,20 @@ class Reporter:
     self._first_step_scalars = {}
     self._records = storage.Appender(workdir / "hosts" / f"process_{process_index}.jsonl")
     startup_s = seconds_before(started)
-    self._record("start", at=started, process=process_index, process_count=process_count,
-                 hostname=socket.gethostname(), devices=jax.local_device_count(),
-                 first_step=first_step, startup_s=startup_s)
-    self._writers = [*([TensorBoardWriter(workdir)] if self._is_main and tensorboard else []),
-                     *trackers]
+    self._record(
+      "start",
+      at=started,
+      process=process_index,
+      process_count=process_count,
+      hostname=socket.gethostname(),
+      devices=jax.local_device_count(),
+      first_step=first_step,
+      startup_s=startup_s,
+    )
+    self._writers = [
+      *([TensorBoardWriter(workdir)] if self._is_main and tensorboard else []),
+      *trackers,
+    ]
     self._jsonl = storage.Appender(workdir / "metrics.jsonl") if self._is_main else None
     self._profile = None
     if self._is_main and profile_first_step > 0:
@@ -287,14 +336,19 @@ class Reporter:
     since_process = seconds_since_process_start()
     parts = {**start_parts, "compile and first step": since_process - sum(start_parts.values())}
     log = logging.info if self._is_main else logging.debug
-    line = (f"time to first step {since_run:.2f} s ({since_process:.2f} s since the process "
-            f"started): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items()))
+    line = (
+      f"time to first step {since_run:.2f} s ({since_process:.2f} s since the process "
+      f"started): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items())
+    )
     log("%s", line)
     for writer in self._writers:
       writer.write_texts(step, {"startup": line})
     self._first_step_scalars["time_to_first_step_s"] = since_run
-    self._record("first_step", compile_s=since_run, **{
-        f"{name.replace(' ', '_')}_s": seconds for name, seconds in parts.items()})
+    self._record(
+      "first_step",
+      compile_s=since_run,
+      **{f"{name.replace(' ', '_')}_s": seconds for name, seconds in parts.items()},
+    )
     self._data_wait_s = 0.0
 
   @contextlib.contextmanager
@@ -339,8 +393,7 @@ class Reporter:
     now = time.time()
     seconds, steps = now - self._last_time, step - self._last_step
     training_s = self._steps_s if self._steps_s is not None else self._time_on_steps(now)
-    scalars = {"data_wait_s": self._data_wait_s,
-               "checkpoint_blocked_s": self._checkpoint_blocked_s}
+    scalars = {"data_wait_s": self._data_wait_s, "checkpoint_blocked_s": self._checkpoint_blocked_s}
     speeds = {}
     if steps > 0 and training_s > 0:
       speeds["steps_per_sec"] = steps / training_s
@@ -352,22 +405,36 @@ class Reporter:
         if self._peak_flops:
           speeds["mfu"] = speeds["model_flops_per_sec"] / self._peak_flops
       self._train_steps_per_sec = speeds["steps_per_sec"]
-      logging.debug("%s step %d: %.2f steps/s, waited %.3f s for data (%.1f%% of the window)",
-                    self._process, step, speeds["steps_per_sec"], self._data_wait_s,
-                    100 * self._data_wait_s / seconds)
+      logging.debug(
+        "%s step %d: %.2f steps/s, waited %.3f s for data (%.1f%% of the window)",
+        self._process,
+        step,
+        speeds["steps_per_sec"],
+        self._data_wait_s,
+        100 * self._data_wait_s / seconds,
+      )
     scalars.update(speeds)
     scalars.update(self._first_step_scalars)
     self._first_step_scalars = {}
-    self._record("report", step=step, steps=steps, window_s=seconds, steps_s=training_s,
-                 **self._waits(), **{name: speeds[name] for name in
-                                     ("steps_per_sec", "examples_per_sec") if name in speeds})
+    self._record(
+      "report",
+      step=step,
+      steps=steps,
+      window_s=seconds,
+      steps_s=training_s,
+      **self._waits(),
+      **{name: speeds[name] for name in ("steps_per_sec", "examples_per_sec") if name in speeds},
+    )
     self._last_step, self._last_time, self._steps_s = step, now, None
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
     return scalars
 
   def _waits(self) -> dict[str, float]:
-    return {"data_wait_s": self._data_wait_s, "checkpoint_blocked_s": self._checkpoint_blocked_s,
-            "eval_s": self._eval_s}
+    return {
+      "data_wait_s": self._data_wait_s,
+      "checkpoint_blocked_s": self._checkpoint_blocked_s,
+      "eval_s": self._eval_s,
+    }
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """One report: its console line, TensorBoard and a metrics.jsonl row (process 0)."""
@@ -375,8 +442,9 @@ class Reporter:
     self.last_scalars.update(scalars)
     if not self._is_main:
       return
-    eta_s = ((self._num_steps - step) / self._train_steps_per_sec
-             if self._train_steps_per_sec else None)
+    eta_s = (
+      (self._num_steps - step) / self._train_steps_per_sec if self._train_steps_per_sec else None
+    )
     logging.info("%s", console_line(step, self._num_steps, scalars, eta_s))
     for writer in self._writers:
       writer.write_scalars(step, scalars)
@@ -388,9 +456,14 @@ class Reporter:
     """Records the end (the steps trained since the last report, and the waits) and closes
     every writer; a tracker's run ends with `outcome` (FINISHED, FAILED or KILLED)."""
     now = time.time()
-    self._record("end", step=self._step, steps=self._step - self._last_step,
-                 window_s=now - self._last_time, steps_s=self._time_on_steps(now),
-                 **self._waits())
+    self._record(
+      "end",
+      step=self._step,
+      steps=self._step - self._last_step,
+      window_s=now - self._last_time,
+      steps_s=self._time_on_steps(now),
+      **self._waits(),
+    )
     self._records.close()
     for writer in self._writers:
       if hasattr(writer, "end"):

@@ -2,7 +2,8 @@
 fsdp train call over the job's global arrays."""
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,18 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]  # (params, ba
 TRAIN_METRICS = ("loss", "grad_norm", "learning_rate")
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, grad_accum_steps: int = 1, compute_dtype=None,
-               skip_nonfinite: bool = False,
-               one_gradient_all_reduce: bool = False) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_accum_steps: int = 1,
+  compute_dtype=None,
+  skip_nonfinite: bool = False,
+  one_gradient_all_reduce: bool = False,
+) -> tuple[TrainState, dict]:
   """One update from this device's shard; gradients are averaged over every device.
 
   With `one_gradient_all_reduce` the gradients are averaged as one flat vector: one all-reduce
@@ -37,16 +46,28 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.Gra
   and optimizer state as they were, is counted in `state.skipped_steps`, and is left out of the
   metrics (the `mask` entry of the returned metrics).
   """
-  (loss, metrics), grads = gradients(state.params, batch, device_rng(state.rng, state.step),
-                                     loss_fn=loss_fn,
-                                     grad_accum_steps=grad_accum_steps, compute_dtype=compute_dtype)
+  (loss, metrics), grads = gradients(
+    state.params,
+    batch,
+    device_rng(state.rng, state.step),
+    loss_fn=loss_fn,
+    grad_accum_steps=grad_accum_steps,
+    compute_dtype=compute_dtype,
+  )
   if one_gradient_all_reduce:
     flat, unflatten = flatten_util.ravel_pytree(grads)
     grads = unflatten(lax.pmean(flat, AXIS))
   else:
     grads = lax.pmean(grads, AXIS)
-  return update(state, grads, {"loss": loss, **metrics}, tx=tx, schedule=schedule,
-                skip_nonfinite=skip_nonfinite, mean_loss=lambda: lax.pmean(loss, AXIS))
+  return update(
+    state,
+    grads,
+    {"loss": loss, **metrics},
+    tx=tx,
+    schedule=schedule,
+    skip_nonfinite=skip_nonfinite,
+    mean_loss=lambda: lax.pmean(loss, AXIS),
+  )
 
 
 def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -54,23 +75,33 @@ def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
 
 
-def gradients(params: Any, batch: dict, rng: jax.Array, *, loss_fn: LossFn, grad_accum_steps: int = 1,
-              compute_dtype=None, microbatch_sharding=None) -> tuple[tuple[jax.Array, dict], Any]:
+def gradients(
+  params: Any,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  loss_fn: LossFn,
+  grad_accum_steps: int = 1,
+  compute_dtype=None,
+  microbatch_sharding=None,
+) -> tuple[tuple[jax.Array, dict], Any]:
   """((loss, metrics), grads) of `batch`: this device's shard (not yet averaged over devices), or
   a global batch when `microbatch_sharding` says how its [M, B/M, ...] microbatches lie."""
   grad_fn = jax.value_and_grad(_cast_loss(loss_fn, compute_dtype), has_aux=True)
   if grad_accum_steps == 1:
     return grad_fn(params, batch, rng)
-  microbatches = jax.tree.map(functools.partial(
-      _microbatches, count=grad_accum_steps, sharding=microbatch_sharding), batch)
+  microbatches = jax.tree.map(
+    functools.partial(_microbatches, count=grad_accum_steps, sharding=microbatch_sharding), batch
+  )
 
   def accumulate(sums, indexed_microbatch):
     index, microbatch = indexed_microbatch
     outputs = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
     return jax.tree.map(jnp.add, sums, outputs), None
 
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
-      lambda x: x[0], microbatches), rng))
+  zeros = jax.tree.map(
+    jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches), rng)
+  )
   sums, _ = lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches))
   return jax.tree.map(lambda x: x / grad_accum_steps, sums)
 
@@ -85,25 +116,42 @@ def _microbatches(x: jax.Array, *, count: int, sharding=None) -> jax.Array:
   return lax.with_sharding_constraint(dealt, sharding)
 
 
-def update(state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTransformation,
-           schedule: optax.Schedule, skip_nonfinite: bool,
-           mean_loss: Callable[[], jax.Array]) -> tuple[TrainState, dict]:
+def update(
+  state: TrainState,
+  grads: Any,
+  metrics: dict,
+  *,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  skip_nonfinite: bool,
+  mean_loss: Callable[[], jax.Array],
+) -> tuple[TrainState, dict]:
   """The optimizer step from gradients averaged over every device (whole or sharded arrays)."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+  )
   # The optimizer's schedule counts the updates it applied: a skipped step does not advance it.
   applied_updates = state.step - state.skipped_steps
-  metrics = {"loss": metrics["loss"], "grad_norm": grad_norm,
-             "learning_rate": schedule(applied_updates), **metrics}
+  metrics = {
+    "loss": metrics["loss"],
+    "grad_norm": grad_norm,
+    "learning_rate": schedule(applied_updates),
+    **metrics,
+  }
   if not skip_nonfinite:
     return new_state, metrics
   finite = jnp.isfinite(mean_loss()) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                opt_state=keep(new_state.opt_state, state.opt_state),
-                                skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+
+  def keep(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  new_state = new_state.replace(
+    params=keep(new_state.params, state.params),
+    opt_state=keep(new_state.opt_state, state.opt_state),
+    skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+  )
   return new_state, {**metrics, "mask": finite}
 
 
@@ -126,8 +174,9 @@ def _cast_loss(loss_fn: LossFn, compute_dtype, param_shardings=None) -> LossFn:
 
 def _cast(tree, dtype):
   """Every float array of `tree` in `dtype`."""
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
 class MetricSet:
@@ -152,32 +201,53 @@ class MetricSet:
     """The mean of each metric over the steps it counts; a metric that counts none (every step
     of the window was skipped) is left out."""
     metrics = {name: getattr(self.unpack(vector), name) for name in self.names}
-    return {name: float(metric.compute()) for name, metric in metrics.items()
-            if float(metric.count) > 0}
+    return {
+      name: float(metric.compute()) for name, metric in metrics.items() if float(metric.count) > 0
+    }
 
   def single(self, values: dict) -> clu_metrics.Collection:
     """One step's metrics as a collection that counts the step once: each value is averaged over
     whatever device axis it still has, and a false `mask` (a skipped step) leaves it out."""
     mask = jnp.reshape(jnp.all(values.get("mask", True)), (1,))
-    means = {name: jnp.reshape(jnp.mean(value), (1,)) for name, value in values.items()
-             if name != "mask"}
+    means = {
+      name: jnp.reshape(jnp.mean(value), (1,)) for name, value in values.items() if name != "mask"
+    }
     return type(self.empty).single_from_model_output(**means, mask=mask)
 
 
-def train_call(state: TrainState, metrics: jax.Array, batches: dict, *, steps_per_call: int,
-               metric_set: MetricSet, **step_kwargs) -> tuple[TrainState, jax.Array]:
+def train_call(
+  state: TrainState,
+  metrics: jax.Array,
+  batches: dict,
+  *,
+  steps_per_call: int,
+  metric_set: MetricSet,
+  **step_kwargs,
+) -> tuple[TrainState, jax.Array]:
   """K steps in one call (lax.scan over [K, per_device, ...] batches). Each device sums its own
   metrics over the K steps; one all-reduce of one vector adds their device mean to `metrics` at
   the end (every device counts the same steps, so the counts stay whole step counts)."""
 
-  state, local = _steps(lambda state, batch: train_step(state, batch, **step_kwargs), state,
-                        batches, steps_per_call=steps_per_call, metric_set=metric_set,
-                        like=metrics)
+  state, local = _steps(
+    lambda state, batch: train_step(state, batch, **step_kwargs),
+    state,
+    batches,
+    steps_per_call=steps_per_call,
+    metric_set=metric_set,
+    like=metrics,
+  )
   return state, metrics + lax.pmean(metric_set.pack(local), AXIS)
 
 
-def _steps(step_fn, state: TrainState, batches: dict, *, steps_per_call: int,
-           metric_set: MetricSet, like: jax.Array) -> tuple[TrainState, clu_metrics.Collection]:
+def _steps(
+  step_fn,
+  state: TrainState,
+  batches: dict,
+  *,
+  steps_per_call: int,
+  metric_set: MetricSet,
+  like: jax.Array,
+) -> tuple[TrainState, clu_metrics.Collection]:
   """`step_fn(state, batch) -> (state, step metrics)` over K batches (lax.scan when K > 1), the
   steps' metrics summed into a fresh collection (built from `like`, a metrics vector, inside
   the trace: no constants)."""
@@ -193,12 +263,22 @@ def _steps(step_fn, state: TrainState, batches: dict, *, steps_per_call: int,
   return lax.scan(one_step, carry, batches)[0]
 
 
-def global_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
-                      steps_per_call: int, metric_set: MetricSet, param_shardings: Any,
-                      microbatch_sharding: jax.sharding.Sharding, loss_fn: LossFn,
-                      tx: optax.GradientTransformation, schedule: optax.Schedule,
-                      grad_accum_steps: int = 1, compute_dtype=None,
-                      skip_nonfinite: bool = False) -> tuple[TrainState, jax.Array]:
+def global_train_call(
+  state: TrainState,
+  metrics: jax.Array,
+  batches: dict,
+  *,
+  steps_per_call: int,
+  metric_set: MetricSet,
+  param_shardings: Any,
+  microbatch_sharding: jax.sharding.Sharding,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_accum_steps: int = 1,
+  compute_dtype=None,
+  skip_nonfinite: bool = False,
+) -> tuple[TrainState, jax.Array]:
   """`train_call` traced on the job's global arrays, for a state sharded over the devices (fsdp).
 
   The loss sees the whole global batch (one array split over the devices) and one rng per step;
@@ -211,19 +291,33 @@ def global_train_call(state: TrainState, metrics: jax.Array, batches: dict, *,
 
   def one_step(state, batch):
     (loss, values), grads = gradients(
-        state.params, batch, jax.random.fold_in(state.rng, state.step), loss_fn=cast_loss,
-        grad_accum_steps=grad_accum_steps, microbatch_sharding=microbatch_sharding)
+      state.params,
+      batch,
+      jax.random.fold_in(state.rng, state.step),
+      loss_fn=cast_loss,
+      grad_accum_steps=grad_accum_steps,
+      microbatch_sharding=microbatch_sharding,
+    )
     grads = lax.with_sharding_constraint(grads, param_shardings)
-    return update(state, grads, {"loss": loss, **values}, tx=tx, schedule=schedule,
-                  skip_nonfinite=skip_nonfinite, mean_loss=lambda: loss)
+    return update(
+      state,
+      grads,
+      {"loss": loss, **values},
+      tx=tx,
+      schedule=schedule,
+      skip_nonfinite=skip_nonfinite,
+      mean_loss=lambda: loss,
+    )
 
-  state, local = _steps(one_step, state, batches, steps_per_call=steps_per_call,
-                        metric_set=metric_set, like=metrics)
+  state, local = _steps(
+    one_step, state, batches, steps_per_call=steps_per_call, metric_set=metric_set, like=metrics
+  )
   return state, metrics + metric_set.pack(local)
 
 
-def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
-              loss_fn: LossFn, axis_name=AXIS) -> clu_metrics.Collection:
+def eval_step(
+  params: Any, metrics: clu_metrics.Collection, batch: dict, *, loss_fn: LossFn, axis_name=AXIS
+) -> clu_metrics.Collection:
   """Adds one padded batch to the eval metrics; each real example counts once, padding not at all.
 
   The workload's loss sees one example at a time (vmap), so padding never enters a mean; its rng
@@ -239,11 +333,13 @@ def eval_step(params: Any, metrics: clu_metrics.Collection, batch: dict, *,
   values = jax.vmap(per_example)(examples)
   if axis_name is None:
     return metrics.merge(type(metrics).single_from_model_output(mask=batch["mask"], **values))
-  return metrics.merge(type(metrics).gather_from_model_output(axis_name=axis_name,
-                                                              mask=batch["mask"], **values))
+  return metrics.merge(
+    type(metrics).gather_from_model_output(axis_name=axis_name, mask=batch["mask"], **values)
+  )
 
 
 def empty_metrics(names: list[str]) -> clu_metrics.Collection:
   """An empty collection averaging each named scalar."""
   return clu_metrics.Collection.create(
-      **{name: clu_metrics.Average.from_output(name) for name in names}).empty()
+    **{name: clu_metrics.Average.from_output(name) for name in names}
+  ).empty()

@@ -30,14 +30,20 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable
 
 import numpy as np
 from etils import epath
 
-from launcher.errors import (EXIT_STORAGE_UNREACHABLE, StorageUnreachable, UsageError, causes,
-                             innermost, one_line)
+from launcher.errors import (
+  EXIT_STORAGE_UNREACHABLE,
+  StorageUnreachable,
+  UsageError,
+  causes,
+  innermost,
+  one_line,
+)
 
 SCHEMES = ("gs",)  # Besides plain local paths.
 STORAGE_TIMEOUT_S = 120.0  # --storage_timeout_seconds: how long remote storage may not answer.
@@ -81,14 +87,18 @@ def path(location: str | os.PathLike) -> epath.Path:
   if "://" in location:
     scheme = location.split("://", 1)[0]
     if scheme not in SCHEMES:
-      raise UsageError(f"{location!r}: the scheme {scheme}:// is not supported; a run's files "
-                       "live on a local disk, a shared filesystem (a plain path) or in GCS "
-                       "(gs://bucket/path)")
+      raise UsageError(
+        f"{location!r}: the scheme {scheme}:// is not supported; a run's files "
+        "live on a local disk, a shared filesystem (a plain path) or in GCS "
+        "(gs://bucket/path)"
+      )
     bucket = location.split("://", 1)[1].split("/", 1)[0]
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
-      raise UsageError(f"{location!r}: {bucket!r} is not a GCS bucket name (3 to 63 lowercase "
-                       "letters, digits, '-', '_' or '.', starting and ending with a letter or "
-                       "digit): write gs://BUCKET/path")
+      raise UsageError(
+        f"{location!r}: {bucket!r} is not a GCS bucket name (3 to 63 lowercase "
+        "letters, digits, '-', '_' or '.', starting and ending with a letter or "
+        "digit): write gs://BUCKET/path"
+      )
     return epath.Path(location)
   return epath.Path(os.path.abspath(location))
 
@@ -99,21 +109,34 @@ def is_remote(p: epath.Path) -> bool:
 
 def _filesystem():
   import fsspec  # pylint: disable=import-outside-toplevel
+
   return fsspec.filesystem("gs", token="anon") if _emulated() else fsspec.filesystem("gs")
 
 
 # Words of the errors that say the storage could not be reached now, not that a file is wrong:
 # tensorstore's status codes, and what aiohttp and the OS say of a connection.
-_UNREACHABLE_SIGNS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Cannot connect", "Connection refused",
-                      "Connection reset", "Too Many Requests", "Service Unavailable")
+_UNREACHABLE_SIGNS = (
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "Cannot connect",
+  "Connection refused",
+  "Connection reset",
+  "Too Many Requests",
+  "Service Unavailable",
+)
 
 
 def is_unreachable(error: BaseException) -> bool:
   """Whether `error` (or a cause of it) says the storage could not be reached now (connection
   refused or reset, a timeout, 408, 429, 5xx), which may pass, rather than that a file is wrong."""
   from gcsfs import retry  # pylint: disable=import-outside-toplevel
-  return any(isinstance(seen, (ConnectionError, TimeoutError)) or retry.is_retriable(seen) or
-             any(sign in str(seen) for sign in _UNREACHABLE_SIGNS) for seen in causes(error))
+
+  return any(
+    isinstance(seen, (ConnectionError, TimeoutError))
+    or retry.is_retriable(seen)
+    or any(sign in str(seen) for sign in _UNREACHABLE_SIGNS)
+    for seen in causes(error)
+  )
 
 
 class _Deadlines:
@@ -152,12 +175,13 @@ class _Deadlines:
 
   def give_up(self, what: str, where: epath.Path, error: BaseException | None) -> str:
     self.gave_up = self.gave_up or (
-        f"the storage of {_bucket(where)} did not answer within --storage_timeout_seconds="
-        f"{self.seconds or 0:g} while {what}"
-        + (f" (last error: {one_line(innermost(error), 200)})" if error else "") +
-        f". The run stopped with exit code {EXIT_STORAGE_UNREACHABLE}, which supervisors restart "
-        "(launcher.local --max_restarts, the cluster scripts' MAX_RESTARTS): it resumes from its "
-        "last complete checkpoint once the storage answers")
+      f"the storage of {_bucket(where)} did not answer within --storage_timeout_seconds="
+      f"{self.seconds or 0:g} while {what}"
+      + (f" (last error: {one_line(innermost(error), 200)})" if error else "")
+      + f". The run stopped with exit code {EXIT_STORAGE_UNREACHABLE}, which supervisors restart "
+      "(launcher.local --max_restarts, the cluster scripts' MAX_RESTARTS): it resumes from its "
+      "last complete checkpoint once the storage answers"
+    )
     return self.gave_up
 
   def _watch(self) -> None:
@@ -198,8 +222,12 @@ def call(what: str, where: epath.Path, fn: Callable, *args, retry: bool = True, 
       try:
         return fn(*args, **kwargs)
       except Exception as e:  # pylint: disable=broad-except  # Sorted just below.
-        if (not is_remote(where) or not is_unreachable(e) or not retry or
-            time.monotonic() - started + delay > (_DEADLINES.seconds or 0)):
+        if (
+          not is_remote(where)
+          or not is_unreachable(e)
+          or not retry
+          or time.monotonic() - started + delay > (_DEADLINES.seconds or 0)
+        ):
           raise  # `bounded` makes an unreachable storage's error StorageUnreachable.
         _DEADLINES.last_error = e
       time.sleep(delay)
@@ -234,37 +262,59 @@ def clear_errors(p: epath.Path, doing: str):
   except UsageError:
     raise
   except (NotADirectoryError, FileExistsError) as e:
-    raise UsageError(f"cannot {doing} {p}: a file stands where a directory must be ({e}); "
-                     "choose another --workdir") from None
+    raise UsageError(
+      f"cannot {doing} {p}: a file stands where a directory must be ({e}); choose another --workdir"
+    ) from None
   except FileNotFoundError as e:
     if is_remote(p):
       bucket = os.fspath(p).split("/")[2]
-      raise UsageError(f"cannot {doing} {p}: the bucket gs://{bucket} does not exist (or this "
-                       f"account cannot see it): create it (gcloud storage buckets create "
-                       f"gs://{bucket}) or fix the name") from None
+      raise UsageError(
+        f"cannot {doing} {p}: the bucket gs://{bucket} does not exist (or this "
+        f"account cannot see it): create it (gcloud storage buckets create "
+        f"gs://{bucket}) or fix the name"
+      ) from None
     raise UsageError(f"cannot {doing} {p}: {e}") from None
   except PermissionError as e:
-    raise UsageError(f"cannot {doing} {p}: permission denied ({e}); choose a --workdir this "
-                     "user can write") from None
+    raise UsageError(
+      f"cannot {doing} {p}: permission denied ({e}); choose a --workdir this user can write"
+    ) from None
   except OSError as e:
     if "Forbidden" in str(e) or "403" in str(e):
-      raise UsageError(f"cannot {doing} {p}: this account may not write there "
-                       f"({str(e).splitlines()[0]}); grant it storage.objects.create on the "
-                       "bucket, or choose another --workdir") from None
+      raise UsageError(
+        f"cannot {doing} {p}: this account may not write there "
+        f"({str(e).splitlines()[0]}); grant it storage.objects.create on the "
+        "bucket, or choose another --workdir"
+      ) from None
     raise UsageError(f"cannot {doing} {p}: {e}") from None
 
 
 # What a write failure says, by errno or by the words tensorstore and gcsfs put in its message,
 # and what a person does about it.
 _REFUSALS = (
-    ((errno.ENOSPC,), ("No space left on device",), "the filesystem is full",
-     "free space there (or choose a --workdir with room)"),
-    ((errno.EDQUOT,), ("Disk quota exceeded",), "this user's disk quota is used up",
-     "free space within the quota (or choose a --workdir with room)"),
-    ((errno.EROFS,), ("Read-only file system",), "the filesystem is read-only",
-     "remount it writable (or choose another --workdir)"),
-    ((errno.EACCES, errno.EPERM), ("Permission denied", "403 Forbidden", "Forbidden"),
-     "permission denied", "give this user write access (or choose another --workdir)"),
+  (
+    (errno.ENOSPC,),
+    ("No space left on device",),
+    "the filesystem is full",
+    "free space there (or choose a --workdir with room)",
+  ),
+  (
+    (errno.EDQUOT,),
+    ("Disk quota exceeded",),
+    "this user's disk quota is used up",
+    "free space within the quota (or choose a --workdir with room)",
+  ),
+  (
+    (errno.EROFS,),
+    ("Read-only file system",),
+    "the filesystem is read-only",
+    "remount it writable (or choose another --workdir)",
+  ),
+  (
+    (errno.EACCES, errno.EPERM),
+    ("Permission denied", "403 Forbidden", "Forbidden"),
+    "permission denied",
+    "give this user write access (or choose another --workdir)",
+  ),
 )
 
 
@@ -275,11 +325,16 @@ def refusal(error: BaseException, workdir: str, last_checkpoint: int | None) -> 
     for errnos, words, what, fix in _REFUSALS:
       if getattr(seen, "errno", None) in errnos or any(word in str(seen) for word in words):
         where = re.search(r'"(/[^"]+|gs://[^"]+)"', str(seen))
-        kept = ("no checkpoint was complete yet" if last_checkpoint is None else
-                f"the checkpoint of step {last_checkpoint} is complete and kept")
-        return (f"cannot write {where[1] if where else workdir}: {what} "
-                f"({one_line(seen, 200)}){_free_space(workdir)}. The run stopped; {kept}. "
-                f"{fix[0].upper()}{fix[1:]}, then run the same command to resume")
+        kept = (
+          "no checkpoint was complete yet"
+          if last_checkpoint is None
+          else f"the checkpoint of step {last_checkpoint} is complete and kept"
+        )
+        return (
+          f"cannot write {where[1] if where else workdir}: {what} "
+          f"({one_line(seen, 200)}){_free_space(workdir)}. The run stopped; {kept}. "
+          f"{fix[0].upper()}{fix[1:]}, then run the same command to resume"
+        )
   return None
 
 
@@ -326,8 +381,9 @@ def read_jsonl(p: epath.Path) -> list[dict]:
     except json.JSONDecodeError:
       torn += number < len(lines) and bool(line.strip())
   if torn:
-    logging.warning("skipped %d unreadable line(s) of %s (torn by a kill while being written)",
-                    torn, p)
+    logging.warning(
+      "skipped %d unreadable line(s) of %s (torn by a kill while being written)", torn, p
+    )
   return rows
 
 
@@ -367,8 +423,11 @@ class Appender:
         size = None
       self._exists = size is not None
       self._remove_leftover_parts()
-      last = (call(f"opening {p}", p, self._fs.cat_file, self._name, start=size - 1, end=size)
-              if size else b"\n")
+      last = (
+        call(f"opening {p}", p, self._fs.cat_file, self._name, start=size - 1, end=size)
+        if size
+        else b"\n"
+      )
     else:
       p.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(p, "ab+")  # pylint: disable=consider-using-with
@@ -417,7 +476,6 @@ class Appender:
     call(what, self.path, self._fs.merge, self._name, [self._name, part], retry=False)
     call(what, self.path, self._fs.rm_file, part)
 
-
   def _part_prefix(self) -> str:
     return f"{os.path.dirname(self._name)}/.{os.path.basename(self._name)}.part-"
 
@@ -428,8 +486,12 @@ class Appender:
       call(f"opening {self.path}", self.path, self._fs.rm_file, part)
 
 
-def check_workdir(workdir: epath.Path, process_index: int, process_count: int,
-                  timeout: float = SHARED_WORKDIR_TIMEOUT_S) -> None:
+def check_workdir(
+  workdir: epath.Path,
+  process_index: int,
+  process_count: int,
+  timeout: float = SHARED_WORKDIR_TIMEOUT_S,
+) -> None:
   """Process 0 writes a fresh token into the workdir and every process must read it back.
 
   Checkpoints need every host to see one directory: a workdir on a disk of its own per host
@@ -453,23 +515,27 @@ def check_workdir(workdir: epath.Path, process_index: int, process_count: int,
       raise UsageError(write_error)
     return
 
-  nonce, write_error, workdir_of_0 = (_broadcast_text(multihost_utils, text)
-                                      for text in (nonce, write_error, os.fspath(workdir)))
+  nonce, write_error, workdir_of_0 = (
+    _broadcast_text(multihost_utils, text) for text in (nonce, write_error, os.fspath(workdir))
+  )
   if write_error:
-    raise UsageError(write_error if process_index == 0 else
-                     f"process 0 could not use the workdir: {write_error}")
+    raise UsageError(
+      write_error if process_index == 0 else f"process 0 could not use the workdir: {write_error}"
+    )
   seen = process_index == 0 or _wait_for_token(token_path, nonce, timeout)
   hostnames = multihost_utils.process_allgather(
-      np.frombuffer(socket.gethostname().encode()[:64].ljust(64, b"\0"), np.uint8))
+    np.frombuffer(socket.gethostname().encode()[:64].ljust(64, b"\0"), np.uint8)
+  )
   hosts = [bytes(name).rstrip(b"\0").decode() for name in hostnames]
   everyone_saw = multihost_utils.process_allgather(np.int32(seen))
   missing = [f"{i} ({hosts[i]})" for i in np.flatnonzero(everyone_saw == 0)]
   if missing:
     raise UsageError(
-        f"process(es) {', '.join(missing)} do not see the workdir {workdir_of_0} that process 0 "
-        f"({hosts[0]}) writes: its token {TOKEN_NAME} did not appear there within {timeout:g} s. "
-        "Every process must see one directory: use a filesystem shared by every host, or a "
-        "gs://bucket/path workdir")
+      f"process(es) {', '.join(missing)} do not see the workdir {workdir_of_0} that process 0 "
+      f"({hosts[0]}) writes: its token {TOKEN_NAME} did not appear there within {timeout:g} s. "
+      "Every process must see one directory: use a filesystem shared by every host, or a "
+      "gs://bucket/path workdir"
+    )
 
 
 def _broadcast_text(multihost_utils, text: str, size: int = 2048) -> str:
@@ -497,8 +563,14 @@ def move(source: epath.Path, destination: epath.Path) -> None:
   """Moves a file or directory (a rename on local disks; a copy and delete of each object on
   GCS)."""
   if is_remote(source):
-    call(f"moving {source}", source, _filesystem().mv, os.fspath(source), os.fspath(destination),
-         recursive=True)
+    call(
+      f"moving {source}",
+      source,
+      _filesystem().mv,
+      os.fspath(source),
+      os.fspath(destination),
+      recursive=True,
+    )
     return
   destination.parent.mkdir(parents=True, exist_ok=True)
   os.replace(source, destination)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from launcher import console, storage
 from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UsageError
@@ -78,8 +78,11 @@ def last_checkpoint(workdir: str | None) -> int | None:
     checkpoints = storage.path(workdir) / "checkpoints"
     if not checkpoints.exists():
       return None
-    complete = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (
-        not storage.is_remote(p) or (p / "commit_success.txt").exists())]
+    complete = [
+      int(p.name)
+      for p in checkpoints.iterdir()
+      if p.name.isdigit() and (not storage.is_remote(p) or (p / "commit_success.txt").exists())
+    ]
   except Exception:  # pylint: disable=broad-except  # Only for a log line.
     return None
   return max(complete, default=None)
@@ -106,21 +109,37 @@ class ProcessGroup:
   `first_failure` is (index, Popen return code) of the first process that failed, once one has.
   """
 
-  def __init__(self, commands: list[list[str]], *, log_dir: str, name: str = "process",
-               envs: list[dict[str, str]] | None = None, grace: float = 30.0,
-               on_stop: Callable[[], None] | None = None, prefix: str = "[local]"):
+  def __init__(
+    self,
+    commands: list[list[str]],
+    *,
+    log_dir: str,
+    name: str = "process",
+    envs: list[dict[str, str]] | None = None,
+    grace: float = 30.0,
+    on_stop: Callable[[], None] | None = None,
+    prefix: str = "[local]",
+  ):
     self.grace, self._name, self._on_stop, self._prefix = grace, name, on_stop, prefix
     os.makedirs(log_dir, exist_ok=True)
     self.processes, self._pumps = [], []
     self.first_failure = None
     for i, command in enumerate(commands):
       process = subprocess.Popen(
-          command, env=envs[i] if envs else None, stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-          preexec_fn=_die_with_parent)
+        command,
+        env=envs[i] if envs else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+      )
       self.processes.append(process)
-      pump = threading.Thread(target=_pump, daemon=True, args=(
-          process.stdout, os.path.join(log_dir, f"{name}_{i}.log"), f"[{name} {i}] "))
+      pump = threading.Thread(
+        target=_pump,
+        daemon=True,
+        args=(process.stdout, os.path.join(log_dir, f"{name}_{i}.log"), f"[{name} {i}] "),
+      )
       pump.start()
       self._pumps.append(pump)
 
@@ -129,8 +148,10 @@ class ProcessGroup:
     while True:
       codes = [p.poll() for p in self.processes]
       # Seen in one poll, a lost-peer exit is the others' reaction, not the cause.
-      failed = sorted(((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
-                      key=lambda failure: failure[1] == EXIT_PEER_LOST)
+      failed = sorted(
+        ((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
+        key=lambda failure: failure[1] == EXIT_PEER_LOST,
+      )
       if failed:
         self.first_failure = i, code = failed[0]
         say(f"{self._prefix} {self._name} {i} {describe_exit(code)}: stopping the others")
@@ -206,9 +227,16 @@ def _pump(stream, log_path: str, prefix: str) -> None:
 MAX_PREEMPTIONS_PER_HOUR = 10
 
 
-def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, max_restarts: int,
-              backoff_seconds: float, name: str = "process", prefix: str = "[local]",
-              max_preemptions_per_hour: int = MAX_PREEMPTIONS_PER_HOUR) -> int:
+def supervise(
+  start_job: Callable[[], "ProcessGroup"],
+  *,
+  workdir: str | None,
+  max_restarts: int,
+  backoff_seconds: float,
+  name: str = "process",
+  prefix: str = "[local]",
+  max_preemptions_per_hour: int = MAX_PREEMPTIONS_PER_HOUR,
+) -> int:
   """Runs the job until it succeeds; restarts it after a failure at most `max_restarts` times.
 
   A preemption exit (75) restarts without counting, with the same backoff, at most
@@ -230,13 +258,17 @@ def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, m
         current["group"].kill()
       raise SystemExit(128 + signum)
     stopping.append(signum)
-    say(f"{prefix} {signal_name(signum)}: asking every {name} to save and stop (again to kill "
-        "at once)")
+    say(
+      f"{prefix} {signal_name(signum)}: asking every {name} to save and stop (again to kill "
+      "at once)"
+    )
     codes = current["group"].stop() if current else []
     saved = codes and all(code in (0, EXIT_PREEMPTED) for code in codes)
     if saved and EXIT_PREEMPTED in codes:
-      say(f"{prefix} every {name} saved and stopped: exiting with {EXIT_PREEMPTED} (run the same "
-          "command again to resume)")
+      say(
+        f"{prefix} every {name} saved and stopped: exiting with {EXIT_PREEMPTED} (run the same "
+        "command again to resume)"
+      )
       raise SystemExit(EXIT_PREEMPTED)
     raise SystemExit(0 if saved else 128 + signum)
 
@@ -262,8 +294,10 @@ def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, m
       now = time.monotonic()
       preemptions = [t for t in preemptions if now - t < 3600] + [now]
       if len(preemptions) > max_preemptions_per_hour:
-        say(f"{prefix} {failure} (preempted) for the {len(preemptions)}th time within an hour; "
-            f"giving up (at most {max_preemptions_per_hour} an hour)")
+        say(
+          f"{prefix} {failure} (preempted) for the {len(preemptions)}th time within an hour; "
+          f"giving up (at most {max_preemptions_per_hour} an hour)"
+        )
         return code
       wait = min(backoff_seconds * 2 ** (len(preemptions) - 1), MAX_BACKOFF_S)
       say(f"{prefix} {failure} (preempted); restarting in {wait:g} s without counting it")
@@ -272,14 +306,21 @@ def supervise(start_job: Callable[[], "ProcessGroup"], *, workdir: str | None, m
     first_failure = first_failure or (failure, code)
     if restarts >= max_restarts:
       if max_restarts:
-        say(f"{prefix} giving up after {restarts} restart(s); the first failure: "
-            f"{first_failure[0]}; the last: {failure}")
+        say(
+          f"{prefix} giving up after {restarts} restart(s); the first failure: "
+          f"{first_failure[0]}; the last: {failure}"
+        )
       else:
         say(f"{prefix} {failure}; no restart asked (--max_restarts=0)")
       return first_failure[1]
     restarts += 1
     checkpoint = last_checkpoint(workdir)
-    resume = ("its last checkpoint" if workdir is None else f"checkpoint {checkpoint}"
-              if checkpoint is not None else "the start (no checkpoint yet)")
+    resume = (
+      "its last checkpoint"
+      if workdir is None
+      else f"checkpoint {checkpoint}"
+      if checkpoint is not None
+      else "the start (no checkpoint yet)"
+    )
     say(f"{prefix} restart {restarts}/{max_restarts} after {failure}; resuming from {resume}")
     time.sleep(min(backoff_seconds * 2 ** (restarts - 1), MAX_BACKOFF_S))

@@ -15,7 +15,8 @@ import queue
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -37,8 +38,10 @@ def names(spec: str) -> list[str]:
   chosen = [name.strip() for name in spec.split(",") if name.strip()]
   unknown = [name for name in chosen if name not in NAMES]
   if unknown or not chosen:
-    raise UsageError(f"config.trackers={spec!r}: {', '.join(map(repr, unknown)) or 'empty'} is not "
-                     f"a tracker; name some of {', '.join(NAMES[:3])} (comma-separated), or none")
+    raise UsageError(
+      f"config.trackers={spec!r}: {', '.join(map(repr, unknown)) or 'empty'} is not "
+      f"a tracker; name some of {', '.join(NAMES[:3])} (comma-separated), or none"
+    )
   if "none" in chosen and len(chosen) > 1:
     raise UsageError(f"config.trackers={spec!r}: none cannot go with other trackers")
   for name in chosen:
@@ -46,8 +49,10 @@ def names(spec: str) -> list[str]:
       try:
         __import__(name)
       except ImportError:
-        raise UsageError(f"config.trackers names {name}, which is not installed: pip install -e "
-                         f"'.[{name}]' (or leave it out of config.trackers)") from None
+        raise UsageError(
+          f"config.trackers names {name}, which is not installed: pip install -e "
+          f"'.[{name}]' (or leave it out of config.trackers)"
+        ) from None
   return [name for name in chosen if name != "none"]
 
 
@@ -96,8 +101,11 @@ class _Background:
     self._calls.put(None)
     self._thread.join(CLOSE_S)
     if self._thread.is_alive():
-      logging.warning("%s: gave up waiting for %d queued request(s) at the end of the run",
-                      self._name, self._calls.qsize())
+      logging.warning(
+        "%s: gave up waiting for %d queued request(s) at the end of the run",
+        self._name,
+        self._calls.qsize(),
+      )
 
   def _run(self) -> None:
     while (call := self._calls.get()) is not None:
@@ -109,9 +117,14 @@ class _Background:
         except Exception as e:  # pylint: disable=broad-except  # Whatever the client raises.
           if time.monotonic() + delay > deadline:
             if not self._warned:
-              logging.warning("%s: dropped a request after retrying for %g s (%s: %s); the "
-                              "training goes on, and so do later requests", self._name, RETRY_S,
-                              type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+              logging.warning(
+                "%s: dropped a request after retrying for %g s (%s: %s); the "
+                "training goes on, and so do later requests",
+                self._name,
+                RETRY_S,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+              )
               self._warned = True
             break
           time.sleep(delay)
@@ -155,13 +168,13 @@ class MlflowWriter(_TrackerWriter):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
     self._client = MlflowClient()
     self._background = _Background("mlflow")
     run_id = run_ids.get("mlflow")
     if run_id is None:
       found = self._client.get_experiment_by_name(experiment)
-      experiment_id = (found.experiment_id if found else
-                       self._client.create_experiment(experiment))
+      experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
       run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
       run_ids.set("mlflow", run_id)
       logged = {}
@@ -171,27 +184,36 @@ class MlflowWriter(_TrackerWriter):
     self.run_id = run_id
     changed = sorted(key for key in params if key in logged and logged[key] != params[key][:6000])
     if changed:  # MLflow's parameters cannot change; the new values go to tags.
-      logging.warning("mlflow: config keys changed since the run started: %s (kept as tags "
-                      "restart.<key>)", ", ".join(changed))
-    self._log(params={key: value for key, value in params.items() if key not in logged},
-              tags={f"restart.{key}": params[key] for key in changed})
+      logging.warning(
+        "mlflow: config keys changed since the run started: %s (kept as tags restart.<key>)",
+        ", ".join(changed),
+      )
+    self._log(
+      params={key: value for key, value in params.items() if key not in logged},
+      tags={f"restart.{key}": params[key] for key in changed},
+    )
 
   def _log(self, metrics=(), params=None, tags=None) -> None:
     """Queues the values as log_batch requests (within MLflow's 100 params and tags each)."""
     from mlflow.entities import Param, RunTag  # pylint: disable=import-outside-toplevel
+
     params = [Param(key, value[:6000]) for key, value in (params or {}).items()]
     tags = [RunTag(key, value[:5000]) for key, value in (tags or {}).items()]
     batches = [{"metrics": list(metrics)}] if metrics else []
-    batches += [{"params": params[i:i + 100]} for i in range(0, len(params), 100)]
-    batches += [{"tags": tags[i:i + 100]} for i in range(0, len(tags), 100)]
+    batches += [{"params": params[i : i + 100]} for i in range(0, len(params), 100)]
+    batches += [{"tags": tags[i : i + 100]} for i in range(0, len(tags), 100)]
     for batch in batches:
       self._background.submit(lambda batch=batch: self._client.log_batch(self.run_id, **batch))
 
   def write_scalars(self, step, scalars):
     from mlflow.entities import Metric  # pylint: disable=import-outside-toplevel
+
     now = int(time.time() * 1000)
-    self._log(metrics=[Metric(name, float(np.asarray(value)), now, int(step))
-                       for name, value in scalars.items()])
+    self._log(
+      metrics=[
+        Metric(name, float(np.asarray(value)), now, int(step)) for name, value in scalars.items()
+      ]
+    )
 
   def write_texts(self, step, texts):
     del step
@@ -211,22 +233,33 @@ class WandbWriter(_TrackerWriter):
   the project `experiment` unless WANDB_PROJECT is set), resumed by its id in `run_ids`. Steps are
   logged as `train_step`, W&B's x-axis for them, so a step re-done after a restart is kept."""
 
-  def __init__(self, run_ids: RunIds, *, experiment: str, run_name: str, params: dict[str, str],
-               directory: str):
+  def __init__(
+    self, run_ids: RunIds, *, experiment: str, run_name: str, params: dict[str, str], directory: str
+  ):
     import wandb  # pylint: disable=import-outside-toplevel
+
     run_id = run_ids.get("wandb") or secrets.token_hex(6)
     os.makedirs(directory, exist_ok=True)
-    self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", experiment), id=run_id,
-                           name=run_name, resume="allow", dir=directory, config=params,
-                           settings=wandb.Settings(console="off", silent=True,
-                                                   x_transaction_log_flush_interval=1.0))
+    self._run = wandb.init(
+      project=os.environ.get("WANDB_PROJECT", experiment),
+      id=run_id,
+      name=run_name,
+      resume="allow",
+      dir=directory,
+      config=params,
+      settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0),
+    )
     run_ids.set("wandb", run_id)
     self._run.define_metric("train_step")
     self._run.define_metric("*", step_metric="train_step")
 
   def write_scalars(self, step, scalars):
-    self._run.log({"train_step": int(step),
-                   **{name: float(np.asarray(value)) for name, value in scalars.items()}})
+    self._run.log(
+      {
+        "train_step": int(step),
+        **{name: float(np.asarray(value)) for name, value in scalars.items()},
+      }
+    )
 
   def write_texts(self, step, texts):
     del step
@@ -239,8 +272,9 @@ class WandbWriter(_TrackerWriter):
     self._run.finish(exit_code={"FINISHED": 0, "KILLED": 75}.get(status, 1))
 
 
-def open_writers(tracker_names: list[str], workdir: epath.Path, *, experiment: str,
-                 params: dict[str, str]) -> list[MetricWriter]:
+def open_writers(
+  tracker_names: list[str], workdir: epath.Path, *, experiment: str, params: dict[str, str]
+) -> list[MetricWriter]:
   """Process 0's MLflow and W&B writers among `tracker_names` (TensorBoard is the reporter's
   own); a run's name is its workdir's."""
   run_ids = RunIds(workdir)
@@ -248,21 +282,28 @@ def open_writers(tracker_names: list[str], workdir: epath.Path, *, experiment: s
   writers = []
   if "mlflow" in tracker_names:
     try:
-      writers.append(MlflowWriter(run_ids, experiment=experiment, run_name=run_name,
-                                  params=params))
+      writers.append(MlflowWriter(run_ids, experiment=experiment, run_name=run_name, params=params))
     except Exception as e:  # pylint: disable=broad-except  # A tracker never stops training.
-      logging.warning("mlflow: cannot open the run at %s (%s: %s); this start is not logged to "
-                      "MLflow, the training goes on", _mlflow_uri(), type(e).__name__,
-                      str(e).splitlines()[0][:200] if str(e) else "")
+      logging.warning(
+        "mlflow: cannot open the run at %s (%s: %s); this start is not logged to "
+        "MLflow, the training goes on",
+        _mlflow_uri(),
+        type(e).__name__,
+        str(e).splitlines()[0][:200] if str(e) else "",
+      )
   if "wandb" in tracker_names:
-    directory = (os.environ.get("WANDB_DIR") or
-                 (os.fspath(workdir) if not storage.is_remote(workdir) else os.getcwd()))
-    writers.append(WandbWriter(run_ids, experiment=experiment, run_name=run_name, params=params,
-                               directory=directory))
+    directory = os.environ.get("WANDB_DIR") or (
+      os.fspath(workdir) if not storage.is_remote(workdir) else os.getcwd()
+    )
+    writers.append(
+      WandbWriter(
+        run_ids, experiment=experiment, run_name=run_name, params=params, directory=directory
+      )
+    )
   return writers
-
 
 
 def _mlflow_uri() -> str:
   import mlflow  # pylint: disable=import-outside-toplevel
+
   return mlflow.get_tracking_uri()

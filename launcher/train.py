@@ -12,8 +12,8 @@ import ml_collections
 from absl import logging
 
 from launcher import checkpoint as checkpoint_lib
-from launcher import config as config_lib
 from launcher import cluster, data, parallel, preemption, reporter, step, storage, trackers
+from launcher import config as config_lib
 from launcher import state as state_lib
 from launcher import watchdog as watchdog_lib
 from launcher import workload as workload_lib
@@ -23,10 +23,15 @@ from launcher.errors import NonFiniteError, Preempted, UsageError
 LAST_SAVES_GRACE_S = 30.0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds: float = 0,
-        peer_timeout_seconds: float = watchdog_lib.PEER_TIMEOUT_S,
-        storage_timeout_seconds: float = storage.STORAGE_TIMEOUT_S,
-        startup_parts: dict[str, float] | None = None) -> state_lib.TrainState:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  step_timeout_seconds: float = 0,
+  peer_timeout_seconds: float = watchdog_lib.PEER_TIMEOUT_S,
+  storage_timeout_seconds: float = storage.STORAGE_TIMEOUT_S,
+  startup_parts: dict[str, float] | None = None,
+) -> state_lib.TrainState:
   """Trains `config.workload` data-parallel on every device of every process; returns the state.
 
   `workdir` is a local path, a path on a filesystem every host shares, or gs://bucket/path. A
@@ -40,21 +45,35 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   """
   started = time.time()
   startup_parts = startup_parts or {}
-  parts = {"imports": reporter.seconds_before(started) - sum(startup_parts.values()), **startup_parts}
+  parts = {
+    "imports": reporter.seconds_before(started) - sum(startup_parts.values()),
+    **startup_parts,
+  }
   storage.bound_calls(storage_timeout_seconds)
   with _timed(parts, "checks"):
     config_lib.check(config)
     parallel.enable_compilation_cache(config.compilation_cache_dir)
     workdir = storage.path(workdir)
     workload = workload_lib.load(config.workload)
-    layout = config_lib.layout(config.batch_size, jax.process_index(), jax.process_count(),
-                               jax.local_device_count(), config.grad_accum_steps)
+    layout = config_lib.layout(
+      config.batch_size,
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      config.grad_accum_steps,
+    )
     storage.check_workdir(workdir, layout.process_index, layout.process_count)
-  peers = (watchdog_lib.PeerMonitor(cluster.coordination_client(), layout.process_index,
-                                    layout.process_count, timeout=peer_timeout_seconds,
-                                    describe_process=f"process "
-                                    f"{layout.process_index}/{layout.process_count}")
-           if layout.process_count > 1 else None)
+  peers = (
+    watchdog_lib.PeerMonitor(
+      cluster.coordination_client(),
+      layout.process_index,
+      layout.process_count,
+      timeout=peer_timeout_seconds,
+      describe_process=f"process {layout.process_index}/{layout.process_count}",
+    )
+    if layout.process_count > 1
+    else None
+  )
   with _timed(parts, "init"):
     executor, loss_fn, tx, fresh, state_target = _build(config, workload)
   checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target, parts)
@@ -64,42 +83,64 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     checkpoints.close()
     return state
   if (config.num_steps - first_step) % k:
-    raise UsageError(f"the run resumes at step {first_step}, from which config.num_steps="
-                     f"{config.num_steps} is not reached in whole calls of "
-                     f"config.steps_per_call={k}: use the steps_per_call it was saved with")
+    raise UsageError(
+      f"the run resumes at step {first_step}, from which config.num_steps="
+      f"{config.num_steps} is not reached in whole calls of "
+      f"config.steps_per_call={k}: use the steps_per_call it was saved with"
+    )
   with _timed(parts, "first batch"):
     example_batch, train_batches, workload_metric_names = _open_train_data(
-        config, workload, layout, loss_fn, state, executor, first_step)
+      config, workload, layout, loss_fn, state, executor, first_step
+    )
     if config.eval_every_steps:
       _check_eval_data(config, workload, layout)
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
     storage.write_text(workdir / "config.json", config.to_json(indent=2))
   say = logging.info if layout.process_index == 0 else logging.debug  # Facts of the whole job.
-  say("%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",
-      config.workload, f"{_count_params(state.params):,}", layout.global_batch_size,
-      layout.process_count, layout.local_device_count, layout.per_device_batch_size)
+  say(
+    "%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",
+    config.workload,
+    f"{_count_params(state.params):,}",
+    layout.global_batch_size,
+    layout.process_count,
+    layout.local_device_count,
+    layout.per_device_batch_size,
+  )
 
-  report_writer = _reporter(config, workload, workdir, layout, first_step, started,
-                            trackers.names(config.trackers))
+  report_writer = _reporter(
+    config, workload, workdir, layout, first_step, started, trackers.names(config.trackers)
+  )
   stop_notice = preemption.Preemption()
-  watchdog = watchdog_lib.StepWatchdog(step_timeout_seconds,
-                                       f"process {layout.process_index}/{layout.process_count} ")
+  watchdog = watchdog_lib.StepWatchdog(
+    step_timeout_seconds, f"process {layout.process_index}/{layout.process_count} "
+  )
   if peers:
     peers.progress = lambda: (watchdog.last_completed_step, checkpoints.latest_step())
   eval_call = executor.map_eval(loss_fn)
 
   def evaluate(replicated_params) -> dict[str, float]:
-    eval_host_batches = workload_lib.open_dataset(workload, config, "eval", layout.process_index,
-                                                  layout.process_count)
+    eval_host_batches = workload_lib.open_dataset(
+      workload, config, "eval", layout.process_index, layout.process_count
+    )
     if config.eval_batches:
       eval_host_batches = itertools.islice(eval_host_batches, config.eval_batches)
     eval_metrics = executor.replicate(step.empty_metrics(["loss", *workload_metric_names]))
     in_flight = parallel.InFlight(config.max_calls_in_flight)
     for batch in data.eval_batches(
-        eval_host_batches, example=example_batch, host_batch_size=layout.host_batch_size,
-        process_count=layout.process_count, put=executor.put,
-        check=functools.partial(workload_lib.check_batch, workload, "eval", rows=None,
-                                max_rows=layout.host_batch_size, like=example_batch)):
+      eval_host_batches,
+      example=example_batch,
+      host_batch_size=layout.host_batch_size,
+      process_count=layout.process_count,
+      put=executor.put,
+      check=functools.partial(
+        workload_lib.check_batch,
+        workload,
+        "eval",
+        rows=None,
+        max_rows=layout.host_batch_size,
+        like=example_batch,
+      ),
+    ):
       in_flight.wait_for_room()
       eval_metrics = eval_call(replicated_params, eval_metrics, batch)
       in_flight.add(eval_metrics)
@@ -110,10 +151,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   del state  # Its arrays now belong to the run's state, which each call donates.
   train_metric_set = step.MetricSet([*step.TRAIN_METRICS, *workload_metric_names])
   train_call = executor.map_train(
-      steps_per_call=k, metric_set=train_metric_set, loss_fn=loss_fn, tx=tx,
-      schedule=state_lib.schedule(config),
-      grad_accum_steps=config.grad_accum_steps, compute_dtype=config_lib.compute_dtype(config),
-      skip_nonfinite=config.skip_nonfinite_steps)
+    steps_per_call=k,
+    metric_set=train_metric_set,
+    loss_fn=loss_fn,
+    tx=tx,
+    schedule=state_lib.schedule(config),
+    grad_accum_steps=config.grad_accum_steps,
+    compute_dtype=config_lib.compute_dtype(config),
+    skip_nonfinite=config.skip_nonfinite_steps,
+  )
   state_bytes = parallel.state_bytes_per_device(replicated_state)
   say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, executor.describe())
   report_writer.first_report_also(state_bytes_per_device=state_bytes)
@@ -128,15 +174,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
         with report_writer.waiting_for_data():
           batches = next(train_batches, None)
         if batches is None:
-          raise UsageError(f"workload {config.workload}'s train dataset ended before step "
-                           f"{last_step}: dataset(config, 'train', ...) must be endless")
+          raise UsageError(
+            f"workload {config.workload}'s train dataset ended before step "
+            f"{last_step}: dataset(config, 'train', ...) must be endless"
+          )
         in_flight.wait_for_room()
         replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)
         in_flight.add(train_metrics)
         if last_step == first_step + k:
           jax.block_until_ready(train_metrics)
-          report_writer.first_report_also(**parallel.step_memory(
-              train_call, replicated_state, train_metrics, batches))
+          report_writer.first_report_also(
+            **parallel.step_memory(train_call, replicated_state, train_metrics, batches)
+          )
           report_writer.first_step_done(parts, last_step)
         watchdog.completed(last_step - k)
         report_writer.after_steps(last_step - k + 1, last_step)
@@ -157,8 +206,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
       if due.save:
         jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
         with report_writer.blocked_by_checkpoint():
-          data_position = {"step": last_step, "seed": config.seed,
-                           "global_batch_size": layout.global_batch_size}
+          data_position = {
+            "step": last_step,
+            "seed": config.seed,
+            "global_batch_size": layout.global_batch_size,
+          }
           checkpoints.save(last_step, executor.global_state(replicated_state), data_position)
       scalars = {}
       if due.evaluate:
@@ -179,8 +231,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
   except jax.errors.JaxRuntimeError as e:
     if layout.process_count > 1 and watchdog_lib.is_peer_lost(e):
       watchdog_lib.exit_peer_lost(
-          e, process=f"process {layout.process_index}/{layout.process_count}",
-          last_step=watchdog.last_completed_step, last_checkpoint=checkpoints.latest_step())
+        e,
+        process=f"process {layout.process_index}/{layout.process_count}",
+        last_step=watchdog.last_completed_step,
+        last_checkpoint=checkpoints.latest_step(),
+      )
     raise
   except UsageError:
     raise  # Every process raises it at the same step: their saves can still finish.
@@ -194,8 +249,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step_timeout_seconds
     if not storage.gave_up():  # Else nothing more can be written.
       _finish_writes(checkpoints, report_writer, saves_may_hang, outcome)
   if preempted:
-    raise Preempted(f"stopped on a preemption notice after saving the checkpoint of step "
-                    f"{last_step}")
+    raise Preempted(
+      f"stopped on a preemption notice after saving the checkpoint of step {last_step}"
+    )
   if layout.process_index == 0:
     _say_finished(workdir, config.num_steps, report_writer.last_scalars, time.time() - started)
   return executor.global_state(replicated_state)
@@ -226,16 +282,25 @@ def _build(config, workload):
   """The executor, the loss bound to the config, the optimizer, the state's initializer and its
   shapes in the executor's shardings (nothing computed yet)."""
   partition = getattr(workload, "partition", None)
-  executor = parallel.executor(config.parallel, mesh=config.mesh,
-                               partition=functools.partial(partition, config) if partition else None)
+  executor = parallel.executor(
+    config.parallel,
+    mesh=config.mesh,
+    partition=functools.partial(partition, config) if partition else None,
+  )
   loss_fn = functools.partial(workload.loss, config)
   tx = state_lib.optimizer(config)
-  fresh = state_lib.initializer(config, workload.init, tx,
-                                functools.partial(workload_lib.check_params, workload))
+  fresh = state_lib.initializer(
+    config, workload.init, tx, functools.partial(workload_lib.check_params, workload)
+  )
   with workload_lib.calling(workload, "init(config, rng)"):
     state_shapes = jax.eval_shape(fresh)
-  return executor, loss_fn, tx, fresh, checkpoint_lib.target(
-      state_shapes, executor.state_shardings(state_shapes))
+  return (
+    executor,
+    loss_fn,
+    tx,
+    fresh,
+    checkpoint_lib.target(state_shapes, executor.state_shardings(state_shapes)),
+  )
 
 
 def _resume_or_start(config, workdir, layout, fresh, state_target, parts):
@@ -246,75 +311,100 @@ def _resume_or_start(config, workdir, layout, fresh, state_target, parts):
   with _timed(parts, "restore"):
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
     resume_step, state = checkpoints.restore_newest(
-        state_target, seed=config.seed, global_batch_size=layout.global_batch_size)
+      state_target, seed=config.seed, global_batch_size=layout.global_batch_size
+    )
     if resume_step is not None:
-      logging.info("resuming from the checkpoint of step %d in %s", resume_step,
-                   checkpoints.directory)
+      logging.info(
+        "resuming from the checkpoint of step %d in %s", resume_step, checkpoints.directory
+      )
       return checkpoints, state
     if config.restore_from and not config.restore_params_only:
-      return checkpoints, checkpoint_lib.restore_from(config.restore_from, into=state_target,
-                                                      params_only=False)
+      return checkpoints, checkpoint_lib.restore_from(
+        config.restore_from, into=state_target, params_only=False
+      )
   with _timed(parts, "init"):
     state = jax.jit(fresh, out_shardings=jax.tree.map(lambda x: x.sharding, state_target))()
   if config.restore_from:
     with _timed(parts, "restore"):
-      state = state.replace(params=checkpoint_lib.restore_from(
-          config.restore_from, into=state_target, params_only=True))
+      state = state.replace(
+        params=checkpoint_lib.restore_from(config.restore_from, into=state_target, params_only=True)
+      )
   return checkpoints, state
 
 
 def _open_train_data(config, workload, layout, loss_fn, state, executor, first_step):
   """The first host batch (checked), the per-call device batches from `first_step` on, and the
   names of the workload's metrics (its loss traced once on the first batch, rng None)."""
-  host_batches = workload_lib.open_dataset(workload, config, "train", layout.process_index,
-                                           layout.process_count, start=first_step)
+  host_batches = workload_lib.open_dataset(
+    workload, config, "train", layout.process_index, layout.process_count, start=first_step
+  )
   example_batch = next(host_batches, None)
   if example_batch is None:
-    raise UsageError(f"workload {config.workload}'s train dataset yielded no batch: "
-                     "dataset(config, 'train', ...) must be endless")
-  check = functools.partial(workload_lib.check_batch, workload, "train",
-                            rows=layout.host_batch_size, like=example_batch)
+    raise UsageError(
+      f"workload {config.workload}'s train dataset yielded no batch: "
+      "dataset(config, 'train', ...) must be endless"
+    )
+  check = functools.partial(
+    workload_lib.check_batch, workload, "train", rows=layout.host_batch_size, like=example_batch
+  )
   check(example_batch)
   with workload_lib.calling(workload, "loss(config, params, batch, rng=None)"):
     loss_shapes = jax.eval_shape(loss_fn, state.params, example_batch, None)
   metric_names = workload_lib.check_loss_output(workload, loss_shapes)
-  train_batches = data.train_batches(itertools.chain([example_batch], host_batches),
-                                     steps_per_call=config.steps_per_call, put=executor.put,
-                                     check=check, first_number=first_step)
+  train_batches = data.train_batches(
+    itertools.chain([example_batch], host_batches),
+    steps_per_call=config.steps_per_call,
+    put=executor.put,
+    check=check,
+    first_number=first_step,
+  )
   return example_batch, train_batches, metric_names
 
 
 def _check_eval_data(config, workload, layout) -> None:
   """An eval set with no batch at all, on any process, is a mistake to name before training."""
-  first = next(workload_lib.open_dataset(workload, config, "eval", layout.process_index,
-                                         layout.process_count), None)
+  first = next(
+    workload_lib.open_dataset(workload, config, "eval", layout.process_index, layout.process_count),
+    None,
+  )
   if first is not None:
     workload_lib.check_batch(workload, "eval", first, rows=None, max_rows=layout.host_batch_size)
   if not data.any_process(first is not None, layout.process_count):
-    raise UsageError(f"workload {config.workload}'s eval dataset is empty: dataset(config, "
-                     "'eval', ...) must yield at least one batch, or set "
-                     "--config.eval_every_steps=0 to train without eval")
+    raise UsageError(
+      f"workload {config.workload}'s eval dataset is empty: dataset(config, "
+      "'eval', ...) must yield at least one batch, or set "
+      "--config.eval_every_steps=0 to train without eval"
+    )
 
 
-def _reporter(config, workload, workdir, layout, first_step, started,
-              tracker_names) -> reporter.Reporter:
+def _reporter(
+  config, workload, workdir, layout, first_step, started, tracker_names
+) -> reporter.Reporter:
   tokens_per_example = getattr(workload, "tokens_per_example", None)
   flops_per_example = getattr(workload, "flops_per_example", None)
   device_kind = jax.devices()[0].device_kind
   peak = reporter.peak_flops_per_device(device_kind)
   if flops_per_example and not peak and jax.devices()[0].platform != "cpu":
-    logging.info("MFU is not reported: no bf16 peak is known for device kind %r "
-                 "(reporter.PEAK_FLOPS_PER_DEVICE)", device_kind)
+    logging.info(
+      "MFU is not reported: no bf16 peak is known for device kind %r "
+      "(reporter.PEAK_FLOPS_PER_DEVICE)",
+      device_kind,
+    )
   return reporter.Reporter(
-      workdir, process_index=layout.process_index, process_count=layout.process_count,
-      first_step=first_step, num_steps=config.num_steps,
-      examples_per_step=layout.global_batch_size,
-      tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
-      flops_per_example=flops_per_example(config) if flops_per_example else None,
-      peak_flops=peak * layout.global_device_count if peak else None,
-      profile_first_step=config.profile_first_step, started=started,
-      tensorboard="tensorboard" in tracker_names, trackers=_trackers(config, workdir, layout,
-                                                                    tracker_names))
+    workdir,
+    process_index=layout.process_index,
+    process_count=layout.process_count,
+    first_step=first_step,
+    num_steps=config.num_steps,
+    examples_per_step=layout.global_batch_size,
+    tokens_per_example=tokens_per_example(config) if tokens_per_example else None,
+    flops_per_example=flops_per_example(config) if flops_per_example else None,
+    peak_flops=peak * layout.global_device_count if peak else None,
+    profile_first_step=config.profile_first_step,
+    started=started,
+    tensorboard="tensorboard" in tracker_names,
+    trackers=_trackers(config, workdir, layout, tracker_names),
+  )
 
 
 def _trackers(config, workdir, layout, tracker_names) -> list:
@@ -322,16 +412,27 @@ def _trackers(config, workdir, layout, tracker_names) -> list:
   tag; none elsewhere."""
   if layout.process_index != 0:
     return []
-  writers = trackers.open_writers(tracker_names, workdir, experiment=config.experiment or
-                                  config.workload, params=trackers.flatten(config))
+  writers = trackers.open_writers(
+    tracker_names,
+    workdir,
+    experiment=config.experiment or config.workload,
+    params=trackers.flatten(config),
+  )
   for writer in writers:
-    writer.write_texts(0, {"job": f"{cluster.describe()}; {layout.process_count} process(es), "
-                                  f"{layout.global_device_count} devices", "workdir": str(workdir)})
+    writer.write_texts(
+      0,
+      {
+        "job": f"{cluster.describe()}; {layout.process_count} process(es), "
+        f"{layout.global_device_count} devices",
+        "workdir": str(workdir),
+      },
+    )
   return writers
 
 
 class Due(NamedTuple):
   """What the loop does after the call that ended at a step."""
+
   report: bool
   save: bool
   evaluate: bool
@@ -341,40 +442,67 @@ def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> 
   """Reports, saves and evals are due every so many steps and after the last step; a preemption
   notice makes a save due at once."""
   final = last_step == config.num_steps
-  every = lambda steps: bool(steps) and last_step % steps == 0
-  return Due(report=final or every(config.log_every_steps),
-             save=final or preempted or every(config.checkpoint_every_steps),
-             evaluate=bool(config.eval_every_steps) and (final or every(config.eval_every_steps)))
+
+  def every(steps):
+    return bool(steps) and last_step % steps == 0
+
+  return Due(
+    report=final or every(config.log_every_steps),
+    save=final or preempted or every(config.checkpoint_every_steps),
+    evaluate=bool(config.eval_every_steps) and (final or every(config.eval_every_steps)),
+  )
 
 
 def _say_finished(workdir, num_steps: int, scalars: dict[str, float], seconds: float) -> None:
-  shown = {name: scalars[name] for name in scalars if name not in reporter.NOT_SHOWN
-           and (name == "loss" or name.startswith("eval_"))}
-  logging.info("finished %d steps in %s: %s. Outputs in %s; see them with: python -m "
-               "launcher.report %s", num_steps, reporter.hms(seconds),
-               ", ".join(f"{name} {value:.4g}" for name, value in shown.items()),
-               workdir, workdir)
+  shown = {
+    name: scalars[name]
+    for name in scalars
+    if name not in reporter.NOT_SHOWN and (name == "loss" or name.startswith("eval_"))
+  }
+  logging.info(
+    "finished %d steps in %s: %s. Outputs in %s; see them with: python -m launcher.report %s",
+    num_steps,
+    reporter.hms(seconds),
+    ", ".join(f"{name} {value:.4g}" for name, value in shown.items()),
+    workdir,
+    workdir,
+  )
 
 
 def _say_already_finished(workdir, step_number: int, num_steps: int) -> None:
-  more = (f"; config.num_steps={num_steps} asks for no more (raise it to train on)"
-          if num_steps < step_number else "")
-  logging.info("the run in %s already finished: its checkpoint is at step %d%s. Nothing to do; "
-               "see it with: python -m launcher.report %s, or train again with another --workdir",
-               workdir, step_number, more, workdir)
+  more = (
+    f"; config.num_steps={num_steps} asks for no more (raise it to train on)"
+    if num_steps < step_number
+    else ""
+  )
+  logging.info(
+    "the run in %s already finished: its checkpoint is at step %d%s. Nothing to do; "
+    "see it with: python -m launcher.report %s, or train again with another --workdir",
+    workdir,
+    step_number,
+    more,
+    workdir,
+  )
 
 
 def _check_finite(step_number: int, train_scalars: dict, last_checkpoint: int | None) -> None:
   """Stops a diverged run before its state can be saved over a good checkpoint."""
-  bad = {name: float(train_scalars[name]) for name in ("loss", "grad_norm")
-         if not math.isfinite(train_scalars[name])}
+  bad = {
+    name: float(train_scalars[name])
+    for name in ("loss", "grad_norm")
+    if not math.isfinite(train_scalars[name])
+  }
   if bad:
-    kept = (f"the checkpoint of step {last_checkpoint} is kept" if last_checkpoint is not None
-            else "no checkpoint was written")
+    kept = (
+      f"the checkpoint of step {last_checkpoint} is kept"
+      if last_checkpoint is not None
+      else "no checkpoint was written"
+    )
     raise NonFiniteError(
-        f"training diverged: {bad} in the steps up to step {step_number}; {kept}. Lower the "
-        "learning rate, clip gradients (--config.grad_clip_norm=1.0) or skip such steps "
-        "(--config.skip_nonfinite_steps=True)")
+      f"training diverged: {bad} in the steps up to step {step_number}; {kept}. Lower the "
+      "learning rate, clip gradients (--config.grad_clip_norm=1.0) or skip such steps "
+      "(--config.skip_nonfinite_steps=True)"
+    )
 
 
 def _count_params(params) -> int:

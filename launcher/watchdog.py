@@ -11,14 +11,23 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from launcher.errors import EXIT_PEER_LOST, EXIT_STUCK
 
 # Words of the errors a collective raises when another process of the job is gone.
-_PEER_LOST_SIGNS = ("Gloo", "Connection reset by peer", "Connection closed", "Socket closed",
-                    "heartbeat", "unhealthy", "UNAVAILABLE", "DEADLINE_EXCEEDED",
-                    "failed to connect", "Broken pipe")
+_PEER_LOST_SIGNS = (
+  "Gloo",
+  "Connection reset by peer",
+  "Connection closed",
+  "Socket closed",
+  "heartbeat",
+  "unhealthy",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "failed to connect",
+  "Broken pipe",
+)
 
 
 class StepWatchdog:
@@ -66,10 +75,11 @@ class StepWatchdog:
           continue
         break
     sys.stderr.write(
-        f"error: {self._who}stuck: no train call finished within --step_timeout_seconds="
-        f"{self._timeout:g} after step {self._last_step} (waited {self._timeout:g} s for the "
-        f"next one); the stack of every thread follows, then the process exits with "
-        f"{EXIT_STUCK} so that a supervisor restarts the job from its last checkpoint\n")
+      f"error: {self._who}stuck: no train call finished within --step_timeout_seconds="
+      f"{self._timeout:g} after step {self._last_step} (waited {self._timeout:g} s for the "
+      f"next one); the stack of every thread follows, then the process exits with "
+      f"{EXIT_STUCK} so that a supervisor restarts the job from its last checkpoint\n"
+    )
     sys.stderr.flush()
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
@@ -93,15 +103,24 @@ class PeerMonitor:
   first (atexit), so a finished peer is never taken for a lost one.
   """
 
-  def __init__(self, client, process_index: int, process_count: int, *, describe_process: str,
-               timeout: float = PEER_TIMEOUT_S, interval: float = 1.0):
+  def __init__(
+    self,
+    client,
+    process_index: int,
+    process_count: int,
+    *,
+    describe_process: str,
+    timeout: float = PEER_TIMEOUT_S,
+    interval: float = 1.0,
+  ):
     self._client, self._index, self._count = client, process_index, process_count
     self._who, self._timeout, self._interval = describe_process, timeout, interval
     self.progress: Callable[[], tuple[int, int | None]] = lambda: (0, None)
     self._stopped = threading.Event()
     self._hosts: dict[int, str] = {}
-    client.key_value_set(f"launcher/host/{process_index}", socket.gethostname(),
-                         allow_overwrite=True)
+    client.key_value_set(
+      f"launcher/host/{process_index}", socket.gethostname(), allow_overwrite=True
+    )
     atexit.register(self.stop)
     threading.Thread(target=self._watch, name="peer-monitor", daemon=True).start()
 
@@ -119,17 +138,22 @@ class PeerMonitor:
     while not self._stopped.wait(self._interval):
       counter += 1
       try:
-        self._client.key_value_set(f"launcher/alive/{self._index}", str(counter),
-                                   allow_overwrite=True)
+        self._client.key_value_set(
+          f"launcher/alive/{self._index}", str(counter), allow_overwrite=True
+        )
         alive = dict(self._client.key_value_dir_get("launcher/alive/"))
         if len(self._hosts) < self._count:
-          self._hosts = {int(key.rsplit("/", 1)[1]): host
-                         for key, host in self._client.key_value_dir_get("launcher/host/")}
+          self._hosts = {
+            int(key.rsplit("/", 1)[1]): host
+            for key, host in self._client.key_value_dir_get("launcher/host/")
+          }
       except Exception as e:  # pylint: disable=broad-except  # Whatever the client raises.
         if self._stopped.is_set():
           return
-        self._lost(f"the job's coordination service on {self._name(0)} cannot be reached "
-                   f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
+        self._lost(
+          f"the job's coordination service on {self._name(0)} cannot be reached "
+          f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
+        )
       now = time.monotonic()
       for peer in range(self._count):
         value = alive.get(f"launcher/alive/{peer}")
@@ -138,8 +162,10 @@ class PeerMonitor:
         if peer not in changed or value != last_seen[peer]:
           last_seen[peer], changed[peer] = value, now
         elif now - changed[peer] > self._timeout:
-          self._lost(f"{self._name(peer)} sent no sign of life for {self._timeout:g} s (it was "
-                     "killed, crashed, or its host is gone)")
+          self._lost(
+            f"{self._name(peer)} sent no sign of life for {self._timeout:g} s (it was "
+            "killed, crashed, or its host is gone)"
+          )
 
   def _name(self, peer: int) -> str:
     host = self._hosts.get(peer)
@@ -149,8 +175,9 @@ class PeerMonitor:
     if self._stopped.is_set():
       return
     last_step, last_checkpoint = self.progress()
-    exit_peer_lost(RuntimeError(cause), process=self._who, last_step=last_step,
-                   last_checkpoint=last_checkpoint)
+    exit_peer_lost(
+      RuntimeError(cause), process=self._who, last_step=last_step, last_checkpoint=last_checkpoint
+    )
 
 
 def is_peer_lost(error: BaseException) -> bool:
@@ -159,15 +186,22 @@ def is_peer_lost(error: BaseException) -> bool:
   return any(sign.lower() in text.lower() for sign in _PEER_LOST_SIGNS)
 
 
-def exit_peer_lost(error: BaseException, *, process: str, last_step: int,
-                   last_checkpoint: int | None) -> None:
+def exit_peer_lost(
+  error: BaseException, *, process: str, last_step: int, last_checkpoint: int | None
+) -> None:
   """One line naming what was lost and what is saved, then exit before jax's abort buries it."""
-  first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-  saved = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
-           else "no checkpoint was saved yet")
+  first_line = (
+    str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+  )
+  saved = (
+    f"the last checkpoint is step {last_checkpoint}"
+    if last_checkpoint is not None
+    else "no checkpoint was saved yet"
+  )
   sys.stderr.write(
-      f"error: {process} lost another process of the job after step {last_step}; {saved}. A restart of "
-      f"the whole job resumes from it (launcher.local --max_restarts, or the cluster scripts' "
-      f"MAX_RESTARTS). Cause: {first_line}\n")
+    f"error: {process} lost another process of the job after step {last_step}; {saved}. A restart of "
+    f"the whole job resumes from it (launcher.local --max_restarts, or the cluster scripts' "
+    f"MAX_RESTARTS). Cause: {first_line}\n"
+  )
   sys.stderr.flush()
   os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access

@@ -14,21 +14,28 @@ def pytest_configure(config):
   assert jax.local_device_count() == 8, "XLA_FLAGS was read after jax started"
 
 
-
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory):
   """`straight(layout)`: the workdir of the uninterrupted 40-step run of tests/hooked_config.py
   as "1x8" (one process of 8 devices) or "2x4" (two of 4), made once per session."""
   from tests.helpers import finish, launcher_command, start  # pylint: disable=import-outside-toplevel
+
   runs = {}
 
   def run(layout: str) -> str:
     if layout not in runs:
       num_processes, devices = map(int, layout.split("x"))
       workdir = str(tmp_path_factory.mktemp("straight") / layout)
-      process = start(launcher_command("--config=tests/hooked_config.py", f"--workdir={workdir}",
-                                       num_processes=num_processes, devices=devices),
-                      f"{workdir}.log", devices=devices)
+      process = start(
+        launcher_command(
+          "--config=tests/hooked_config.py",
+          f"--workdir={workdir}",
+          num_processes=num_processes,
+          devices=devices,
+        ),
+        f"{workdir}.log",
+        devices=devices,
+      )
       assert finish(process, 180) == 0, open(f"{workdir}.log").read()[-3000:]
       runs[layout] = workdir
     return runs[layout]

@@ -23,8 +23,17 @@ import sys
 import threading
 
 
-def make_slice(root: pathlib.Path, *, name: str, zone: str, num_workers: int, devices: int,
-               coordinator_port: int, image_python: str, env: dict[str, str]) -> pathlib.Path:
+def make_slice(
+  root: pathlib.Path,
+  *,
+  name: str,
+  zone: str,
+  num_workers: int,
+  devices: int,
+  coordinator_port: int,
+  image_python: str,
+  env: dict[str, str],
+) -> pathlib.Path:
   """Writes a slice of `num_workers` workers under `root` and a `gcloud` for it in root/bin
   (put that on PATH, with FAKE_TPU_SLICE=root). `image_python` is the workers' `python3`."""
   worker_bin = root / "worker-bin"
@@ -35,16 +44,27 @@ def make_slice(root: pathlib.Path, *, name: str, zone: str, num_workers: int, de
   for i in range(num_workers):
     home = root / f"worker_{i}"
     home.mkdir()
-    workers.append({"home": str(home), "env": {
-        "HOME": str(home), "USER": os.environ.get("USER", "root"), "LANG": "C.UTF-8",
-        "PATH": f"{worker_bin}:/usr/local/bin:/usr/bin:/bin",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{coordinator_port}",
-        "JAX_NUM_PROCESSES": str(num_workers), "JAX_PROCESS_ID": str(i), **env}})
+    workers.append(
+      {
+        "home": str(home),
+        "env": {
+          "HOME": str(home),
+          "USER": os.environ.get("USER", "root"),
+          "LANG": "C.UTF-8",
+          "PATH": f"{worker_bin}:/usr/local/bin:/usr/bin:/bin",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{coordinator_port}",
+          "JAX_NUM_PROCESSES": str(num_workers),
+          "JAX_PROCESS_ID": str(i),
+          **env,
+        },
+      }
+    )
   (root / "slice.json").write_text(json.dumps({"name": name, "zone": zone, "workers": workers}))
   (root / "bin").mkdir()
-  _executable(root / "bin" / "gcloud",
-              f'#!/bin/sh\nexec {sys.executable} {os.path.abspath(__file__)} "$@"\n')
+  _executable(
+    root / "bin" / "gcloud", f'#!/bin/sh\nexec {sys.executable} {os.path.abspath(__file__)} "$@"\n'
+  )
   return root / "bin"
 
 
@@ -93,8 +113,10 @@ def _workers(value: str, count: int, *, many: bool) -> list[int]:
     raise Refused("Invalid value for [--worker]: several workers need --command")
   bad = [i for i in indices if not 0 <= i < count]
   if bad:
-    raise Refused(f"Invalid value for [--worker]: worker {bad[0]} does not exist; the TPU has "
-                  f"{count} workers (0-{count - 1})")
+    raise Refused(
+      f"Invalid value for [--worker]: worker {bad[0]} does not exist; the TPU has "
+      f"{count} workers (0-{count - 1})"
+    )
   return indices
 
 
@@ -104,9 +126,15 @@ def _remote_path(path: str, worker: dict) -> pathlib.Path:
 
 
 def _run(slice_dir: pathlib.Path, worker: dict, command: str) -> subprocess.Popen:
-  process = subprocess.Popen(["bash", "-c", command], cwd=worker["home"], env=worker["env"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+  process = subprocess.Popen(
+    ["bash", "-c", command],
+    cwd=worker["home"],
+    env=worker["env"],
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
   with open(slice_dir / "pids", "a") as pids:
     pids.write(f"{process.pid}\n")
   return process
@@ -158,8 +186,10 @@ def main(argv: list[str]) -> int:
     return 0
   if args.command is None:
     raise Refused("the stand-in has no interactive sessions: pass --command")
-  processes = [_run(slice_dir, workers[i], args.command)
-               for i in _workers(args.worker, len(workers), many=True)]
+  processes = [
+    _run(slice_dir, workers[i], args.command)
+    for i in _workers(args.worker, len(workers), many=True)
+  ]
   relays = [threading.Thread(target=_relay, args=(p,)) for p in processes]
   for relay in relays:
     relay.start()

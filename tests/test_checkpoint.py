@@ -15,8 +15,16 @@ import pytest
 
 from launcher import train
 from launcher.errors import NonFiniteError, UsageError
-from tests.helpers import (finish, launcher_command, load_config, load_params, losses_by_step,
-                           read_metrics, start, wait_for)
+from tests.helpers import (
+  finish,
+  launcher_command,
+  load_config,
+  load_params,
+  losses_by_step,
+  read_metrics,
+  start,
+  wait_for,
+)
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
@@ -26,44 +34,67 @@ LAYOUTS = {"1x8": (1, 8), "2x4": (2, 4)}
 
 def run_to_end(workdir, layout, *overrides, timeout=180):
   num_processes, devices = LAYOUTS[layout]
-  process = start(launcher_command(CONFIG, f"--workdir={workdir}", *overrides,
-                                   num_processes=num_processes, devices=devices),
-                  f"{workdir}.log", devices=devices)
+  process = start(
+    launcher_command(
+      CONFIG, f"--workdir={workdir}", *overrides, num_processes=num_processes, devices=devices
+    ),
+    f"{workdir}.log",
+    devices=devices,
+  )
   return finish(process, timeout)
 
 
 def complete_checkpoints(workdir):
-  return sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-                if os.path.basename(d).isdigit())
+  return sorted(
+    int(os.path.basename(d))
+    for d in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+    if os.path.basename(d).isdigit()
+  )
 
 
 def assert_same_run(workdir, reference, from_step):
   """Bitwise equal final params and equal per-step losses after `from_step`."""
-  for a, b in zip(jax.tree.leaves(load_params(workdir, 40)), jax.tree.leaves(load_params(reference, 40))):
+  for a, b in zip(
+    jax.tree.leaves(load_params(workdir, 40)), jax.tree.leaves(load_params(reference, 40))
+  ):
     np.testing.assert_array_equal(a, b)
   resumed, uninterrupted = losses_by_step(workdir), losses_by_step(reference)
   assert [resumed[s] for s in range(from_step + 1, 41)] == [
-      uninterrupted[s] for s in range(from_step + 1, 41)]
+    uninterrupted[s] for s in range(from_step + 1, 41)
+  ]
 
 
 def process_tree(pid):
   """`pid` and every process below it, read from /proc."""
-  children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+  children = subprocess.run(
+    ["pgrep", "-P", str(pid)], capture_output=True, text=True
+  ).stdout.split()
   return [pid] + [p for child in children for p in process_tree(int(child))]
 
 
 def alive(pids):
-  return [p for p in pids if os.path.exists(f"/proc/{p}") and
-          "zombie" not in open(f"/proc/{p}/status").read()]
+  return [
+    p
+    for p in pids
+    if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()
+  ]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sigkill_after_a_checkpoint_then_restart_continues_exactly(layout, straight, tmp_path):
   workdir = str(tmp_path / "run")
   num_processes, devices = LAYOUTS[layout]
-  process = start(launcher_command(CONFIG, f"--workdir={workdir}", "--config.slow_from_batch=22",
-                                   num_processes=num_processes, devices=devices),
-                  f"{workdir}.log", devices=devices)
+  process = start(
+    launcher_command(
+      CONFIG,
+      f"--workdir={workdir}",
+      "--config.slow_from_batch=22",
+      num_processes=num_processes,
+      devices=devices,
+    ),
+    f"{workdir}.log",
+    devices=devices,
+  )
   wait_for(lambda: 20 in complete_checkpoints(workdir), 120, "the step-20 checkpoint", process)
   everyone = process_tree(process.pid)
   assert len(everyone) >= 1 + (num_processes if num_processes > 1 else 0)
@@ -82,21 +113,44 @@ def test_sigkill_after_a_checkpoint_then_restart_continues_exactly(layout, strai
 def test_preemption_notice_saves_at_one_step_and_loses_none(layout, signum, straight, tmp_path):
   workdir = str(tmp_path / "run")
   num_processes, devices = LAYOUTS[layout]
-  process = start(launcher_command(CONFIG, f"--workdir={workdir}", "--config.slow_from_batch=8",
-                                   num_processes=num_processes, devices=devices),
-                  f"{workdir}.log", devices=devices)
-  wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
-           len(read_metrics(workdir)) >= 6, 120, "step 6", process)
+  process = start(
+    launcher_command(
+      CONFIG,
+      f"--workdir={workdir}",
+      "--config.slow_from_batch=8",
+      num_processes=num_processes,
+      devices=devices,
+    ),
+    f"{workdir}.log",
+    devices=devices,
+  )
+  wait_for(
+    lambda: (
+      os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(read_metrics(workdir)) >= 6
+    ),
+    120,
+    "step 6",
+    process,
+  )
   # The notice reaches one process only (the last); the job must agree to stop as a whole.
-  target = process.pid if num_processes == 1 else int(subprocess.run(
-      ["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()[-1])
+  target = (
+    process.pid
+    if num_processes == 1
+    else int(
+      subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+      ).stdout.split()[-1]
+    )
+  )
   os.kill(target, signum)
   assert finish(process, 60) == 75, open(f"{workdir}.log").read()[-3000:]
   saved = complete_checkpoints(workdir)
   last_reported = max(losses_by_step(workdir))
   assert saved == [last_reported] and 6 <= last_reported < 20
   log = open(f"{workdir}.log").read()
-  assert f"stopped on a preemption notice after saving the checkpoint of step {last_reported}" in log
+  assert (
+    f"stopped on a preemption notice after saving the checkpoint of step {last_reported}" in log
+  )
   if num_processes > 1:
     assert log.count("stopped on a preemption notice") == num_processes
 
@@ -107,12 +161,21 @@ def test_preemption_notice_saves_at_one_step_and_loses_none(layout, signum, stra
 def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):
   """A big state makes each save long enough to kill it while its files are being written."""
   workdir = str(tmp_path / "run")
-  args = [CONFIG, f"--workdir={workdir}", "--config.hidden_sizes=(2048,2048)",
-          "--config.num_steps=15", "--config.checkpoint_every_steps=5",
-          "--config.log_every_steps=5"]
+  args = [
+    CONFIG,
+    f"--workdir={workdir}",
+    "--config.hidden_sizes=(2048,2048)",
+    "--config.num_steps=15",
+    "--config.checkpoint_every_steps=5",
+    "--config.log_every_steps=5",
+  ]
   process = start(launcher_command(*args), f"{workdir}.log")
-  partial = wait_for(lambda: glob.glob(os.path.join(workdir, "checkpoints", "10.*tmp*")), 120,
-                     "the step-10 save to start", process)
+  partial = wait_for(
+    lambda: glob.glob(os.path.join(workdir, "checkpoints", "10.*tmp*")),
+    120,
+    "the step-10 save to start",
+    process,
+  )
   process.kill()
   process.wait()
   assert os.path.exists(partial[0]) and complete_checkpoints(workdir) == [5]
@@ -123,18 +186,28 @@ def test_killed_in_the_middle_of_a_save_restores_the_previous_one(tmp_path):
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-  config = load_config("../tests/hooked_config", nan_at_batch=25, checkpoint_every_steps=10,
-                       log_every_steps=10)
-  with pytest.raises(NonFiniteError, match=r"training diverged: \{'loss': nan, 'grad_norm': nan\} "
-                     r"in the steps up to step 30; the checkpoint of step 20 is kept"):
+  config = load_config(
+    "../tests/hooked_config", nan_at_batch=25, checkpoint_every_steps=10, log_every_steps=10
+  )
+  with pytest.raises(
+    NonFiniteError,
+    match=r"training diverged: \{'loss': nan, 'grad_norm': nan\} "
+    r"in the steps up to step 30; the checkpoint of step 20 is kept",
+  ):
     train.run(config, str(tmp_path))
   assert complete_checkpoints(str(tmp_path)) == [10, 20]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_params(str(tmp_path))))
 
 
 def test_skipped_nonfinite_steps_are_counted_and_change_nothing(tmp_path):
-  config = load_config("../tests/hooked_config", nan_at_batch=25, skip_nonfinite_steps=True,
-                       checkpoint_every_steps=0, num_steps=30, log_every_steps=10)
+  config = load_config(
+    "../tests/hooked_config",
+    nan_at_batch=25,
+    skip_nonfinite_steps=True,
+    checkpoint_every_steps=0,
+    num_steps=30,
+    log_every_steps=10,
+  )
   state = train.run(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
   assert [row["skipped_steps"] for row in rows] == [0, 0, 1]
@@ -150,16 +223,23 @@ def test_restore_from_another_run_and_mismatches_named(tmp_path):
   saved = load_params(first)
 
   second = str(tmp_path / "second")
-  state = train.run(load_config("../tests/hooked_config", num_steps=1, restore_from=first,
-                                learning_rate=1e-30), second)
+  state = train.run(
+    load_config("../tests/hooked_config", num_steps=1, restore_from=first, learning_rate=1e-30),
+    second,
+  )
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert int(state.step) == 1  # Params only: a fresh optimizer from step 0.
 
-  with pytest.raises(UsageError, match=r"(?s)does not match this config \(3 entries differ\).*"
-                     r"params/Dense_0/kernel: checkpoint shape \(64, 64\), this config's \(64, 32\)"):
-    train.run(load_config("../tests/hooked_config", hidden_sizes=(32,), restore_from=first),
-              str(tmp_path / "third"))
+  with pytest.raises(
+    UsageError,
+    match=r"(?s)does not match this config \(3 entries differ\).*"
+    r"params/Dense_0/kernel: checkpoint shape \(64, 64\), this config's \(64, 32\)",
+  ):
+    train.run(
+      load_config("../tests/hooked_config", hidden_sizes=(32,), restore_from=first),
+      str(tmp_path / "third"),
+    )
   before = os.listdir(os.path.join(first, "checkpoints"))
   saved_config = open(os.path.join(first, "config.json")).read()
   with pytest.raises(UsageError, match="Use the config it was saved with, or a new --workdir"):
@@ -168,13 +248,22 @@ def test_restore_from_another_run_and_mismatches_named(tmp_path):
   assert open(os.path.join(first, "config.json")).read() == saved_config
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"seed": 1}, r"was trained with config.seed=0, this run has config.seed=1: the data order "
-                  r"depends on it, so resuming would silently change the run. Keep "
-                  r"--config.seed=0 to resume, or start a new run with another --workdir"),
-    ({"batch_size": 128}, r"was trained with config.batch_size=64, this run has "
-                          r"config.batch_size=128"),
-])
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    (
+      {"seed": 1},
+      r"was trained with config.seed=0, this run has config.seed=1: the data order "
+      r"depends on it, so resuming would silently change the run. Keep "
+      r"--config.seed=0 to resume, or start a new run with another --workdir",
+    ),
+    (
+      {"batch_size": 128},
+      r"was trained with config.batch_size=64, this run has "
+      r"config.batch_size=128",
+    ),
+  ],
+)
 def test_a_resume_that_would_change_the_data_order_is_refused(override, message, tmp_path):
   train.run(load_config("../tests/hooked_config", num_steps=20, log_every_steps=20), str(tmp_path))
   before = sorted(os.listdir(tmp_path / "checkpoints"))
@@ -190,30 +279,45 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(str
   """Real damage on disk, 2 processes: step 30's array data truncated, step 20's metadata
   truncated; the next start names both, keeps them aside and resumes exactly from step 10."""
   workdir = str(tmp_path / "run")
-  assert run_to_end(workdir, "2x4", "--config.num_steps=30", "--config.checkpoint_every_steps=10",
-                    ) == 0, open(f"{workdir}.log").read()[-3000:]
+  assert (
+    run_to_end(
+      workdir,
+      "2x4",
+      "--config.num_steps=30",
+      "--config.checkpoint_every_steps=10",
+    )
+    == 0
+  ), open(f"{workdir}.log").read()[-3000:]
   assert complete_checkpoints(workdir) == [10, 20, 30]
-  data_files = glob.glob(os.path.join(workdir, "checkpoints", "30", "state", "ocdbt.process_*",
-                                      "d", "*"))
+  data_files = glob.glob(
+    os.path.join(workdir, "checkpoints", "30", "state", "ocdbt.process_*", "d", "*")
+  )
   biggest = max(data_files, key=os.path.getsize)
   os.truncate(biggest, os.path.getsize(biggest) // 2)
   metadata = os.path.join(workdir, "checkpoints", "20", "state", "_METADATA")
   os.truncate(metadata, os.path.getsize(metadata) // 2)
 
-  assert run_to_end(workdir, "2x4", "--config.checkpoint_every_steps=10") == 0, \
-      open(f"{workdir}.log").read()[-3000:]
+  assert run_to_end(workdir, "2x4", "--config.checkpoint_every_steps=10") == 0, open(
+    f"{workdir}.log"
+  ).read()[-3000:]
   log = open(f"{workdir}.log").read()
   checkpoints = os.path.join(workdir, "checkpoints")
   aside = os.path.join(workdir, "damaged_checkpoints")
-  assert (f"error: the checkpoint of step 30 in {checkpoints} cannot be read (ValueError: "
-          "OUT_OF_RANGE: Error reading") in log
+  assert (
+    f"error: the checkpoint of step 30 in {checkpoints} cannot be read (ValueError: "
+    "OUT_OF_RANGE: Error reading"
+  ) in log
   assert f"moved it to {aside}/30 and trying the one before" in log
-  assert (f"error: the checkpoint of step 20 in {checkpoints} cannot be read (JSONDecodeError: "
-          in log) and f"moved it to {aside}/20" in log
+  assert (
+    f"error: the checkpoint of step 20 in {checkpoints} cannot be read (JSONDecodeError: " in log
+  ) and f"moved it to {aside}/20" in log
   assert "resuming from the checkpoint of step 10" in log and "Traceback" not in log
   assert sorted(os.listdir(aside)) == ["20", "30"]  # Kept, byte for byte.
-  assert os.path.getsize(os.path.join(aside, "20", "state", "_METADATA")) == os.path.getsize(
-      metadata.replace(checkpoints, aside)) > 0
+  assert (
+    os.path.getsize(os.path.join(aside, "20", "state", "_METADATA"))
+    == os.path.getsize(metadata.replace(checkpoints, aside))
+    > 0
+  )
   assert_same_run(workdir, straight("2x4"), from_step=10)
 
   # Another run's newest checkpoint damaged: restore_from names it and takes the one before.
@@ -222,7 +326,9 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(str
   other = str(tmp_path / "other")
   assert run_to_end(other, "1x8", f"--config.restore_from={workdir}", "--config.num_steps=1") == 0
   log = open(f"{other}.log").read()
-  assert (f"config.restore_from: the checkpoint in {checkpoints}/40 cannot be read (ValueError: "
-          f"its metadata ({checkpoints}/40/state/_METADATA) cannot be parsed); trying the one "
-          "before") in log
+  assert (
+    f"config.restore_from: the checkpoint in {checkpoints}/40 cannot be read (ValueError: "
+    f"its metadata ({checkpoints}/40/state/_METADATA) cannot be parsed); trying the one "
+    "before"
+  ) in log
   assert f"started from {checkpoints}/30 (params only)" in log and "Traceback" not in log

@@ -15,13 +15,24 @@ from tests.helpers import read_metrics, run_launcher
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 RUNS = {
-    "linear": ["--config=configs/linear.py", "--config.num_steps=40", "--config.eval_every_steps=40"],
-    "classifier": ["--config=configs/classifier.py", "--config.num_steps=150",
-                   "--config.eval_every_steps=150", "--config.steps_per_call=10",
-                   "--config.log_every_steps=50", "--config.warmup_steps=10"],
-    "lm": ["--config=configs/lm.py:tiny", "--config.num_steps=40", "--config.log_every_steps=20",
-           "--config.eval_every_steps=40", "--config.eval_batches=2", "--config.steps_per_call=5",
-           "--config.warmup_steps=5"],
+  "linear": ["--config=configs/linear.py", "--config.num_steps=40", "--config.eval_every_steps=40"],
+  "classifier": [
+    "--config=configs/classifier.py",
+    "--config.num_steps=150",
+    "--config.eval_every_steps=150",
+    "--config.steps_per_call=10",
+    "--config.log_every_steps=50",
+    "--config.warmup_steps=10",
+  ],
+  "lm": [
+    "--config=configs/lm.py:tiny",
+    "--config.num_steps=40",
+    "--config.log_every_steps=20",
+    "--config.eval_every_steps=40",
+    "--config.eval_batches=2",
+    "--config.steps_per_call=5",
+    "--config.warmup_steps=5",
+  ],
 }
 
 
@@ -41,17 +52,21 @@ def test_run_trains_and_reports(name, tmp_path):
   # The console: the launcher's own lines only, one per report, ending with where the run is.
   lines = result.stderr.strip().splitlines()
   assert lines[0] == "process 0/1 on vm: 8 local / 8 global devices, platform cpu".replace(
-      "vm", socket.gethostname())
-  assert re.fullmatch(r"time to first step [\d.]+ s \([\d.]+ s since the process started\): "
-                      r"imports [\d.]+ s, join the job [\d.]+ s, .*compile and first step [\d.]+ s",
-                      lines[3]), lines[3]
+    "vm", socket.gethostname()
+  )
+  assert re.fullmatch(
+    r"time to first step [\d.]+ s \([\d.]+ s since the process started\): "
+    r"imports [\d.]+ s, join the job [\d.]+ s, .*compile and first step [\d.]+ s",
+    lines[3],
+  ), lines[3]
   report_lines = [line for line in lines if line.startswith("step ")]
   assert len(report_lines) == len(train_rows)
   assert report_lines[-1].startswith(f"step {rows[-1]['step']}/{rows[-1]['step']} | loss ")
   assert f"eval_loss {rows[-1]['eval_loss']:.4g}" in report_lines[-1]
   assert "eval_s" not in lines[-1]  # A timing, not an eval metric.
   assert lines[-1].startswith(f"finished {rows[-1]['step']} steps in 0:0") and lines[-1].endswith(
-      f"Outputs in {workdir}; see them with: python -m launcher.report {workdir}")
+    f"Outputs in {workdir}; see them with: python -m launcher.report {workdir}"
+  )
   assert len(lines) == 5 + len(report_lines), "\n".join(lines)
   if name == "classifier":
     assert rows[-1]["eval_accuracy"] > 0.8  # chance is 0.1
@@ -61,17 +76,25 @@ def test_run_trains_and_reports(name, tmp_path):
 
 def test_default_in_flight_bound_survives_hundreds_of_steps(tmp_path):
   """Unbounded dispatch of all-reduce steps aborts on this machine within seconds."""
-  result = run_launcher("--config=configs/linear.py", "--config.num_steps=600",
-                        "--config.log_every_steps=600", "--config.eval_every_steps=0",
-                        f"--workdir={tmp_path}")
+  result = run_launcher(
+    "--config=configs/linear.py",
+    "--config.num_steps=600",
+    "--config.log_every_steps=600",
+    "--config.eval_every_steps=0",
+    f"--workdir={tmp_path}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert read_metrics(str(tmp_path))[-1]["step"] == 600
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.batch_size=30",
-     "config.batch_size=30 does not divide over 8 devices (1 process(es) x 8 local devices): "
-     "use a multiple of 8, e.g. 24 or 32"),
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    (
+      "--config.batch_size=30",
+      "config.batch_size=30 does not divide over 8 devices (1 process(es) x 8 local devices): "
+      "use a multiple of 8, e.g. 24 or 32",
+    ),
     ("--config.workload=nope", "config.workload='nope' is not a workload"),
     ("--config.num_steps=0", "config.num_steps=0 must be a positive integer"),
     ("--config.num_steps=-5", "config.num_steps=-5 must be a positive integer"),
@@ -79,13 +102,16 @@ def test_default_in_flight_bound_survives_hundreds_of_steps(tmp_path):
     ("--config.learning_rate=nan", "config.learning_rate=nan must be a positive finite number"),
     ("--config.learning_rate=fast", "could not convert string to float: 'fast'"),
     ("--config.optimizer=lion", "config.optimizer='lion' is not one of sgd, momentum, adam, adamw"),
-    ("--config.steps_per_call=3", "config.num_steps=200 is not a multiple of "
-     "config.steps_per_call=3: steps happen 3 per call, so use 198 or 201"),
-])
+    (
+      "--config.steps_per_call=3",
+      "config.num_steps=200 is not a multiple of "
+      "config.steps_per_call=3: steps happen 3 per call, so use 198 or 201",
+    ),
+  ],
+)
 def test_bad_config_is_one_clear_message(override, message, tmp_path):
   workdir = tmp_path / "run"
-  result = run_launcher("--config=configs/linear.py", f"--workdir={workdir}", override,
-                        timeout=120)
+  result = run_launcher("--config=configs/linear.py", f"--workdir={workdir}", override, timeout=120)
   assert result.returncode == EXIT_USAGE
   assert message in result.stderr
   assert "Traceback" not in result.stderr
@@ -97,7 +123,8 @@ def test_a_users_own_workload_from_pythonpath(tmp_path):
   package = tmp_path / "my_pkg"
   package.mkdir()
   (package / "__init__.py").write_text("")
-  (package / "my_workload.py").write_text(textwrap.dedent('''
+  (package / "my_workload.py").write_text(
+    textwrap.dedent("""
       import jax.numpy as jnp
       import numpy as np
 
@@ -116,8 +143,10 @@ def test_a_users_own_workload_from_pythonpath(tmp_path):
           yield {"x": x[process_index * share:(process_index + 1) * share]}
           if split == "eval":
             return
-      '''))
-  (tmp_path / "my_config.py").write_text(textwrap.dedent('''
+      """)
+  )
+  (tmp_path / "my_config.py").write_text(
+    textwrap.dedent("""
       from launcher import config as launcher_config
 
       def get_config():
@@ -130,9 +159,13 @@ def test_a_users_own_workload_from_pythonpath(tmp_path):
         config.log_every_steps = 10
         config.eval_every_steps = 50
         return config
-      '''))
-  result = run_launcher(f"--config={tmp_path / 'my_config.py'}", f"--workdir={tmp_path / 'run'}",
-                        env={"PYTHONPATH": str(tmp_path)})
+      """)
+  )
+  result = run_launcher(
+    f"--config={tmp_path / 'my_config.py'}",
+    f"--workdir={tmp_path / 'run'}",
+    env={"PYTHONPATH": str(tmp_path)},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = read_metrics(str(tmp_path / "run"))
   assert rows[-1]["scale"] == pytest.approx(3.0, abs=1e-3)

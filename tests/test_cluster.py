@@ -5,8 +5,13 @@ import pytest
 from launcher import cluster
 from launcher.errors import UsageError
 
-SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2",
-              "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+SLURM_STEP = {
+  "SLURM_JOB_ID": "4242",
+  "SLURM_STEP_NODELIST": "node[001-002]",
+  "SLURM_NTASKS": "2",
+  "SLURM_PROCID": "1",
+  "SLURM_LOCALID": "0",
+}
 
 
 def test_alone_is_no_job():
@@ -14,8 +19,12 @@ def test_alone_is_no_job():
 
 
 def test_flags_win_over_the_environment():
-  job = cluster.detect(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0,
-                       environ={**SLURM_STEP, "JAX_COORDINATOR_ADDRESS": "x:1"})
+  job = cluster.detect(
+    coordinator_address="10.0.0.1:1234",
+    num_processes=2,
+    process_id=0,
+    environ={**SLURM_STEP, "JAX_COORDINATOR_ADDRESS": "x:1"},
+  )
   assert job == cluster.Job("flags", "10.0.0.1:1234", 2, 0, None)
 
 
@@ -26,18 +35,30 @@ def test_flags_must_come_together():
 
 @pytest.mark.parametrize("num_processes, process_id", [(0, 0), (2, 2), (2, -1)])
 def test_a_job_shape_given_by_flags_must_make_sense(num_processes, process_id):
-  with pytest.raises(UsageError, match=f"--num_processes={num_processes} --process_id="
-                     f"{process_id}: a job has at least one process, and --process_id counts "
-                     "from 0 to --num_processes-1"):
-    cluster.detect(coordinator_address="10.0.0.1:1234", num_processes=num_processes,
-                   process_id=process_id, environ={})
+  with pytest.raises(
+    UsageError,
+    match=f"--num_processes={num_processes} --process_id="
+    f"{process_id}: a job has at least one process, and --process_id counts "
+    "from 0 to --num_processes-1",
+  ):
+    cluster.detect(
+      coordinator_address="10.0.0.1:1234",
+      num_processes=num_processes,
+      process_id=process_id,
+      environ={},
+    )
   with pytest.raises(UsageError, match="missing: --coordinator_address, --process_id"):
     cluster.detect(num_processes=0, environ={})  # 0 is a value given, not "no flag".
 
 
 def test_jax_environment():
-  job = cluster.detect(environ={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:5000",
-                                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+  job = cluster.detect(
+    environ={
+      "JAX_COORDINATOR_ADDRESS": "127.0.0.1:5000",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "1",
+    }
+  )
   assert job == cluster.Job("env", "127.0.0.1:5000", 2, 1, None)
   with pytest.raises(UsageError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
     cluster.detect(environ={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:5000"})
@@ -45,7 +66,8 @@ def test_jax_environment():
 
 def test_slurm_step_with_several_tasks():
   assert cluster.detect(environ=SLURM_STEP, local_device_ids=(0, 1)) == cluster.Job(
-      "slurm", f"node001:{4242 % 4096 + 61440}", 2, 1, (0, 1))
+    "slurm", f"node001:{4242 % 4096 + 61440}", 2, 1, (0, 1)
+  )
   assert cluster.detect(environ={**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
 
 
@@ -59,13 +81,16 @@ def test_open_mpi():
   assert cluster.detect(environ=environ).source == "openmpi"
 
 
-@pytest.mark.parametrize("hostlist, hosts", [
+@pytest.mark.parametrize(
+  "hostlist, hosts",
+  [
     ("node001", ["node001"]),
     ("node[001-004,007]", ["node001", "node002", "node003", "node004", "node007"]),
     ("gpu-a[1-2],cpu[09-11]", ["gpu-a1", "gpu-a2", "cpu09", "cpu10", "cpu11"]),
     ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
     ("a1,b2,c[3]", ["a1", "b2", "c3"]),
-])
+  ],
+)
 def test_slurm_hostlists(hostlist, hosts):
   assert cluster.expand_hostlist(hostlist) == hosts
 
@@ -78,10 +103,16 @@ def test_slurm_task_counts():
 
 
 # `sbatch --nodes=4 --ntasks=7`: 2,2,2,1 tasks on node[001-003,007]; this task is rank 5.
-SLURM_4_NODES = {"SLURM_JOB_ID": "80001", "SLURM_STEP_NODELIST": "node[001-003,007]",
-                 "SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7", "SLURM_PROCID": "5",
-                 "SLURM_LOCALID": "1", "SLURMD_NODENAME": "node003",
-                 "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}
+SLURM_4_NODES = {
+  "SLURM_JOB_ID": "80001",
+  "SLURM_STEP_NODELIST": "node[001-003,007]",
+  "SLURM_NTASKS": "7",
+  "SLURM_STEP_NUM_TASKS": "7",
+  "SLURM_PROCID": "5",
+  "SLURM_LOCALID": "1",
+  "SLURMD_NODENAME": "node003",
+  "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",
+}
 
 
 def test_slurm_coordinator_is_the_first_node_on_jax_port():
@@ -103,9 +134,16 @@ def test_slurm_one_task_per_gpu():
 
 
 def test_slurm_one_task_per_node_sees_every_gpu():
-  environ = {"SLURM_JOB_ID": "9", "SLURM_STEP_NODELIST": "gpu[1-2]", "SLURM_NTASKS": "2",
-             "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURMD_NODENAME": "gpu2",
-             "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+  environ = {
+    "SLURM_JOB_ID": "9",
+    "SLURM_STEP_NODELIST": "gpu[1-2]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURMD_NODENAME": "gpu2",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+  }
   assert cluster.detect(environ=environ).local_device_ids == tuple(range(8))
   environ["SLURM_STEP_GPUS"], environ["CUDA_VISIBLE_DEVICES"] = "0,1,2,3", ""
   assert cluster.detect(environ=environ).local_device_ids == (0, 1, 2, 3)
@@ -114,10 +152,14 @@ def test_slurm_one_task_per_node_sees_every_gpu():
 
 
 def test_num_processes_that_disagrees_with_slurm():
-  with pytest.raises(UsageError, match=r"--num_processes=4 disagrees with the scheduler, which "
-                     r"started 7 processes for this job: drop --num_processes or make it 7"):
-    cluster.detect(coordinator_address="node001:1234", num_processes=4, process_id=0,
-                   environ=SLURM_4_NODES)
+  with pytest.raises(
+    UsageError,
+    match=r"--num_processes=4 disagrees with the scheduler, which "
+    r"started 7 processes for this job: drop --num_processes or make it 7",
+  ):
+    cluster.detect(
+      coordinator_address="node001:1234", num_processes=4, process_id=0, environ=SLURM_4_NODES
+    )
   with pytest.raises(UsageError, match="JAX_NUM_PROCESSES=2 disagrees"):
     cluster.detect(environ={**SLURM_4_NODES, "JAX_NUM_PROCESSES": "2"})
 
@@ -126,5 +168,9 @@ def test_num_processes_that_disagrees_with_slurm():
 def test_loopback_coordinator_refused_when_the_job_spans_hosts(address):
   with pytest.raises(UsageError, match=r"loopback address, but this job spans 4 hosts \(node001"):
     cluster.detect(environ={**SLURM_4_NODES, "JAX_COORDINATOR_ADDRESS": address})
-  one_host = {**SLURM_4_NODES, "SLURM_STEP_NODELIST": "localhost", "JAX_COORDINATOR_ADDRESS": address}
+  one_host = {
+    **SLURM_4_NODES,
+    "SLURM_STEP_NODELIST": "localhost",
+    "JAX_COORDINATOR_ADDRESS": address,
+  }
   assert cluster.detect(environ=one_host).coordinator_address == address

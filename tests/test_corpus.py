@@ -15,12 +15,22 @@ import pytest
 from launcher import corpus, storage, train
 from launcher.errors import UsageError
 from tests.gcs_emulator import Emulator
-from tests.helpers import (REPO, finish, launcher_command, load_config, losses_by_step,
-                           read_metrics, start, wait_for)
+from tests.helpers import (
+  REPO,
+  finish,
+  launcher_command,
+  load_config,
+  losses_by_step,
+  read_metrics,
+  start,
+  wait_for,
+)
 from workloads import lm
 
-RECORDS = [f"Record {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 7)
-           for i in range(300)]
+RECORDS = [
+  f"Record {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 7)
+  for i in range(300)
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,38 +47,42 @@ def lm_config(data, **overrides):
 
 
 def batches(config, split="train", process_index=0, process_count=1, start=0, count=3):
-  return list(itertools.islice(lm.dataset(config, split, process_index, process_count, start),
-                               count))
+  return list(
+    itertools.islice(lm.dataset(config, split, process_index, process_count, start), count)
+  )
 
 
 def test_windows_are_the_byte_stream_cut_by_hand(shards):
   eval_start = int(len(RECORDS) * 0.95)
   stream = b"".join(text.encode() + b"\n" for text in RECORDS[:eval_start])
   config = lm_config(shards / "parquet")
-  windows = corpus.windows(config.data, "train", seq_len=32, eval_fraction=0.05,
-                           tokenizer=corpus.Tokenizer())
+  windows = corpus.windows(
+    config.data, "train", seq_len=32, eval_fraction=0.05, tokenizer=corpus.Tokenizer()
+  )
   assert len(windows) == (len(stream) - 1) // 32
   for w in (0, 1, 57, len(windows) - 1):
-    assert bytes(windows[w]["tokens"].astype(np.uint8)) == stream[w * 32:w * 32 + 33]
+    assert bytes(windows[w]["tokens"].astype(np.uint8)) == stream[w * 32 : w * 32 + 33]
   eval_stream = b"".join(text.encode() + b"\n" for text in RECORDS[eval_start:])
-  eval_windows = corpus.windows(config.data, "eval", seq_len=32, eval_fraction=0.05,
-                                tokenizer=corpus.Tokenizer())
+  eval_windows = corpus.windows(
+    config.data, "eval", seq_len=32, eval_fraction=0.05, tokenizer=corpus.Tokenizer()
+  )
   assert bytes(eval_windows[0]["tokens"].astype(np.uint8)) == eval_stream[:33]  # No overlap.
   # A train batch is windows of the seeded order: the ids name them.
   batch = batches(config)[1]
   for row, w in zip(batch["tokens"], batch["id"]):
-    assert bytes(row.astype(np.uint8)) == stream[w * 32:w * 32 + 33]
+    assert bytes(row.astype(np.uint8)) == stream[w * 32 : w * 32 + 33]
 
 
 def test_parquet_and_array_record_copies_give_the_same_batches_on_any_layout(shards):
   parquet = batches(lm_config(shards / "parquet"), start=5)
   array_record = batches(lm_config(shards / "array_record"), start=5)
-  halves = [batches(lm_config(shards / "parquet"), process_index=i, process_count=2, start=5)
-            for i in range(2)]
+  halves = [
+    batches(lm_config(shards / "parquet"), process_index=i, process_count=2, start=5)
+    for i in range(2)
+  ]
   for p, a, first, second in zip(parquet, array_record, *halves):
     np.testing.assert_array_equal(p["tokens"], a["tokens"])
-    np.testing.assert_array_equal(np.concatenate([first["tokens"], second["tokens"]]),
-                                  p["tokens"])
+    np.testing.assert_array_equal(np.concatenate([first["tokens"], second["tokens"]]), p["tokens"])
   assert len({tuple(b["id"]) for b in parquet}) == 3
 
 
@@ -85,19 +99,28 @@ def test_worker_processes_give_the_same_batches(shards):
 @pytest.mark.slow  # Compiles the lm's loss.
 def test_a_tokenizer_file_sets_the_vocabulary_and_packs_its_tokens(shards, tmp_path):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+
   tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(RECORDS, trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["[UNK]"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.train_from_iterator(
+    RECORDS,
+    trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["[UNK]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
+  )
   tokenizer.save(str(tmp_path / "tokenizer.json"))
   config = lm_config(shards / "parquet", tokenizer=str(tmp_path / "tokenizer.json"))
   vocab = tokenizer.get_vocab_size()
   params = jax.eval_shape(lambda: lm.init(config, jax.random.PRNGKey(0)))
   assert params["Embed_0"]["embedding"].shape == (vocab, 64)
-  windows = corpus.windows(config.data, "train", seq_len=32, eval_fraction=0.05,
-                           tokenizer=corpus.Tokenizer(config.tokenizer))
+  windows = corpus.windows(
+    config.data,
+    "train",
+    seq_len=32,
+    eval_fraction=0.05,
+    tokenizer=corpus.Tokenizer(config.tokenizer),
+  )
   stream = "".join(text + "\n" for text in RECORDS)
   for w in (0, 3, len(windows) - 1):
     tokens = windows[w]["tokens"]
@@ -105,41 +128,61 @@ def test_a_tokenizer_file_sets_the_vocabulary_and_packs_its_tokens(shards, tmp_p
     assert tokenizer.decode(tokens.tolist()) in stream  # 33 tokens of the text, in order.
   batch = batches(config)[0]
   loss, metrics = jax.jit(lambda params, batch: lm.loss(config, params, batch, None))(
-      lm.init(config, jax.random.PRNGKey(0)), batch)
+    lm.init(config, jax.random.PRNGKey(0)), batch
+  )
   assert set(metrics) == {"bits_per_token", "accuracy"}
   assert float(loss) == pytest.approx(np.log(vocab), rel=0.05)  # Untrained: about uniform.
 
 
 def test_a_record_that_is_not_utf8_is_skipped_and_counted(tmp_path, caplog):
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+
   os.makedirs(tmp_path / "c")
   writer = ArrayRecordWriter(str(tmp_path / "c" / "x.array_record"), "group_size:1")
   for record in [b"first record\n", b"\xff\xfe not text", b"third record"] * 20:
     writer.write(record)
   writer.close()
-  windows = corpus.windows(str(tmp_path / "c"), "train", seq_len=8, eval_fraction=0.05,
-                           tokenizer=corpus.Tokenizer())
+  windows = corpus.windows(
+    str(tmp_path / "c"), "train", seq_len=8, eval_fraction=0.05, tokenizer=corpus.Tokenizer()
+  )
   assert "skipped 20 of 60 records that are not UTF-8" in caplog.text
-  stream = b"".join(windows[w]["tokens"].astype(np.uint8).tobytes()[:8]
-                    for w in range(len(windows)))
+  stream = b"".join(
+    windows[w]["tokens"].astype(np.uint8).tobytes()[:8] for w in range(len(windows))
+  )
   assert b"\xff" not in stream and stream.startswith(b"first record\n\nthird record\n")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty directory", r"config.data=.*: no Parquet \(\*.parquet\) or ArrayRecord "
-                        r"\(\*.array_record\*\) files there"),
-    ("no text column", r"has no column 'text' \(its columns: body\): write the text into a "
-                       r"column named 'text'"),
+@pytest.mark.parametrize(
+  "case, message",
+  [
+    (
+      "empty directory",
+      r"config.data=.*: no Parquet \(\*.parquet\) or ArrayRecord "
+      r"\(\*.array_record\*\) files there",
+    ),
+    (
+      "no text column",
+      r"has no column 'text' \(its columns: body\): write the text into a "
+      r"column named 'text'",
+    ),
     ("numbers, not text", r"'s column 'text' holds int64, not text"),
-    ("shorter than a batch", r"its train split \(.* bytes\) holds 2 window\(s\) of seq_len \+ 1 = "
-                             r"33 tokens, fewer than one global batch of 16"),
-    ("tokenizer that does not load", r"config.tokenizer=.* does not load as a Hugging Face "
-                                     r"tokenizers file"),
+    (
+      "shorter than a batch",
+      r"its train split \(.* bytes\) holds 2 window\(s\) of seq_len \+ 1 = "
+      r"33 tokens, fewer than one global batch of 16",
+    ),
+    (
+      "tokenizer that does not load",
+      r"config.tokenizer=.* does not load as a Hugging Face "
+      r"tokenizers file",
+    ),
     ("text_file and data", r"both name a corpus: keep one"),
-])
+  ],
+)
 def test_bad_corpora_are_one_line(case, message, tmp_path, shards):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
   data, overrides = tmp_path / "c", {}
   data.mkdir()
   if case == "no text column":
@@ -160,9 +203,16 @@ def test_bad_corpora_are_one_line(case, message, tmp_path, shards):
     batches(lm_config(data, **overrides))
 
 
-LM_ARGS = ["--config=configs/lm.py:tiny", "--config.batch_size=16", "--config.seq_len=32",
-           "--config.num_steps=30", "--config.log_every_steps=1", "--config.eval_every_steps=0",
-           "--config.checkpoint_every_steps=10", "--config.warmup_steps=2"]
+LM_ARGS = [
+  "--config=configs/lm.py:tiny",
+  "--config.batch_size=16",
+  "--config.seq_len=32",
+  "--config.num_steps=30",
+  "--config.log_every_steps=1",
+  "--config.eval_every_steps=0",
+  "--config.checkpoint_every_steps=10",
+  "--config.warmup_steps=2",
+]
 
 
 @pytest.mark.slow
@@ -170,13 +220,23 @@ def test_a_parquet_corpus_trains_the_same_on_2x4_processes_after_a_kill(shards, 
   """1 process x 8 devices reading in the main process; 2 x 4, killed (kill -9) after its step-10
   checkpoint and started again with a worker process each: the same losses."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.run(lm_config(shards / "parquet", num_steps=30, log_every_steps=1, eval_every_steps=0,
-                      checkpoint_every_steps=10, warmup_steps=2), str(straight))
+  train.run(
+    lm_config(
+      shards / "parquet",
+      num_steps=30,
+      log_every_steps=1,
+      eval_every_steps=0,
+      checkpoint_every_steps=10,
+      warmup_steps=2,
+    ),
+    str(straight),
+  )
   args = [*LM_ARGS, f"--config.data={shards / 'parquet'}", f"--workdir={resumed}"]
   log = tmp_path / "run.log"
   process = start(launcher_command(*args, num_processes=2, devices=4), log, devices=4)
-  wait_for(lambda: (resumed / "checkpoints" / "10").is_dir(), 180, "the step-10 checkpoint",
-           process)
+  wait_for(
+    lambda: (resumed / "checkpoints" / "10").is_dir(), 180, "the step-10 checkpoint", process
+  )
   os.killpg(process.pid, signal.SIGKILL)
   process.wait()
   killed_at = max(row["step"] for row in read_metrics(resumed))
@@ -212,13 +272,31 @@ def test_the_corpus_maker_writes_what_the_readme_trains_on(tmp_path):
   (tmp_path / "a.txt").write_text("one paragraph.\n\nanother one\nwith two lines.\n\n\n")
   (tmp_path / "b.txt").write_text("a third.")
   result = subprocess.run(
-      [sys.executable, "-m", "launcher.corpus", f"--out={tmp_path / 'c'}", "--shards=2",
-       str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], cwd=REPO, capture_output=True,
-      text=True, timeout=60, check=True)
-  assert result.stdout.startswith(f"wrote 3 records ({14 + 27 + 8} bytes) as 2 parquet file(s) "
-                                  f"in {tmp_path / 'c'}")
+    [
+      sys.executable,
+      "-m",
+      "launcher.corpus",
+      f"--out={tmp_path / 'c'}",
+      "--shards=2",
+      str(tmp_path / "a.txt"),
+      str(tmp_path / "b.txt"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
+  assert result.stdout.startswith(
+    f"wrote 3 records ({14 + 27 + 8} bytes) as 2 parquet file(s) in {tmp_path / 'c'}"
+  )
   records = corpus.Records(str(tmp_path / "c"))
   assert [records[i] for i in range(len(records))] == [
-      b"one paragraph.", b"another one\nwith two lines.", b"a third."]
+    b"one paragraph.",
+    b"another one\nwith two lines.",
+    b"a third.",
+  ]
   assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-      "data-00000-of-00002.parquet", "data-00001-of-00002.parquet"]
+    "data-00000-of-00002.parquet",
+    "data-00001-of-00002.parquet",
+  ]

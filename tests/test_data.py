@@ -16,8 +16,10 @@ from workloads import classifier, lm
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shares_are_disjoint_and_make_up_the_global_batch(process_count):
   single = data.batch_indices(1000, batch_size=64, process_index=0, process_count=1, seed=3)
-  shares = [data.batch_indices(1000, batch_size=64, process_index=i, process_count=process_count,
-                               seed=3) for i in range(process_count)]
+  shares = [
+    data.batch_indices(1000, batch_size=64, process_index=i, process_count=process_count, seed=3)
+    for i in range(process_count)
+  ]
   for t in (0, 1, 14, 15, 16, 40):  # Batch 15 straddles the first and second epoch.
     parts = [np.asarray(share[t]) for share in shares]
     assert all(len(p) == 64 // process_count for p in parts)
@@ -26,7 +28,9 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(process_count)
   assert len(set(first_epoch)) == len(first_epoch) == 960
 
 
-@pytest.mark.parametrize("name, module, arg", [("classifier", classifier, None), ("lm", lm, "tiny")])
+@pytest.mark.parametrize(
+  "name, module, arg", [("classifier", classifier, None), ("lm", lm, "tiny")]
+)
 def test_workload_shards_by_example_id(name, module, arg):
   """Two processes read disjoint example ids whose union is the one-process global batch."""
   config = load_config(name, arg, batch_size=32)
@@ -39,11 +43,13 @@ def test_workload_shards_by_example_id(name, module, arg):
 
 @pytest.mark.parametrize("name", ["pmap", "shard_map"])
 def test_each_device_gets_its_slice_of_k_stacked_batches(name):
-  host_batches = iter([{"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3) + 100 * t}
-                       for t in range(4)])
+  host_batches = iter(
+    [{"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3) + 100 * t} for t in range(4)]
+  )
   executor = parallel.executor(name)
-  device_batches = data.train_batches(host_batches, steps_per_call=2, put=executor.put,
-                                      check=lambda batch, number: None)
+  device_batches = data.train_batches(
+    host_batches, steps_per_call=2, put=executor.put, check=lambda batch, number: None
+  )
   first = next(device_batches)["x"]
   shards = {s.device: np.asarray(s.data) for s in first.addressable_shards}
   device_3 = shards[jax.local_devices()[3]].reshape(2, 2, 3)  # [K, per_device, ...]
@@ -61,12 +67,18 @@ def test_pad_marks_real_rows():
 def test_layout_splits_the_global_batch():
   layout = config_lib.layout(256, process_index=1, process_count=2, local_device_count=4)
   assert (layout.host_batch_size, layout.per_device_batch_size, layout.global_device_count) == (
-      128, 32, 8)
+    128,
+    32,
+    8,
+  )
 
 
 def test_layout_names_the_nearest_valid_sizes():
-  with pytest.raises(UsageError, match=r"config.batch_size=100 does not divide over 16 devices "
-                     r"\(2 process\(es\) x 8 local devices\): use a multiple of 16, e.g. 96 or 112"):
+  with pytest.raises(
+    UsageError,
+    match=r"config.batch_size=100 does not divide over 16 devices "
+    r"\(2 process\(es\) x 8 local devices\): use a multiple of 16, e.g. 96 or 112",
+  ):
     config_lib.layout(100, process_index=0, process_count=2, local_device_count=8)
   with pytest.raises(UsageError, match="e.g. 8$"):
     config_lib.layout(3, process_index=0, process_count=1, local_device_count=8)

@@ -16,9 +16,12 @@ from launcher import train
 from launcher import workload as workload_lib
 from tests.helpers import assert_close, load_config
 
+
 def assert_moved(expected, initial):
-  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-           zip(jax.tree.leaves(expected), jax.tree.leaves(initial))]
+  moved = [
+    np.abs(np.asarray(a) - np.asarray(b)).max()
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(initial))
+  ]
   assert max(moved) > 1e-4, "the reference did not move: the test would prove nothing"
 
 
@@ -26,9 +29,9 @@ OPTIMIZERS = ("sgd", "adamw")  # Why adamw needs a looser check: helpers.assert_
 
 # A constant schedule: under warmup the first step's learning rate is 0 and nothing would move.
 WORKLOADS = {
-    "linear": (None, {"schedule": "constant"}),
-    "classifier": (None, {"schedule": "constant"}),
-    "lm": ("tiny", {"batch_size": 32, "schedule": "constant"}),
+  "linear": (None, {"schedule": "constant"}),
+  "classifier": (None, {"schedule": "constant"}),
+  "lm": ("tiny", {"batch_size": 32, "schedule": "constant"}),
 }
 
 
@@ -50,8 +53,7 @@ def reference_params(config, num_steps):
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_one_step_on_8_devices_equals_one_device(name, optimizer, tmp_path):
   arg, overrides = WORKLOADS[name]
-  config = load_config(name, arg, num_steps=1, eval_every_steps=0, optimizer=optimizer,
-                       **overrides)
+  config = load_config(name, arg, num_steps=1, eval_every_steps=0, optimizer=optimizer, **overrides)
   assert jax.local_device_count() == 8
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 1
@@ -63,8 +65,16 @@ def test_one_step_on_8_devices_equals_one_device(name, optimizer, tmp_path):
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_4_steps_per_call_equal_4_single_steps(name, optimizer, tmp_path):
   arg, overrides = WORKLOADS[name]
-  config = load_config(name, arg, num_steps=4, steps_per_call=4, log_every_steps=4,
-                       eval_every_steps=0, optimizer=optimizer, **overrides)
+  config = load_config(
+    name,
+    arg,
+    num_steps=4,
+    steps_per_call=4,
+    log_every_steps=4,
+    eval_every_steps=0,
+    optimizer=optimizer,
+    **overrides,
+  )
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 4
   assert_moved(reference_params(config, 4), reference_params(config, 0))

@@ -12,8 +12,9 @@ from workloads import classifier
 
 def test_eval_metrics_equal_a_plain_pass_over_the_test_split(tmp_path):
   # 300 test examples in global batches of 128: the last batch has 44 real rows and 84 padded.
-  config = load_config("classifier", num_steps=20, log_every_steps=20, eval_every_steps=20,
-                       warmup_steps=5)
+  config = load_config(
+    "classifier", num_steps=20, log_every_steps=20, eval_every_steps=20, warmup_steps=5
+  )
   state = train.run(config, str(tmp_path))
   examples = classifier._splits(config.test_examples)["eval"]  # pylint: disable=protected-access
   assert len(examples["label"]) == 300

@@ -7,14 +7,18 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import finish, launcher_command, losses_by_step, load_params, start
+from tests.helpers import finish, launcher_command, load_params, losses_by_step, start
 
 pytestmark = pytest.mark.slow  # Starts processes, mounts filesystems.
 
 CONFIG = "--config=tests/hooked_config.py"
 # About 0.3 MB a checkpoint: a 1 MiB filesystem holds three and fills during the fourth.
-SMALL_RUN = ["--config.hidden_sizes=(256,)", "--config.checkpoint_every_steps=5",
-             "--config.keep_checkpoints=20", "--config.log_every_steps=5"]
+SMALL_RUN = [
+  "--config.hidden_sizes=(256,)",
+  "--config.checkpoint_every_steps=5",
+  "--config.keep_checkpoints=20",
+  "--config.log_every_steps=5",
+]
 
 
 @pytest.fixture
@@ -23,21 +27,27 @@ def small_filesystem(tmp_path):
   cannot mount one (not root, or a container without CAP_SYS_ADMIN)."""
   mount_point = tmp_path / "small"
   mount_point.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                           capture_output=True, text=True, check=False)
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if mounted.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk test needs "
-                "root or CAP_SYS_ADMIN")
+    pytest.skip(
+      f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk test needs "
+      "root or CAP_SYS_ADMIN"
+    )
   yield mount_point
   subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_a_full_disk_is_one_line_never_restarted_and_the_last_checkpoint_resumes(
-    small_filesystem, tmp_path):
+  small_filesystem, tmp_path
+):
   workdir = str(small_filesystem / "run")
   log = tmp_path / "full.log"
-  runner = launcher_command(CONFIG, f"--workdir={workdir}", *SMALL_RUN, num_processes=2,
-                            devices=4)
+  runner = launcher_command(CONFIG, f"--workdir={workdir}", *SMALL_RUN, num_processes=2, devices=4)
   runner.insert(runner.index("--"), "--max_restarts=3")
   runner.insert(runner.index("--"), f"--process_logs={tmp_path / 'logs'}")
   assert finish(start(runner, log, devices=4), 180) == 74, log.read_text()[-3000:]
@@ -47,8 +57,10 @@ def test_a_full_disk_is_one_line_never_restarted_and_the_last_checkpoint_resumes
   assert "Traceback" not in output and "Event loop is closed" not in output
   first = errors[0]
   assert f"cannot write {workdir}/checkpoints/" in first and "MiB free of 1.0 MiB" in first
-  assert "is complete and kept. Free space there (or choose a --workdir with room), then run " \
-         "the same command to resume" in first
+  assert (
+    "is complete and kept. Free space there (or choose a --workdir with room), then run "
+    "the same command to resume" in first
+  )
   assert "its storage refused to write, which a restart cannot fix; not restarting" in output
   assert "restart 1/3" not in output
   complete = sorted(int(name) for name in os.listdir(f"{workdir}/checkpoints") if name.isdigit())
@@ -60,12 +72,22 @@ def test_a_full_disk_is_one_line_never_restarted_and_the_last_checkpoint_resumes
   assert finish(start(runner, log, devices=4), 180) == 0, log.read_text()[-3000:]
   assert f"resuming from the checkpoint of step {complete[-1]}" in log.read_text()
   reference = str(tmp_path / "reference")
-  assert finish(start(launcher_command(CONFIG, f"--workdir={reference}", *SMALL_RUN,
-                                       num_processes=2, devices=4), tmp_path / "ref.log",
-                      devices=4), 180) == 0
-  for a, b in zip(jax.tree.leaves(load_params(workdir, 40)),
-                  jax.tree.leaves(load_params(reference, 40))):
+  assert (
+    finish(
+      start(
+        launcher_command(CONFIG, f"--workdir={reference}", *SMALL_RUN, num_processes=2, devices=4),
+        tmp_path / "ref.log",
+        devices=4,
+      ),
+      180,
+    )
+    == 0
+  )
+  for a, b in zip(
+    jax.tree.leaves(load_params(workdir, 40)), jax.tree.leaves(load_params(reference, 40))
+  ):
     np.testing.assert_array_equal(a, b)
   resumed, straight = losses_by_step(workdir), losses_by_step(reference)
   assert [resumed[s] for s in range(complete[-1] + 5, 41, 5)] == [
-      straight[s] for s in range(complete[-1] + 5, 41, 5)]
+    straight[s] for s in range(complete[-1] + 5, 41, 5)
+  ]

@@ -19,16 +19,39 @@ from tests.helpers import REPO, load_config, run_launcher
 # A value of the wrong type for each type of default, and one out of range for each ranged key.
 WRONG_TYPE = {int: "12", float: "fast", str: 3, bool: "yes"}
 OUT_OF_RANGE = {
-    "batch_size": 0, "num_steps": -5, "steps_per_call": 0, "max_calls_in_flight": 0,
-    "grad_accum_steps": 0, "log_every_steps": 0, "keep_checkpoints": 0, "eval_every_steps": -1,
-    "eval_batches": -1, "warmup_steps": -1, "profile_first_step": -1,
-    "checkpoint_every_steps": -10, "learning_rate": 0.0, "momentum": 1.5, "weight_decay": -0.1,
-    "grad_clip_norm": -1.0, "seed": -1, "optimizer": "lion", "schedule": "linear",
-    "parallel": "tensor", "compute_dtype": "int8", "workload": "", "mesh": "data:2,tensor:4",
-    "data_workers": -1, "trackers": "tensorboard,comet",
+  "batch_size": 0,
+  "num_steps": -5,
+  "steps_per_call": 0,
+  "max_calls_in_flight": 0,
+  "grad_accum_steps": 0,
+  "log_every_steps": 0,
+  "keep_checkpoints": 0,
+  "eval_every_steps": -1,
+  "eval_batches": -1,
+  "warmup_steps": -1,
+  "profile_first_step": -1,
+  "checkpoint_every_steps": -10,
+  "learning_rate": 0.0,
+  "momentum": 1.5,
+  "weight_decay": -0.1,
+  "grad_clip_norm": -1.0,
+  "seed": -1,
+  "optimizer": "lion",
+  "schedule": "linear",
+  "parallel": "tensor",
+  "compute_dtype": "int8",
+  "workload": "",
+  "mesh": "data:2,tensor:4",
+  "data_workers": -1,
+  "trackers": "tensorboard,comet",
 }
-ANY_VALUE_OK = {"compilation_cache_dir", "restore_from", "restore_params_only",
-                "skip_nonfinite_steps", "experiment"}
+ANY_VALUE_OK = {
+  "compilation_cache_dir",
+  "restore_from",
+  "restore_params_only",
+  "skip_nonfinite_steps",
+  "experiment",
+}
 
 
 def test_every_launcher_key_is_ranged_or_free():
@@ -37,8 +60,9 @@ def test_every_launcher_key_is_ranged_or_free():
 
 @pytest.mark.parametrize("key", sorted(config_lib.KEYS))
 def test_every_key_of_the_wrong_type_is_named(key):
-  config = ml_collections.ConfigDict({**config_lib.defaults().to_dict(), "workload": "linear"},
-                                     type_safe=False)
+  config = ml_collections.ConfigDict(
+    {**config_lib.defaults().to_dict(), "workload": "linear"}, type_safe=False
+  )
   config[key] = WRONG_TYPE[type(config_lib.KEYS[key][0])]
   with pytest.raises(UsageError, match=rf"^config\.{key}=.* must be a "):
     config_lib.check(config)
@@ -57,74 +81,132 @@ def test_every_ranged_key_out_of_range_is_named(key):
 # Every flag of the launcher with a bad value, and the config file mistakes: all run at once (each
 # is a process that stops before importing jax, or right after).
 BAD_COMMANDS = {
-    "config file missing": (["--config=configs/nope.py"], "there is no file 'configs/nope.py'"),
-    "config file syntax": (["--config={tmp}/syntax.py"], "line 1: invalid syntax"),
-    "config variant unknown": (["--config=configs/lm.py:huge"], "get_config raised ValueError: "
-                               "unknown lm size 'huge'"),
-    "config file import": (["--config={tmp}/imports.py"], "No module named 'no_such_module'"),
-    "config file without get_config": (["--config={tmp}/empty.py"], "defines no get_config()"),
-    "config key unknown": (["--config=configs/linear.py", "--config.learning_rte=1"],
-                           "the config has no key 'learning_rte' (did you mean learning_rate?)"),
-    "config value unparsable": (["--config=configs/linear.py", "--config.num_steps=many"],
-                                "--config.num_steps=many"),
-    "config missing": ([], "--config is required"),
-    "workdir missing": (["--config=configs/linear.py", "--workdir="], "--workdir is required"),
-    "workdir is a file": (["--config=configs/linear.py", "--workdir={tmp}/a_file"], "a_file"),
-    "workdir under a file": (["--config=configs/linear.py", "--workdir={tmp}/a_file/run"],
-                             "a_file"),
-    "unknown flag": (["--config=configs/linear.py", "--learning_rate=1"],
-                     "Unknown command line flag 'learning_rate'"),
-    "stray argument": (["--config=configs/linear.py", "train"], "unexpected arguments: train"),
-    "coordinator_address": (["--config=configs/linear.py", "--coordinator_address=node1",
-                             "--num_processes=2", "--process_id=0"],
-                            "--coordinator_address='node1' is not host:port"),
-    "num_processes": (["--config=configs/linear.py", "--num_processes=0"],
-                      "--num_processes=0: 0 is not a positive integer"),
-    "process_id": (["--config=configs/linear.py", "--coordinator_address=127.0.0.1:1",
-                    "--num_processes=2", "--process_id=2"], "--process_id counts from 0"),
-    "local_device_ids": (["--config=configs/linear.py", "--local_device_ids=a,b"],
-                         "--local_device_ids"),
-    "local_device_ids twice": (["--config=configs/linear.py", "--local_device_ids=0,0"],
-                               "--local_device_ids names a device twice"),
-    "local_device_ids alone": (["--config=configs/linear.py", "--local_device_ids=0,99"],
-                               "--local_device_ids=0,99 is for a process of a multi-process job"),
-    "config returns None": (["--config={tmp}/none.py"], "none.py: get_config() returned a NoneType; "
-                            "it must return an ml_collections.ConfigDict"),
-    "config returns a dict": (["--config={tmp}/dict.py"], "dict.py: get_config() returned a dict"),
-    "lm text shorter than a window": (["--config=configs/lm.py:tiny",
-                                       "--config.text_file={tmp}/short.txt"],
-                                      "config.text_file="),
-    "compilation cache unusable": (["--config=configs/linear.py",
-                                    "--config.compilation_cache_dir={tmp}/a_file/cache"],
-                                   "config.compilation_cache_dir="),
-    "one_process_per": (["--config=configs/linear.py", "--one_process_per=gpu"],
-                        "--one_process_per"),
-    "initialization_timeout": (["--config=configs/linear.py", "--initialization_timeout=0"],
-                               "--initialization_timeout=0"),
-    "heartbeat_timeout_seconds": (["--config=configs/linear.py",
-                                   "--heartbeat_timeout_seconds=-1"],
-                                  "--heartbeat_timeout_seconds=-1"),
-    "peer_timeout_seconds": (["--config=configs/linear.py", "--peer_timeout_seconds=1"],
-                             "--peer_timeout_seconds=1"),
-    "step_timeout_seconds": (["--config=configs/linear.py", "--step_timeout_seconds=-1"],
-                             "--step_timeout_seconds=-1"),
-    "storage_timeout_seconds": (["--config=configs/linear.py", "--storage_timeout_seconds=0"],
-                                "--storage_timeout_seconds=0"),
-    "lm corpus without files": (["--config=configs/lm.py:tiny", "--config.data={tmp}/a_file"],
-                                "no Parquet (*.parquet) or ArrayRecord (*.array_record*) files"),
-    "show_config": (["--config=configs/linear.py", "--show_config=maybe"], "--show_config"),
-    "workdir bucket": (["--config=configs/linear.py", "--workdir=gs://Bad_Bucket/run"],
-                       "Bad_Bucket"),
+  "config file missing": (["--config=configs/nope.py"], "there is no file 'configs/nope.py'"),
+  "config file syntax": (["--config={tmp}/syntax.py"], "line 1: invalid syntax"),
+  "config variant unknown": (
+    ["--config=configs/lm.py:huge"],
+    "get_config raised ValueError: unknown lm size 'huge'",
+  ),
+  "config file import": (["--config={tmp}/imports.py"], "No module named 'no_such_module'"),
+  "config file without get_config": (["--config={tmp}/empty.py"], "defines no get_config()"),
+  "config key unknown": (
+    ["--config=configs/linear.py", "--config.learning_rte=1"],
+    "the config has no key 'learning_rte' (did you mean learning_rate?)",
+  ),
+  "config value unparsable": (
+    ["--config=configs/linear.py", "--config.num_steps=many"],
+    "--config.num_steps=many",
+  ),
+  "config missing": ([], "--config is required"),
+  "workdir missing": (["--config=configs/linear.py", "--workdir="], "--workdir is required"),
+  "workdir is a file": (["--config=configs/linear.py", "--workdir={tmp}/a_file"], "a_file"),
+  "workdir under a file": (["--config=configs/linear.py", "--workdir={tmp}/a_file/run"], "a_file"),
+  "unknown flag": (
+    ["--config=configs/linear.py", "--learning_rate=1"],
+    "Unknown command line flag 'learning_rate'",
+  ),
+  "stray argument": (["--config=configs/linear.py", "train"], "unexpected arguments: train"),
+  "coordinator_address": (
+    [
+      "--config=configs/linear.py",
+      "--coordinator_address=node1",
+      "--num_processes=2",
+      "--process_id=0",
+    ],
+    "--coordinator_address='node1' is not host:port",
+  ),
+  "num_processes": (
+    ["--config=configs/linear.py", "--num_processes=0"],
+    "--num_processes=0: 0 is not a positive integer",
+  ),
+  "process_id": (
+    [
+      "--config=configs/linear.py",
+      "--coordinator_address=127.0.0.1:1",
+      "--num_processes=2",
+      "--process_id=2",
+    ],
+    "--process_id counts from 0",
+  ),
+  "local_device_ids": (
+    ["--config=configs/linear.py", "--local_device_ids=a,b"],
+    "--local_device_ids",
+  ),
+  "local_device_ids twice": (
+    ["--config=configs/linear.py", "--local_device_ids=0,0"],
+    "--local_device_ids names a device twice",
+  ),
+  "local_device_ids alone": (
+    ["--config=configs/linear.py", "--local_device_ids=0,99"],
+    "--local_device_ids=0,99 is for a process of a multi-process job",
+  ),
+  "config returns None": (
+    ["--config={tmp}/none.py"],
+    "none.py: get_config() returned a NoneType; it must return an ml_collections.ConfigDict",
+  ),
+  "config returns a dict": (["--config={tmp}/dict.py"], "dict.py: get_config() returned a dict"),
+  "lm text shorter than a window": (
+    ["--config=configs/lm.py:tiny", "--config.text_file={tmp}/short.txt"],
+    "config.text_file=",
+  ),
+  "compilation cache unusable": (
+    ["--config=configs/linear.py", "--config.compilation_cache_dir={tmp}/a_file/cache"],
+    "config.compilation_cache_dir=",
+  ),
+  "one_process_per": (["--config=configs/linear.py", "--one_process_per=gpu"], "--one_process_per"),
+  "initialization_timeout": (
+    ["--config=configs/linear.py", "--initialization_timeout=0"],
+    "--initialization_timeout=0",
+  ),
+  "heartbeat_timeout_seconds": (
+    ["--config=configs/linear.py", "--heartbeat_timeout_seconds=-1"],
+    "--heartbeat_timeout_seconds=-1",
+  ),
+  "peer_timeout_seconds": (
+    ["--config=configs/linear.py", "--peer_timeout_seconds=1"],
+    "--peer_timeout_seconds=1",
+  ),
+  "step_timeout_seconds": (
+    ["--config=configs/linear.py", "--step_timeout_seconds=-1"],
+    "--step_timeout_seconds=-1",
+  ),
+  "storage_timeout_seconds": (
+    ["--config=configs/linear.py", "--storage_timeout_seconds=0"],
+    "--storage_timeout_seconds=0",
+  ),
+  "lm corpus without files": (
+    ["--config=configs/lm.py:tiny", "--config.data={tmp}/a_file"],
+    "no Parquet (*.parquet) or ArrayRecord (*.array_record*) files",
+  ),
+  "show_config": (["--config=configs/linear.py", "--show_config=maybe"], "--show_config"),
+  "workdir bucket": (["--config=configs/linear.py", "--workdir=gs://Bad_Bucket/run"], "Bad_Bucket"),
 }
-LAUNCHER_FLAGS = {"config", "workdir", "show_config", "coordinator_address", "num_processes",
-                  "process_id", "local_device_ids", "one_process_per", "initialization_timeout",
-                  "heartbeat_timeout_seconds", "peer_timeout_seconds", "step_timeout_seconds",
-                  "storage_timeout_seconds"}
+LAUNCHER_FLAGS = {
+  "config",
+  "workdir",
+  "show_config",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "local_device_ids",
+  "one_process_per",
+  "initialization_timeout",
+  "heartbeat_timeout_seconds",
+  "peer_timeout_seconds",
+  "step_timeout_seconds",
+  "storage_timeout_seconds",
+}
 
 
 def test_help_lists_every_launcher_flag_and_the_catalogue_covers_them():
-  result = subprocess.run([sys.executable, "-m", "launcher", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "launcher", "--help"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
   assert result.returncode == 0 and "--show_config" in result.stdout
   listed = set(re.findall(r"^  --(?:\[no\])?(\w+)", result.stdout, re.MULTILINE))
   assert listed == LAUNCHER_FLAGS
@@ -163,17 +245,17 @@ def test_every_bad_flag_or_config_file_is_one_line_and_writes_nothing(tmp_path):
 
 
 GOOD_WORKLOAD = {
-    "imports": "import jax.numpy as jnp\nimport numpy as np\n",
-    "init": """
+  "imports": "import jax.numpy as jnp\nimport numpy as np\n",
+  "init": """
         def init(config, rng):
           return {"w": jnp.zeros((3,), jnp.float32)}
         """,
-    "loss": """
+  "loss": """
         def loss(config, params, batch, rng):
           error = batch["x"] @ params["w"] - batch["y"]
           return jnp.mean(error ** 2), {"error": jnp.mean(jnp.abs(error))}
         """,
-    "dataset": """
+  "dataset": """
         def dataset(config, split, process_index, process_count, start=0):
           rows = config.batch_size // process_count
           for t in range(start, 10**9 if split == "train" else start + 2):
@@ -185,84 +267,167 @@ GOOD_WORKLOAD = {
 
 # Each mistake: the part of the good workload it replaces, and what the error line must say.
 WORKLOAD_MISTAKES = {
-    "no dataset": ({"dataset": ""}, "does not define dataset"),
-    "loss without rng": ({"loss": """
+  "no dataset": ({"dataset": ""}, "does not define dataset"),
+  "loss without rng": (
+    {
+      "loss": """
         def loss(config, params, batch):
           return jnp.mean(batch["x"] @ params["w"]), {}
-        """}, "cannot be called as loss(config, params, batch, rng)"),
-    "init without config": ({"init": """
+        """
+    },
+    "cannot be called as loss(config, params, batch, rng)",
+  ),
+  "init without config": (
+    {
+      "init": """
         def init(rng):
           return {"w": jnp.zeros((3,))}
-        """}, "cannot be called as init(config, rng)"),
-    "batch of the global size": ({"dataset": """
+        """
+    },
+    "cannot be called as init(config, rng)",
+  ),
+  "batch of the global size": (
+    {
+      "dataset": """
         def dataset(config, split, process_index, process_count, start=0):
           while True:
             yield {"x": np.zeros((2 * config.batch_size, 3), np.float32),
                    "y": np.zeros((2 * config.batch_size,), np.float32)}
-        """}, "yielded 32 rows in 'x', but this process's share of config.batch_size is 16"),
-    "batch not a dict": ({"dataset": """
+        """
+    },
+    "yielded 32 rows in 'x', but this process's share of config.batch_size is 16",
+  ),
+  "batch not a dict": (
+    {
+      "dataset": """
         def dataset(config, split, process_index, process_count, start=0):
           while True:
             yield np.zeros((config.batch_size, 3), np.float32)
-        """}, "yielded a ndarray: a batch is a non-empty dict of numpy arrays"),
-    "dataset not an iterator": ({"dataset": """
+        """
+    },
+    "yielded a ndarray: a batch is a non-empty dict of numpy arrays",
+  ),
+  "dataset not an iterator": (
+    {
+      "dataset": """
         def dataset(config, split, process_index, process_count, start=0):
           return 3
-        """}, "returned a int: it must return an iterator"),
-    "loss not a scalar": ({"loss": """
+        """
+    },
+    "returned a int: it must return an iterator",
+  ),
+  "loss not a scalar": (
+    {
+      "loss": """
         def loss(config, params, batch, rng):
           return (batch["x"] @ params["w"] - batch["y"]) ** 2, {}
-        """}, "the loss has shape (16,)"),
-    "metric not a scalar": ({"loss": """
+        """
+    },
+    "the loss has shape (16,)",
+  ),
+  "metric not a scalar": (
+    {
+      "loss": """
         def loss(config, params, batch, rng):
           error = batch["x"] @ params["w"] - batch["y"]
           return jnp.mean(error ** 2), {"error": error}
-        """}, "metric 'error' has shape (16,)"),
-    "loss returns only the loss": ({"loss": """
+        """
+    },
+    "metric 'error' has shape (16,)",
+  ),
+  "loss returns only the loss": (
+    {
+      "loss": """
         def loss(config, params, batch, rng):
           return jnp.mean(batch["x"] @ params["w"])
-        """}, "must return (loss, metrics)"),
-    "params not arrays": ({"init": """
+        """
+    },
+    "must return (loss, metrics)",
+  ),
+  "params not arrays": (
+    {
+      "init": """
         def init(config, rng):
           return {"w": jnp.zeros((3,)), "name": "linear"}
-        """}, "['name'] is a str"),
-    "integer params": ({"init": """
+        """
+    },
+    "['name'] is a str",
+  ),
+  "integer params": (
+    {
+      "init": """
         def init(config, rng):
           return {"w": jnp.zeros((3,), jnp.int32)}
-        """}, "['w'] is int32"),
-    "train dataset empty": ({"dataset": """
+        """
+    },
+    "['w'] is int32",
+  ),
+  "train dataset empty": (
+    {
+      "dataset": """
         def dataset(config, split, process_index, process_count, start=0):
           return iter([])
-        """}, "train dataset yielded no batch"),
-    "train dataset ends": ({"dataset": GOOD_WORKLOAD["dataset"].replace("10**9", "start + 3")},
-                           "train dataset ended before step 4"),
-    "eval dataset empty": ({"dataset": GOOD_WORKLOAD["dataset"].replace("start + 2", "start")},
-                           "eval dataset is empty"),
-    "train batch keys change": ({"dataset": GOOD_WORKLOAD["dataset"].replace(
+        """
+    },
+    "train dataset yielded no batch",
+  ),
+  "train dataset ends": (
+    {"dataset": GOOD_WORKLOAD["dataset"].replace("10**9", "start + 3")},
+    "train dataset ended before step 4",
+  ),
+  "eval dataset empty": (
+    {"dataset": GOOD_WORKLOAD["dataset"].replace("start + 2", "start")},
+    "eval dataset is empty",
+  ),
+  "train batch keys change": (
+    {
+      "dataset": GOOD_WORKLOAD["dataset"].replace(
         'yield {"x": x, "y": x.sum(axis=1)}',
-        'yield {"x": x, "y": x.sum(axis=1)} if t < 5 else {"x": x, "target": x.sum(axis=1)}')},
-                                "yielded batch 5 with keys ['target', 'x'], but the first train "
-                                "batch had ['x', 'y']"),
-    "train batch dtype changes": ({"dataset": GOOD_WORKLOAD["dataset"].replace(
-        'yield {"x": x,', 'x = x.astype(np.float64) if t == 6 else x\n            yield {"x": x,')},
-                                  "yielded batch 6 whose 'x' has rows of shape (3,) and dtype "
-                                  "float64, but the first train batch's had (3,) and float32"),
-    "eval batch too big": ({"dataset": GOOD_WORKLOAD["dataset"].replace(
-        'yield {"x": x,', 'x = np.concatenate([x, x]) if split == "eval" else x\n            yield {"x": x,')},
-                           "share of config.batch_size is at most 16 rows"),
+        'yield {"x": x, "y": x.sum(axis=1)} if t < 5 else {"x": x, "target": x.sum(axis=1)}',
+      )
+    },
+    "yielded batch 5 with keys ['target', 'x'], but the first train batch had ['x', 'y']",
+  ),
+  "train batch dtype changes": (
+    {
+      "dataset": GOOD_WORKLOAD["dataset"].replace(
+        'yield {"x": x,', 'x = x.astype(np.float64) if t == 6 else x\n            yield {"x": x,'
+      )
+    },
+    "yielded batch 6 whose 'x' has rows of shape (3,) and dtype "
+    "float64, but the first train batch's had (3,) and float32",
+  ),
+  "eval batch too big": (
+    {
+      "dataset": GOOD_WORKLOAD["dataset"].replace(
+        'yield {"x": x,',
+        'x = np.concatenate([x, x]) if split == "eval" else x\n            yield {"x": x,',
+      )
+    },
+    "share of config.batch_size is at most 16 rows",
+  ),
 }
 
 
 def _write_workload(directory, name: str, parts: dict[str, str]) -> None:
   source = {**GOOD_WORKLOAD, **parts}
   (directory / f"{name}.py").write_text(
-      source["imports"] + "".join(textwrap.dedent(source[part])
-                                  for part in ("init", "loss", "dataset")))
+    source["imports"]
+    + "".join(textwrap.dedent(source[part]) for part in ("init", "loss", "dataset"))
+  )
 
 
 def _config(workload: str):
-  return load_config("linear", workload=workload, batch_size=16, num_steps=8, log_every_steps=4,
-                     eval_every_steps=4, optimizer="sgd", learning_rate=0.01)
+  return load_config(
+    "linear",
+    workload=workload,
+    batch_size=16,
+    num_steps=8,
+    log_every_steps=4,
+    eval_every_steps=4,
+    optimizer="sgd",
+    learning_rate=0.01,
+  )
 
 
 @pytest.mark.parametrize("mistake", WORKLOAD_MISTAKES)
@@ -291,22 +456,35 @@ def test_the_good_workload_trains(tmp_path, monkeypatch):
   assert int(state.step) == 8
 
 
-@pytest.mark.parametrize("function, code", [
-    ("dataset", """
+@pytest.mark.parametrize(
+  "function, code",
+  [
+    (
+      "dataset",
+      """
         def dataset(config, split, process_index, process_count, start=0):
           raise FileNotFoundError("/data/shard-0 is gone")
-        """),
-    ("loss", """
+        """,
+    ),
+    (
+      "loss",
+      """
         def loss(config, params, batch, rng):
           return jnp.mean(batch["missing"] @ params["w"]), {}
-        """),
-    ("init", """
+        """,
+    ),
+    (
+      "init",
+      """
         def init(config, rng):
           return {"w": jnp.zeros((3,)) + config.no_such_key}
-        """),
-])
-def test_an_error_in_the_workloads_own_code_names_the_function(function, code, tmp_path,
-                                                               monkeypatch):
+        """,
+    ),
+  ],
+)
+def test_an_error_in_the_workloads_own_code_names_the_function(
+  function, code, tmp_path, monkeypatch
+):
   name = f"workload_raises_in_{function}"
   _write_workload(tmp_path, name, {function: code})
   monkeypatch.syspath_prepend(str(tmp_path))
@@ -317,11 +495,18 @@ def test_an_error_in_the_workloads_own_code_names_the_function(function, code, t
 
 @pytest.mark.slow
 def test_a_workload_error_on_the_command_line_is_its_traceback_headed_by_the_call(tmp_path):
-  _write_workload(tmp_path, "workload_broken", {"dataset": """
+  _write_workload(
+    tmp_path,
+    "workload_broken",
+    {
+      "dataset": """
       def dataset(config, split, process_index, process_count, start=0):
         raise FileNotFoundError("/data/shard-0 is gone")
-      """})
-  (tmp_path / "broken_config.py").write_text(textwrap.dedent("""
+      """
+    },
+  )
+  (tmp_path / "broken_config.py").write_text(
+    textwrap.dedent("""
       from launcher import config as launcher_config
 
       def get_config():
@@ -329,13 +514,19 @@ def test_a_workload_error_on_the_command_line_is_its_traceback_headed_by_the_cal
         config.workload = "workload_broken"
         config.batch_size = 16
         return config
-      """))
-  result = run_launcher(f"--config={tmp_path / 'broken_config.py'}",
-                        f"--workdir={tmp_path / 'run'}", env={"PYTHONPATH": str(tmp_path)},
-                        timeout=120)
+      """)
+  )
+  result = run_launcher(
+    f"--config={tmp_path / 'broken_config.py'}",
+    f"--workdir={tmp_path / 'run'}",
+    env={"PYTHONPATH": str(tmp_path)},
+    timeout=120,
+  )
   assert result.returncode == 1
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert error_lines == ["error: workload workload_broken's dataset(config, 'train', 0, 1) "
-                         "raised FileNotFoundError: /data/shard-0 is gone; its traceback:"]
+  assert error_lines == [
+    "error: workload workload_broken's dataset(config, 'train', 0, 1) "
+    "raised FileNotFoundError: /data/shard-0 is gone; its traceback:"
+  ]
   assert "Traceback (most recent call last)" in result.stderr
   assert 'workload_broken.py", line' in result.stderr

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -13,18 +12,28 @@ import jax
 import pytest
 
 from launcher import train
-from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE
 from launcher import workload as workload_lib
+from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE
 from launcher.local import free_port
-from tests.helpers import (REPO, assert_close, children, finish, launcher_command, load_config, load_params,
-                           losses_by_step, start, wait_for)
+from tests.helpers import (
+  REPO,
+  assert_close,
+  children,
+  finish,
+  launcher_command,
+  load_config,
+  load_params,
+  losses_by_step,
+  start,
+  wait_for,
+)
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 RUNS = {  # Each workload's config for a few steps, a report every step.
-    "linear": ("linear", None, {"num_steps": 4}),
-    "classifier": ("classifier", None, {"num_steps": 4, "warmup_steps": 2}),
-    "lm": ("lm", "tiny", {"num_steps": 4, "warmup_steps": 2}),
+  "linear": ("linear", None, {"num_steps": 4}),
+  "classifier": ("classifier", None, {"num_steps": 4, "warmup_steps": 2}),
+  "lm": ("lm", "tiny", {"num_steps": 4, "warmup_steps": 2}),
 }
 COMMON = {"log_every_steps": 1, "eval_every_steps": 0}
 
@@ -40,12 +49,18 @@ def test_two_processes_of_four_devices_equal_one_of_eight(name, tmp_path):
   overrides = {**COMMON, **overrides}
   workdir, ids_dir = tmp_path / "2x4", tmp_path / "ids"
   ids_dir.mkdir()
-  process = start(launcher_command(
+  process = start(
+    launcher_command(
       f"--config=tests/recording_config.py:{config_name}{':' + config_arg if config_arg else ''}",
-      f"--workdir={workdir}", f"--config.ids_dir={ids_dir}",
+      f"--workdir={workdir}",
+      f"--config.ids_dir={ids_dir}",
       *(f"--config.{key}={value}" for key, value in overrides.items()),
-      num_processes=2, devices=4),
-                  str(tmp_path / "2x4.log"), devices=4)
+      num_processes=2,
+      devices=4,
+    ),
+    str(tmp_path / "2x4.log"),
+    devices=4,
+  )
   assert finish(process, 180) == 0, open(tmp_path / "2x4.log").read()[-3000:]
   log = open(tmp_path / "2x4.log").read()
   # One console line per report, from process 0 only; every line says which process it is from.
@@ -78,14 +93,31 @@ def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10):
   port = free_port()
   processes = []
   for i in range(2):
-    processes.append(start(
-        [sys.executable, "-m", "launcher", "--config=configs/linear.py",
-         f"--workdir={tmp_path / 'run'}", f"--config.num_steps={num_steps}",
-         "--config.log_every_steps=50", "--config.eval_every_steps=0",
-         "--config.checkpoint_every_steps=0", f"--heartbeat_timeout_seconds={heartbeat}", *extra],
-        str(tmp_path / f"process_{i}.log"), devices=4,
-        env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-             "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}))
+    processes.append(
+      start(
+        [
+          sys.executable,
+          "-m",
+          "launcher",
+          "--config=configs/linear.py",
+          f"--workdir={tmp_path / 'run'}",
+          f"--config.num_steps={num_steps}",
+          "--config.log_every_steps=50",
+          "--config.eval_every_steps=0",
+          "--config.checkpoint_every_steps=0",
+          f"--heartbeat_timeout_seconds={heartbeat}",
+          *extra,
+        ],
+        str(tmp_path / f"process_{i}.log"),
+        devices=4,
+        env={
+          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+          "JAX_NUM_PROCESSES": "2",
+          "JAX_PROCESS_ID": str(i),
+          "JAX_PLATFORMS": "cpu",
+        },
+      )
+    )
   return processes
 
 
@@ -93,8 +125,12 @@ def kill_one(processes, victim: int, after_step: int, tmp_path) -> tuple[int, fl
   """Kills `victim` once process 0 reported `after_step`; the survivor's exit code, the seconds
   it took to exit after the kill, and its log. Every process is ended before it returns."""
   try:
-    wait_for(lambda: f"step {after_step}/" in open(tmp_path / "process_0.log").read(), 120,
-             "the job to train", processes[0])
+    wait_for(
+      lambda: f"step {after_step}/" in open(tmp_path / "process_0.log").read(),
+      120,
+      "the job to train",
+      processes[0],
+    )
     processes[victim].kill()
     killed_at = time.monotonic()
     code = processes[1 - victim].wait(timeout=30)
@@ -114,11 +150,14 @@ def test_a_killed_process_ends_its_peer_with_the_line_every_time(kill_after_step
   processes = two_launchers(tmp_path, "--peer_timeout_seconds=5", heartbeat=100)
   code, waited, log = kill_one(processes, 1, kill_after_step, tmp_path)
   assert code == EXIT_PEER_LOST and waited < 5 + 4, (code, waited, log[-3000:])
-  line = [l for l in log.splitlines() if "lost another process of the job" in l]
-  assert len(line) == 1 and line[0].startswith("error: process 0/2 lost another process of the "
-                                               "job after step ")
-  assert (f"process 1 on {socket.gethostname()} sent no sign of life for 5 s" in line[0]
-          or "Gloo" in line[0]), line[0]  # Or a collective failed first, with the same line.
+  line = [text for text in log.splitlines() if "lost another process of the job" in text]
+  assert len(line) == 1 and line[0].startswith(
+    "error: process 0/2 lost another process of the job after step "
+  )
+  assert (
+    f"process 1 on {socket.gethostname()} sent no sign of life for 5 s" in line[0]
+    or "Gloo" in line[0]
+  ), line[0]  # Or a collective failed first, with the same line.
 
 
 def test_a_killed_coordinator_ends_its_peer_at_once(tmp_path):
@@ -133,47 +172,98 @@ def test_a_killed_coordinator_ends_its_peer_at_once(tmp_path):
 def test_an_unreachable_coordinator_is_a_clear_restartable_error_within_the_init_timeout(tmp_path):
   port = free_port()
   started = time.monotonic()
-  process = start([sys.executable, "-m", "launcher", "--config=configs/linear.py",
-                   f"--workdir={tmp_path}", "--initialization_timeout=5"],
-                  str(tmp_path / "log"), devices=4,
-                  env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                       "JAX_PROCESS_ID": "1"})
+  process = start(
+    [
+      sys.executable,
+      "-m",
+      "launcher",
+      "--config=configs/linear.py",
+      f"--workdir={tmp_path}",
+      "--initialization_timeout=5",
+    ],
+    str(tmp_path / "log"),
+    devices=4,
+    env={
+      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "1",
+    },
+  )
   assert finish(process, 60) == EXIT_PEER_LOST  # Process 0 may be slow: a supervisor retries.
   assert time.monotonic() - started < 5 + 30  # 5 s of waiting plus the imports.
   log = open(tmp_path / "log").read()
-  assert (f"error: could not reach the coordinator 127.0.0.1:{port} (process 0) within "
-          "--initialization_timeout=5 s (Connection refused)") in log
+  assert (
+    f"error: could not reach the coordinator 127.0.0.1:{port} (process 0) within "
+    "--initialization_timeout=5 s (Connection refused)"
+  ) in log
   assert f"exiting with {EXIT_PEER_LOST} so that a supervisor tries again" in log
   assert "Traceback" not in log
 
 
-SLURM_TWO_NODES = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2",
-                   "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURMD_NODENAME": "node01",
-                   "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+SLURM_TWO_NODES = {
+  "SLURM_JOB_ID": "77",
+  "SLURM_STEP_NODELIST": "node[01-02]",
+  "SLURM_NTASKS": "2",
+  "SLURM_PROCID": "0",
+  "SLURM_LOCALID": "0",
+  "SLURMD_NODENAME": "node01",
+  "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+}
 
 
-@pytest.mark.parametrize("env, args, message", [
-    (SLURM_TWO_NODES, ["--coordinator_address=node01:1234", "--num_processes=4", "--process_id=0"],
-     "error: --num_processes=4 disagrees with the scheduler, which started 2 processes for this job"),
-    ({**SLURM_TWO_NODES, "JAX_COORDINATOR_ADDRESS": "localhost:1234"}, [],
-     "error: the coordinator address localhost:1234 is a loopback address, but this job spans 2 "
-     "hosts (node01, node02)"),
-])
+@pytest.mark.parametrize(
+  "env, args, message",
+  [
+    (
+      SLURM_TWO_NODES,
+      ["--coordinator_address=node01:1234", "--num_processes=4", "--process_id=0"],
+      "error: --num_processes=4 disagrees with the scheduler, which started 2 processes for this job",
+    ),
+    (
+      {**SLURM_TWO_NODES, "JAX_COORDINATOR_ADDRESS": "localhost:1234"},
+      [],
+      "error: the coordinator address localhost:1234 is a loopback address, but this job spans 2 "
+      "hosts (node01, node02)",
+    ),
+  ],
+)
 def test_a_job_shape_the_environment_contradicts_is_refused(env, args, message, tmp_path):
-  result = subprocess.run([sys.executable, "-m", "launcher", "--config=configs/linear.py",
-                           f"--workdir={tmp_path}", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **env})
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launcher",
+      "--config=configs/linear.py",
+      f"--workdir={tmp_path}",
+      *args,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env={**os.environ, **env},
+  )
   assert result.returncode == EXIT_USAGE and message in result.stderr
   assert "Traceback" not in result.stderr
 
 
 def test_local_runner_ends_every_process_when_one_dies(tmp_path):
   workdir = tmp_path / "run"
-  runner = start(launcher_command("--config=configs/linear.py", f"--workdir={workdir}",
-                                  "--config.num_steps=100000", "--config.log_every_steps=50",
-                                  "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
-                                  num_processes=2, devices=4, grace=2),
-                 str(tmp_path / "runner.log"), devices=4)
+  runner = start(
+    launcher_command(
+      "--config=configs/linear.py",
+      f"--workdir={workdir}",
+      "--config.num_steps=100000",
+      "--config.log_every_steps=50",
+      "--config.eval_every_steps=0",
+      "--config.checkpoint_every_steps=0",
+      num_processes=2,
+      devices=4,
+      grace=2,
+    ),
+    str(tmp_path / "runner.log"),
+    devices=4,
+  )
   wait_for(lambda: (workdir / "metrics.jsonl").exists(), 120, "training", runner)
   processes = children(runner.pid)
   assert len(processes) == 2
@@ -186,10 +276,19 @@ def test_local_runner_ends_every_process_when_one_dies(tmp_path):
 
 def test_local_runner_ctrl_c_stops_the_job_with_a_checkpoint(tmp_path):
   workdir = tmp_path / "run"
-  runner = start(launcher_command("--config=configs/linear.py", f"--workdir={workdir}",
-                                  "--config.num_steps=100000", "--config.log_every_steps=50",
-                                  "--config.eval_every_steps=0", num_processes=2, devices=4),
-                 str(tmp_path / "runner.log"), devices=4)
+  runner = start(
+    launcher_command(
+      "--config=configs/linear.py",
+      f"--workdir={workdir}",
+      "--config.num_steps=100000",
+      "--config.log_every_steps=50",
+      "--config.eval_every_steps=0",
+      num_processes=2,
+      devices=4,
+    ),
+    str(tmp_path / "runner.log"),
+    devices=4,
+  )
   wait_for(lambda: (workdir / "metrics.jsonl").exists(), 120, "training", runner)
   os.kill(runner.pid, signal.SIGINT)
   assert finish(runner, 60) == EXIT_PREEMPTED  # Every process saved: "run me again", not a kill.

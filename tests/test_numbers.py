@@ -10,18 +10,21 @@ import re
 import signal
 import time
 
-import jax
 import numpy as np
 import optax
 import pytest
 
-from launcher import config as config_lib
-from launcher import report, step, train
-from launcher import state as state_lib
-from launcher import workload as workload_lib
+from launcher import report, train
 from tests import numbers_workload
-from tests.helpers import (finish, launcher_command, load_config, lowered_train_call, read_metrics,
-                           start, wait_for)
+from tests.helpers import (
+  finish,
+  launcher_command,
+  load_config,
+  lowered_train_call,
+  read_metrics,
+  start,
+  wait_for,
+)
 
 EXECUTORS = ("shard_map", "pmap", "fsdp")
 
@@ -35,8 +38,9 @@ def schedule(config, count: int) -> float:
   peak, warmup, total = config.learning_rate, config.warmup_steps, config.num_steps
   if count < warmup:
     return peak * count / warmup
-  return peak * 0.5 * (1 + math.cos(math.pi * min(count - warmup, total - warmup) /
-                                    (total - warmup)))
+  return (
+    peak * 0.5 * (1 + math.cos(math.pi * min(count - warmup, total - warmup) / (total - warmup)))
+  )
 
 
 def reference(config):
@@ -49,13 +53,19 @@ def reference(config):
     x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
     error = x @ w + b - y
     grad_w, grad_b = 2 * x.T @ error / len(y), 2 * error.mean()
-    grad_norm = math.sqrt(np.sum(grad_w ** 2) + grad_b ** 2)
+    grad_norm = math.sqrt(np.sum(grad_w**2) + grad_b**2)
     if not (np.isfinite(error).all() and math.isfinite(grad_norm)):
       steps.append(None)
       continue
     learning_rate = schedule(config, applied)
-    steps.append({"loss": np.mean(error ** 2), "abs_error": np.mean(np.abs(error)),
-                  "grad_norm": grad_norm, "learning_rate": learning_rate})
+    steps.append(
+      {
+        "loss": np.mean(error**2),
+        "abs_error": np.mean(np.abs(error)),
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate,
+      }
+    )
     w, b, applied = w - learning_rate * grad_w, b - learning_rate * grad_b, applied + 1
   return steps, {"w": w, "b": b}, applied
 
@@ -64,7 +74,7 @@ def expected_rows(config, steps) -> list[dict]:
   """Each report's window means over its unskipped steps, and the skipped steps so far."""
   rows, every = [], config.log_every_steps
   for end in range(every, config.num_steps + 1, every):
-    kept = [s for s in steps[end - every:end] if s is not None]
+    kept = [s for s in steps[end - every : end] if s is not None]
     row = {"step": end, "skipped_steps": sum(s is None for s in steps[:end])}
     if kept:
       row.update({name: np.mean([s[name] for s in kept]) for name in kept[0]})
@@ -75,16 +85,26 @@ def expected_rows(config, steps) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("steps_per_call, grad_accum_steps", [(1, 1), (2, 2)])
-def test_train_metrics_and_learning_rate_equal_numpy(executor, steps_per_call, grad_accum_steps,
-                                                     tmp_path):
+def test_train_metrics_and_learning_rate_equal_numpy(
+  executor, steps_per_call, grad_accum_steps, tmp_path
+):
   # Batch 2 is skipped in the first window; batches 4-7, the whole second window, too.
-  config = numbers_config(parallel=executor, steps_per_call=steps_per_call,
-                          grad_accum_steps=grad_accum_steps, nan_at_batches=(2, 4, 5, 6, 7))
+  config = numbers_config(
+    parallel=executor,
+    steps_per_call=steps_per_call,
+    grad_accum_steps=grad_accum_steps,
+    nan_at_batches=(2, 4, 5, 6, 7),
+  )
   state = train.run(config, str(tmp_path))
   steps, params, applied = reference(config)
-  rows = [{name: value for name, value in row.items()
-           if name in ("step", "skipped_steps", "loss", "abs_error", "grad_norm", "learning_rate")}
-          for row in read_metrics(str(tmp_path))]
+  rows = [
+    {
+      name: value
+      for name, value in row.items()
+      if name in ("step", "skipped_steps", "loss", "abs_error", "grad_norm", "learning_rate")
+    }
+    for row in read_metrics(str(tmp_path))
+  ]
   expected = expected_rows(config, steps)
   assert [sorted(row) for row in rows] == [sorted(row) for row in expected]
   assert "loss" not in rows[1]  # Every step of that window was skipped: no invented mean.
@@ -132,9 +152,17 @@ def source_steps_per_sec(config, batches: int = 40) -> float:
 def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(executor, tmp_path):
   # The train source sleeps 50 ms a batch, so the steps run at its speed (the model's own time
   # hides behind it); each eval reads 3 batches of 100 ms each, and a save comes every 8 steps.
-  config = numbers_config(parallel=executor, num_steps=24, log_every_steps=8, eval_every_steps=8,
-                          eval_batches=3, batch_seconds=0.05, eval_batch_seconds=0.1,
-                          steps_per_call=2, checkpoint_every_steps=8)
+  config = numbers_config(
+    parallel=executor,
+    num_steps=24,
+    log_every_steps=8,
+    eval_every_steps=8,
+    eval_batches=3,
+    batch_seconds=0.05,
+    eval_batch_seconds=0.1,
+    steps_per_call=2,
+    checkpoint_every_steps=8,
+  )
   source_speed = source_steps_per_sec(config)
   train.run(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
@@ -152,8 +180,9 @@ def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(exe
     # sum past the window, as would steps that took in the eval (a loaded machine slows either).
     assert record["steps_s"] == pytest.approx(record["steps"] / source_speed, rel=0.1)
     assert record["eval_s"] >= 0.3
-    assert record["steps_s"] + record["eval_s"] + record["checkpoint_blocked_s"] <= (
-        record["window_s"])
+    assert (
+      record["steps_s"] + record["eval_s"] + record["checkpoint_blocked_s"] <= (record["window_s"])
+    )
 
 
 def test_a_first_report_right_after_the_first_call_has_no_speed(tmp_path):
@@ -168,18 +197,24 @@ def test_a_first_report_right_after_the_first_call_has_no_speed(tmp_path):
 def test_console_and_tensorboard_equal_numpy(tmp_path):
   """The launcher's console lines and TensorBoard scalars, from a real process, against numpy."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+
   workdir = tmp_path / "run"
   log = tmp_path / "run.log"
-  process = start(launcher_command("--config=tests/numbers_config.py", f"--workdir={workdir}",
-                                   "--config.nan_at_batches=(2,)"), str(log))
+  process = start(
+    launcher_command(
+      "--config=tests/numbers_config.py", f"--workdir={workdir}", "--config.nan_at_batches=(2,)"
+    ),
+    str(log),
+  )
   assert finish(process, 120) == 0, log.read_text()[-3000:]
   config = numbers_config(nan_at_batches=(2,))
   expected = expected_rows(config, reference(config)[0])
   lines = [line for line in log.read_text().splitlines() if line.startswith("step ")]
   assert len(lines) == len(expected)
   for line, want in zip(lines, expected):
-    assert line.startswith(f"step {want['step']}/12 | loss {want['loss']:.4g} | "
-                           f"abs_error {want['abs_error']:.4g}"), line
+    assert line.startswith(
+      f"step {want['step']}/12 | loss {want['loss']:.4g} | abs_error {want['abs_error']:.4g}"
+    ), line
     assert ("skipped 1 non-finite steps" in line) == (want["skipped_steps"] > 0)
   events = event_accumulator.EventAccumulator(str(workdir))
   events.Reload()
@@ -194,22 +229,41 @@ def test_goodput_through_a_kill_a_preemption_and_a_restart(tmp_path):
   later, then finished. The parts tile process 0's wall time; that time fits the test's own
   clock; the steps re-done after the kill are lost, every other step is productive."""
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  args = ["--config=tests/numbers_config.py", f"--workdir={workdir}", "--config.num_steps=40",
-          "--config.log_every_steps=2", "--config.checkpoint_every_steps=8",
-          "--config.batch_seconds=0.05", "--config.warmup_steps=2"]
-  rows = lambda: read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
-  checkpoints = lambda: {int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()} if (
-      workdir / "checkpoints").exists() else set()
+  args = [
+    "--config=tests/numbers_config.py",
+    f"--workdir={workdir}",
+    "--config.num_steps=40",
+    "--config.log_every_steps=2",
+    "--config.checkpoint_every_steps=8",
+    "--config.batch_seconds=0.05",
+    "--config.warmup_steps=2",
+  ]
+
+  def rows():
+    return read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
+
+  def checkpoints():
+    return (
+      {int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()}
+      if (workdir / "checkpoints").exists()
+      else set()
+    )
+
   began = time.monotonic()
   first = start(launcher_command(*args), str(log))
-  wait_for(lambda: 8 in checkpoints() and any(r["step"] >= 12 for r in rows()), 120,
-           "step 12 after the checkpoint of step 8", first)
+  wait_for(
+    lambda: 8 in checkpoints() and any(r["step"] >= 12 for r in rows()),
+    120,
+    "step 12 after the checkpoint of step 8",
+    first,
+  )
   os.kill(first.pid, signal.SIGKILL)
   first.wait()
   killed_at = max(r["step"] for r in rows())
   second = start(launcher_command(*args), str(log))
-  wait_for(lambda: any(r["step"] >= killed_at + 6 for r in rows()), 120, "the resumed steps",
-           second)
+  wait_for(
+    lambda: any(r["step"] >= killed_at + 6 for r in rows()), 120, "the resumed steps", second
+  )
   second.send_signal(signal.SIGTERM)
   assert finish(second, 60) == 75, log.read_text()[-3000:]
   third = start(launcher_command(*args), str(log))

@@ -11,8 +11,7 @@ import pytest
 
 from launcher import supervise
 from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED
-from tests.helpers import (REPO, children, finish, launcher_command, read_metrics, start,
-                           wait_for)
+from tests.helpers import REPO, children, finish, launcher_command, read_metrics, start, wait_for
 
 
 def _alive(pid: int) -> bool:
@@ -26,11 +25,16 @@ def _alive(pid: int) -> bool:
 def _runner_at_first_report(tmp_path, *args, runner_flags=()):
   """`launcher.local` (2 x 4 devices) on tests/hooked_config.py with `args`, once it reported."""
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  command = launcher_command("--config=tests/hooked_config.py", f"--workdir={workdir}", *args,
-                             num_processes=2, devices=4)
+  command = launcher_command(
+    "--config=tests/hooked_config.py", f"--workdir={workdir}", *args, num_processes=2, devices=4
+  )
   runner = start([*command[:3], *runner_flags, *command[3:]], str(log), devices=4)
-  wait_for(lambda: (workdir / "metrics.jsonl").exists() and read_metrics(str(workdir)), 120,
-           "the first report", runner)
+  wait_for(
+    lambda: (workdir / "metrics.jsonl").exists() and read_metrics(str(workdir)),
+    120,
+    "the first report",
+    runner,
+  )
   return runner, workdir, log
 
 
@@ -38,10 +42,18 @@ def _runner_at_first_report(tmp_path, *args, runner_flags=()):
 def test_a_final_save_slower_than_the_step_timeout_commits_and_exits_0(tmp_path):
   # ~34M params + AdamW: the final checkpoint takes seconds to finish; steps are under a second.
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  process = start(launcher_command(
-      "--config=tests/hooked_config.py", f"--workdir={workdir}",
-      "--config.hidden_sizes=(4096,4096,4096)", "--config.batch_size=8", "--config.num_steps=6",
-      "--config.checkpoint_every_steps=0", "--step_timeout_seconds=1"), str(log))
+  process = start(
+    launcher_command(
+      "--config=tests/hooked_config.py",
+      f"--workdir={workdir}",
+      "--config.hidden_sizes=(4096,4096,4096)",
+      "--config.batch_size=8",
+      "--config.num_steps=6",
+      "--config.checkpoint_every_steps=0",
+      "--step_timeout_seconds=1",
+    ),
+    str(log),
+  )
   assert finish(process, 240) == 0, log.read_text()[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
   assert "stuck" not in log.read_text()
@@ -50,11 +62,20 @@ def test_a_final_save_slower_than_the_step_timeout_commits_and_exits_0(tmp_path)
 @pytest.mark.slow
 def test_a_closed_console_lets_the_job_finish_with_its_whole_log(tmp_path):
   workdir = tmp_path / "run"
-  command = " ".join(launcher_command("--config=tests/hooked_config.py", f"--workdir={workdir}",
-                                      num_processes=2, devices=4))
-  result = subprocess.run(["bash", "-c", f"{command} | head -3; echo \"runner ${{PIPESTATUS[0]}}\""
-                           " >&2"], cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "XLA_FLAGS": ""}, check=False)
+  command = " ".join(
+    launcher_command(
+      "--config=tests/hooked_config.py", f"--workdir={workdir}", num_processes=2, devices=4
+    )
+  )
+  result = subprocess.run(
+    ["bash", "-c", f'{command} | head -3; echo "runner ${{PIPESTATUS[0]}}" >&2'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, "XLA_FLAGS": ""},
+    check=False,
+  )
   assert len(result.stdout.splitlines()) == 3
   assert result.stderr.strip().endswith("runner 0"), result.stderr[-2000:]
   assert "finished 40 steps" in (workdir / "logs" / "process_0.log").read_text()
@@ -66,8 +87,9 @@ def test_a_closed_console_lets_the_job_finish_with_its_whole_log(tmp_path):
 @pytest.mark.slow
 def test_a_preemption_notice_during_start_up_saves_at_the_first_step(tmp_path):
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  process = start(launcher_command("--config=tests/hooked_config.py", f"--workdir={workdir}"),
-                  str(log))
+  process = start(
+    launcher_command("--config=tests/hooked_config.py", f"--workdir={workdir}"), str(log)
+  )
   time.sleep(0.3)  # Still importing: no jax, no config, no workdir yet.
   process.send_signal(signal.SIGUSR1)
   assert finish(process, 120) == EXIT_PREEMPTED, log.read_text()[-3000:]
@@ -79,8 +101,9 @@ def test_a_preemption_notice_during_start_up_saves_at_the_first_step(tmp_path):
 
 @pytest.mark.slow
 def test_sighup_to_the_local_runner_saves_and_exits_75(tmp_path):
-  runner, workdir, log = _runner_at_first_report(tmp_path, "--config.slow_from_batch=0",
-                                                 "--config.slow_seconds=0.2")
+  runner, workdir, log = _runner_at_first_report(
+    tmp_path, "--config.slow_from_batch=0", "--config.slow_seconds=0.2"
+  )
   runner.send_signal(signal.SIGHUP)
   assert finish(runner, 60) == EXIT_PREEMPTED, log.read_text()[-3000:]
   text = log.read_text()
@@ -93,7 +116,8 @@ def test_sighup_to_the_local_runner_saves_and_exits_75(tmp_path):
 @pytest.mark.slow
 def test_a_child_killed_by_a_real_time_signal_is_named_and_restarted(tmp_path):
   runner, _, log = _runner_at_first_report(
-      tmp_path, runner_flags=("--max_restarts=1", "--restart_backoff_seconds=0"))
+    tmp_path, runner_flags=("--max_restarts=1", "--restart_backoff_seconds=0")
+  )
   os.kill(children(runner.pid)[1], signal.SIGRTMIN + 1)
   assert finish(runner, 180) == 0, log.read_text()[-3000:]
   text = log.read_text()
@@ -105,8 +129,9 @@ def test_a_child_killed_by_a_real_time_signal_is_named_and_restarted(tmp_path):
 @pytest.mark.slow
 def test_a_second_ctrl_c_kills_at_once(tmp_path):
   # The data loader blocks for ever at batch 3: a save on the first Ctrl-C cannot happen.
-  runner, _, log = _runner_at_first_report(tmp_path, "--config.fault=block",
-                                           "--config.fault_at_batch=3")
+  runner, _, log = _runner_at_first_report(
+    tmp_path, "--config.fault=block", "--config.fault_at_batch=3"
+  )
   processes = children(runner.pid)
   runner.send_signal(signal.SIGINT)
   time.sleep(1)
@@ -139,11 +164,18 @@ def test_preemption_restarts_back_off_and_are_bounded_per_hour(monkeypatch, caps
   sleeps = []
   monkeypatch.setattr(supervise.time, "sleep", sleeps.append)
   codes = [EXIT_PREEMPTED] * 4
-  code = supervise.supervise(lambda: _Group(codes), workdir=None, max_restarts=1,
-                             backoff_seconds=1.0, max_preemptions_per_hour=3)
+  code = supervise.supervise(
+    lambda: _Group(codes),
+    workdir=None,
+    max_restarts=1,
+    backoff_seconds=1.0,
+    max_preemptions_per_hour=3,
+  )
   assert code == EXIT_PREEMPTED and sleeps == [1.0, 2.0, 4.0] and not codes
   assert "for the 4th time within an hour; giving up (at most 3 an hour)" in capsys.readouterr().out
   codes = [EXIT_PREEMPTED, EXIT_PEER_LOST, 0]
-  assert supervise.supervise(lambda: _Group(codes), workdir=None, max_restarts=1,
-                             backoff_seconds=0.5) == 0
+  assert (
+    supervise.supervise(lambda: _Group(codes), workdir=None, max_restarts=1, backoff_seconds=0.5)
+    == 0
+  )
   assert not codes

@@ -41,6 +41,7 @@ def test_the_flag_table_is_every_launcher_flag_once():
   rows = table_rows("Flags (`python -m launcher --help` lists them):")
   flags = [row[0].strip("`") for row in rows]
   from tests.test_mistakes import LAUNCHER_FLAGS  # pylint: disable=import-outside-toplevel
+
   assert sorted(flags) == sorted(f"--{name}" for name in LAUNCHER_FLAGS | {"verbosity"})
 
 
@@ -48,12 +49,19 @@ def test_the_flag_table_is_every_launcher_flag_once():
 def test_the_example_workload_trains_as_written(tmp_path):
   (tmp_path / "my_workload.py").write_text(snippet("example-workload"))
   (tmp_path / "my_config.py").write_text(snippet("example-config"))
-  command = re.search(r"PYTHONPATH=\. python -m launcher --config=my_config\.py "
-                      r"--workdir=/tmp/my_run", README)
+  command = re.search(
+    r"PYTHONPATH=\. python -m launcher --config=my_config\.py "
+    r"--workdir=/tmp/my_run",
+    README,
+  )
   assert command, "the README runs the example with this command"
   workdir = tmp_path / "my_run"
-  result = run_launcher(f"--config={tmp_path / 'my_config.py'}", f"--workdir={workdir}",
-                        env={"PYTHONPATH": str(tmp_path)}, timeout=180)
+  result = run_launcher(
+    f"--config={tmp_path / 'my_config.py'}",
+    f"--workdir={workdir}",
+    env={"PYTHONPATH": str(tmp_path)},
+    timeout=180,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = read_metrics(str(workdir))
   assert [row["step"] for row in rows] == [100, 200, 300, 400]
@@ -67,21 +75,39 @@ def test_the_corpus_commands_run_as_written(tmp_path):
   """docs/corpus.md's two commands: text files to a Parquet corpus, and the lm trained on it with
   two worker processes (bounded here to 20 steps)."""
   from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+
   (tmp_path / "my_texts").mkdir()
   for i, name in enumerate(sorted(topics)[:40]):
     (tmp_path / "my_texts" / f"{i:02d}.txt").write_text(topics[name])
   with open(os.path.join(REPO, "docs", "corpus.md")) as f:
     block = f.read().split("<!-- corpus-commands -->")[1].split("```bash")[1].split("```")[0]
-  make, train = [line.replace("/tmp/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
-                 for line in block.strip().splitlines()]
+  make, train = [
+    line.replace("/tmp/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
+    for line in block.strip().splitlines()
+  ]
   env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  made = subprocess.run(make, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=120, check=False)
+  made = subprocess.run(
+    make,
+    shell=True,
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert made.returncode == 0, made.stderr[-2000:]
   assert len(list((tmp_path / "my_corpus").glob("*.parquet"))) == 4
-  trained = subprocess.run(f"{train} --config.num_steps=20 --config.log_every_steps=10 "
-                           "--config.eval_every_steps=20", shell=True, cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300, check=False)
+  trained = subprocess.run(
+    f"{train} --config.num_steps=20 --config.log_every_steps=10 --config.eval_every_steps=20",
+    shell=True,
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert trained.returncode == 0, trained.stderr[-3000:]
   rows = read_metrics(str(tmp_path / "my_lm"))
   assert [row["step"] for row in rows] == [10, 20]

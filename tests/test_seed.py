@@ -1,6 +1,5 @@
 """The seed's numbers, by hand: w=2, b=1 on x=[1,2,3], y=[3.5,5.5,7.5], SGD at 0.1."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -18,7 +17,8 @@ def test_seed_loss_and_gradients_by_hand():
   np.testing.assert_array_equal(batch["y"][:3], [3.5, 5.5, 7.5])
   params = linear.init(config, None)
   (loss, _), grads = jax.value_and_grad(linear.loss, argnums=1, has_aux=True)(
-      config, params, batch, None)
+    config, params, batch, None
+  )
   assert float(loss) == pytest.approx(0.25)
   assert float(grads["w"]) == pytest.approx(-2.0)
   assert float(grads["b"]) == pytest.approx(-1.0)

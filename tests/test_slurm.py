@@ -32,29 +32,47 @@ def sbatch(tmp_path, *launcher_args, wait=True, export=""):
   """Submits scripts/slurm/cpu.sbatch with 2 tasks; returns (job id, its output file)."""
   output = tmp_path / "slurm.out"
   result = subprocess.run(
-      ["sbatch", "--parsable", *(["--wait"] if wait else []), f"--output={output}",
-       f"--export=ALL,LAUNCHER_PYTHON={sys.executable},DEVICES_PER_TASK=4{export}",
-       "scripts/slurm/cpu.sbatch", *launcher_args],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stdout + result.stderr + (
-      output.read_text()[-3000:] if output.exists() else "")
+    [
+      "sbatch",
+      "--parsable",
+      *(["--wait"] if wait else []),
+      f"--output={output}",
+      f"--export=ALL,LAUNCHER_PYTHON={sys.executable},DEVICES_PER_TASK=4{export}",
+      "scripts/slurm/cpu.sbatch",
+      *launcher_args,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, (
+    result.stdout + result.stderr + (output.read_text()[-3000:] if output.exists() else "")
+  )
   return result.stdout.strip().split(";")[0], output
 
 
 def test_two_tasks_join_one_job_and_match_one_process(slurm, tmp_path):
   del slurm
   workdir = tmp_path / "run"
-  _, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
-                     "--config.num_steps=40", "--config.log_every_steps=1",
-                     "--config.eval_every_steps=0")
+  _, output = sbatch(
+    tmp_path,
+    "--config=configs/linear.py",
+    f"--workdir={workdir}",
+    "--config.num_steps=40",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+  )
   log = output.read_text()
   for task in (0, 1):
     assert f"{task}: " in log and f"joining a slurm job as process {task} of 2" in log
     assert f"process {task}/2 on" in log and "4 local / 8 global devices" in log
 
   reference = tmp_path / "reference"
-  train.run(load_config("linear", num_steps=40, log_every_steps=1, eval_every_steps=0),
-            str(reference))
+  train.run(
+    load_config("linear", num_steps=40, log_every_steps=1, eval_every_steps=0), str(reference)
+  )
   slurm_losses, reference_losses = losses_by_step(str(workdir)), losses_by_step(str(reference))
   assert list(slurm_losses) == list(range(1, 41))
   assert list(slurm_losses.values()) == pytest.approx(list(reference_losses.values()), rel=1e-5)
@@ -68,9 +86,16 @@ def usr1_then_requeued(job: str, output, ready, what: str) -> str:
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     # The requeued job starts again once its old credential expired: 10 s on the local cluster
     # (AuthInfo=cred_expire=10; SLURM's default is 120 s).
-    wait_for(lambda: "requeue 1" in output.read_text() and not subprocess.run(
-        ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip(), 180,
-             "the requeued job to end")
+    wait_for(
+      lambda: (
+        "requeue 1" in output.read_text()
+        and not subprocess.run(
+          ["squeue", "-h", "-j", job], capture_output=True, text=True
+        ).stdout.strip()
+      ),
+      180,
+      "the requeued job to end",
+    )
   finally:
     subprocess.run(["scancel", job], timeout=30, check=False)
   return output.read_text()
@@ -79,15 +104,33 @@ def usr1_then_requeued(job: str, output, ready, what: str) -> str:
 def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
   del slurm
   workdir = tmp_path / "run"
-  job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
-                       "--config.num_steps=400", "--config.log_every_steps=10",
-                       "--config.eval_every_steps=0", wait=False)
-  log = usr1_then_requeued(job, output, lambda: (workdir / "metrics.jsonl").exists() and (
-      workdir / "metrics.jsonl").read_text().count("\n") >= 2, "the job to train")
+  job, output = sbatch(
+    tmp_path,
+    "--config=configs/linear.py",
+    f"--workdir={workdir}",
+    "--config.num_steps=400",
+    "--config.log_every_steps=10",
+    "--config.eval_every_steps=0",
+    wait=False,
+  )
+  log = usr1_then_requeued(
+    job,
+    output,
+    lambda: (
+      (workdir / "metrics.jsonl").exists()
+      and (workdir / "metrics.jsonl").read_text().count("\n") >= 2
+    ),
+    "the job to train",
+  )
   assert "0: " in log and log.count("received SIGUSR1") == 2, log[-3000:]
-  saved = int(log.split("stopped on a preemption notice after saving the checkpoint of step ")[1]
-              .split(";")[0])
-  assert log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved}") == 2
+  saved = int(
+    log.split("stopped on a preemption notice after saving the checkpoint of step ")[1].split(";")[
+      0
+    ]
+  )
+  assert (
+    log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved}") == 2
+  )
   assert "requeue 1" in log
   assert log.count(f"resuming from the checkpoint of step {saved}") == 2
   assert max(losses_by_step(str(workdir))) == 400
@@ -96,11 +139,18 @@ def test_usr1_reaches_every_task_saves_requeues_and_resumes(slurm, tmp_path):
 def test_a_failed_job_step_is_restarted_inside_the_allocation(slurm, tmp_path):
   del slurm
   workdir = tmp_path / "run"
-  _, output = sbatch(tmp_path, "--config=tests/hooked_config.py", f"--workdir={workdir}",
-                     "--config.num_steps=20", "--config.checkpoint_every_steps=10",
-                     "--config.fault=raise", "--config.fault_at_batch=14",
-                     "--config.fault_process=0", f"--config.fault_marker={tmp_path / 'failed'}",
-                     export=",MAX_RESTARTS=2")
+  _, output = sbatch(
+    tmp_path,
+    "--config=tests/hooked_config.py",
+    f"--workdir={workdir}",
+    "--config.num_steps=20",
+    "--config.checkpoint_every_steps=10",
+    "--config.fault=raise",
+    "--config.fault_at_batch=14",
+    "--config.fault_process=0",
+    f"--config.fault_marker={tmp_path / 'failed'}",
+    export=",MAX_RESTARTS=2",
+  )
   log = output.read_text()
   assert "RuntimeError: hooked workload: a fault at batch 14" in log, log[-3000:]
   assert "restart 1/2 after the job step exited with" in log
@@ -115,15 +165,30 @@ def test_usr1_right_after_the_job_joins_is_saved_and_requeued(slurm, tmp_path):
   requeued job resumes there and finishes."""
   del slurm
   workdir = tmp_path / "run"
-  job, output = sbatch(tmp_path, "--config=configs/linear.py", f"--workdir={workdir}",
-                       "--config.num_steps=40", "--config.log_every_steps=10",
-                       "--config.eval_every_steps=0", wait=False)
-  log = usr1_then_requeued(job, output, lambda: output.exists() and output.read_text().count(
-      "joining a slurm job") >= 2, "both tasks to start joining")
+  job, output = sbatch(
+    tmp_path,
+    "--config=configs/linear.py",
+    f"--workdir={workdir}",
+    "--config.num_steps=40",
+    "--config.log_every_steps=10",
+    "--config.eval_every_steps=0",
+    wait=False,
+  )
+  log = usr1_then_requeued(
+    job,
+    output,
+    lambda: output.exists() and output.read_text().count("joining a slurm job") >= 2,
+    "both tasks to start joining",
+  )
   assert log.count("received SIGUSR1") >= 2 and "Traceback" not in log, log[-3000:]
-  saved = int(log.split("stopped on a preemption notice after saving the checkpoint of step ")[1]
-              .split(";")[0])
+  saved = int(
+    log.split("stopped on a preemption notice after saving the checkpoint of step ")[1].split(";")[
+      0
+    ]
+  )
   assert saved < 40 and "requeue 1" in log
-  assert log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved};") == 2
+  assert (
+    log.count(f"stopped on a preemption notice after saving the checkpoint of step {saved};") == 2
+  )
   assert log.count(f"resuming from the checkpoint of step {saved} ") == 2
   assert max(losses_by_step(str(workdir))) == 40

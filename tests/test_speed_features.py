@@ -14,10 +14,28 @@ from workloads import lm
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 RUNS = {
-    "classifier": (None, {"num_steps": 4, "steps_per_call": 2, "log_every_steps": 2,
-                          "eval_every_steps": 4, "schedule": "constant"}),
-    "lm": ("tiny", {"batch_size": 32, "num_steps": 4, "steps_per_call": 2, "log_every_steps": 2,
-                    "eval_every_steps": 4, "eval_batches": 2, "schedule": "constant"}),
+  "classifier": (
+    None,
+    {
+      "num_steps": 4,
+      "steps_per_call": 2,
+      "log_every_steps": 2,
+      "eval_every_steps": 4,
+      "schedule": "constant",
+    },
+  ),
+  "lm": (
+    "tiny",
+    {
+      "batch_size": 32,
+      "num_steps": 4,
+      "steps_per_call": 2,
+      "log_every_steps": 2,
+      "eval_every_steps": 4,
+      "eval_batches": 2,
+      "schedule": "constant",
+    },
+  ),
 }
 
 
@@ -27,8 +45,10 @@ def test_shard_map_executor_equals_pmap(name, tmp_path):
   runs = {}
   for executor in ("pmap", "shard_map"):
     config = load_config(name, arg, parallel=executor, **overrides)
-    runs[executor] = (train.run(config, str(tmp_path / executor)),
-                      read_metrics(str(tmp_path / executor)))
+    runs[executor] = (
+      train.run(config, str(tmp_path / executor)),
+      read_metrics(str(tmp_path / executor)),
+    )
   assert_close(config, runs["shard_map"][0].params, runs["pmap"][0].params)
   for pmap_row, shard_map_row in zip(runs["pmap"][1], runs["shard_map"][1]):
     for key in ("loss", "grad_norm", "eval_loss"):
@@ -42,9 +62,17 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch(name, optimize
   arg = "tiny" if name == "lm" else None
   states = {}
   for accumulate in (1, 4):
-    config = load_config(name, arg, batch_size=64, num_steps=1, log_every_steps=1,
-                         eval_every_steps=0, schedule="constant", optimizer=optimizer,
-                         grad_accum_steps=accumulate)
+    config = load_config(
+      name,
+      arg,
+      batch_size=64,
+      num_steps=1,
+      log_every_steps=1,
+      eval_every_steps=0,
+      schedule="constant",
+      optimizer=optimizer,
+      grad_accum_steps=accumulate,
+    )
     states[accumulate] = train.run(config, str(tmp_path / str(accumulate)))
   assert_close(config, states[4].params, states[1].params)
 
@@ -52,8 +80,16 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch(name, optimize
 def test_bfloat16_compute_keeps_float32_params(tmp_path):
   losses = {}
   for dtype in ("float32", "bfloat16"):
-    config = load_config("lm", "tiny", batch_size=32, num_steps=2, log_every_steps=1,
-                         eval_every_steps=0, schedule="constant", compute_dtype=dtype)
+    config = load_config(
+      "lm",
+      "tiny",
+      batch_size=32,
+      num_steps=2,
+      log_every_steps=1,
+      eval_every_steps=0,
+      schedule="constant",
+      compute_dtype=dtype,
+    )
     state = train.run(config, str(tmp_path / dtype))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     losses[dtype] = [row["loss"] for row in read_metrics(str(tmp_path / dtype))]
@@ -90,35 +126,61 @@ def test_no_device_to_host_transfer_between_reports(tmp_path, monkeypatch, guard
 
 
 def test_throughput_flops_and_time_to_first_step_are_reported(tmp_path):
-  config = load_config("lm", "tiny", batch_size=32, num_steps=4, log_every_steps=2,
-                       eval_every_steps=0, schedule="constant")
+  config = load_config(
+    "lm",
+    "tiny",
+    batch_size=32,
+    num_steps=4,
+    log_every_steps=2,
+    eval_every_steps=0,
+    schedule="constant",
+  )
   train.run(config, str(tmp_path))
   first, second = read_metrics(str(tmp_path))
   assert first["time_to_first_step_s"] > 0 and "time_to_first_step_s" not in second
   assert first["model_flops_per_sec"] == pytest.approx(
-      first["examples_per_sec"] * lm.flops_per_example(config), rel=1e-6)
+    first["examples_per_sec"] * lm.flops_per_example(config), rel=1e-6
+  )
   assert first["tokens_per_sec"] == pytest.approx(first["examples_per_sec"] * 64, rel=1e-6)
   assert "mfu" not in first  # CPU: no peak to divide by, so no invented MFU.
   # 6N per token plus causal attention, by hand for the tiny model.
   assert lm.flops_per_example(config) == 64 * (6 * 120_064 + 6 * 2 * 64 * 64)
 
 
-@pytest.mark.parametrize("device_kind, peak", [
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
-    ("TPU v5", 459e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
-    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA B200", None), ("NVIDIA H100", None),
-    ("cpu", None)])
+@pytest.mark.parametrize(
+  "device_kind, peak",
+  [
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5", 459e12),
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA B200", None),
+    ("NVIDIA H100", None),
+    ("cpu", None),
+  ],
+)
 def test_peak_flops_table(device_kind, peak):
   assert reporter.peak_flops_per_device(device_kind) == peak
 
 
 def test_compilation_cache_persists_compiled_programs(tmp_path):
   cache = tmp_path / "cache"
-  result = run_launcher("--config=configs/linear.py", f"--workdir={tmp_path / 'run'}",
-                        "--config.num_steps=10", "--config.eval_every_steps=0",
-                        f"--config.compilation_cache_dir={cache}")
+  result = run_launcher(
+    "--config=configs/linear.py",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.num_steps=10",
+    "--config.eval_every_steps=0",
+    f"--config.compilation_cache_dir={cache}",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(os.listdir(cache)) >= 2  # At least the train call and the state init.
   assert "time to first step" in result.stderr

@@ -17,8 +17,18 @@ from launcher import storage, train
 from launcher.errors import EXIT_STORAGE_UNREACHABLE, EXIT_USAGE, UsageError
 from launcher.local import free_port, process_env
 from tests.gcs_emulator import Emulator
-from tests.helpers import (REPO, assert_close, finish, launcher_command, load_config, load_params,
-                           losses_by_step, read_metrics, start, wait_for)
+from tests.helpers import (
+  REPO,
+  assert_close,
+  finish,
+  launcher_command,
+  load_config,
+  load_params,
+  losses_by_step,
+  read_metrics,
+  start,
+  wait_for,
+)
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
@@ -27,17 +37,21 @@ CONFIG = "--config=tests/hooked_config.py"
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  emulator = Emulator(tmp_path_factory.mktemp("gcs") / "root",
-                      tmp_path_factory.getbasetemp() / "fake-gcs-server.log")
+  emulator = Emulator(
+    tmp_path_factory.mktemp("gcs") / "root", tmp_path_factory.getbasetemp() / "fake-gcs-server.log"
+  )
   yield emulator
   emulator.stop()
 
 
 def scalars(events_file, tag: str) -> dict[int, float]:
   """The values of `tag` by step in one TensorBoard event file, as TensorBoard reads them."""
-  return {event.step: float(tensor_util.make_ndarray(value.tensor))
-          for event in EventFileLoader(str(events_file)).Load()
-          for value in event.summary.value if value.tag == tag}
+  return {
+    event.step: float(tensor_util.make_ndarray(value.tensor))
+    for event in EventFileLoader(str(events_file)).Load()
+    for value in event.summary.value
+    if value.tag == tag
+  }
 
 
 def log_of(path) -> str:
@@ -49,8 +63,12 @@ def test_a_gs_run_survives_kill_9_and_continues_exactly(gcs, straight, tmp_path)
   args = [CONFIG, "--workdir=gs://runs/killed"]
   log = tmp_path / "run.log"
   process = start(launcher_command(*args, "--config.slow_from_batch=22"), log, env=gcs.env)
-  wait_for(lambda: (mirror / "checkpoints" / "20" / "commit_success.txt").exists(), 120,
-           "the step-20 checkpoint in the bucket", process)
+  wait_for(
+    lambda: (mirror / "checkpoints" / "20" / "commit_success.txt").exists(),
+    120,
+    "the step-20 checkpoint in the bucket",
+    process,
+  )
   process.kill()
   process.wait()
   steps_before = [row["step"] for row in read_metrics(mirror)]
@@ -58,8 +76,9 @@ def test_a_gs_run_survives_kill_9_and_continues_exactly(gcs, straight, tmp_path)
 
   assert finish(start(launcher_command(*args), log, env=gcs.env), 180) == 0, log_of(log)[-3000:]
   assert "resuming from the checkpoint of step 20" in log_of(log)
-  for a, b in zip(jax.tree.leaves(load_params(str(mirror), 40)),
-                  jax.tree.leaves(load_params(straight("1x8"), 40))):
+  for a, b in zip(
+    jax.tree.leaves(load_params(str(mirror), 40)), jax.tree.leaves(load_params(straight("1x8"), 40))
+  ):
     assert (a == b).all()
   resumed, uninterrupted = losses_by_step(str(mirror)), losses_by_step(straight("1x8"))
   assert [resumed[s] for s in range(21, 41)] == [uninterrupted[s] for s in range(21, 41)]
@@ -75,10 +94,15 @@ def test_a_gs_run_survives_kill_9_and_continues_exactly(gcs, straight, tmp_path)
   assert [first[s] for s in range(1, 21)] == pytest.approx([resumed[s] for s in range(1, 21)])
   assert [second[s] for s in second] == pytest.approx([resumed[s] for s in second])
 
-
-  report = subprocess.run([sys.executable, "-m", "launcher.report", "gs://runs/killed"], cwd=REPO,
-                          env={**os.environ, **gcs.env}, capture_output=True, text=True,
-                          timeout=120, check=False)
+  report = subprocess.run(
+    [sys.executable, "-m", "launcher.report", "gs://runs/killed"],
+    cwd=REPO,
+    env={**os.environ, **gcs.env},
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert report.returncode == 0, report.stderr[-3000:]
   assert "wrote gs://runs/killed/report/report.md" in report.stdout
   assert "2 start(s) (restarts at steps 20)" in (mirror / "report" / "report.md").read_text()
@@ -92,14 +116,22 @@ def test_two_processes_share_a_gs_workdir_and_save_on_preemption(gcs, straight, 
   runner = launcher_command(*args, "--config.slow_from_batch=8", num_processes=2, devices=4)
   runner.insert(runner.index("--"), f"--process_logs={tmp_path / 'logs'}")
   process = start(runner, log, devices=4, env=gcs.env)
-  wait_for(lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 6, 120,
-           "step 6", process)
-  last_child = int(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                                  text=True).stdout.split()[-1])
+  wait_for(
+    lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 6,
+    120,
+    "step 6",
+    process,
+  )
+  last_child = int(
+    subprocess.run(
+      ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+    ).stdout.split()[-1]
+  )
   os.kill(last_child, 10)  # SIGUSR1, as SLURM's --signal sends it, to one process only.
   assert finish(process, 90) == 75, log_of(log)[-3000:]
-  saved = sorted(int(p.name) for p in (mirror / "checkpoints").iterdir()
-                 if (p / "commit_success.txt").exists())
+  saved = sorted(
+    int(p.name) for p in (mirror / "checkpoints").iterdir() if (p / "commit_success.txt").exists()
+  )
   assert saved == [max(losses_by_step(str(mirror)))] and 6 <= saved[0] < 20
   assert log_of(log).count("stopped on a preemption notice") == 2
   assert (tmp_path / "logs" / "process_1.log").exists()  # Logs stay on this machine.
@@ -116,7 +148,8 @@ def test_two_processes_share_a_gs_workdir_and_save_on_preemption(gcs, straight, 
 
 
 def test_a_bucket_outage_is_waited_out_within_the_bound_then_ends_in_one_line(
-    gcs, straight, tmp_path):
+  gcs, straight, tmp_path
+):
   """The emulator stopped for 5 s mid-run: the run goes on, every step is reported once, the
   numbers are the uninterrupted run's. Stopped for longer than --storage_timeout_seconds: one
   line and exit 69 within the bound, the step-20 checkpoint complete in the bucket."""
@@ -124,27 +157,42 @@ def test_a_bucket_outage_is_waited_out_within_the_bound_then_ends_in_one_line(
   log = tmp_path / "run.log"
   mirror = gcs.bucket("runs") / "outage"
   args = [CONFIG, "--workdir=gs://runs/outage", "--storage_timeout_seconds=60"]
-  process = start(launcher_command(*args, "--config.slow_from_batch=8",
-                                   "--config.slow_seconds=0.25"), log, env=gcs.env)
-  wait_for(lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 12, 120,
-           "step 12", process)
+  process = start(
+    launcher_command(*args, "--config.slow_from_batch=8", "--config.slow_seconds=0.25"),
+    log,
+    env=gcs.env,
+  )
+  wait_for(
+    lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 12,
+    120,
+    "step 12",
+    process,
+  )
   gcs.stop()
   time.sleep(5)
   gcs.start()
   assert finish(process, 120) == 0, log_of(log)[-3000:]
   assert [row["step"] for row in read_metrics(mirror)] == list(range(1, 41))
   assert losses_by_step(str(mirror)) == uninterrupted
-  for a, b in zip(jax.tree.leaves(load_params(str(mirror), 40)),
-                  jax.tree.leaves(load_params(straight("1x8"), 40))):
+  for a, b in zip(
+    jax.tree.leaves(load_params(str(mirror), 40)), jax.tree.leaves(load_params(straight("1x8"), 40))
+  ):
     assert (a == b).all()
 
   log = tmp_path / "gone.log"
   mirror = gcs.bucket("runs") / "gone"
   args = [CONFIG, "--workdir=gs://runs/gone", "--storage_timeout_seconds=6"]
-  process = start(launcher_command(*args, "--config.slow_from_batch=8",
-                                   "--config.slow_seconds=0.25"), log, env=gcs.env)
-  wait_for(lambda: (mirror / "checkpoints" / "20" / "commit_success.txt").exists(), 120,
-           "the step-20 checkpoint", process)
+  process = start(
+    launcher_command(*args, "--config.slow_from_batch=8", "--config.slow_seconds=0.25"),
+    log,
+    env=gcs.env,
+  )
+  wait_for(
+    lambda: (mirror / "checkpoints" / "20" / "commit_success.txt").exists(),
+    120,
+    "the step-20 checkpoint",
+    process,
+  )
   gcs.stop()
   stopped = time.monotonic()
   try:
@@ -154,10 +202,10 @@ def test_a_bucket_outage_is_waited_out_within_the_bound_then_ends_in_one_line(
   assert time.monotonic() - stopped < 6 + 5
   errors = [line for line in log_of(log).splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in log_of(log), log_of(log)[-3000:]
-  assert errors[0].startswith("error: the storage of gs://runs did not answer within "
-                              "--storage_timeout_seconds=6 while "), errors
-  assert errors[0].endswith("it resumes from its last complete checkpoint once the storage "
-                            "answers")
+  assert errors[0].startswith(
+    "error: the storage of gs://runs did not answer within --storage_timeout_seconds=6 while "
+  ), errors
+  assert errors[0].endswith("it resumes from its last complete checkpoint once the storage answers")
   # What it leaves is what a kill leaves, which the same command resumes from (the kill test
   # above): the step-20 checkpoint, complete.
   assert (mirror / "checkpoints" / "20" / "commit_success.txt").exists()
@@ -168,56 +216,82 @@ def test_appends_on_gcs_keep_every_line(gcs, tmp_path):
   and deletes the uploads a killed writer left."""
   gcs.bucket("appends")
   script = (
-      "import sys\nfrom launcher import storage\n"
-      "for start, count in ((0, 30), (30, 5)):\n"
-      "  if start:  # An upload that a kill left behind, which the next writer deletes.\n"
-      "    storage.write_text(storage.path('gs://appends/a/.log.jsonl.part-0'), 'torn\\n')\n"
-      "  log = storage.Appender(storage.path('gs://appends/a/log.jsonl'))\n"
-      "  for i in range(start, start + count):\n"
-      "    log.write(f'{i}\\n')\n"
-      "    log.flush()\n"
-      "  log.close()\n")
-  subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, **gcs.env},
-                 timeout=60, check=True)
+    "import sys\nfrom launcher import storage\n"
+    "for start, count in ((0, 30), (30, 5)):\n"
+    "  if start:  # An upload that a kill left behind, which the next writer deletes.\n"
+    "    storage.write_text(storage.path('gs://appends/a/.log.jsonl.part-0'), 'torn\\n')\n"
+    "  log = storage.Appender(storage.path('gs://appends/a/log.jsonl'))\n"
+    "  for i in range(start, start + count):\n"
+    "    log.write(f'{i}\\n')\n"
+    "    log.flush()\n"
+    "  log.close()\n"
+  )
+  subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env={**os.environ, **gcs.env}, timeout=60, check=True
+  )
   lines = (gcs.root / "appends" / "a" / "log.jsonl").read_text().splitlines()
   assert lines == [str(i) for i in range(35)]
   assert [p.name for p in (gcs.root / "appends" / "a").iterdir()] == ["log.jsonl"]
   # An object that ends in a partial line gets the next line on a line of its own.
-  torn = ("from launcher import storage\n"
-          "storage.write_text(storage.path('gs://appends/a/torn.jsonl'), '{\"step\": 1}\\n{\"st')\n"
-          "log = storage.Appender(storage.path('gs://appends/a/torn.jsonl'))\n"
-          "log.write('{\"step\": 2}\\n')\n"
-          "log.close()\n"
-          "print(storage.read_jsonl(storage.path('gs://appends/a/torn.jsonl')))\n")
-  result = subprocess.run([sys.executable, "-c", torn], cwd=REPO, env={**os.environ, **gcs.env},
-                          timeout=60, check=True, capture_output=True, text=True)
-  assert (gcs.root / "appends" / "a" / "torn.jsonl").read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'
+  torn = (
+    "from launcher import storage\n"
+    "storage.write_text(storage.path('gs://appends/a/torn.jsonl'), '{\"step\": 1}\\n{\"st')\n"
+    "log = storage.Appender(storage.path('gs://appends/a/torn.jsonl'))\n"
+    "log.write('{\"step\": 2}\\n')\n"
+    "log.close()\n"
+    "print(storage.read_jsonl(storage.path('gs://appends/a/torn.jsonl')))\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", torn],
+    cwd=REPO,
+    env={**os.environ, **gcs.env},
+    timeout=60,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  assert (
+    gcs.root / "appends" / "a" / "torn.jsonl"
+  ).read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'
   assert result.stdout.strip() == "[{'step': 1}, {'step': 2}]"
   assert "skipped 1 unreadable line(s) of gs://appends/a/torn.jsonl" in result.stderr
 
 
 def test_a_missing_bucket_is_one_line_before_any_compute(gcs, tmp_path):
   result = subprocess.run(
-      launcher_command(CONFIG, "--workdir=gs://no-such-bucket/run"), cwd=REPO,
-      env={**os.environ, **gcs.env}, capture_output=True, text=True, timeout=120, check=False)
+    launcher_command(CONFIG, "--workdir=gs://no-such-bucket/run"),
+    cwd=REPO,
+    env={**os.environ, **gcs.env},
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == EXIT_USAGE
   assert result.stderr.strip().splitlines()[-1] == (
-      "error: cannot write into gs://no-such-bucket/run: the bucket gs://no-such-bucket does not "
-      "exist (or this account cannot see it): create it (gcloud storage buckets create "
-      "gs://no-such-bucket) or fix the name")
+    "error: cannot write into gs://no-such-bucket/run: the bucket gs://no-such-bucket does not "
+    "exist (or this account cannot see it): create it (gcloud storage buckets create "
+    "gs://no-such-bucket) or fix the name"
+  )
   assert "Traceback" not in result.stderr and "params" not in result.stderr
   assert not (gcs.root / "no-such-bucket").exists() and not (pathlib.Path(REPO, "gs:")).exists()
 
 
-@pytest.mark.parametrize("workdir, message", [
-    ("s3://bucket/run", r"the scheme s3:// is not supported; a run's files live on a local disk, "
-                        r"a shared filesystem \(a plain path\) or in GCS \(gs://bucket/path\)"),
+@pytest.mark.parametrize(
+  "workdir, message",
+  [
+    (
+      "s3://bucket/run",
+      r"the scheme s3:// is not supported; a run's files live on a local disk, "
+      r"a shared filesystem \(a plain path\) or in GCS \(gs://bucket/path\)",
+    ),
     ("gs://Bad_Bucket!/run", r"'Bad_Bucket!' is not a GCS bucket name"),
     ("gs:///run", r"'' is not a GCS bucket name"),
     ("{file}", r"a file stands where a directory must be .*choose another --workdir"),
     ("{file}/run", r"a file stands where a directory must be .*choose another --workdir"),
     ("/proc/run", r"cannot create /proc/run"),
-])
+  ],
+)
 def test_bad_workdirs_are_one_clear_error_and_write_nothing(workdir, message, tmp_path):
   (tmp_path / "file").write_text("keep me")
   workdir = workdir.format(file=tmp_path / "file")
@@ -231,19 +305,28 @@ def test_bad_workdirs_are_one_clear_error_and_write_nothing(workdir, message, tm
 def test_processes_that_do_not_share_the_workdir_stop_at_once_naming_them(tmp_path):
   """Each process gets its own directory, as hosts with their own disks would."""
   port = free_port()
-  processes = [start(launcher_command(CONFIG, f"--workdir={tmp_path / f'host_{i}'}"),
-                     tmp_path / f"process_{i}.log", devices=4, env=process_env(i, 2, 4, port))
-               for i in range(2)]
+  processes = [
+    start(
+      launcher_command(CONFIG, f"--workdir={tmp_path / f'host_{i}'}"),
+      tmp_path / f"process_{i}.log",
+      devices=4,
+      env=process_env(i, 2, 4, port),
+    )
+    for i in range(2)
+  ]
   began = time.monotonic()
   codes = [finish(process, 120) for process in processes]
   assert time.monotonic() - began < 60
   assert codes == [EXIT_USAGE, EXIT_USAGE]
   for i in range(2):
     lines = log_of(tmp_path / f"process_{i}.log").strip().splitlines()
-    assert lines[-1].startswith(f"error: process(es) 1 ({os.uname().nodename}) do not see the "
-                                f"workdir {tmp_path / 'host_0'} that process 0"), lines[-5:]
-    assert lines[-1].endswith("use a filesystem shared by every host, or a gs://bucket/path "
-                              "workdir")
+    assert lines[-1].startswith(
+      f"error: process(es) 1 ({os.uname().nodename}) do not see the "
+      f"workdir {tmp_path / 'host_0'} that process 0"
+    ), lines[-5:]
+    assert lines[-1].endswith(
+      "use a filesystem shared by every host, or a gs://bucket/path workdir"
+    )
   # Nothing was trained or saved: process 0 wrote its token, process 1 nothing at all.
   assert [p.name for p in (tmp_path / "host_0").iterdir()] == [".workdir_token"]
   assert not (tmp_path / "host_1").exists()

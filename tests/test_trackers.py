@@ -17,11 +17,14 @@ from tests.helpers import finish, launcher_command, read_metrics, start, wait_fo
 CONFIG = "--config=tests/hooked_config.py"
 
 
-@pytest.mark.parametrize("spec, message", [
+@pytest.mark.parametrize(
+  "spec, message",
+  [
     ("tensorboard,comet", r"'comet' is not a tracker; name some of tensorboard, mlflow, wandb"),
     ("", r"empty is not a tracker"),
     ("none,mlflow", r"none cannot go with other trackers"),
-])
+  ],
+)
 def test_bad_tracker_lists_are_one_line(spec, message):
   with pytest.raises(UsageError, match=message):
     trackers.names(spec)
@@ -29,15 +32,21 @@ def test_bad_tracker_lists_are_one_line(spec, message):
 
 def test_a_tracker_that_is_not_installed_names_its_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError.
-  with pytest.raises(UsageError, match=r"config.trackers names wandb, which is not installed: "
-                                       r"pip install -e '.\[wandb\]'"):
+  with pytest.raises(
+    UsageError,
+    match=r"config.trackers names wandb, which is not installed: "
+    r"pip install -e '.\[wandb\]'",
+  ):
     trackers.names("tensorboard,wandb")
   assert trackers.names("none") == [] and trackers.names(" tensorboard , mlflow") == [
-      "tensorboard", "mlflow"]
+    "tensorboard",
+    "mlflow",
+  ]
 
 
 def test_the_config_becomes_flat_parameters():
   from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
+
   params = trackers.flatten(load_config("../tests/hooked_config"))
   assert params["batch_size"] == "64" and params["hidden_sizes"] == "(64,)"
   assert params["trackers"] == "tensorboard"
@@ -47,8 +56,10 @@ def test_the_config_becomes_flat_parameters():
 def mlflow_server(tmp_path_factory):
   pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
   from tests.mlflow_server import MlflowServer  # pylint: disable=import-outside-toplevel
-  server = MlflowServer(tmp_path_factory.mktemp("mlflow"),
-                        tmp_path_factory.getbasetemp() / "mlflow-server.log")
+
+  server = MlflowServer(
+    tmp_path_factory.mktemp("mlflow"), tmp_path_factory.getbasetemp() / "mlflow-server.log"
+  )
   yield server
   server.stop()
 
@@ -60,12 +71,17 @@ def log_of(path) -> str:
 @pytest.mark.slow
 def test_a_killed_and_restarted_run_is_one_mlflow_run_with_every_step(mlflow_server, tmp_path):
   from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
   env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
   workdir, log = tmp_path / "run", tmp_path / "run.log"
   args = [CONFIG, f"--workdir={workdir}", "--config.trackers=tensorboard,mlflow"]
   process = start(launcher_command(*args, "--config.slow_from_batch=22"), log, env=env)
-  wait_for(lambda: (workdir / "checkpoints" / "20").is_dir() and len(read_metrics(workdir)) >= 23,
-           120, "step 23, after the step-20 checkpoint", process)
+  wait_for(
+    lambda: (workdir / "checkpoints" / "20").is_dir() and len(read_metrics(workdir)) >= 23,
+    120,
+    "step 23, after the step-20 checkpoint",
+    process,
+  )
   os.killpg(process.pid, signal.SIGKILL)
   process.wait()
   killed_at = max(row["step"] for row in read_metrics(workdir))
@@ -74,8 +90,10 @@ def test_a_killed_and_restarted_run_is_one_mlflow_run_with_every_step(mlflow_ser
   client = MlflowClient(mlflow_server.url)
   experiment = client.get_experiment_by_name("hooked_config")  # The config file's name.
   runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'run'")
-  assert len(runs) == 1 and runs[0].info.run_id == json.loads(
-      (workdir / "trackers.json").read_text())["mlflow"]
+  assert (
+    len(runs) == 1
+    and runs[0].info.run_id == json.loads((workdir / "trackers.json").read_text())["mlflow"]
+  )
   run = runs[0]
   assert run.info.status == "FINISHED"
   history = client.get_metric_history(run.info.run_id, "loss")
@@ -86,20 +104,31 @@ def test_a_killed_and_restarted_run_is_one_mlflow_run_with_every_step(mlflow_ser
   assert 0 <= again <= killed_at - 20 and steps == sorted([*range(1, 41), *range(21, 21 + again)])
   losses = {row["step"]: row["loss"] for row in read_metrics(workdir)}
   assert {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)} == pytest.approx(
-      losses)
+    losses
+  )
   assert run.data.params["batch_size"] == "64" and run.data.params["num_steps"] == "40"
   assert run.data.tags["job"].startswith("process 0/1 on ") and "startup" in run.data.tags
 
 
 @pytest.mark.slow
-def test_mlflow_ends_failed_on_bad_input_and_its_outage_never_stops_training(mlflow_server,
-                                                                             tmp_path):
+def test_mlflow_ends_failed_on_bad_input_and_its_outage_never_stops_training(
+  mlflow_server, tmp_path
+):
   from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
   env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
   diverged = tmp_path / "diverged"
-  process = start(launcher_command(CONFIG, f"--workdir={diverged}", "--config.trackers=mlflow",
-                                   "--config.nan_at_batch=5", "--config.experiment=failures"),
-                  tmp_path / "diverged.log", env=env)
+  process = start(
+    launcher_command(
+      CONFIG,
+      f"--workdir={diverged}",
+      "--config.trackers=mlflow",
+      "--config.nan_at_batch=5",
+      "--config.experiment=failures",
+    ),
+    tmp_path / "diverged.log",
+    env=env,
+  )
   assert finish(process, 120) == EXIT_USAGE
   client = MlflowClient(mlflow_server.url)
   run = client.get_run(json.loads((diverged / "trackers.json").read_text())["mlflow"])
@@ -107,9 +136,13 @@ def test_mlflow_ends_failed_on_bad_input_and_its_outage_never_stops_training(mlf
 
   # A server that is not there: one warning, and the run trains to the end as usual.
   away = tmp_path / "away"
-  process = start(launcher_command(CONFIG, f"--workdir={away}", "--config.num_steps=10",
-                                   "--config.trackers=tensorboard,mlflow"),
-                  tmp_path / "away.log", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+  process = start(
+    launcher_command(
+      CONFIG, f"--workdir={away}", "--config.num_steps=10", "--config.trackers=tensorboard,mlflow"
+    ),
+    tmp_path / "away.log",
+    env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+  )
   assert finish(process, 180) == 0, log_of(tmp_path / "away.log")[-3000:]
   assert [row["step"] for row in read_metrics(away)] == list(range(1, 11))
   warnings = [line for line in log_of(tmp_path / "away.log").splitlines() if "mlflow:" in line]
@@ -121,6 +154,7 @@ def wandb_history(run_dir) -> list[list[dict]]:
   transaction log: LevelDB's log format of 32 KiB blocks after a 7-byte `:W&B` header, each record
   a protobuf Record)."""
   from wandb.proto import wandb_internal_pb2  # pylint: disable=import-outside-toplevel
+
   starts = []
   for path in sorted(run_dir.glob("wandb/offline-run-*/*.wandb")):
     rows = []
@@ -130,19 +164,20 @@ def wandb_history(run_dir) -> list[list[dict]]:
     position, pending = 7, b""
     while position + 7 <= len(data):
       left = 32768 - position % 32768
-      length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+      length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
       if left < 7 or (length == 0 and kind == 0):
         position += left
         continue
-      chunk = data[position + 7:position + 7 + length]
+      chunk = data[position + 7 : position + 7 + length]
       position += 7 + length
       pending = chunk if kind in (1, 2) else pending + chunk
       if kind in (1, 4):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(pending)
         if record.WhichOneof("record_type") == "history":
-          rows.append({item.nested_key[0]: json.loads(item.value_json)
-                       for item in record.history.item})
+          rows.append(
+            {item.nested_key[0]: json.loads(item.value_json) for item in record.history.item}
+          )
   return starts
 
 
@@ -151,12 +186,24 @@ def test_wandb_offline_keeps_one_run_id_and_every_step_across_a_restart(tmp_path
   pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
   env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  args = [CONFIG, f"--workdir={workdir}", "--config.trackers=wandb", "--config.num_steps=20",
-          "--config.checkpoint_every_steps=10"]
-  process = start(launcher_command(*args, "--config.slow_from_batch=12",
-                                   "--config.slow_seconds=1.0"), log, env=env)
-  wait_for(lambda: (workdir / "checkpoints" / "10").is_dir() and len(read_metrics(workdir)) >= 13,
-           120, "step 13, after the step-10 checkpoint", process)
+  args = [
+    CONFIG,
+    f"--workdir={workdir}",
+    "--config.trackers=wandb",
+    "--config.num_steps=20",
+    "--config.checkpoint_every_steps=10",
+  ]
+  process = start(
+    launcher_command(*args, "--config.slow_from_batch=12", "--config.slow_seconds=1.0"),
+    log,
+    env=env,
+  )
+  wait_for(
+    lambda: (workdir / "checkpoints" / "10").is_dir() and len(read_metrics(workdir)) >= 13,
+    120,
+    "step 13, after the step-10 checkpoint",
+    process,
+  )
   os.kill(process.pid, signal.SIGKILL)  # The launcher alone, as the OOM killer would.
   process.wait()
   time.sleep(3)
@@ -173,5 +220,6 @@ def test_wandb_offline_keeps_one_run_id_and_every_step_across_a_restart(tmp_path
   assert [row["train_step"] for row in restarted] == list(range(11, 21))
   losses = {row["step"]: row["loss"] for row in read_metrics(workdir)}
   assert {row["train_step"]: row["loss"] for row in killed + restarted} == pytest.approx(
-      {step: losses[step] for step in [*range(1, len(killed) + 1), *range(11, 21)]})
+    {step: losses[step] for step in [*range(1, len(killed) + 1), *range(11, 21)]}
+  )
   assert not list(workdir.glob("events.out.tfevents*"))  # trackers=wandb: no TensorBoard.

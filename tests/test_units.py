@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from launcher import checkpoint, config as config_lib, parallel, reporter, step, storage, train
+from launcher import checkpoint, parallel, reporter, step, storage, train
+from launcher import config as config_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState
 from tests.helpers import load_config
@@ -18,27 +19,41 @@ from tests.helpers import load_config
 def _linear_loss(params, batch, rng):
   del rng
   error = params["w"] * batch["x"] - batch["y"]
-  return jnp.mean(error ** 2), {"error": jnp.mean(jnp.abs(error))}
+  return jnp.mean(error**2), {"error": jnp.mean(jnp.abs(error))}
 
 
 def _state(w: float, tx) -> TrainState:
   params = {"w": jnp.float32(w)}
-  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                    rng=jax.random.PRNGKey(0), skipped_steps=jnp.int32(0))
+  return TrainState(
+    step=jnp.int32(0),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(0),
+    skipped_steps=jnp.int32(0),
+  )
 
 
 def _one_device_step(state, batch, tx, **kwargs):
   """train_step as one device sees it (a pmap over one device: axis `batch` of size 1)."""
-  call = jax.pmap(lambda s, b: step.train_step(s, b, loss_fn=_linear_loss, tx=tx,
-                                               schedule=optax.constant_schedule(0.1), **kwargs),
-                  axis_name=step.AXIS, devices=jax.local_devices()[:1])
-  add_axis = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+  call = jax.pmap(
+    lambda s, b: step.train_step(
+      s, b, loss_fn=_linear_loss, tx=tx, schedule=optax.constant_schedule(0.1), **kwargs
+    ),
+    axis_name=step.AXIS,
+    devices=jax.local_devices()[:1],
+  )
+
+  def add_axis(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+
   new_state, metrics = call(add_axis(state), add_axis(batch))
   return jax.tree.map(lambda x: x[0], new_state), jax.tree.map(lambda x: x[0], metrics)
 
 
-BATCH = {"x": np.array([1.0, 2.0, 3.0, 4.0], np.float32),
-         "y": np.array([2.0, 4.0, 5.0, 9.0], np.float32)}
+BATCH = {
+  "x": np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+  "y": np.array([2.0, 4.0, 5.0, 9.0], np.float32),
+}
 
 
 def test_train_step_is_one_sgd_step_by_hand():
@@ -46,7 +61,7 @@ def test_train_step_is_one_sgd_step_by_hand():
   new_state, metrics = _one_device_step(_state(1.0, tx), BATCH, tx)
   error = 1.0 * BATCH["x"] - BATCH["y"]
   gradient = np.mean(2 * error * BATCH["x"])
-  assert float(metrics["loss"]) == pytest.approx(np.mean(error ** 2))
+  assert float(metrics["loss"]) == pytest.approx(np.mean(error**2))
   assert float(metrics["grad_norm"]) == pytest.approx(abs(gradient))
   assert float(new_state.params["w"]) == pytest.approx(1.0 - 0.1 * gradient)
   assert int(new_state.step) == 1
@@ -57,7 +72,7 @@ def test_gradient_accumulation_averages_microbatch_gradients():
   whole, _ = _one_device_step(_state(1.0, tx), BATCH, tx)
   accumulated, metrics = _one_device_step(_state(1.0, tx), BATCH, tx, grad_accum_steps=2)
   assert float(accumulated.params["w"]) == pytest.approx(float(whole.params["w"]), rel=1e-6)
-  halves = [np.mean((BATCH["x"][i:i + 2] - BATCH["y"][i:i + 2]) ** 2) for i in (0, 2)]
+  halves = [np.mean((BATCH["x"][i : i + 2] - BATCH["y"][i : i + 2]) ** 2) for i in (0, 2)]
   assert float(metrics["loss"]) == pytest.approx(np.mean(halves))
 
 
@@ -86,14 +101,23 @@ def test_eval_step_counts_each_real_example_once_and_padding_never():
   batch = {**BATCH, "mask": np.array([1, 1, 1, 0], np.float32)}
   batch["y"] = batch["y"].copy()
   batch["y"][3] = 1e6  # Padding with a huge error must not count.
-  call = jax.pmap(lambda p, m, b: step.eval_step(p, m, b, loss_fn=_linear_loss),
-                  axis_name=step.AXIS, devices=jax.local_devices()[:1])
-  add_axis = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
-  metrics = call(add_axis({"w": jnp.float32(1.0)}),
-                 add_axis(step.empty_metrics(["loss", "error"])), add_axis(batch))
+  call = jax.pmap(
+    lambda p, m, b: step.eval_step(p, m, b, loss_fn=_linear_loss),
+    axis_name=step.AXIS,
+    devices=jax.local_devices()[:1],
+  )
+
+  def add_axis(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+
+  metrics = call(
+    add_axis({"w": jnp.float32(1.0)}),
+    add_axis(step.empty_metrics(["loss", "error"])),
+    add_axis(batch),
+  )
   computed = jax.tree.map(lambda x: x[0], metrics).compute()
   errors = BATCH["x"][:3] - BATCH["y"][:3]
-  assert float(computed["loss"]) == pytest.approx(np.mean(errors ** 2))
+  assert float(computed["loss"]) == pytest.approx(np.mean(errors**2))
   assert float(computed["error"]) == pytest.approx(np.mean(np.abs(errors)))
 
 
@@ -127,37 +151,56 @@ def test_checkpoint_structure_mismatch_names_every_entry():
   assert "params/new: in this config's state, not in the checkpoint" in message
 
 
-@pytest.mark.parametrize("last_step, preempted, due", [
+@pytest.mark.parametrize(
+  "last_step, preempted, due",
+  [
     (10, False, (True, False, False)),
     (20, False, (True, True, False)),
     (30, False, (True, False, True)),
     (35, True, (False, True, False)),
     (40, False, (True, True, True)),  # The last step: everything.
     (5, False, (False, False, False)),
-])
+  ],
+)
 def test_what_is_due_after_a_call(last_step, preempted, due):
   config = config_lib.defaults()
-  config.update(num_steps=40, steps_per_call=5, log_every_steps=10, checkpoint_every_steps=20,
-                eval_every_steps=30)
+  config.update(
+    num_steps=40,
+    steps_per_call=5,
+    log_every_steps=10,
+    checkpoint_every_steps=20,
+    eval_every_steps=30,
+  )
   assert tuple(train._due(config, last_step, preempted)) == due  # pylint: disable=protected-access
 
 
 def test_the_console_line_of_a_report():
-  scalars = {"loss": 2.3634, "accuracy": 0.4512, "eval_loss": 2.0397, "grad_norm": 0.5,
-             "learning_rate": 3e-3, "steps_per_sec": 15.42, "tokens_per_sec": 63150.0,
-             "data_wait_s": 0.2, "skipped_steps": 0.0}
+  scalars = {
+    "loss": 2.3634,
+    "accuracy": 0.4512,
+    "eval_loss": 2.0397,
+    "grad_norm": 0.5,
+    "learning_rate": 3e-3,
+    "steps_per_sec": 15.42,
+    "tokens_per_sec": 63150.0,
+    "data_wait_s": 0.2,
+    "skipped_steps": 0.0,
+  }
   assert reporter.console_line(250, 300, scalars, eta_s=3725.4) == (
-      "step 250/300 | loss 2.363 | accuracy 0.4512 | eval_loss 2.04 | 63150 tokens/s | "
-      "15.42 steps/s | ETA 1:02:05")
+    "step 250/300 | loss 2.363 | accuracy 0.4512 | eval_loss 2.04 | 63150 tokens/s | "
+    "15.42 steps/s | ETA 1:02:05"
+  )
   assert reporter.console_line(300, 300, {"loss": 1.0, "skipped_steps": 2.0}, None) == (
-      "step 300/300 | loss 1 | skipped 2 non-finite steps")
+    "step 300/300 | loss 1 | skipped 2 non-finite steps"
+  )
 
 
 def test_seconds_before_a_moment_count_from_the_process_start():
   now = time.time()
   assert 0 < reporter.seconds_before(now) < reporter.seconds_since_process_start() + 1e-3
-  assert reporter.seconds_before(now - 0.5) == pytest.approx(reporter.seconds_before(now) - 0.5,
-                                                             abs=0.05)
+  assert reporter.seconds_before(now - 0.5) == pytest.approx(
+    reporter.seconds_before(now) - 0.5, abs=0.05
+  )
 
 
 def test_one_gradient_all_reduce_gives_the_per_array_average():
@@ -169,17 +212,30 @@ def test_one_gradient_all_reduce_gives_the_per_array_average():
   def loss(params, batch, rng):
     del rng
     error = params["w"] * batch["x"] + jnp.sum(params["v"]) - batch["y"]
-    return jnp.mean(error ** 2), {}
+    return jnp.mean(error**2), {}
 
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(0), skipped_steps=jnp.int32(0))
+  state = TrainState(
+    step=jnp.int32(0),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(0),
+    skipped_steps=jnp.int32(0),
+  )
   x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4)
   batch = {"x": x, "y": 3 * x + 1}
   results = []
   for one in (False, True):
-    call = jax.pmap(lambda s, b, one=one: step.train_step(
-        s, b, loss_fn=loss, tx=tx, schedule=optax.constant_schedule(0.1),
-        one_gradient_all_reduce=one), axis_name=step.AXIS)
+    call = jax.pmap(
+      lambda s, b, one=one: step.train_step(
+        s,
+        b,
+        loss_fn=loss,
+        tx=tx,
+        schedule=optax.constant_schedule(0.1),
+        one_gradient_all_reduce=one,
+      ),
+      axis_name=step.AXIS,
+    )
     new_state, _ = call(jax.tree.map(lambda a: jnp.stack([a] * 8), state), batch)
     results.append(jax.tree.map(np.asarray, new_state.params))
   jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
@@ -196,26 +252,33 @@ def test_metric_set_vectors_add_as_collections_merge():
 
 
 def test_profile_first_step_traces_on_process_0(tmp_path):
-  config = load_config("linear", num_steps=20, log_every_steps=10, eval_every_steps=0,
-                       profile_first_step=5)
+  config = load_config(
+    "linear", num_steps=20, log_every_steps=10, eval_every_steps=0, profile_first_step=5
+  )
   train.run(config, str(tmp_path))
   traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 1000
 
 
 def test_config_mesh_is_data_by_fsdp_with_one_axis_free():
-  shape = lambda mesh, processes=2, local=4: config_lib.mesh_shape(mesh, "fsdp", processes, local)
+  def shape(mesh, processes=2, local=4):
+    return config_lib.mesh_shape(mesh, "fsdp", processes, local)
+
   assert shape("") == {"data": 2, "fsdp": 4}  # fsdp within each process by default.
   assert shape("data:1,fsdp:8") == {"data": 1, "fsdp": 8}
   assert shape("fsdp:-1") == {"data": 1, "fsdp": 8}
   assert shape("data:4,fsdp:-1") == {"data": 4, "fsdp": 2}
   assert shape(" fsdp:2 , data:4") == {"data": 4, "fsdp": 2}
   assert config_lib.mesh_shape("", "pmap", 2, 4) is None
-  for mesh, message in [("data:3,fsdp:4", "does not fit the job's 8 devices"),
-                        ("data:3,fsdp:-1", "does not fit the job's 8 devices"),
-                        ("data:-1,fsdp:-1", "only one axis may have it"),
-                        ("tensor:8", "is not a mesh"), ("data:2,data:4", "is not a mesh"),
-                        ("fsdp:0", "is not a mesh"), ("fsdp", "is not a mesh")]:
+  for mesh, message in [
+    ("data:3,fsdp:4", "does not fit the job's 8 devices"),
+    ("data:3,fsdp:-1", "does not fit the job's 8 devices"),
+    ("data:-1,fsdp:-1", "only one axis may have it"),
+    ("tensor:8", "is not a mesh"),
+    ("data:2,data:4", "is not a mesh"),
+    ("fsdp:0", "is not a mesh"),
+    ("fsdp", "is not a mesh"),
+  ]:
     with pytest.raises(UsageError, match=message):
       shape(mesh)
 
@@ -248,15 +311,22 @@ def test_a_torn_line_is_skipped_counted_and_the_next_start_writes_on_a_new_line(
   assert metrics.read_text().endswith('2.25}\n{"step": 4}\n')
 
 
-@pytest.mark.parametrize("error, what", [
+@pytest.mark.parametrize(
+  "error, what",
+  [
     (OSError(28, "No space left on device", "/w/metrics.jsonl"), "the filesystem is full"),
     (OSError(122, "Disk quota exceeded"), "this user's disk quota is used up"),
     (OSError(30, "Read-only file system"), "the filesystem is read-only"),
     (PermissionError(13, "Permission denied"), "permission denied"),
-    (ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/5/_sharding": '
-                "Failed to write 10 bytes: No space left on device [OS error: 28]"),
-     "the filesystem is full"),
-])
+    (
+      ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/5/_sharding": '
+        "Failed to write 10 bytes: No space left on device [OS error: 28]"
+      ),
+      "the filesystem is full",
+    ),
+  ],
+)
 def test_a_write_the_storage_refuses_is_one_line_naming_what_and_the_fix(error, what, tmp_path):
   try:
     try:

@@ -28,8 +28,9 @@ class MLP(nn.Module):
 
 def _model(config) -> MLP:
   """The model computing in `config.compute_dtype` (its params stay float32)."""
-  return MLP(hidden_sizes=tuple(config.hidden_sizes), num_classes=10,
-             dtype=jnp.dtype(config.compute_dtype))
+  return MLP(
+    hidden_sizes=tuple(config.hidden_sizes), num_classes=10, dtype=jnp.dtype(config.compute_dtype)
+  )
 
 
 def init(config, rng):
@@ -46,21 +47,29 @@ def loss(config, params, batch, rng):
 @functools.cache
 def _splits(test_examples: int) -> dict[str, dict[str, np.ndarray]]:
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
   digits = load_digits()
   order = np.random.default_rng(0).permutation(len(digits.target))
   images = (digits.data / 16.0).astype(np.float32)
   labels = digits.target.astype(np.int32)
   test, train = order[:test_examples], order[test_examples:]
-  return {"train": {"image": images[train], "label": labels[train], "id": train.astype(np.int32)},
-          "eval": {"image": images[test], "label": labels[test], "id": test.astype(np.int32)}}
+  return {
+    "train": {"image": images[train], "label": labels[train], "id": train.astype(np.int32)},
+    "eval": {"image": images[test], "label": labels[test], "id": test.astype(np.int32)},
+  }
 
 
 def dataset(config, split, process_index, process_count, start=0):
   examples = _splits(config.test_examples)[split]
-  indices = data.batch_indices(len(examples["label"]), batch_size=config.batch_size,
-                               process_index=process_index, process_count=process_count,
-                               seed=config.seed if split == "train" else None,
-                               repeat=split == "train", start=start)
+  indices = data.batch_indices(
+    len(examples["label"]),
+    batch_size=config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=config.seed if split == "train" else None,
+    repeat=split == "train",
+    start=start,
+  )
   return data.read(indices.map(lambda i: {name: column[i] for name, column in examples.items()}))
 
 

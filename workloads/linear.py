@@ -24,9 +24,14 @@ def loss(config, params, batch, rng):
 def dataset(config, split, process_index, process_count, start=0):
   x = np.asarray(config.x, np.float32)
   y = (config.true_w * x + config.true_b).astype(np.float32)
-  indices = data.batch_indices(len(x), batch_size=config.batch_size, process_index=process_index,
-                               process_count=process_count, repeat=split == "train",
-                               start=start)
+  indices = data.batch_indices(
+    len(x),
+    batch_size=config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    repeat=split == "train",
+    start=start,
+  )
   share = config.batch_size // process_count
   for t, i in enumerate(data.read(indices), start):
     # Three points repeat within a batch, so an example's id is its place in the stream.

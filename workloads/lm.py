@@ -21,13 +21,13 @@ from launcher import data, parallel
 from launcher.errors import UsageError
 
 
-
 class Block(nn.Module):
   """Pre-norm transformer block: causal self-attention, then a 4x GELU MLP.
 
   Attention has no biases: a key bias shifts every logit of a query equally, so its gradient is
   exactly zero and it would only carry rounding noise.
   """
+
   num_heads: int
   dropout_rate: float
   dtype: jnp.dtype
@@ -38,8 +38,12 @@ class Block(nn.Module):
     causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout_rate,
-        deterministic=deterministic, use_bias=False)(y, mask=causal)
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      dropout_rate=self.dropout_rate,
+      deterministic=deterministic,
+      use_bias=False,
+    )(y, mask=causal)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.Dense(4 * width, dtype=self.dtype)(y)
@@ -49,6 +53,7 @@ class Block(nn.Module):
 
 class ScannedBlock(nn.Module):
   """One Block as the body of `nn.scan`."""
+
   num_heads: int
   dropout_rate: float
   dtype: jnp.dtype
@@ -65,6 +70,7 @@ class Transformer(nn.Module):
   `scan`: the blocks as one `nn.scan` (params stacked over the layers: one block compiled, and
   under fsdp one layer's params gathered at a time); `remat`: each block's activations recomputed
   in the backward pass instead of kept."""
+
   seq_len: int
   width: int
   num_layers: int
@@ -77,33 +83,46 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True):
-    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
-                     embedding_init=nn.initializers.normal(0.02))
+    embed = nn.Embed(
+      self.vocab_size, self.width, dtype=self.dtype, embedding_init=nn.initializers.normal(0.02)
+    )
     positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
     x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
     x = parallel.constrain_to_batch(x)
     if self.scan:
       body = nn.remat(ScannedBlock) if self.remat else ScannedBlock
-      blocks = nn.scan(body, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True}, length=self.num_layers)
-      x, _ = blocks(self.num_heads, self.dropout_rate, self.dtype, deterministic,
-                    name="blocks")(x, None)
+      blocks = nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=self.num_layers,
+      )
+      x, _ = blocks(self.num_heads, self.dropout_rate, self.dtype, deterministic, name="blocks")(
+        x, None
+      )
     else:
       block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
       for _ in range(self.num_layers):
         x = parallel.constrain_to_batch(
-            block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic))
+          block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic)
+        )
     x = nn.LayerNorm(dtype=self.dtype)(x)
     return embed.attend(x).astype(jnp.float32)
 
 
 def _model(config) -> Transformer:
   """The model computing in `config.compute_dtype` (its params stay float32)."""
-  return Transformer(seq_len=config.seq_len, width=config.width, num_layers=config.num_layers,
-                     num_heads=config.num_heads, vocab_size=_tokenizer(config).vocab_size,
-                     dropout_rate=config.dropout_rate,
-                     dtype=jnp.dtype(config.compute_dtype), scan=config.scan_layers,
-                     remat=config.remat)
+  return Transformer(
+    seq_len=config.seq_len,
+    width=config.width,
+    num_layers=config.num_layers,
+    num_heads=config.num_heads,
+    vocab_size=_tokenizer(config).vocab_size,
+    dropout_rate=config.dropout_rate,
+    dtype=jnp.dtype(config.compute_dtype),
+    scan=config.scan_layers,
+    remat=config.remat,
+  )
 
 
 def init(config, rng):
@@ -113,12 +132,18 @@ def init(config, rng):
 def loss(config, params, batch, rng):
   """Mean next-token cross entropy; dropout when training (rng given), none in eval (rng None)."""
   inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
-  logits = _model(config).apply({"params": params}, inputs, deterministic=rng is None,
-                                rngs=None if rng is None else {"dropout": rng})
+  logits = _model(config).apply(
+    {"params": params},
+    inputs,
+    deterministic=rng is None,
+    rngs=None if rng is None else {"dropout": rng},
+  )
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   bits = "bits_per_token" if config.get("tokenizer") else "bits_per_byte"
-  return losses.mean(), {bits: losses.mean() / jnp.log(2.0),
-                         "accuracy": (logits.argmax(-1) == targets).mean()}
+  return losses.mean(), {
+    bits: losses.mean() / jnp.log(2.0),
+    "accuracy": (logits.argmax(-1) == targets).mean(),
+  }
 
 
 def tokens_per_example(config) -> int:
@@ -129,11 +154,14 @@ def tokens_per_example(config) -> int:
 def _corpus(text_file: str) -> np.ndarray:
   if text_file:
     if not os.path.isfile(text_file):
-      raise UsageError(f"config.text_file={text_file!r} is not a file: give a UTF-8 text file to "
-                       "train on, or \"\" for CPython's documentation text")
+      raise UsageError(
+        f"config.text_file={text_file!r} is not a file: give a UTF-8 text file to "
+        'train on, or "" for CPython\'s documentation text'
+      )
     with open(text_file, "rb") as f:
       return np.frombuffer(f.read(), np.uint8)
   from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+
   text = "\n\n".join(topics[name] for name in sorted(topics))
   return np.frombuffer(text.encode("utf-8"), np.uint8)
 
@@ -145,8 +173,10 @@ def _tokenizer_of(path: str) -> corpus_lib.Tokenizer:
 
 def _tokenizer(config) -> corpus_lib.Tokenizer:
   if config.get("tokenizer") and not config.get("data"):
-    raise UsageError(f"config.tokenizer={config.tokenizer!r} is for a corpus given as "
-                     "config.data; config.text_file and the built-in text are read as bytes")
+    raise UsageError(
+      f"config.tokenizer={config.tokenizer!r} is for a corpus given as "
+      "config.data; config.text_file and the built-in text are read as bytes"
+    )
   return _tokenizer_of(config.get("tokenizer", ""))
 
 
@@ -160,34 +190,55 @@ def dataset(config, split, process_index, process_count, start=0):
   num_windows = (len(text) - 1) // config.seq_len
   if num_windows < 1:
     source = f"config.text_file={config.text_file!r}" if config.text_file else "the corpus"
-    raise UsageError(f"{source} leaves {len(text)} bytes for the {split} split (eval_fraction="
-                     f"{config.eval_fraction}), fewer than one window of seq_len + 1 = {window}: "
-                     "give a longer text file, or a smaller --config.seq_len or eval_fraction")
+    raise UsageError(
+      f"{source} leaves {len(text)} bytes for the {split} split (eval_fraction="
+      f"{config.eval_fraction}), fewer than one window of seq_len + 1 = {window}: "
+      "give a longer text file, or a smaller --config.seq_len or eval_fraction"
+    )
   offsets = np.arange(window)
-  indices = data.batch_indices(num_windows, batch_size=config.batch_size,
-                               process_index=process_index, process_count=process_count,
-                               seed=config.seed if split == "train" else None,
-                               repeat=split == "train", start=start)
-  return data.read(indices.map(lambda i: {
-      "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
-      "id": i.astype(np.int32)}))
+  indices = data.batch_indices(
+    num_windows,
+    batch_size=config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=config.seed if split == "train" else None,
+    repeat=split == "train",
+    start=start,
+  )
+  return data.read(
+    indices.map(
+      lambda i: {
+        "tokens": text[i[:, None] * config.seq_len + offsets].astype(np.int32),
+        "id": i.astype(np.int32),
+      }
+    )
+  )
 
 
 def _corpus_dataset(config, split, process_index, process_count, start):
   """Windows of a Parquet or ArrayRecord corpus (launcher/corpus.py), read through
   launcher.data.from_source: config.data_workers processes tokenize them."""
   if config.text_file:
-    raise UsageError(f"config.data={config.data!r} and config.text_file={config.text_file!r} "
-                     "both name a corpus: keep one")
-  windows = corpus_lib.windows(config.data, split, seq_len=config.seq_len,
-                               eval_fraction=config.eval_fraction, tokenizer=_tokenizer(config))
+    raise UsageError(
+      f"config.data={config.data!r} and config.text_file={config.text_file!r} "
+      "both name a corpus: keep one"
+    )
+  windows = corpus_lib.windows(
+    config.data,
+    split,
+    seq_len=config.seq_len,
+    eval_fraction=config.eval_fraction,
+    tokenizer=_tokenizer(config),
+  )
   needed = config.batch_size if split == "train" else 1
   if len(windows) < needed:
-    raise UsageError(f"config.data={config.data!r}: its {split} split ({windows.total_bytes:,} "
-                     f"bytes) holds {len(windows)} window(s) of seq_len + 1 = {config.seq_len + 1} "
-                     f"tokens, fewer than {'one global batch of ' if needed > 1 else ''}{needed}: "
-                     "give a larger corpus, or a smaller --config.seq_len, batch_size or "
-                     "eval_fraction")
+    raise UsageError(
+      f"config.data={config.data!r}: its {split} split ({windows.total_bytes:,} "
+      f"bytes) holds {len(windows)} window(s) of seq_len + 1 = {config.seq_len + 1} "
+      f"tokens, fewer than {'one global batch of ' if needed > 1 else ''}{needed}: "
+      "give a larger corpus, or a smaller --config.seq_len, batch_size or "
+      "eval_fraction"
+    )
   return data.from_source(windows, config, split, process_index, process_count, start)
 
 

@@ -40,24 +40,41 @@ _TPU = flags.DEFINE_string("tpu", None, "Name of the TPU VM (pod slice).", requi
 _ZONE = flags.DEFINE_string("zone", None, "Its zone, e.g. us-central2-b.", required=True)
 _PROJECT = flags.DEFINE_string("project", None, "GCP project (default: gcloud's).")
 _NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", None, "Workers in the slice (default: asked of `gcloud ... describe`).")
-_INSTALL = flags.DEFINE_bool("install", True, "Copy the repository to the workers and install it "
-                             "(skipped on a worker that has this very source installed).")
+  "num_workers", None, "Workers in the slice (default: asked of `gcloud ... describe`)."
+)
+_INSTALL = flags.DEFINE_bool(
+  "install",
+  True,
+  "Copy the repository to the workers and install it "
+  "(skipped on a worker that has this very source installed).",
+)
 _PYTHON = flags.DEFINE_string(
-    "python", "3.11", "The Python version of the workers' virtualenv (uv's --python).")
-_WORKER_VENV = flags.DEFINE_string("worker_venv", "~/launcher-venv",
-                                   "Where the workers' virtualenv is made.")
+  "python", "3.11", "The Python version of the workers' virtualenv (uv's --python)."
+)
+_WORKER_VENV = flags.DEFINE_string(
+  "worker_venv", "~/launcher-venv", "Where the workers' virtualenv is made."
+)
 _WORKER_PYTHON = flags.DEFINE_string(
-    "worker_python", None, "An interpreter already on every worker (Python >= 3.11, e.g. "
-    "~/my-env/bin/python): the project is installed into it with its pip, and no virtualenv is "
-    "made.")
-_EXTRAS = flags.DEFINE_string("extras", "tpu", "The project's extras installed on the workers "
-                              "(comma-separated; empty for none).")
+  "worker_python",
+  None,
+  "An interpreter already on every worker (Python >= 3.11, e.g. "
+  "~/my-env/bin/python): the project is installed into it with its pip, and no virtualenv is "
+  "made.",
+)
+_EXTRAS = flags.DEFINE_string(
+  "extras",
+  "tpu",
+  "The project's extras installed on the workers (comma-separated; empty for none).",
+)
 _LOG_DIR = flags.DEFINE_string("worker_logs", "tpu-logs", "Where each worker's output is kept.")
 _MAX_RESTARTS = flags.DEFINE_integer(
-    "max_restarts", 0, "When a worker fails, stop the launcher on every worker and start the job "
-    "again (it resumes from its last checkpoint) up to this many times; a preemption (exit 75) "
-    "does not count, bad input (exit 2) never restarts.", lower_bound=0)
+  "max_restarts",
+  0,
+  "When a worker fails, stop the launcher on every worker and start the job "
+  "again (it resumes from its last checkpoint) up to this many times; a preemption (exit 75) "
+  "does not count, bad input (exit 2) never restarts.",
+  lower_bound=0,
+)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command instead of running it.")
 
 REMOTE_DIR = "~/launcher"
@@ -94,9 +111,12 @@ def worker_python() -> str:
 def source_tree() -> tuple[str, str]:
   """What to copy (a commit of the working tree as it is) and its tree hash, which names an
   install: a worker whose ~/launcher/.installed holds it skips the install."""
+
   def git(*args):
-    return subprocess.run(["git", "-C", REPO, *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+      ["git", "-C", REPO, *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
   commit = git("stash", "create") or "HEAD"
   return commit, git("rev-parse", f"{commit}^{{tree}}")
 
@@ -108,32 +128,42 @@ def install_script(tree: str) -> str:
   if _WORKER_PYTHON.value:
     python = worker_python()
     install = [
-        f"{python} -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{ echo "
-        f"\"--worker_python={_WORKER_PYTHON.value} is not Python >= 3.11 on $(hostname)\"; "
-        "exit 2; }",
-        f"{python} -m pip install -q -e {project}"]
+      f"{python} -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{ echo "
+      f'"--worker_python={_WORKER_PYTHON.value} is not Python >= 3.11 on $(hostname)"; '
+      "exit 2; }",
+      f"{python} -m pip install -q -e {project}",
+    ]
   else:
     venv = _on_worker(_WORKER_VENV.value)
     install = [
-        'export PATH="$HOME/.local/bin:$PATH"',
-        "command -v uv >/dev/null || python3 -m pip install -q --user uv || "
-        "python3 -m pip install -q --user --break-system-packages uv",
-        f"rm -rf {venv}", f"uv venv -q --python {shlex.quote(_PYTHON.value)} {venv}",
-        f"uv pip install -q --python {venv}/bin/python -e {project}"]
-  return "\n".join([
+      'export PATH="$HOME/.local/bin:$PATH"',
+      "command -v uv >/dev/null || python3 -m pip install -q --user uv || "
+      "python3 -m pip install -q --user --break-system-packages uv",
+      f"rm -rf {venv}",
+      f"uv venv -q --python {shlex.quote(_PYTHON.value)} {venv}",
+      f"uv pip install -q --python {venv}/bin/python -e {project}",
+    ]
+  return "\n".join(
+    [
       "set -e",
       f'if [ "$(cat {REMOTE_DIR}/.installed 2>/dev/null)" = {key} ]; then '
       'echo "launcher already installed: $(hostname)"; exit 0; fi',
-      f"rm -rf {REMOTE_DIR}", f"mkdir -p {REMOTE_DIR}", f"tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR}",
+      f"rm -rf {REMOTE_DIR}",
+      f"mkdir -p {REMOTE_DIR}",
+      f"tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR}",
       *install,
-      f"echo {key} > {REMOTE_DIR}/.installed"])
+      f"echo {key} > {REMOTE_DIR}/.installed",
+    ]
+  )
 
 
 def cleanup() -> str:
   """Ends the launchers of this interpreter and every other user of the TPU on a worker."""
-  return (f"pkill -9 -f ^{worker_python()}' -m launcher ' ; "
-          "sudo fuser -k -9 /dev/accel* /dev/vfio/* 2>/dev/null ; "
-          "sudo rm -f /tmp/libtpu_lockfile ; true")
+  return (
+    f"pkill -9 -f ^{worker_python()}' -m launcher ' ; "
+    "sudo fuser -k -9 /dev/accel* /dev/vfio/* 2>/dev/null ; "
+    "sudo rm -f /tmp/libtpu_lockfile ; true"
+  )
 
 
 def commands(launcher_args: list[str], num_workers: int) -> dict[str, list]:
@@ -144,18 +174,29 @@ def commands(launcher_args: list[str], num_workers: int) -> dict[str, list]:
     commit, tree = source_tree()
     archive = f"/tmp/{ARCHIVE}"
     setup += [
-        ("packing the source", ["git", "-C", REPO, "archive", "--format=tar.gz",
-                                f"--output={archive}", commit]),
-        ("copying it to every worker",
-         gcloud("scp", "--worker=all", archive, f"{_TPU.value}:{ARCHIVE}"))]
+      (
+        "packing the source",
+        ["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={archive}", commit],
+      ),
+      (
+        "copying it to every worker",
+        gcloud("scp", "--worker=all", archive, f"{_TPU.value}:{ARCHIVE}"),
+      ),
+    ]
   stop = ssh("all", cleanup())
   setup.append(("ending stale users of the TPU on every worker", stop))
   if _INSTALL.value:
-    setup.append(("installing it on every worker (skipped where this source is installed)",
-                  ssh("all", install_script(tree))))
+    setup.append(
+      (
+        "installing it on every worker (skipped where this source is installed)",
+        ssh("all", install_script(tree)),
+      )
+    )
   run = " ".join(shlex.quote(a) for a in launcher_args)
-  workers = [ssh(str(i), f"cd {REMOTE_DIR} && exec {worker_python()} -m launcher {run}")
-             for i in range(num_workers)]
+  workers = [
+    ssh(str(i), f"cd {REMOTE_DIR} && exec {worker_python()} -m launcher {run}")
+    for i in range(num_workers)
+  ]
   return {"setup": setup, "workers": workers, "stop": [stop]}
 
 
@@ -170,16 +211,20 @@ def count_workers() -> int:
     return _NUM_WORKERS.value
   result = subprocess.run(describe, capture_output=True, text=True, check=False)
   if result.returncode != 0:
-    refuse(f"cannot ask gcloud how many workers {_TPU.value} has ({result.stderr.strip()}); "
-           "check --tpu, --zone and --project, or pass --num_workers")
+    refuse(
+      f"cannot ask gcloud how many workers {_TPU.value} has ({result.stderr.strip()}); "
+      "check --tpu, --zone and --project, or pass --num_workers"
+    )
   return int(result.stdout.strip())
 
 
 def main(argv):
   launcher_args = argv[1:]
   if not launcher_args:
-    refuse("pass the launcher's arguments after --, e.g. -- --config=configs/lm.py "
-           "--workdir=gs://bucket/run")
+    refuse(
+      "pass the launcher's arguments after --, e.g. -- --config=configs/lm.py "
+      "--workdir=gs://bucket/run"
+    )
   if not re.fullmatch(r"[a-z0-9_-]*(,[a-z0-9_-]+)*", _EXTRAS.value):
     refuse(f"--extras={_EXTRAS.value!r} is not a comma-separated list of extras, e.g. tpu")
   num_workers = count_workers()
@@ -190,9 +235,10 @@ def main(argv):
     refuse(str(e))
   if num_workers > 1 and not remote:
     refuse(
-        f"--workdir={workdir} is a local path, but the workers of a {num_workers}-worker slice "
-        "share no disk: each would keep its own checkpoints and the first save would hang. Use "
-        "--workdir=gs://BUCKET/PATH (a bucket the TPU VM's service account can write).")
+      f"--workdir={workdir} is a local path, but the workers of a {num_workers}-worker slice "
+      "share no disk: each would keep its own checkpoints and the first save would hang. Use "
+      "--workdir=gs://BUCKET/PATH (a bucket the TPU VM's service account can write)."
+    )
   plan = commands(launcher_args, num_workers)
   if _DRY_RUN.value:
     print("# setup")
@@ -207,8 +253,10 @@ def main(argv):
     print(f"[pod] {what}", flush=True)
     code = subprocess.run(command, check=False).returncode
     if code != 0:
-      print(f"[pod] {what} failed (exit {code}; its output is above; --dry_run shows the "
-            "command)", flush=True)
+      print(
+        f"[pod] {what} failed (exit {code}; its output is above; --dry_run shows the command)",
+        flush=True,
+      )
       return code
 
   def stop_every_worker():
@@ -216,12 +264,24 @@ def main(argv):
     subprocess.run(plan["stop"][0], check=False)
 
   def start_job() -> ProcessGroup:
-    return ProcessGroup(plan["workers"], log_dir=_LOG_DIR.value, name="worker", grace=10,
-                        on_stop=stop_every_worker, prefix="[pod]")
+    return ProcessGroup(
+      plan["workers"],
+      log_dir=_LOG_DIR.value,
+      name="worker",
+      grace=10,
+      on_stop=stop_every_worker,
+      prefix="[pod]",
+    )
 
   # The workers' own logs name the step; this machine may have no access to the bucket.
-  return supervise.supervise(start_job, workdir=None, max_restarts=_MAX_RESTARTS.value,
-                             backoff_seconds=5.0, name="worker", prefix="[pod]")
+  return supervise.supervise(
+    start_job,
+    workdir=None,
+    max_restarts=_MAX_RESTARTS.value,
+    backoff_seconds=5.0,
+    name="worker",
+    prefix="[pod]",
+  )
 
 
 if __name__ == "__main__":
