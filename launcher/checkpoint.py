@@ -22,11 +22,8 @@ from jax.experimental import multihost_utils
 
 from launcher import state as state_lib
 from launcher import storage  # Before orbax touches a path: it picks the GCS client.
+from launcher import workdir as workdir_lib
 from launcher.errors import UsageError, innermost, one_line
-
-
-def directory(workdir: epath.Path) -> epath.Path:
-  return workdir / "checkpoints"
 
 
 def target(like: Any, shardings: Any) -> Any:
@@ -47,7 +44,8 @@ class Checkpoints:
   """The run's CheckpointManager: async saves into WORKDIR/checkpoints, keeping the newest few."""
 
   def __init__(self, workdir: epath.Path, *, keep: int):
-    self.directory = directory(workdir)
+    self.directory = workdir_lib.checkpoints_dir(workdir)
+    self._damaged = workdir_lib.damaged_checkpoints_dir(workdir)
     with storage.bounded(f"listing the checkpoints in {self.directory}", self.directory):
       self._manager = ocp.CheckpointManager(
         self.directory,
@@ -92,7 +90,7 @@ class Checkpoints:
     returns where to, on process 0."""
     aside = None
     if jax.process_index() == 0:
-      aside = self.directory.parent / "damaged_checkpoints" / str(step)
+      aside = self._damaged / str(step)
       while aside.exists():
         aside = aside.parent / f"{aside.name}+"
       storage.move(self.directory / str(step), aside)
@@ -210,17 +208,9 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
   `path` itself when it is one."""
   if (path / "state").is_dir():
     return [path]
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
-  steps = (
-    sorted(
-      int(p.name)
-      for p in path.iterdir()
-      if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)
-    )
-    if path.is_dir()
-    else []
-  )
+  if workdir_lib.checkpoints_dir(path).is_dir():
+    path = workdir_lib.checkpoints_dir(path)
+  steps = workdir_lib.complete_checkpoint_steps(path)
   if not steps:
     raise UsageError(
       f"config.restore_from={os.fspath(path)!r} holds no complete checkpoint: give "

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 from etils import epath  # pylint: disable=wrong-import-position
 
 from launcher import storage  # pylint: disable=wrong-import-position
+from launcher import workdir as workdir_lib  # pylint: disable=wrong-import-position
 from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 
 GOODPUT_PARTS = (
@@ -32,7 +33,7 @@ GOODPUT_PARTS = (
 
 
 def host_records(workdir: epath.Path) -> dict[int, list[dict]]:
-  hosts = workdir / "hosts"
+  hosts = workdir_lib.hosts_dir(workdir)
   paths = hosts.glob("process_*.jsonl") if hosts.exists() else []
   return {int(p.stem.rsplit("_", 1)[1]): storage.read_jsonl(p) for p in sorted(paths)}
 
@@ -230,9 +231,9 @@ def plots(
 def build(location: str) -> str:
   """Writes WORKDIR/report/ (a local path or gs://) and returns the path of its report.md."""
   workdir = storage.path(location)
-  out = workdir / "report"
+  out = workdir_lib.report_dir(workdir)
   with storage.clear_errors(workdir, "read"):
-    metrics = storage.read_jsonl(workdir / "metrics.jsonl")
+    metrics = storage.read_jsonl(workdir_lib.metrics_file(workdir))
     records = host_records(workdir)
   if not records:
     raise SystemExit(f"error: {workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")

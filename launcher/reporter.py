@@ -28,6 +28,7 @@ from tensorboardX.proto import event_pb2, summary_pb2
 
 import launcher
 from launcher import storage
+from launcher import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per device, by a pattern of `jax.devices()[0].device_kind` (vendors'
 # datasheets; GPUs by form factor, which sets clocks and power). MFU is reported only for these:
@@ -282,7 +283,7 @@ class Reporter:
     self._flops_per_example, self._peak_flops = flops_per_example, peak_flops
     self._started = started
     self._first_step_scalars = {}
-    self._records = storage.Appender(workdir / "hosts" / f"process_{process_index}.jsonl")
+    self._records = storage.Appender(workdir_lib.host_records(workdir, process_index))
     startup_s = seconds_before(started)
     self._record(
       "start",
@@ -298,7 +299,7 @@ class Reporter:
       *([TensorBoardWriter(workdir)] if self._is_main and tensorboard else []),
       *trackers,
     ]
-    self._jsonl = storage.Appender(workdir / "metrics.jsonl") if self._is_main else None
+    self._jsonl = storage.Appender(workdir_lib.metrics_file(workdir)) if self._is_main else None
     self._profile = None
     if self._is_main and profile_first_step > 0:
       self._profile = _Trace(workdir, profile_first_step)

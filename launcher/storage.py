@@ -48,7 +48,6 @@ from launcher.errors import (
 SCHEMES = ("gs",)  # Besides plain local paths.
 STORAGE_TIMEOUT_S = 120.0  # --storage_timeout_seconds: how long remote storage may not answer.
 SHARED_WORKDIR_TIMEOUT_S = 10.0  # How long a process looks for process 0's token in the workdir.
-TOKEN_NAME = ".workdir_token"
 
 
 def _configure_clients(environ=os.environ) -> None:
@@ -487,12 +486,13 @@ class Appender:
 
 
 def check_workdir(
-  workdir: epath.Path,
+  token_path: epath.Path,
   process_index: int,
   process_count: int,
   timeout: float = SHARED_WORKDIR_TIMEOUT_S,
 ) -> None:
-  """Process 0 writes a fresh token into the workdir and every process must read it back.
+  """Process 0 writes a fresh token at `token_path`, in the workdir, and every process must read
+  it back.
 
   Checkpoints need every host to see one directory: a workdir on a disk of its own per host
   would hang the first checkpoint. Any failure is one UsageError on every process, naming the
@@ -500,7 +500,7 @@ def check_workdir(
   """
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  token_path = workdir / TOKEN_NAME
+  workdir = token_path.parent
   nonce = secrets.token_hex(8)
   write_error = ""
   if process_index == 0:
@@ -532,7 +532,7 @@ def check_workdir(
   if missing:
     raise UsageError(
       f"process(es) {', '.join(missing)} do not see the workdir {workdir_of_0} that process 0 "
-      f"({hosts[0]}) writes: its token {TOKEN_NAME} did not appear there within {timeout:g} s. "
+      f"({hosts[0]}) writes: its token {token_path.name} did not appear there within {timeout:g} s. "
       "Every process must see one directory: use a filesystem shared by every host, or a "
       "gs://bucket/path workdir"
     )

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from launcher import console, storage
+from launcher import workdir as workdir_lib
 from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UsageError
 
 MAX_BACKOFF_S = 60.0
@@ -62,7 +63,7 @@ def last_step(workdir: str | None, process: int) -> int | None:
   if workdir is None:
     return None
   try:
-    records = storage.read_jsonl(storage.path(workdir) / "hosts" / f"process_{process}.jsonl")
+    records = storage.read_jsonl(workdir_lib.host_records(storage.path(workdir), process))
   except Exception:  # pylint: disable=broad-except  # Only for a log line.
     return None
   steps = [r.get("step", r.get("first_step")) for r in records]
@@ -75,17 +76,12 @@ def last_checkpoint(workdir: str | None) -> int | None:
   if workdir is None:
     return None
   try:
-    checkpoints = storage.path(workdir) / "checkpoints"
-    if not checkpoints.exists():
-      return None
-    complete = [
-      int(p.name)
-      for p in checkpoints.iterdir()
-      if p.name.isdigit() and (not storage.is_remote(p) or (p / "commit_success.txt").exists())
-    ]
+    steps = workdir_lib.complete_checkpoint_steps(
+      workdir_lib.checkpoints_dir(storage.path(workdir))
+    )
   except Exception:  # pylint: disable=broad-except  # Only for a log line.
     return None
-  return max(complete, default=None)
+  return steps[-1] if steps else None
 
 
 def workdir_of(launcher_args: list[str]) -> str:

@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 
 from launcher import storage
+from launcher import workdir as workdir_lib
 from launcher.errors import UsageError
 from launcher.reporter import MetricWriter
 
@@ -72,7 +73,7 @@ class RunIds:
   """WORKDIR/trackers.json: each tracker's run id, so that every start of a run logs into one."""
 
   def __init__(self, workdir: epath.Path):
-    self._path = workdir / "trackers.json"
+    self._path = workdir_lib.trackers_file(workdir)
     self._ids = json.loads(storage.read_text(self._path) or "{}")
 
   def get(self, tracker: str) -> str | None:

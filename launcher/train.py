@@ -16,6 +16,7 @@ from launcher import cluster, data, parallel, preemption, reporter, step, storag
 from launcher import config as config_lib
 from launcher import state as state_lib
 from launcher import watchdog as watchdog_lib
+from launcher import workdir as workdir_lib
 from launcher import workload as workload_lib
 from launcher.errors import NonFiniteError, Preempted, UsageError
 
@@ -62,7 +63,9 @@ def run(
       jax.local_device_count(),
       config.grad_accum_steps,
     )
-    storage.check_workdir(workdir, layout.process_index, layout.process_count)
+    storage.check_workdir(
+      workdir_lib.token_file(workdir), layout.process_index, layout.process_count
+    )
   peers = (
     watchdog_lib.PeerMonitor(
       cluster.coordination_client(),
@@ -95,7 +98,7 @@ def run(
     if config.eval_every_steps:
       _check_eval_data(config, workload, layout)
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
-    storage.write_text(workdir / "config.json", config.to_json(indent=2))
+    storage.write_text(workdir_lib.config_file(workdir), config.to_json(indent=2))
   say = logging.info if layout.process_index == 0 else logging.debug  # Facts of the whole job.
   say(
     "%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",

@@ -1,0 +1,74 @@
+"""A run's directory: the path of every file a run writes, and the rule for a complete checkpoint.
+
+    WORKDIR/
+      config.json                 the resolved config of the latest start
+      metrics.jsonl               one row per report and eval (process 0)
+      hosts/process_<i>.jsonl     each process's own records: starts, reports, ends
+      checkpoints/<step>/         orbax checkpoints: `state` and `data` items
+      damaged_checkpoints/<step>  checkpoints that did not read, set aside on restore
+      events.out.tfevents.*       TensorBoard (process 0), and plugins/profile/ when profiled
+      trackers.json               the MLflow / W&B run ids that every start logs into
+      report/                     what `python -m launcher.report` draws
+      .workdir_token              the start-up check that every process sees this directory
+
+Only etils and the storage layer are imported: the supervisor reads a workdir without jax or orbax.
+"""
+
+from etils import epath
+
+from launcher import storage
+
+TOKEN_NAME = ".workdir_token"
+COMMIT_MARKER = "commit_success.txt"
+
+
+def config_file(workdir: epath.Path) -> epath.Path:
+  return workdir / "config.json"
+
+
+def metrics_file(workdir: epath.Path) -> epath.Path:
+  return workdir / "metrics.jsonl"
+
+
+def hosts_dir(workdir: epath.Path) -> epath.Path:
+  return workdir / "hosts"
+
+
+def host_records(workdir: epath.Path, process_index: int) -> epath.Path:
+  return hosts_dir(workdir) / f"process_{process_index}.jsonl"
+
+
+def checkpoints_dir(workdir: epath.Path) -> epath.Path:
+  return workdir / "checkpoints"
+
+
+def damaged_checkpoints_dir(workdir: epath.Path) -> epath.Path:
+  return workdir / "damaged_checkpoints"
+
+
+def trackers_file(workdir: epath.Path) -> epath.Path:
+  return workdir / "trackers.json"
+
+
+def report_dir(workdir: epath.Path) -> epath.Path:
+  return workdir / "report"
+
+
+def token_file(workdir: epath.Path) -> epath.Path:
+  return workdir / TOKEN_NAME
+
+
+def is_complete_checkpoint(step_dir: epath.Path) -> bool:
+  """orbax's rule for a finalized step: a directory named by its step (an unfinished local save
+  is a `<step>.orbax-checkpoint-tmp-*` directory, renamed when done) that, on GCS, where there is
+  no rename, holds its commit marker."""
+  return step_dir.name.isdigit() and (
+    not storage.is_remote(step_dir) or (step_dir / COMMIT_MARKER).exists()
+  )
+
+
+def complete_checkpoint_steps(checkpoints: epath.Path) -> list[int]:
+  """The steps of the complete checkpoints in a checkpoints directory, oldest first."""
+  if not checkpoints.is_dir():
+    return []
+  return sorted(int(p.name) for p in checkpoints.iterdir() if is_complete_checkpoint(p))
