@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 import jax  # pylint: disable=wrong-import-position
 from absl import logging  # pylint: disable=wrong-import-position
 
-from launcher import data, parallel, step, train  # pylint: disable=wrong-import-position
+from launcher import calls_in_flight, data, optimizer, parallel, step, train  # pylint: disable=wrong-import-position
 from launcher import state as state_lib  # pylint: disable=wrong-import-position
 from launcher import workload as workload_lib  # pylint: disable=wrong-import-position
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
@@ -88,21 +88,21 @@ def hand_loop_steps_per_sec(
   the workload's real host pipeline (dataset -> per-device split -> device_put, 2 ahead)."""
   workload = workload_lib.load(config.workload)
   k, window = config.steps_per_call, config.log_every_steps
-  executor = parallel.executor(config.parallel)
-  tx = state_lib.optimizer(config)
+  tx = optimizer.build(config)
 
   def loss_fn(params, batch, rng):
     return workload.loss(config, params, batch, rng)
 
   state = state_lib.create(config, workload.init, tx)
-  replicated_state = executor.replicate(state)
+  executor = parallel.executor(config.parallel, state)
+  replicated_state = executor.to_devices(state)
   host_batches = workload.dataset(config, "train", 0, 1)
   example = next(host_batches)
   metric_names = workload_lib.check_loss_output(
     workload, jax.eval_shape(loss_fn, state.params, example, None)
   )
   metric_set = step.MetricSet([*step.TRAIN_METRICS, *metric_names])
-  empty = executor.replicate(metric_set.zeros)
+  empty = executor.to_devices(metric_set.zeros)
   call = executor.map(
     lambda s, m, b: step.train_call(
       s,
@@ -112,19 +112,19 @@ def hand_loop_steps_per_sec(
       metric_set=metric_set,
       loss_fn=loss_fn,
       tx=tx,
-      schedule=state_lib.schedule(config),
+      schedule=optimizer.schedule(config),
     ),
     stacked=k > 1,
     donate_argnums=(0,),
   )
   if on_device:
-    fixed = executor.put(next(data.group(iter([example] * k), k)), stacked=k > 1)
+    fixed = executor.batch_to_devices(next(data.group(iter([example] * k), k)), stacked=k > 1)
     batches = iter(lambda: fixed, None)
   else:
     batches = data.prefetch(
-      data.group(host_batches, k), lambda batch: executor.put(batch, stacked=k > 1)
+      data.group(host_batches, k), lambda batch: executor.batch_to_devices(batch, stacked=k > 1)
     )
-  in_flight = parallel.InFlight(config.max_calls_in_flight)
+  in_flight = calls_in_flight.InFlight(config.max_calls_in_flight)
   rates = []
   for w in range(windows + 1):
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def hand_loop_steps_per_sec(
       replicated_state, metrics = call(replicated_state, empty, batch)
       in_flight.add(metrics)
       if sync_every_step:
-        metric_set.compute(executor.unreplicate(metrics))["loss"]
+        metric_set.compute(executor.to_host(metrics))["loss"]
     jax.block_until_ready(replicated_state)
     if w:
       rates.append(window / (time.perf_counter() - start))

@@ -57,7 +57,7 @@ def measure(repeats: int, local: str, remote: str) -> list[dict]:
   import jax  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
 
-  from launcher import checkpoint, parallel, storage  # pylint: disable=import-outside-toplevel
+  from launcher import checkpoint, optimizer, parallel, storage  # pylint: disable=import-outside-toplevel
   from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
   from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
@@ -66,11 +66,11 @@ def measure(repeats: int, local: str, remote: str) -> list[dict]:
 
   config = load_config("classifier", hidden_sizes=(2048, 2048))  # 52 MB with AdamW moments.
   workload = workload_lib.load(config.workload)
-  tx = state_lib.optimizer(config)
+  tx = optimizer.build(config)
   state = state_lib.create(config, workload.init, tx)
   megabytes = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
-  executor = parallel.executor("pmap")
-  global_state = executor.global_state(executor.replicate(state))
+  executor = parallel.executor("pmap", state)
+  global_state = executor.to_global(executor.to_devices(state))
   samples = {
     name: {"local": [], "gs": []}
     for name in (

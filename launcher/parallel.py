@@ -9,20 +9,16 @@ state; `fsdp` runs it on global arrays with the state sharded. Same results.
              axis, copied over `data`; batches split over both; the step is traced on global
              arrays (the loss sees the global batch) and partitioned by XLA
 
-Every executor has: state_shardings(state) (the job-wide layout a checkpoint restores into and
-init creates in), place(global_state) (-> the run's layout), global_state(run_state),
-replicate/unreplicate (small host trees: metrics), put(host_batch), map_eval, map_train.
+Every executor is an `Executor`; the sharding rules (`default_spec`, the mesh) sit beside them.
 """
 
-import collections
+import abc
 import contextvars
 import functools
-import os
-import tempfile
+from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from flax import jax_utils
 from jax import lax
 from jax.experimental import mesh_utils, multihost_utils
@@ -30,35 +26,72 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import config as config_lib
 from launcher import step
-from launcher.errors import UsageError
 from launcher.state import TrainState
 from launcher.step import AXIS
 
 DATA, FSDP = "data", "fsdp"  # The fsdp executor's mesh axes: copies of the state, and its shards.
 
 
-class Pmap:
-  """`jax.pmap` over the local devices; collectives span every device of every process."""
+class Executor(abc.ABC):
+  """What the training loop asks of an executor. Each is built for one run's train state (its
+  shapes: `jax.eval_shape` of the initializer), so `state_shardings` is fixed from the start.
 
-  def __init__(self):
-    # One sharding object for every batch: pmap recognizes it (a cache keyed on the object) and
-    # takes the batch as it is, where a new but equal object costs a re-layout per call.
-    self._local_split = NamedSharding(
-      Mesh(np.array(jax.local_devices()), ("_local",)), PartitionSpec("_local")
-    )
-    # The sharding of pmap's own outputs: a state or metrics placed in it is taken as it is by
-    # every call, where another layout (flax's replicate) compiles the step again.
-    self._replicated = NamedSharding(
-      Mesh(np.array(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS)
-    )
+  Three layouts meet here: host values (numpy), job-wide arrays (what init creates, a checkpoint
+  saves and restores: `state_shardings`), and the run's layout that the compiled calls take (the
+  same as job-wide arrays except under pmap, where each leaf is [local_devices, ...])."""
 
+  state_shardings: Any
+  """The job-wide sharding of each leaf of the train state: init creates in it, restore reads into
+  it, and `map_train` compiles for it."""
+
+  @abc.abstractmethod
+  def describe(self) -> str:
+    """How the state lies on the devices, for the start-up log."""
+
+  @abc.abstractmethod
+  def from_global(self, global_state):
+    """Job-wide arrays (a fresh or restored state) -> the run's layout, without a host copy."""
+
+  @abc.abstractmethod
+  def to_global(self, run_state):
+    """The run's layout -> job-wide arrays (what a checkpoint saves), without a host copy."""
+
+  @abc.abstractmethod
+  def to_devices(self, host_tree):
+    """Host values (metrics, or a state built on the host) -> the run's layout."""
+
+  @abc.abstractmethod
+  def to_host(self, tree):
+    """A small tree in the run's layout (metrics) -> whole values, as one process sees them."""
+
+  @abc.abstractmethod
+  def batch_to_devices(self, host_batch, *, stacked: bool = False):
+    """This process's [host_batch, ...] (or [K, host_batch, ...] when `stacked`) -> its part of
+    the global batch, in the layout the compiled calls take."""
+
+  @abc.abstractmethod
+  def map_train(self, *, steps_per_call: int, **step_kwargs):
+    """The compiled train call: (run_state, metrics, batches) -> (run_state, metrics), K steps,
+    the state argument donated."""
+
+  @abc.abstractmethod
+  def map_eval(self, loss_fn):
+    """The compiled eval call: (params, metrics, batch) -> metrics."""
+
+
+class _PerDevice(Executor):
+  """pmap and shard_map: the step runs per device (step.train_call, collectives on axis `batch`)
+  on a state replicated whole on every device."""
+
+  def __init__(self, state_like):
+    sharding = job_replicated()
+    self.state_shardings = jax.tree.map(lambda _: sharding, state_like)
+
+  @abc.abstractmethod
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
-    """fn(replicated, replicated, batch) on every local device; `stacked`: batch is [K, ...]."""
-    del stacked
-    return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+    """fn(replicated, replicated, batch) on every device; `stacked`: batch is [K, ...]."""
 
   def map_train(self, *, steps_per_call: int, **step_kwargs):
-    """K train steps per call (step.train_call) on every device; the state argument is donated."""
     return self.map(
       functools.partial(
         step.train_call,
@@ -71,19 +104,34 @@ class Pmap:
     )
 
   def map_eval(self, loss_fn):
-    """step.eval_step on every device."""
     return self.map(functools.partial(step.eval_step, loss_fn=loss_fn))
+
+
+class Pmap(_PerDevice):
+  """`jax.pmap` over the local devices; collectives span every device of every process."""
+
+  def __init__(self, state_like):
+    super().__init__(state_like)
+    # One sharding object for every batch: pmap recognizes it (a cache keyed on the object) and
+    # takes the batch as it is, where a new but equal object costs a re-layout per call.
+    self._local_split = NamedSharding(
+      Mesh(np.array(jax.local_devices()), ("_local",)), PartitionSpec("_local")
+    )
+    # The sharding of pmap's own outputs: a state or metrics placed in it is taken as it is by
+    # every call, where another layout (flax's replicate) compiles the step again.
+    self._replicated = NamedSharding(
+      Mesh(np.array(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS)
+    )
+
+  def map(self, fn, *, stacked: bool = False, donate_argnums=()):
+    del stacked
+    return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
 
   def describe(self) -> str:
     return f"pmap, replicated on each of {jax.device_count()} devices"
 
-  def state_shardings(self, state_like):
-    """Whole arrays on every device of the job."""
-    sharding = job_replicated()
-    return jax.tree.map(lambda _: sharding, state_like)
-
-  def place(self, global_state):
-    """Job-wide replicated arrays -> [local_devices, ...] as pmap's outputs, no copy to the host."""
+  def from_global(self, global_state):
+    """Job-wide replicated arrays -> [local_devices, ...] as pmap's outputs."""
     devices = self._replicated.mesh.devices
 
     def one(x):
@@ -94,7 +142,18 @@ class Pmap:
 
     return jax.tree.map(one, global_state)
 
-  def replicate(self, tree):
+  def to_global(self, run_state):
+    """[local_devices, ...] leaves -> one job-wide replicated array each."""
+    sharding = job_replicated()
+
+    def one(x):
+      shards = {shard.device: shard.data for shard in x.addressable_shards}
+      arrays = [shards[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
+
+    return jax.tree.map(one, run_state)
+
+  def to_devices(self, host_tree):
     """[local_devices, ...]: one copy of each leaf per local device, laid out as pmap's outputs."""
     devices = self._replicated.mesh.devices
 
@@ -104,15 +163,14 @@ class Pmap:
         (len(devices),) + np.shape(x), self._replicated, copies
       )
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, host_tree)
 
-  def unreplicate(self, tree):
+  def to_host(self, tree):
     """One device's copy of a replicated tree (no gather across devices)."""
     return jax_utils.unreplicate(tree)
 
-  def put(self, host_batch, *, stacked: bool = False):
-    """[host_batch, ...] (or [K, host_batch, ...] when `stacked`) -> [devices, per_device, ...]
-    (or [devices, K, per_device, ...]) on the devices."""
+  def batch_to_devices(self, host_batch, *, stacked: bool = False):
+    """-> [devices, per_device, ...] (or [devices, K, per_device, ...])."""
     d = jax.local_device_count()
 
     def split(x):
@@ -125,30 +183,38 @@ class Pmap:
       jax.tree.map(lambda x: split(np.asarray(x)), host_batch), self._local_split
     )
 
-  def global_state(self, replicated_tree):
-    """pmap-replicated leaves [local_devices, ...] -> one job-wide replicated array each, as a
-    checkpoint wants them; no copy to the host."""
-    sharding = job_replicated()
 
-    def one(x):
-      shards = {shard.device: shard.data for shard in x.addressable_shards}
-      arrays = [shards[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
-      return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
+class _GlobalArrays(Executor):
+  """shard_map and fsdp: the run's layout is job-wide arrays, and a batch is a global array split
+  over the mesh on its batch axis."""
 
-    return jax.tree.map(one, replicated_tree)
+  def __init__(self, mesh: Mesh, batch_axes):
+    self.mesh = mesh
+    self._replicated = NamedSharding(mesh, PartitionSpec())
+    self._split = NamedSharding(mesh, PartitionSpec(batch_axes))
+    self._stacked_split = NamedSharding(mesh, PartitionSpec(None, batch_axes))
+
+  def from_global(self, global_state):
+    return global_state
+
+  def to_global(self, run_state):
+    return run_state
+
+  def batch_to_devices(self, host_batch, *, stacked: bool = False):
+    sharding = self._stacked_split if stacked else self._split
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
+    )
 
 
-class ShardMap:
+class ShardMap(_GlobalArrays, _PerDevice):
   """`jax.jit(jax.shard_map(...))` over a Mesh of every device of the job, batch on axis `batch`."""
 
-  def __init__(self):
-    self._replicated = job_replicated()
-    self.mesh = self._replicated.mesh
-    self._split = NamedSharding(self.mesh, PartitionSpec(AXIS))
-    self._stacked_split = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
+  def __init__(self, state_like):
+    _PerDevice.__init__(self, state_like)
+    _GlobalArrays.__init__(self, job_replicated().mesh, AXIS)
 
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
-    """fn(replicated, replicated, batch) on every device; `stacked`: batch is [K, ...]."""
     # check_vma=False: CLU's gather_from_model_output needs it, and with it jax.grad of the
     # replicated params is per device, exactly as under pmap (lax.pmean then averages it).
     batch_spec = (self._stacked_split if stacked else self._split).spec
@@ -161,58 +227,31 @@ class ShardMap:
     )
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
-  map_train = Pmap.map_train
-  map_eval = Pmap.map_eval
-
   def describe(self) -> str:
     return f"shard_map, replicated on each of {self.mesh.size} devices"
 
-  def state_shardings(self, state_like):
-    """Whole arrays on every device of the job."""
-    return jax.tree.map(lambda _: self._replicated, state_like)
-
-  def place(self, global_state):
-    """Already in the run's layout."""
-    return global_state
-
-  def replicate(self, tree):
+  def to_devices(self, host_tree):
     """Whole arrays on every device of the job."""
     return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree
+      lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), host_tree
     )
 
-  def unreplicate(self, tree):
+  def to_host(self, tree):
     """This process's first device's copy (no gather across devices)."""
     return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
 
-  def put(self, host_batch, *, stacked: bool = False):
-    """This process's [host_batch, ...] (or [K, host_batch, ...]) as its part of a global batch."""
-    sharding = self._stacked_split if stacked else self._split
-    return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
-    )
 
-  def global_state(self, tree):
-    """Already job-wide arrays."""
-    return tree
-
-
-class Fsdp:
+class Fsdp(_GlobalArrays):
   """The state split over the `fsdp` axis of a data x fsdp Mesh and copied over `data` (ZeRO-3 /
   HSDP). The step is traced on global arrays (step.global_train_call) and XLA gathers each param
   where it is used and reduces its gradient into the param's shards, so the whole state is never
-  on one device:
-  not at init, in a step, or at restore. The loss sees the whole global batch."""
+  on one device: not at init, in a step, or at restore. The loss sees the whole global batch."""
 
-  def __init__(self, mesh: Mesh, partition=None):
+  def __init__(self, state_like, mesh: Mesh, partition=None):
     """`partition(params) -> PartitionSpecs` (axis name `fsdp`) overrides `default_spec`."""
-    self.mesh = mesh
+    super().__init__(mesh, tuple(mesh.axis_names))
     self._partition = partition
-    self._state_shardings = None
-    self._replicated = NamedSharding(mesh, PartitionSpec())
-    batch_axes = tuple(mesh.axis_names)
-    self._split = NamedSharding(mesh, PartitionSpec(batch_axes))
-    self._stacked_split = NamedSharding(mesh, PartitionSpec(None, batch_axes))
+    self.state_shardings = self.shardings(state_like)
 
   def shardings(self, tree):
     """A NamedSharding per leaf (`default_spec`; the params of a TrainState by `partition`)."""
@@ -239,30 +278,21 @@ class Fsdp:
       f"fsdp group within {spans} process(es)"
     )
 
-  def state_shardings(self, state_like: TrainState):
-    """The job-wide shardings of the train state (fixed for the run: map_train compiles to them)."""
-    self._state_shardings = self.shardings(state_like)
-    return self._state_shardings
-
-  place = ShardMap.place
-  global_state = ShardMap.global_state
-
-  def replicate(self, tree):
-    """Host values split over the devices as `shardings` says (the state is not copied whole)."""
-    shardings = self.state_shardings(tree) if isinstance(tree, TrainState) else self.shardings(tree)
+  def to_devices(self, host_tree):
+    """Split over the devices as `shardings` says (a host-built state is not copied whole)."""
     return jax.tree.map(
       lambda x, sharding: jax.make_array_from_callback(
         np.shape(x),
         sharding,
         lambda index, x=np.asarray(x): x[index],  # noqa: B008
       ),
-      tree,
-      shardings,
+      host_tree,
+      self.shardings(host_tree),
     )
 
-  def unreplicate(self, tree):
-    """Whole arrays: a replicated one from this process's first device, a sharded one gathered
-    (small trees only: metrics, or a test's look at a state)."""
+  def to_host(self, tree):
+    """A replicated array from this process's first device, a sharded one gathered (small trees
+    only: metrics, or a test's look at a state)."""
 
     def whole(x):
       if x.sharding.is_fully_replicated:
@@ -270,8 +300,6 @@ class Fsdp:
       return multihost_utils.process_allgather(x, tiled=True)
 
     return jax.tree.map(whole, tree)
-
-  put = ShardMap.put
 
   def map_eval(self, loss_fn):
     """step.eval_step on global arrays: the params stay sharded, the batch split over every device."""
@@ -283,12 +311,10 @@ class Fsdp:
   def map_train(self, *, steps_per_call: int, **step_kwargs):
     """K train steps per call over the sharded state (step.global_train_call); the loss is traced
     with `constrain_to_batch` on."""
-    if self._state_shardings is None:
-      raise RuntimeError("Fsdp needs the state's shardings: call state_shardings(state) first")
     call = functools.partial(
       step.global_train_call,
       steps_per_call=steps_per_call,
-      param_shardings=self._state_shardings.params,
+      param_shardings=self.state_shardings.params,
       microbatch_sharding=self._stacked_split,
       **step_kwargs,
     )
@@ -301,7 +327,7 @@ class Fsdp:
         _BATCH_SHARDING.reset(token)
 
     return jax.jit(
-      traced, donate_argnums=(0,), out_shardings=(self._state_shardings, self._replicated)
+      traced, donate_argnums=(0,), out_shardings=(self.state_shardings, self._replicated)
     )
 
 
@@ -338,13 +364,14 @@ def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:
   return PartitionSpec(*([None] * axis), FSDP)
 
 
-def executor(name: str, *, mesh: str = "", partition=None) -> Pmap | ShardMap | Fsdp:
-  """The executor named by `config.parallel`; under fsdp on `config.mesh` (config.mesh_shape:
-  "" is fsdp within each process) with `partition(params)`, the workload's rule."""
+def executor(name: str, state_like, *, mesh: str = "", partition=None) -> Executor:
+  """The executor named by `config.parallel` for a train state like `state_like` (its shapes);
+  under fsdp on `config.mesh` (config.mesh_shape: "" is fsdp within each process) with
+  `partition(params)`, the workload's rule."""
   if name == "fsdp":
     shape = config_lib.mesh_shape(mesh, name, jax.process_count(), jax.local_device_count())
-    return Fsdp(data_fsdp_mesh(shape), partition)
-  return {"pmap": Pmap, "shard_map": ShardMap}[name]()
+    return Fsdp(state_like, data_fsdp_mesh(shape), partition)
+  return {"pmap": Pmap, "shard_map": ShardMap}[name](state_like)
 
 
 def data_fsdp_mesh(mesh_shape: dict[str, int]) -> Mesh:
@@ -363,87 +390,6 @@ def data_fsdp_mesh(mesh_shape: dict[str, int]) -> Mesh:
   return Mesh(devices, (DATA, FSDP))
 
 
-def step_memory(mapped_fn, *args) -> dict[str, int]:
-  """Device memory of one call of `mapped_fn(*args)`: the platform's peak where it reports one
-  (GPU, TPU), else the compiled program's own estimate per device (arguments + outputs +
-  temporaries - donated buffers), for jitted calls only: lowering a pmap compiles it again
-  (8 s for lm tiny here), so under pmap on CPU nothing is reported."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return {"peak_bytes_per_device": int(stats["peak_bytes_in_use"])}
-  if not isinstance(mapped_fn, jax.stages.Wrapped) or not hasattr(mapped_fn, "trace"):
-    return {}
-  analysis = mapped_fn.lower(*args).compile().memory_analysis()
-  if analysis is None:
-    return {}
-  return {
-    "step_memory_bytes_per_device": int(
-      analysis.argument_size_in_bytes
-      + analysis.output_size_in_bytes
-      + analysis.temp_size_in_bytes
-      - analysis.alias_size_in_bytes
-    )
-  }
-
-
-def state_bytes_per_device(tree) -> int:
-  """Bytes of `tree` on this process's fullest device."""
-  per_device = collections.Counter()
-  for x in jax.tree.leaves(tree):
-    for shard in x.addressable_shards:
-      per_device[shard.device] += shard.data.nbytes
-  return max(per_device.values(), default=0)
-
-
 def job_replicated() -> NamedSharding:
   """Whole arrays on every device of every process."""
   return NamedSharding(Mesh(np.array(jax.devices()), (AXIS,)), PartitionSpec())
-
-
-def enable_compilation_cache(directory: str) -> None:
-  """Persists every compiled program (small ones too) in `directory`, so a second start of the
-  same run skips compilation. "" picks ~/.cache/launcher/jax (or $XDG_CACHE_HOME); "none" is off."""
-  if directory == "none":
-    return
-  given = directory
-  if not directory:
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    directory = os.path.join(cache_home, "launcher", "jax")
-  if "://" not in directory:
-    try:
-      os.makedirs(directory, exist_ok=True)
-      with tempfile.NamedTemporaryFile(dir=directory):
-        pass
-    except OSError as e:
-      if given:
-        raise UsageError(
-          f"config.compilation_cache_dir={given!r} cannot be used ({e}): give a "
-          "directory this user can write, or none to compile every start"
-        ) from None
-      logging.warning(
-        "the compilation cache %s cannot be used (%s): compiling every start; "
-        "set --config.compilation_cache_dir to a writable directory",
-        directory,
-        e,
-      )
-      return
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-class InFlight:
-  """Bounds the calls dispatched but not finished: CPU collectives abort when too many queue up."""
-
-  def __init__(self, limit: int):
-    self._limit = limit
-    self._outputs = collections.deque()
-
-  def wait_for_room(self) -> None:
-    """Blocks until fewer than `limit` calls are unfinished."""
-    while len(self._outputs) >= self._limit:
-      jax.block_until_ready(self._outputs.popleft())
-
-  def add(self, output) -> None:
-    """Tracks a call by an output of it that the next call does not donate."""
-    self._outputs.append(output)

@@ -1,4 +1,4 @@
-"""The train state pytree, and the optimizer and learning-rate schedule from the config."""
+"""The train state pytree, and how a fresh one is made."""
 
 from typing import Any
 
@@ -18,32 +18,6 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   skipped_steps: jax.Array  # Updates skipped for a non-finite loss or gradient.
-
-
-def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """The learning rate as a function of the step: `constant` or linear warmup then cosine decay."""
-  if config.schedule == "constant":
-    return optax.constant_schedule(config.learning_rate)
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=config.learning_rate,
-    warmup_steps=config.warmup_steps,
-    decay_steps=config.num_steps,
-  )
-
-
-def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optax optimizer named by `config.optimizer`, with clipping when `config.grad_clip_norm`."""
-  learning_rate = schedule(config)
-  tx = {
-    "sgd": lambda: optax.sgd(learning_rate),
-    "momentum": lambda: optax.sgd(learning_rate, momentum=config.momentum),
-    "adam": lambda: optax.adam(learning_rate),
-    "adamw": lambda: optax.adamw(learning_rate, weight_decay=config.weight_decay),
-  }[config.optimizer]()
-  if config.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx
 
 
 def initializer(

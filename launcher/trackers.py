@@ -25,7 +25,7 @@ from etils import epath
 from launcher import storage
 from launcher import workdir as workdir_lib
 from launcher.errors import UsageError
-from launcher.reporter import MetricWriter
+from launcher.writers import MetricWriter
 
 NAMES = ("tensorboard", "mlflow", "wandb", "none")
 _EXTRAS = ("mlflow", "wandb")  # Each the name of its module and of its extra.
@@ -276,7 +276,7 @@ class WandbWriter(_TrackerWriter):
 def open_writers(
   tracker_names: list[str], workdir: epath.Path, *, experiment: str, params: dict[str, str]
 ) -> list[MetricWriter]:
-  """Process 0's MLflow and W&B writers among `tracker_names` (TensorBoard is the reporter's
+  """Process 0's MLflow and W&B writers among `tracker_names` (TensorBoard is the ReportWriter's
   own); a run's name is its workdir's."""
   run_ids = RunIds(workdir)
   run_name = os.fspath(workdir).rstrip("/").rsplit("/", 1)[-1]

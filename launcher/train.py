@@ -11,8 +11,21 @@ import jax
 import ml_collections
 from absl import logging
 
+from launcher import (
+  calls_in_flight,
+  cluster,
+  compilation_cache,
+  data,
+  memory,
+  optimizer,
+  parallel,
+  preemption,
+  step,
+  storage,
+  trackers,
+  writers,
+)
 from launcher import checkpoint as checkpoint_lib
-from launcher import cluster, data, parallel, preemption, reporter, step, storage, trackers
 from launcher import config as config_lib
 from launcher import state as state_lib
 from launcher import watchdog as watchdog_lib
@@ -47,13 +60,13 @@ def run(
   started = time.time()
   startup_parts = startup_parts or {}
   parts = {
-    "imports": reporter.seconds_before(started) - sum(startup_parts.values()),
+    "imports": writers.seconds_before(started) - sum(startup_parts.values()),
     **startup_parts,
   }
   storage.bound_calls(storage_timeout_seconds)
   with _timed(parts, "checks"):
     config_lib.check(config)
-    parallel.enable_compilation_cache(config.compilation_cache_dir)
+    compilation_cache.enable(config.compilation_cache_dir)
     workdir = storage.path(workdir)
     workload = workload_lib.load(config.workload)
     layout = config_lib.layout(
@@ -110,7 +123,7 @@ def run(
     layout.per_device_batch_size,
   )
 
-  report_writer = _reporter(
+  report_writer = _report_writer(
     config, workload, workdir, layout, first_step, started, trackers.names(config.trackers)
   )
   stop_notice = preemption.Preemption()
@@ -127,14 +140,14 @@ def run(
     )
     if config.eval_batches:
       eval_host_batches = itertools.islice(eval_host_batches, config.eval_batches)
-    eval_metrics = executor.replicate(step.empty_metrics(["loss", *workload_metric_names]))
-    in_flight = parallel.InFlight(config.max_calls_in_flight)
+    eval_metrics = executor.to_devices(step.empty_metrics(["loss", *workload_metric_names]))
+    in_flight = calls_in_flight.InFlight(config.max_calls_in_flight)
     for batch in data.eval_batches(
       eval_host_batches,
       example=example_batch,
       host_batch_size=layout.host_batch_size,
       process_count=layout.process_count,
-      put=executor.put,
+      put=executor.batch_to_devices,
       check=functools.partial(
         workload_lib.check_batch,
         workload,
@@ -147,10 +160,10 @@ def run(
       in_flight.wait_for_room()
       eval_metrics = eval_call(replicated_params, eval_metrics, batch)
       in_flight.add(eval_metrics)
-    computed = executor.unreplicate(eval_metrics).compute()
+    computed = executor.to_host(eval_metrics).compute()
     return {f"eval_{name}": value for name, value in computed.items()}
 
-  replicated_state = executor.place(state)
+  replicated_state = executor.from_global(state)
   del state  # Its arrays now belong to the run's state, which each call donates.
   train_metric_set = step.MetricSet([*step.TRAIN_METRICS, *workload_metric_names])
   train_call = executor.map_train(
@@ -158,17 +171,17 @@ def run(
     metric_set=train_metric_set,
     loss_fn=loss_fn,
     tx=tx,
-    schedule=state_lib.schedule(config),
+    schedule=optimizer.schedule(config),
     grad_accum_steps=config.grad_accum_steps,
     compute_dtype=config_lib.compute_dtype(config),
     skip_nonfinite=config.skip_nonfinite_steps,
   )
-  state_bytes = parallel.state_bytes_per_device(replicated_state)
+  state_bytes = memory.state_bytes_per_device(replicated_state)
   say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, executor.describe())
   report_writer.first_report_also(state_bytes_per_device=state_bytes)
-  no_train_metrics = executor.replicate(train_metric_set.zeros)
+  no_train_metrics = executor.to_devices(train_metric_set.zeros)
   train_metrics = no_train_metrics
-  in_flight = parallel.InFlight(config.max_calls_in_flight)
+  in_flight = calls_in_flight.InFlight(config.max_calls_in_flight)
   preempted = saves_may_hang = False
   outcome = "FAILED"  # What the trackers' run ends as, unless the loop completes.
   try:
@@ -187,7 +200,7 @@ def run(
         if last_step == first_step + k:
           jax.block_until_ready(train_metrics)
           report_writer.first_report_also(
-            **parallel.step_memory(train_call, replicated_state, train_metrics, batches)
+            **memory.step_memory(train_call, replicated_state, train_metrics, batches)
           )
           report_writer.first_step_done(parts, last_step)
         watchdog.completed(last_step - k)
@@ -200,7 +213,7 @@ def run(
       watchdog.pause()
       # The fetch waits for the steps, and raises if a peer's collective failed (where
       # block_until_ready would wait on it for ever).
-      train_vector = jax.device_get(executor.unreplicate(train_metrics))
+      train_vector = jax.device_get(executor.to_host(train_metrics))
       if due.report:
         report_writer.steps_finished()
       train_scalars = train_metric_set.compute(train_vector)
@@ -214,7 +227,7 @@ def run(
             "seed": config.seed,
             "global_batch_size": layout.global_batch_size,
           }
-          checkpoints.save(last_step, executor.global_state(replicated_state), data_position)
+          checkpoints.save(last_step, executor.to_global(replicated_state), data_position)
       scalars = {}
       if due.evaluate:
         with report_writer.evaluating(scalars):
@@ -222,7 +235,7 @@ def run(
       if due.report:  # After the save and eval, which its window times apart from the steps.
         scalars.update(train_scalars)
         scalars.update(report_writer.throughput(last_step))
-        scalars["skipped_steps"] = executor.unreplicate(replicated_state.skipped_steps)
+        scalars["skipped_steps"] = executor.to_host(replicated_state.skipped_steps)
         train_metrics = no_train_metrics
       if scalars:
         report_writer.write(last_step, scalars)
@@ -257,7 +270,7 @@ def run(
     )
   if layout.process_index == 0:
     _say_finished(workdir, config.num_steps, report_writer.last_scalars, time.time() - started)
-  return executor.global_state(replicated_state)
+  return executor.to_global(replicated_state)
 
 
 def _finish_writes(checkpoints, report_writer, saves_may_hang: bool, outcome: str) -> None:
@@ -284,25 +297,26 @@ def _timed(parts: dict[str, float], name: str):
 def _build(config, workload):
   """The executor, the loss bound to the config, the optimizer, the state's initializer and its
   shapes in the executor's shardings (nothing computed yet)."""
-  partition = getattr(workload, "partition", None)
-  executor = parallel.executor(
-    config.parallel,
-    mesh=config.mesh,
-    partition=functools.partial(partition, config) if partition else None,
-  )
   loss_fn = functools.partial(workload.loss, config)
-  tx = state_lib.optimizer(config)
+  tx = optimizer.build(config)
   fresh = state_lib.initializer(
     config, workload.init, tx, functools.partial(workload_lib.check_params, workload)
   )
   with workload_lib.calling(workload, "init(config, rng)"):
     state_shapes = jax.eval_shape(fresh)
+  partition = getattr(workload, "partition", None)
+  executor = parallel.executor(
+    config.parallel,
+    state_shapes,
+    mesh=config.mesh,
+    partition=functools.partial(partition, config) if partition else None,
+  )
   return (
     executor,
     loss_fn,
     tx,
     fresh,
-    checkpoint_lib.target(state_shapes, executor.state_shardings(state_shapes)),
+    checkpoint_lib.target(state_shapes, executor.state_shardings),
   )
 
 
@@ -357,7 +371,7 @@ def _open_train_data(config, workload, layout, loss_fn, state, executor, first_s
   train_batches = data.train_batches(
     itertools.chain([example_batch], host_batches),
     steps_per_call=config.steps_per_call,
-    put=executor.put,
+    put=executor.batch_to_devices,
     check=check,
     first_number=first_step,
   )
@@ -380,20 +394,20 @@ def _check_eval_data(config, workload, layout) -> None:
     )
 
 
-def _reporter(
+def _report_writer(
   config, workload, workdir, layout, first_step, started, tracker_names
-) -> reporter.Reporter:
+) -> writers.ReportWriter:
   tokens_per_example = getattr(workload, "tokens_per_example", None)
   flops_per_example = getattr(workload, "flops_per_example", None)
   device_kind = jax.devices()[0].device_kind
-  peak = reporter.peak_flops_per_device(device_kind)
+  peak = writers.peak_flops_per_device(device_kind)
   if flops_per_example and not peak and jax.devices()[0].platform != "cpu":
     logging.info(
       "MFU is not reported: no bf16 peak is known for device kind %r "
-      "(reporter.PEAK_FLOPS_PER_DEVICE)",
+      "(writers.PEAK_FLOPS_PER_DEVICE)",
       device_kind,
     )
-  return reporter.Reporter(
+  return writers.ReportWriter(
     workdir,
     process_index=layout.process_index,
     process_count=layout.process_count,
@@ -460,12 +474,12 @@ def _say_finished(workdir, num_steps: int, scalars: dict[str, float], seconds: f
   shown = {
     name: scalars[name]
     for name in scalars
-    if name not in reporter.NOT_SHOWN and (name == "loss" or name.startswith("eval_"))
+    if name not in writers.NOT_SHOWN and (name == "loss" or name.startswith("eval_"))
   }
   logging.info(
     "finished %d steps in %s: %s. Outputs in %s; see them with: python -m launcher.report %s",
     num_steps,
-    reporter.hms(seconds),
+    writers.hms(seconds),
     ", ".join(f"{name} {value:.4g}" for name, value in shown.items()),
     workdir,
     workdir,

@@ -157,8 +157,7 @@ def lowered_train_call(config):
   """The train call of `config` (one step per call) lowered for its first batch, as train.run
   builds it, with nothing computed: `.as_text()` is its StableHLO, `.compile()` its program."""
   from launcher import config as config_lib  # pylint: disable=import-outside-toplevel
-  from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
-  from launcher import step, train  # pylint: disable=import-outside-toplevel
+  from launcher import optimizer, step, train  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
 
   workload = workload_lib.load(config.workload)
@@ -173,7 +172,7 @@ def lowered_train_call(config):
     metric_set=metric_set,
     loss_fn=loss_fn,
     tx=tx,
-    schedule=state_lib.schedule(config),
+    schedule=optimizer.schedule(config),
     grad_accum_steps=1,
     compute_dtype=config_lib.compute_dtype(config),
     skip_nonfinite=False,
@@ -182,7 +181,7 @@ def lowered_train_call(config):
     state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape, x.dtype), state
     )
-  return call.lower(state, executor.replicate(metric_set.zeros), executor.put(batch))
+  return call.lower(state, executor.to_devices(metric_set.zeros), executor.batch_to_devices(batch))
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:

@@ -46,9 +46,9 @@ def test_each_device_gets_its_slice_of_k_stacked_batches(name):
   host_batches = iter(
     [{"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3) + 100 * t} for t in range(4)]
   )
-  executor = parallel.executor(name)
+  executor = parallel.executor(name, state_like=None)
   device_batches = data.train_batches(
-    host_batches, steps_per_call=2, put=executor.put, check=lambda batch, number: None
+    host_batches, steps_per_call=2, put=executor.batch_to_devices, check=lambda batch, number: None
   )
   first = next(device_batches)["x"]
   shards = {s.device: np.asarray(s.data) for s in first.addressable_shards}

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from launcher import optimizer as optimizer_lib
 from launcher import state as state_lib
 from launcher import train
 from launcher import workload as workload_lib
@@ -38,7 +39,7 @@ WORKLOADS = {
 def reference_params(config, num_steps):
   """`num_steps` single-device steps on the first global batches, by plain jax and optax."""
   workload = workload_lib.load(config.workload)
-  tx = state_lib.optimizer(config)
+  tx = optimizer_lib.build(config)
   params = state_lib.create(config, workload.init, tx).params
   opt_state = tx.init(params)
   global_batches = workload.dataset(config, "train", 0, 1)

@@ -8,7 +8,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from launcher import parallel, train
+from launcher import memory, parallel, train
 from tests.helpers import (
   assert_close,
   finish,
@@ -98,11 +98,14 @@ def test_a_workloads_partition_overrides_the_rule(tmp_path, monkeypatch):
   config = load_config(
     "classifier", **{**COMMON, "workload": "partitioned_classifier", "parallel": "fsdp"}
   )
-  executor = parallel.executor("fsdp", partition=lambda params: module.partition(config, params))
+  from launcher import optimizer  # pylint: disable=import-outside-toplevel
   from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
 
-  state = state_lib.create(config, module.init, state_lib.optimizer(config))
-  placed = executor.replicate(state)
+  state = state_lib.create(config, module.init, optimizer.build(config))
+  executor = parallel.executor(
+    "fsdp", state, partition=lambda params: module.partition(config, params)
+  )
+  placed = executor.to_devices(state)
   assert all(x.sharding.spec == P() for x in jax.tree.leaves(placed.params))
   assert any(x.sharding.spec == P("fsdp") for x in jax.tree.leaves(placed.opt_state))
   rows = run(
@@ -221,4 +224,4 @@ def test_fsdp_creates_and_restores_each_array_in_its_shards(tmp_path):
   restored = checkpoints.restore(4, into=target)
   checkpoints.close()
   assert jax.tree.map(lambda x: x.sharding, restored) == shardings
-  assert parallel.state_bytes_per_device(restored) == pytest.approx(whole / 8, rel=0.01)
+  assert memory.state_bytes_per_device(restored) == pytest.approx(whole / 8, rel=0.01)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src import array
 
-from launcher import reporter, train
+from launcher import train, writers
 from tests.helpers import assert_close, load_config, read_metrics, run_launcher
 from workloads import lm
 
@@ -120,7 +120,7 @@ def test_no_device_to_host_transfer_between_reports(tmp_path, monkeypatch, guard
     del self, first_step, last_step
     float(jnp.float32(1.0) + 1.0)  # What a per-step `float(loss)` does.
 
-  monkeypatch.setattr(reporter.Reporter, "after_steps", sync_every_step)
+  monkeypatch.setattr(writers.ReportWriter, "after_steps", sync_every_step)
   with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
     train.run(config, str(tmp_path / "synced"))
 
@@ -169,7 +169,7 @@ def test_throughput_flops_and_time_to_first_step_are_reported(tmp_path):
   ],
 )
 def test_peak_flops_table(device_kind, peak):
-  assert reporter.peak_flops_per_device(device_kind) == peak
+  assert writers.peak_flops_per_device(device_kind) == peak
 
 
 def test_compilation_cache_persists_compiled_programs(tmp_path):

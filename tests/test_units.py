@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from launcher import checkpoint, parallel, reporter, step, storage, train
+from launcher import checkpoint, step, storage, train, writers
 from launcher import config as config_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState
@@ -132,7 +132,7 @@ def test_in_flight_waits_for_the_oldest_call_beyond_its_limit():
       finished.append(self.i)
       return self
 
-  in_flight = parallel.InFlight(2)
+  in_flight = calls_in_flight.InFlight(2)
   for i in range(4):
     in_flight.wait_for_room()
     in_flight.add(Call(i))
@@ -186,20 +186,20 @@ def test_the_console_line_of_a_report():
     "data_wait_s": 0.2,
     "skipped_steps": 0.0,
   }
-  assert reporter.console_line(250, 300, scalars, eta_s=3725.4) == (
+  assert writers.console_line(250, 300, scalars, eta_s=3725.4) == (
     "step 250/300 | loss 2.363 | accuracy 0.4512 | eval_loss 2.04 | 63150 tokens/s | "
     "15.42 steps/s | ETA 1:02:05"
   )
-  assert reporter.console_line(300, 300, {"loss": 1.0, "skipped_steps": 2.0}, None) == (
+  assert writers.console_line(300, 300, {"loss": 1.0, "skipped_steps": 2.0}, None) == (
     "step 300/300 | loss 1 | skipped 2 non-finite steps"
   )
 
 
 def test_seconds_before_a_moment_count_from_the_process_start():
   now = time.time()
-  assert 0 < reporter.seconds_before(now) < reporter.seconds_since_process_start() + 1e-3
-  assert reporter.seconds_before(now - 0.5) == pytest.approx(
-    reporter.seconds_before(now) - 0.5, abs=0.05
+  assert 0 < writers.seconds_before(now) < writers.seconds_since_process_start() + 1e-3
+  assert writers.seconds_before(now - 0.5) == pytest.approx(
+    writers.seconds_before(now) - 0.5, abs=0.05
   )
 
 

@@ -1,21 +1,21 @@
-"""What a run reports while it trains: one console line per report, TensorBoard events and
-metrics.jsonl (process 0), and every process's own records in hosts/ (what `launcher.report` reads).
+"""What a run writes while it trains: one console line per report, TensorBoard events and
+metrics.jsonl (process 0), and every process's own records in hosts/. `launcher.report` reads them.
 
 Every file goes through `launcher.storage`, so a `gs://` workdir gets all of them. TensorFlow is
-never imported here: clu's writer package imports it (5 s), so only clu's MetricWriter interface and
-its profiler are.
+never imported: TensorBoard events are encoded by tensorboardX.
 """
 
+import abc
 import contextlib
-import importlib.util
 import json
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -73,22 +73,40 @@ def seconds_since_process_start() -> float:
   return since_start if since_start - since_import < 2.0 else since_import
 
 
-def _metric_writer_interface():
-  """clu's `MetricWriter` base class. `clu.metric_writers/__init__` imports TensorFlow (5 s), so
-  unless that package is already loaded, its `interface` module is loaded on its own (under its
-  own name, so a later `import clu.metric_writers` shares the same class)."""
-  name = "clu.metric_writers.interface"
-  if name not in sys.modules:
-    spec = importlib.util.find_spec("clu")
-    location = os.path.join(os.path.dirname(spec.origin), "metric_writers", "interface.py")
-    module_spec = importlib.util.spec_from_file_location(name, location)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    module_spec.loader.exec_module(module)
-  return sys.modules[name]
+class MetricWriter(abc.ABC):
+  """clu's MetricWriter interface (clu.metric_writers.MetricWriter: the same methods and
+  arguments), declared here because importing clu's writer package imports TensorFlow, which the
+  launcher does not install. A CLU writer and these are used the same way."""
 
+  @abc.abstractmethod
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None): ...
 
-MetricWriter = _metric_writer_interface().MetricWriter
+  @abc.abstractmethod
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]): ...
+
+  @abc.abstractmethod
+  def write_images(self, step: int, images: Mapping[str, Any]): ...
+
+  @abc.abstractmethod
+  def write_videos(self, step: int, videos: Mapping[str, Any]): ...
+
+  @abc.abstractmethod
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int): ...
+
+  @abc.abstractmethod
+  def write_texts(self, step: int, texts: Mapping[str, str]): ...
+
+  @abc.abstractmethod
+  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None): ...
+
+  @abc.abstractmethod
+  def write_hparams(self, hparams: Mapping[str, Any]): ...
+
+  @abc.abstractmethod
+  def flush(self): ...
+
+  @abc.abstractmethod
+  def close(self): ...
 
 
 def seconds_before(moment: float) -> float:
@@ -248,7 +266,7 @@ def console_line(step: int, num_steps: int, scalars: dict[str, float], eta_s: fl
   return " | ".join(parts)
 
 
-class Reporter:
+class ReportWriter:
   """Host-side bookkeeping of a run's reports: timing since the last report, writers, hooks.
 
   Every process also appends its own records to WORKDIR/hosts/process_<i>.jsonl (a start, the
