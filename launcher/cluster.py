@@ -279,10 +279,18 @@ def initialize(
 
 def coordination_client():
   """The client of jax.distributed's coordination service (its key-value store), or None when
-  this process runs alone. jax exposes it only privately (jax._src.distributed)."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  this process runs alone or this jax keeps it elsewhere (said once). jax has no public API for
+  it: it lives in jax._src.distributed, read here behind a guard."""
+  try:
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
 
-  return distributed.global_state.client
+    return distributed.global_state.client
+  except (ImportError, AttributeError):
+    logging.warning(
+      "this jax has no coordination client in jax._src.distributed: a lost process is found "
+      "by jax's own heartbeat timeout, not within --peer_timeout_seconds"
+    )
+    return None
 
 
 def wait_for_coordinator(address: str, timeout: float) -> None:

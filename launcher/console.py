@@ -9,7 +9,7 @@ import threading
 
 from absl import flags, logging
 
-from launcher.errors import EXIT_USAGE
+from launcher.errors import EXIT_USAGE, UsageError
 
 _LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,6 +97,31 @@ def usage_error(message: str) -> None:
   """Bad input: one message, and the exit code that tells a supervisor not to restart."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(EXIT_USAGE)
+
+
+def run_tool(main, prefix: str = "error:") -> None:
+  """absl's app.run for the command-line tools beside the launcher (launcher.local, .report,
+  .corpus, scripts/tpu/pod.py): a mistake in a flag, or a UsageError from `main`, is one line
+  `PREFIX message` and exit 2, as the launcher's own bad input is."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  def refuse(message: str) -> None:
+    print(f"{prefix} {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      refuse(f"{e}: --help lists the flags")
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except UsageError as e:
+      refuse(str(e))
+
+  app.run(guarded, flags_parser=parse)
 
 
 def print_help(main_module) -> None:

@@ -383,13 +383,15 @@ def main(argv: Sequence[str]) -> None:
   """python -m launcher.corpus --out=DIR [--format=parquet|array_record] [--shards=N]
   [--record=paragraph|line|file] FILE...: writes the UTF-8 text files as a corpus, one record per
   paragraph (default), line or file."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  del flags
+  if len(argv) < 2:
+    raise UsageError("name the UTF-8 text files to write as a corpus after the flags")
   texts = []
   for name in argv[1:]:
-    with open(name, encoding="utf-8") as f:
-      texts.extend(RECORD_KINDS[_RECORD.value](f.read()))
+    try:
+      with open(name, encoding="utf-8") as f:
+        texts.extend(RECORD_KINDS[_RECORD.value](f.read()))
+    except (OSError, UnicodeDecodeError) as e:
+      raise UsageError(f"cannot read {name} as UTF-8 text: {one_line(e)}") from None
   paths = write(texts, _OUT.value, format=_FORMAT.value, shards=_SHARDS.value)
   print(
     f"wrote {len(texts)} records ({sum(len(t.encode()) for t in texts):,} bytes) as "
@@ -399,7 +401,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=ungrouped-imports
+  from absl import flags  # pylint: disable=ungrouped-imports
 
   _OUT = flags.DEFINE_string("out", None, "The directory to write the corpus into.", required=True)
   _FORMAT = flags.DEFINE_enum("format", "parquet", FORMATS, "The files' format.")
@@ -407,4 +409,6 @@ if __name__ == "__main__":
   _RECORD = flags.DEFINE_enum(
     "record", "paragraph", list(RECORD_KINDS), "What of the text files one record is."
   )
-  app.run(main)
+  from launcher import console  # pylint: disable=ungrouped-imports
+
+  console.run_tool(main)

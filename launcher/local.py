@@ -18,10 +18,9 @@ import os
 import socket
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from launcher import storage, supervise
-from launcher.errors import UsageError
+from launcher import console, storage, supervise
 from launcher.supervise import ProcessGroup, workdir_of
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
@@ -90,13 +89,10 @@ def process_env(process_id: int, num_processes: int, devices: int, port: int) ->
 def main(argv):
   launcher_args = argv[1:]
   num_processes, devices = _NUM_PROCESSES.value, _DEVICES.value
-  try:
-    workdir = workdir_of(launcher_args)
-    log_dir = _LOG_DIR.value or (
-      "logs" if storage.is_remote(storage.path(workdir)) else os.path.join(workdir, "logs")
-    )
-  except UsageError as e:
-    raise app.UsageError(str(e)) from None
+  workdir = workdir_of(launcher_args)
+  log_dir = _LOG_DIR.value or (
+    "logs" if storage.is_remote(storage.path(workdir)) else os.path.join(workdir, "logs")
+  )
 
   def start_job() -> ProcessGroup:
     port = free_port()  # A fresh coordinator for every start.
@@ -109,6 +105,7 @@ def main(argv):
       log_dir=log_dir,
       envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],
       grace=_GRACE.value,
+      prefix="[local]",
     )
 
   sys.exit(
@@ -118,9 +115,10 @@ def main(argv):
       max_restarts=_MAX_RESTARTS.value,
       backoff_seconds=_BACKOFF.value,
       max_preemptions_per_hour=_MAX_PREEMPTIONS.value,
+      prefix="[local]",
     )
   )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run_tool(main, prefix="[local] error:")

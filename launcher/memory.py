@@ -9,7 +9,7 @@ def step_memory(mapped_fn, *args) -> dict[str, int]:
   """Device memory of one call of `mapped_fn(*args)`: the platform's peak where it reports one
   (GPU, TPU), else the compiled program's own estimate per device (arguments + outputs +
   temporaries - donated buffers), for jitted calls only: lowering a pmap compiles it again
-  (8 s for lm tiny here), so under pmap on CPU nothing is reported."""
+  (as long as the first step's compilation), so under pmap on CPU nothing is reported."""
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return {"peak_bytes_per_device": int(stats["peak_bytes_in_use"])}

@@ -345,8 +345,8 @@ def constrain_to_batch(x: jax.Array) -> jax.Array:
 
 def combines_no_all_reduces() -> bool:
   """XLA's GPU and TPU compilers combine the all-reduces of a step into few; its CPU compiler
-  does not, and each costs ~0.1 ms on 8 simulated devices (a 4-array MLP step: 1.06 ms with one
-  all-reduce per gradient array, 0.60 ms with one for all of them, benchmarks/dispatch.py)."""
+  does not, and on simulated devices each all-reduce costs about as much as a small step's
+  compute (benchmarks/dispatch.py measures one per gradient array against one for all)."""
   return jax.devices()[0].platform == "cpu"
 
 

@@ -8,7 +8,6 @@ process) and writes WORKDIR/report/: PNG plots and report.md. Works on a run tha
 import io
 import json
 import math
-import sys
 
 import matplotlib
 
@@ -16,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 from etils import epath  # pylint: disable=wrong-import-position
 
-from launcher import storage  # pylint: disable=wrong-import-position
+from launcher import console, storage  # pylint: disable=wrong-import-position
 from launcher import workdir as workdir_lib  # pylint: disable=wrong-import-position
 from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 
@@ -236,7 +235,7 @@ def build(location: str) -> str:
     metrics = storage.read_jsonl(workdir_lib.metrics_file(workdir))
     records = host_records(workdir)
   if not records:
-    raise SystemExit(f"error: {workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")
+    raise UsageError(f"{workdir} has no hosts/process_*.jsonl: is it a launcher workdir?")
   storage.makedirs(out)
   table = host_table(records)
   images = plots(out, metrics, records, table)
@@ -296,12 +295,9 @@ def build(location: str) -> str:
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2:
-    raise SystemExit("usage: python -m launcher.report WORKDIR")
-  try:
-    print(f"wrote {build(argv[1])}")
-  except UsageError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise UsageError("usage: python -m launcher.report WORKDIR")
+  print(f"wrote {build(argv[1])}")
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  console.run_tool(main)

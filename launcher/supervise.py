@@ -114,7 +114,7 @@ class ProcessGroup:
     envs: list[dict[str, str]] | None = None,
     grace: float = 30.0,
     on_stop: Callable[[], None] | None = None,
-    prefix: str = "[local]",
+    prefix: str,
   ):
     self.grace, self._name, self._on_stop, self._prefix = grace, name, on_stop, prefix
     os.makedirs(log_dir, exist_ok=True)
@@ -230,7 +230,7 @@ def supervise(
   max_restarts: int,
   backoff_seconds: float,
   name: str = "process",
-  prefix: str = "[local]",
+  prefix: str,
   max_preemptions_per_hour: int = MAX_PREEMPTIONS_PER_HOUR,
 ) -> int:
   """Runs the job until it succeeds; restarts it after a failure at most `max_restarts` times.

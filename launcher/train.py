@@ -79,15 +79,16 @@ def run(
     storage.check_workdir(
       workdir_lib.token_file(workdir), layout.process_index, layout.process_count
     )
+  client = cluster.coordination_client() if layout.process_count > 1 else None
   peers = (
     watchdog_lib.PeerMonitor(
-      cluster.coordination_client(),
+      client,
       layout.process_index,
       layout.process_count,
       timeout=peer_timeout_seconds,
       describe_process=f"process {layout.process_index}/{layout.process_count}",
     )
-    if layout.process_count > 1
+    if client is not None
     else None
   )
   with _timed(parts, "init"):

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -170,3 +172,37 @@ def test_a_users_own_workload_from_pythonpath(tmp_path):
   rows = read_metrics(str(tmp_path / "run"))
   assert rows[-1]["scale"] == pytest.approx(3.0, abs=1e-3)
   assert rows[-1]["eval_loss"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+  "command, line",
+  [
+    (
+      ["-m", "launcher.local", "--num_processes=zero"],
+      "[local] error: flag --num_processes=zero: invalid literal for int() with base 10: 'zero'",
+    ),
+    (
+      ["-m", "launcher.local", "--", "--config=configs/linear.py"],
+      "[local] error: pass the launcher's arguments after --, including --workdir=DIR",
+    ),
+    (["-m", "launcher.report"], "error: usage: python -m launcher.report WORKDIR"),
+    (
+      ["-m", "launcher.report", "{tmp}"],
+      "error: {tmp} has no hosts/process_*.jsonl: is it a launcher workdir?",
+    ),
+    (
+      ["-m", "launcher.corpus", "--out={tmp}/corpus", "{tmp}/missing.txt"],
+      "error: cannot read {tmp}/missing.txt as UTF-8 text: FileNotFoundError: [Errno 2] No "
+      "such file or directory: '{tmp}/missing.txt'",
+    ),
+    (["scripts/tpu/pod.py", "--workers=2"], "[pod] Unknown command line flag 'workers'"),
+  ],
+)
+def test_every_entry_point_exits_2_on_bad_input_with_one_line(command, line, tmp_path):
+  command = [part.replace("{tmp}", str(tmp_path)) for part in command]
+  result = subprocess.run(
+    [sys.executable, *command], capture_output=True, text=True, timeout=60, check=False
+  )
+  assert result.returncode == EXIT_USAGE, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(line.replace("{tmp}", str(tmp_path)))
+  assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from launcher import checkpoint, step, storage, train, writers
+from launcher import calls_in_flight, checkpoint, step, storage, train, writers
 from launcher import config as config_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState

@@ -28,11 +28,11 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-from launcher import storage, supervise  # pylint: disable=wrong-import-position
+from launcher import console, storage, supervise  # pylint: disable=wrong-import-position
 from launcher.errors import EXIT_USAGE, UsageError  # pylint: disable=wrong-import-position
 from launcher.supervise import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
 
@@ -285,4 +285,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run_tool(main, prefix="[pod]")
