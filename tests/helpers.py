@@ -113,11 +113,18 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | N
   raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def runnable_block(page: str, name: str) -> str:
+  """The code block after `<!-- runnable: name -->` in `page` (README.md or docs/*.md)."""
+  with open(os.path.join(REPO, page)) as f:
+    text = f.read()
+  return (
+    text.split(f"<!-- runnable: {name} -->")[1].split("```", 1)[1].split("\n", 1)[1].split("```")[0]
+  )
+
+
 def load_params(workdir: str, step: int | None = None):
-  """A run's saved params, read by executing the README's plain-orbax lines verbatim."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    readme = f.read()
-  snippet = readme.split("<!-- load-params -->")[1].split("```python")[1].split("```")[0]
+  """A run's saved params, read by executing docs/checkpoints.md's plain-orbax lines verbatim."""
+  snippet = runnable_block("docs/checkpoints.md", "load-params")
   if step is None:
     step = max(
       int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()

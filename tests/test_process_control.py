@@ -170,12 +170,15 @@ def test_preemption_restarts_back_off_and_are_bounded_per_hour(monkeypatch, caps
     max_restarts=1,
     backoff_seconds=1.0,
     max_preemptions_per_hour=3,
+    prefix="[local]",
   )
   assert code == EXIT_PREEMPTED and sleeps == [1.0, 2.0, 4.0] and not codes
   assert "for the 4th time within an hour; giving up (at most 3 an hour)" in capsys.readouterr().out
   codes = [EXIT_PREEMPTED, EXIT_PEER_LOST, 0]
   assert (
-    supervise.supervise(lambda: _Group(codes), workdir=None, max_restarts=1, backoff_seconds=0.5)
+    supervise.supervise(
+      lambda: _Group(codes), workdir=None, max_restarts=1, backoff_seconds=0.5, prefix="[local]"
+    )
     == 0
   )
   assert not codes
