@@ -54,7 +54,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2
+# The main scheduler every 2 s (default 60): a requeued job starts once its credential expired.
+SchedulerParameters=bf_interval=2,sched_interval=2
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
