@@ -255,6 +255,21 @@ def test_appends_on_gcs_keep_every_line(gcs, tmp_path):
   ).read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'
   assert result.stdout.strip() == "[{'step': 1}, {'step': 2}]"
   assert "skipped 1 unreadable line(s) of gs://appends/a/torn.jsonl" in result.stderr
+  # A compose that runs twice (gcsfs retries one whose answer was lost) leaves each line once.
+  twice = (
+    "from launcher import storage\n"
+    "log = storage.Appender(storage.path('gs://appends/a/twice.jsonl'))\n"
+    "compose = log._compose\n"
+    "log._compose = lambda part: (compose(part), compose(part))[1]\n"
+    "for i in range(3):\n"
+    "  log.write(f'{i}\\n')\n"
+    "  log.flush()\n"
+    "log.close()\n"
+  )
+  subprocess.run(
+    [sys.executable, "-c", twice], cwd=REPO, env={**os.environ, **gcs.env}, timeout=60, check=True
+  )
+  assert (gcs.root / "appends" / "a" / "twice.jsonl").read_text() == "0\n1\n2\n"
 
 
 def test_a_missing_bucket_is_one_line_before_any_compute(gcs, tmp_path):
