@@ -93,9 +93,9 @@ def flag_value(args: list[str], name: str) -> str | None:
   return value
 
 
-def usage_error(message: str) -> None:
+def usage_error(message: str, prefix: str = "error:") -> None:
   """Bad input: one message, and the exit code that tells a supervisor not to restart."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  print(f"{prefix} {message}", file=sys.stderr, flush=True)
   sys.exit(EXIT_USAGE)
 
 
@@ -105,21 +105,17 @@ def run_tool(main, prefix: str = "error:") -> None:
   `PREFIX message` and exit 2, as the launcher's own bad input is."""
   from absl import app  # pylint: disable=import-outside-toplevel
 
-  def refuse(message: str) -> None:
-    print(f"{prefix} {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
-
   def parse(argv):
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      refuse(f"{e}: --help lists the flags")
+      usage_error(f"{e}: --help lists the flags", prefix)
 
   def guarded(argv):
     try:
       return main(argv)
     except UsageError as e:
-      refuse(str(e))
+      usage_error(str(e), prefix)
 
   app.run(guarded, flags_parser=parse)
 

@@ -403,8 +403,8 @@ class Appender:
   own, which uploads them as a small object next to the file, composes it onto the file's end and
   deletes it, while the caller goes on (at most one flush in flight; the next waits for it): the
   file is whole up to its last finished flush after any kill, and a flush costs the new bytes
-  plus three requests. Such objects left by a kill are deleted when the file is opened again. A file that ends in a partial line (a write torn by a kill) gets its next
-  line on a line of its own.
+  plus three requests. Such objects left by a kill are deleted when the file is opened again. A
+  file that ends in a partial line (a write torn by a kill) gets its next line on a line of its own.
   """
 
   def __init__(self, p: epath.Path):
@@ -420,7 +420,7 @@ class Appender:
         size = call(f"opening {p}", p, self._fs.size, self._name)
       except FileNotFoundError:
         size = None
-      self._exists, self._size = size is not None, size or 0
+      self._size = size  # None until the file exists.
       self._remove_leftover_parts()
       last = (
         call(f"opening {p}", p, self._fs.cat_file, self._name, start=size - 1, end=size)
@@ -466,9 +466,9 @@ class Appender:
 
   def _append_remote(self, data: bytes) -> None:
     what = f"appending to {self._name}"
-    if not self._exists:
+    if self._size is None:
       call(what, self.path, self._fs.pipe_file, self._name, data)
-      self._exists, self._size = True, len(data)
+      self._size = len(data)
       return
     part = f"{self._part_prefix()}{uuid.uuid4().hex}"
     call(what, self.path, self._fs.pipe_file, part, data)

@@ -100,8 +100,15 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in f.read().split()]
 
 
-def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
-  """Polls `predicate` every 10 ms; fails the test after `timeout` or if `process` ended first."""
+def wait_for(
+  predicate,
+  timeout: float,
+  what: str,
+  process: subprocess.Popen | None = None,
+  interval: float = 0.01,
+):
+  """Polls `predicate` every `interval` seconds; fails the test after `timeout` or if `process`
+  ended first."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     value = predicate()
@@ -109,7 +116,7 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | N
       return value
     if process is not None and process.poll() is not None:
       raise AssertionError(f"the run ended (rc {process.returncode}) before {what}")
-    time.sleep(0.01)
+    time.sleep(interval)
   raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

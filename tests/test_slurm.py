@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -51,7 +50,7 @@ def sbatch(tmp_path, *launcher_args, wait=True, export=""):
   job = result.stdout.strip().split(";")[0]
   if wait:  # Polled here: `sbatch --wait` notices the end up to ~20 s late.
     try:
-      wait_until_ended(job, 300)
+      wait_for(lambda: not queued(job), 300, f"job {job} to end", interval=0.5)
     finally:
       subprocess.run(["scancel", job], timeout=30, check=False)
     shown = subprocess.run(
@@ -65,14 +64,6 @@ def queued(job: str) -> bool:
   """Whether SLURM still lists `job` as pending, running or completing."""
   listed = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=30)
   return bool(listed.stdout.strip())
-
-
-def wait_until_ended(job: str, timeout: float, also=lambda: True) -> None:
-  """Polls SLURM twice a second until `job` is no longer queued and `also()` holds."""
-  deadline = time.monotonic() + timeout
-  while not (also() and not queued(job)):
-    assert time.monotonic() < deadline, f"job {job} did not end within {timeout} s"
-    time.sleep(0.5)
 
 
 def test_two_tasks_join_one_job_and_match_one_process(slurm, tmp_path):
@@ -108,7 +99,12 @@ def usr1_then_requeued(job: str, output, ready, what: str) -> str:
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     # The requeued job starts again once its old credential expired: 10 s on the local cluster
     # (AuthInfo=cred_expire=10; SLURM's default is 120 s).
-    wait_until_ended(job, 180, also=lambda: "requeue 1" in output.read_text())
+    wait_for(
+      lambda: "requeue 1" in output.read_text() and not queued(job),
+      180,
+      "the requeued job to end",
+      interval=0.5,
+    )
   finally:
     subprocess.run(["scancel", job], timeout=30, check=False)
   return output.read_text()

@@ -33,7 +33,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from launcher import console, storage, supervise  # pylint: disable=wrong-import-position
-from launcher.errors import EXIT_USAGE, UsageError  # pylint: disable=wrong-import-position
+from launcher.errors import UsageError  # pylint: disable=wrong-import-position
 from launcher.supervise import ProcessGroup, workdir_of  # pylint: disable=wrong-import-position
 
 _TPU = flags.DEFINE_string("tpu", None, "Name of the TPU VM (pod slice).", required=True)
@@ -79,12 +79,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command instead of r
 
 REMOTE_DIR = "~/launcher"
 ARCHIVE = "launcher-src.tar.gz"  # In /tmp here, in the home directory on the workers.
-
-
-def refuse(message: str) -> None:
-  """Bad input: one line and exit 2, as the launcher does, before any command runs."""
-  print(f"[pod] {message}", file=sys.stderr)
-  raise SystemExit(EXIT_USAGE)
 
 
 def gcloud(*args: str) -> list[str]:
@@ -205,13 +199,13 @@ def count_workers() -> int:
   if _DRY_RUN.value:
     print(shlex.join(describe))
     if _NUM_WORKERS.value is None:
-      refuse("--dry_run cannot ask gcloud: pass --num_workers")
+      raise UsageError("--dry_run cannot ask gcloud: pass --num_workers")
     return _NUM_WORKERS.value
   if _NUM_WORKERS.value:
     return _NUM_WORKERS.value
   result = subprocess.run(describe, capture_output=True, text=True, check=False)
   if result.returncode != 0:
-    refuse(
+    raise UsageError(
       f"cannot ask gcloud how many workers {_TPU.value} has ({result.stderr.strip()}); "
       "check --tpu, --zone and --project, or pass --num_workers"
     )
@@ -221,20 +215,19 @@ def count_workers() -> int:
 def main(argv):
   launcher_args = argv[1:]
   if not launcher_args:
-    refuse(
+    raise UsageError(
       "pass the launcher's arguments after --, e.g. -- --config=configs/lm.py "
       "--workdir=gs://bucket/run"
     )
   if not re.fullmatch(r"[a-z0-9_-]*(,[a-z0-9_-]+)*", _EXTRAS.value):
-    refuse(f"--extras={_EXTRAS.value!r} is not a comma-separated list of extras, e.g. tpu")
+    raise UsageError(
+      f"--extras={_EXTRAS.value!r} is not a comma-separated list of extras, e.g. tpu"
+    )
   num_workers = count_workers()
-  try:
-    workdir = workdir_of(launcher_args)
-    remote = storage.is_remote(storage.path(workdir))
-  except UsageError as e:
-    refuse(str(e))
+  workdir = workdir_of(launcher_args)
+  remote = storage.is_remote(storage.path(workdir))
   if num_workers > 1 and not remote:
-    refuse(
+    raise UsageError(
       f"--workdir={workdir} is a local path, but the workers of a {num_workers}-worker slice "
       "share no disk: each would keep its own checkpoints and the first save would hang. Use "
       "--workdir=gs://BUCKET/PATH (a bucket the TPU VM's service account can write)."
