@@ -1,5 +1,5 @@
-"""Preemption notices: SIGTERM, or SIGUSR1 from SLURM's --signal, turned into "save and stop" at
-the same step on every process of the job.
+"""Preemption notices: SIGTERM, SIGUSR1 from SLURM's --signal, or Ctrl-C (SIGINT), turned into
+"save and stop" at the same step on every process of the job. A second Ctrl-C stops at once.
 
 `install()` runs first thing in the process (before the heavy imports, the join and the
 restore), so a notice that arrives during start-up is kept, not fatal: the loop honours it at
@@ -8,15 +8,18 @@ its first step, the first point at which a save is possible. jax is imported onl
 
 import os
 import signal
+import sys
 
 from absl import logging
 
 _notice: str | None = None  # The first notice's signal name, once one arrived.
-_NOTICES = (signal.SIGTERM, signal.SIGUSR1)
+_NOTICES = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # A second Ctrl-C: what a shell reports for SIGINT.
 
 
 def install() -> None:
-  """Keeps SIGTERM and SIGUSR1 as a notice from now on (their default action kills)."""
+  """Keeps SIGTERM, SIGUSR1 and Ctrl-C as a notice from now on (their default action kills, or
+  raises KeyboardInterrupt, which loses the work since the last checkpoint)."""
   for signum in _NOTICES:
     signal.signal(signum, _note)
 
@@ -24,27 +27,46 @@ def install() -> None:
 def _note(signum, frame):
   del frame
   global _notice
+  if signum == signal.SIGINT and _notice is not None:
+    _stop_at_once()
   if _notice is None:
     _notice = signal.Signals(signum).name
   logging.warning(
-    "received %s: saving a checkpoint and stopping at the next step", signal.Signals(signum).name
+    "received %s: saving a checkpoint and stopping at the next step%s",
+    signal.Signals(signum).name,
+    " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else "",
   )
+
+
+def _stop_at_once() -> None:
+  """A second Ctrl-C: the person wants the process gone now, not after a save."""
+  sys.stderr.write("SIGINT again: stopping at once, without saving\n")
+  sys.stderr.flush()
+  os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
 
 
 def joined(distributed: bool) -> None:
   """Call right after `jax.distributed.initialize`: jax's preemption service now owns SIGTERM
-  and agrees on a step with every process. SIGUSR1 is passed on to it as a SIGTERM, and so is a
-  notice that arrived before the join."""
+  and agrees on a step with every process. SIGUSR1 and the first Ctrl-C are passed on to it as a
+  SIGTERM, and so is a notice that arrived before the join."""
   if not distributed:
     return
-  signal.signal(signal.SIGUSR1, _forward_usr1)
+  signal.signal(signal.SIGUSR1, _forward)
+  signal.signal(signal.SIGINT, _forward)
   if _notice is not None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _forward_usr1(signum, frame):
-  del signum, frame
-  logging.warning("received SIGUSR1: the scheduler will stop this job soon")
+def _forward(signum, frame):
+  del frame
+  global _notice
+  if signum == signal.SIGINT and _notice is not None:
+    _stop_at_once()
+  _notice = _notice or signal.Signals(signum).name
+  logging.warning(
+    "received %s: saving a checkpoint with every process and stopping",
+    signal.Signals(signum).name,
+  )
   os.kill(os.getpid(), signal.SIGTERM)
 
 
