@@ -41,3 +41,30 @@ def straight(tmp_path_factory):
     return runs[layout]
 
   return run
+
+
+# Each test module's area, as a marker: `python -m pytest -q tests -m slurm` runs one area alone.
+AREAS = {
+  "test_checkpoint": "checkpoints",
+  "test_ctrl_c": "process_control",
+  "test_corpus": "data",
+  "test_data": "data",
+  "test_faults": "faults",
+  "test_fsdp": "sharding",
+  "test_multihost": "multihost",
+  "test_process_control": "process_control",
+  "test_recovery": "multihost",
+  "test_slurm": "slurm",
+  "test_storage": "gcs",
+  "test_tpu_script": "tpu",
+  "test_trackers": "trackers",
+}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    area = AREAS.get(item.module.__name__.rsplit(".", 1)[-1])
+    if area:
+      item.add_marker(area)
+    if "gcs" in getattr(item, "fixturenames", ()) and area != "gcs":
+      item.add_marker("gcs")
