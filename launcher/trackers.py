@@ -3,10 +3,13 @@ that process 0 writes with the same scalars and steps as metrics.jsonl.
 
 A run keeps one tracker run across restarts: its id is stored in WORKDIR/trackers.json, and a
 resumed or restarted start logs into it again (a step re-done after a kill is logged again at its
-step number). The run ends FINISHED, FAILED or KILLED (preempted). The trackers' packages are
-extras (`pip install -e '.[mlflow]'`, `'.[wandb]'`), imported only when named. A tracker that is
-slow or away never stops training: MLflow's requests go out from a thread of their own, retried
-for RETRY_S, then dropped with one warning; W&B's client is asynchronous itself.
+step number). The run ends FINISHED, FAILED or KILLED (preempted); each start's own end is an
+MLflow tag `start.<n>`, and a start that ended without a word (kill -9) is marked KILLED there by
+the next. The trackers' packages are extras (`pip install -e '.[mlflow]'`, `'.[wandb]'`), imported
+only when named. A tracker never stops training: one that cannot open its run is one warning (a
+stored run the server does not have is replaced by a fresh one); MLflow's requests go out from a
+thread of their own, retried for RETRY_S, then dropped with one warning; W&B's client is
+asynchronous itself.
 """
 
 import json
@@ -162,27 +165,55 @@ class _TrackerWriter(MetricWriter):
 
 class MlflowWriter(_TrackerWriter):
   """One MLflow run per training run, on the server of MLFLOW_TRACKING_URI (mlflow's default
-  when unset): experiment `experiment`, run name `run_name`, its id kept in `run_ids`."""
+  when unset): experiment `experiment`, run name `run_name`. `run_id` is the stored run to
+  continue; one the server does not have (deleted, or another server's) is replaced by a fresh
+  run with one warning. `self.run_id` is the run it logs into, for trackers.json."""
 
-  def __init__(self, run_ids: RunIds, *, experiment: str, run_name: str, params: dict[str, str]):
+  def __init__(self, run_id: str | None, *, experiment: str, run_name: str, params: dict[str, str]):
     # One try per request, of at most 10 s: the retrying is _Background's, off the loop.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
 
     self._client = MlflowClient()
-    self._background = _Background("mlflow")
-    run_id = run_ids.get("mlflow")
-    if run_id is None:
+    self._began = _now()
+    run, gone = self._stored_run(run_id) if run_id else (None, None)
+    logged, tags = {}, {}  # The run's parameters so far; tags to add for the previous start.
+    if run is None:
       found = self._client.get_experiment_by_name(experiment)
+      if found and found.lifecycle_stage == "deleted":
+        raise _DeletedExperiment(f"experiment {experiment!r} (id {found.experiment_id}) is deleted")
       experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-      run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
-      run_ids.set("mlflow", run_id)
-      logged = {}
+      run = self._client.create_run(experiment_id, run_name=run_name)
+      if gone:
+        logging.warning(
+          "mlflow: run %s of trackers.json %s at %s; logging to a fresh run %s instead, which "
+          "later starts continue",
+          run_id,
+          gone,
+          _mlflow_uri(),
+          run.info.run_id,
+        )
+      self.start = 1
     else:
-      self._client.update_run(run_id, status="RUNNING")
-      logged = self._client.get_run(run_id).data.params
-    self.run_id = run_id
+      self.start = int(run.data.tags.get("starts", "1")) + 1
+      logged = run.data.params
+      if run.info.status == "RUNNING":  # The previous start ended without a word.
+        previous = f"start.{self.start - 1}"
+        began = run.data.tags.get(previous, "").removeprefix("RUNNING, ")
+        tags[previous] = (
+          f"KILLED outright (no end was recorded), {began + ', ' if began else ''}"
+          f"found RUNNING by start {self.start} at {self._began}"
+        )
+        logging.info(
+          "mlflow: the previous start of run %s ended without a word (killed outright); "
+          "marked %s KILLED, and this start continues the run",
+          run.info.run_id,
+          previous,
+        )
+      self._client.update_run(run.info.run_id, status="RUNNING")
+    self.run_id = run.info.run_id
+    self._background = _Background("mlflow")
     changed = sorted(key for key in params if key in logged and logged[key] != params[key][:6000])
     if changed:  # MLflow's parameters cannot change; the new values go to tags.
       logging.warning(
@@ -191,8 +222,28 @@ class MlflowWriter(_TrackerWriter):
       )
     self._log(
       params={key: value for key, value in params.items() if key not in logged},
-      tags={f"restart.{key}": params[key] for key in changed},
+      tags={
+        **tags,
+        "starts": str(self.start),
+        f"start.{self.start}": f"RUNNING, began {self._began}",
+        **{f"restart.{key}": params[key] for key in changed},
+      },
     )
+
+  def _stored_run(self, run_id: str):
+    """The stored run and None, or None and why the server cannot continue it (it does not have
+    it, or it is deleted); other errors (a server away) are raised."""
+    from mlflow.exceptions import MlflowException  # pylint: disable=import-outside-toplevel
+
+    try:
+      run = self._client.get_run(run_id)
+    except MlflowException as e:
+      if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return None, "is not on the server"
+      raise
+    if run.info.lifecycle_stage == "deleted":
+      return None, "is deleted"
+    return run, None
 
   def _log(self, metrics=(), params=None, tags=None) -> None:
     """Queues the values as log_batch requests (within MLflow's 100 params and tags each)."""
@@ -224,33 +275,41 @@ class MlflowWriter(_TrackerWriter):
     self._log(params={key: str(value) for key, value in hparams.items()})
 
   def end(self, status: str) -> None:
-    """Marks the run FINISHED, FAILED or KILLED once the queued requests are sent."""
+    """Marks the run, and this start's tag, FINISHED, FAILED or KILLED once the queued requests
+    are sent."""
+    self._log(tags={f"start.{self.start}": f"{status}, began {self._began}, ended {_now()}"})
     self._background.submit(lambda: self._client.set_terminated(self.run_id, status=status))
     self._background.close()
 
 
 class WandbWriter(_TrackerWriter):
   """One W&B run per training run (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE as W&B reads them;
-  the project `experiment` unless WANDB_PROJECT is set), resumed by its id in `run_ids`. Steps are
-  logged as `train_step`, W&B's x-axis for them, so a step re-done after a restart is kept."""
+  the project `experiment` unless WANDB_PROJECT is set), resumed by `run_id` (a fresh id when
+  None; `self.run_id` is the one for trackers.json). Steps are logged as `train_step`, W&B's
+  x-axis for them, so a step re-done after a restart is kept."""
 
   def __init__(
-    self, run_ids: RunIds, *, experiment: str, run_name: str, params: dict[str, str], directory: str
+    self,
+    run_id: str | None,
+    *,
+    experiment: str,
+    run_name: str,
+    params: dict[str, str],
+    directory: str,
   ):
     import wandb  # pylint: disable=import-outside-toplevel
 
-    run_id = run_ids.get("wandb") or secrets.token_hex(6)
+    self.run_id = run_id or secrets.token_hex(6)
     os.makedirs(directory, exist_ok=True)
     self._run = wandb.init(
       project=os.environ.get("WANDB_PROJECT", experiment),
-      id=run_id,
+      id=self.run_id,
       name=run_name,
       resume="allow",
       dir=directory,
       config=params,
       settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0),
     )
-    run_ids.set("wandb", run_id)
     self._run.define_metric("train_step")
     self._run.define_metric("*", step_metric="train_step")
 
@@ -277,31 +336,97 @@ def open_writers(
   tracker_names: list[str], workdir: epath.Path, *, experiment: str, params: dict[str, str]
 ) -> list[MetricWriter]:
   """Process 0's MLflow and W&B writers among `tracker_names` (TensorBoard is the ReportWriter's
-  own); a run's name is its workdir's."""
+  own); a run's name is its workdir's. A tracker that cannot open its run is one warning and left
+  out: the training goes on without it."""
   run_ids = RunIds(workdir)
   run_name = os.fspath(workdir).rstrip("/").rsplit("/", 1)[-1]
-  writers = []
+  opened = {}
   if "mlflow" in tracker_names:
-    try:
-      writers.append(MlflowWriter(run_ids, experiment=experiment, run_name=run_name, params=params))
-    except Exception as e:  # pylint: disable=broad-except  # A tracker never stops training.
-      logging.warning(
-        "mlflow: cannot open the run at %s (%s: %s); this start is not logged to "
-        "MLflow, the training goes on",
-        _mlflow_uri(),
-        type(e).__name__,
-        str(e).splitlines()[0][:200] if str(e) else "",
-      )
+    opened["mlflow"] = _opened(
+      "mlflow",
+      lambda: MlflowWriter(
+        run_ids.get("mlflow"), experiment=experiment, run_name=run_name, params=params
+      ),
+      where=f" at {_mlflow_uri()}",
+      remedy=_mlflow_remedy,
+    )
   if "wandb" in tracker_names:
     directory = os.environ.get("WANDB_DIR") or (
       os.fspath(workdir) if not storage.is_remote(workdir) else os.getcwd()
     )
-    writers.append(
-      WandbWriter(
-        run_ids, experiment=experiment, run_name=run_name, params=params, directory=directory
-      )
+    opened["wandb"] = _opened(
+      "wandb",
+      lambda: WandbWriter(
+        run_ids.get("wandb"),
+        experiment=experiment,
+        run_name=run_name,
+        params=params,
+        directory=directory,
+      ),
+      where="",
+      remedy=_wandb_remedy,
     )
-  return writers
+  opened = {name: writer for name, writer in opened.items() if writer is not None}
+  for name, writer in opened.items():  # Outside _opened: a workdir that fails is no tracker's.
+    run_ids.set(name, writer.run_id)
+  return list(opened.values())
+
+
+def _opened(
+  tracker: str,
+  open_writer: Callable[[], _TrackerWriter],
+  *,
+  where: str,
+  remedy: Callable[[Exception], str],
+) -> _TrackerWriter | None:
+  """`open_writer()`, or None and one warning line that names the tracker, why it cannot open
+  its run and what to do."""
+  try:
+    return open_writer()
+  except Exception as e:  # pylint: disable=broad-except  # A tracker never stops training.
+    logging.warning(
+      "%s: cannot open the run%s (%s: %s); %s; this start is not logged to %s, the training "
+      "goes on",
+      tracker,
+      where,
+      type(e).__name__,
+      str(e).splitlines()[0][:200] if str(e) else "",
+      remedy(e),
+      {"mlflow": "MLflow", "wandb": "W&B"}[tracker],
+    )
+    return None
+
+
+class _DeletedExperiment(Exception):
+  """The run's MLflow experiment is deleted: no run can be made in it."""
+
+
+def _mlflow_remedy(error: Exception) -> str:
+  """What to do when MLflow's run could not be opened with `error`."""
+  if isinstance(error, _DeletedExperiment):
+    return "restore it (`mlflow experiments restore`) or name another with --config.experiment"
+  return "check that the server of MLFLOW_TRACKING_URI answers"
+
+
+def _wandb_remedy(error: Exception) -> str:
+  """What to do when wandb.init raised `error`."""
+  import wandb  # pylint: disable=import-outside-toplevel
+
+  if isinstance(error, (wandb.errors.UsageError, wandb.errors.AuthenticationError)):
+    return (
+      "set WANDB_API_KEY or run `wandb login` (or WANDB_MODE=offline to log to disk without "
+      "an account)"
+    )
+  return (
+    "check that W&B's server (WANDB_BASE_URL) answers within WANDB_INIT_TIMEOUT, or set "
+    "WANDB_MODE=offline; a run deleted on W&B cannot be resumed: remove its id from "
+    "trackers.json for a fresh one"
+  )
+
+
+def _now() -> str:
+  """The time now, as the trackers' tags show it (UTC, to the second)."""
+  return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
 def _mlflow_uri() -> str:

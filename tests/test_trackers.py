@@ -1,14 +1,18 @@
 """MLflow (against a real `mlflow server`) and W&B (offline) beside TensorBoard: one tracker run per
 training run across a kill -9 and restart, every reported step, the config as parameters, the
-run's end status, and a tracker outage that never stops training."""
+run's end status, and a tracker that cannot open its run (no W&B key, no server, a stale run id)
+that never stops training."""
 
 import json
+import logging
 import os
 import signal
 import sys
 import time
+import uuid
 
 import pytest
+from etils import epath
 
 from launcher import trackers
 from launcher.errors import EXIT_USAGE, UsageError
@@ -75,11 +79,26 @@ def test_a_killed_and_restarted_run_is_one_mlflow_run_with_every_step(mlflow_ser
   env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
   workdir, log = tmp_path / "run", tmp_path / "run.log"
   args = [CONFIG, f"--workdir={workdir}", "--config.trackers=tensorboard,mlflow"]
+  client = MlflowClient(mlflow_server.url)
+
+  def sent_through_step_20() -> bool:
+    """Whether MLflow has step 20's report (they are sent in order): on a loaded machine the
+    queue of a fast loop can lag the server by several reports."""
+    run_ids = workdir / "trackers.json"
+    return run_ids.exists() and any(
+      metric.step >= 20
+      for metric in client.get_metric_history(json.loads(run_ids.read_text())["mlflow"], "loss")
+    )
+
   process = start(launcher_command(*args, "--config.slow_from_batch=22"), log, env=env)
   wait_for(
-    lambda: (workdir / "checkpoints" / "20").is_dir() and len(read_metrics(workdir)) >= 23,
+    lambda: (
+      (workdir / "checkpoints" / "20").is_dir()
+      and len(read_metrics(workdir)) >= 23
+      and sent_through_step_20()
+    ),
     120,
-    "step 23, after the step-20 checkpoint",
+    "step 23, after the step-20 checkpoint, and step 20 in MLflow",
     process,
   )
   os.killpg(process.pid, signal.SIGKILL)
@@ -87,7 +106,6 @@ def test_a_killed_and_restarted_run_is_one_mlflow_run_with_every_step(mlflow_ser
   killed_at = max(row["step"] for row in read_metrics(workdir))
   assert finish(start(launcher_command(*args), log, env=env), 180) == 0, log_of(log)[-3000:]
 
-  client = MlflowClient(mlflow_server.url)
   experiment = client.get_experiment_by_name("hooked_config")  # The config file's name.
   runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'run'")
   assert (
@@ -108,6 +126,11 @@ def test_a_killed_and_restarted_run_is_one_mlflow_run_with_every_step(mlflow_ser
   )
   assert run.data.params["batch_size"] == "64" and run.data.params["num_steps"] == "40"
   assert run.data.tags["job"].startswith("process 0/1 on ") and "startup" in run.data.tags
+  # The killed start had no word to say: the restart marked it KILLED before continuing.
+  assert run.data.tags["starts"] == "2"
+  assert run.data.tags["start.1"].startswith("KILLED outright (no end was recorded), began ")
+  assert "found RUNNING by start 2 at " in run.data.tags["start.1"]
+  assert run.data.tags["start.2"].startswith("FINISHED, began ")
 
 
 @pytest.mark.slow
@@ -147,6 +170,151 @@ def test_mlflow_ends_failed_on_bad_input_and_its_outage_never_stops_training(
   assert [row["step"] for row in read_metrics(away)] == list(range(1, 11))
   warnings = [line for line in log_of(tmp_path / "away.log").splitlines() if "mlflow:" in line]
   assert len(warnings) == 1 and "cannot open the run at http://127.0.0.1:9" in warnings[0]
+
+
+def warnings_of(caplog) -> list[str]:
+  """The launcher's warnings (absl's; the trackers' clients log their own)."""
+  return [
+    record.getMessage()
+    for record in caplog.records
+    if record.name == "absl" and record.levelno >= logging.WARNING
+  ]
+
+
+@pytest.mark.slow
+def test_a_stale_mlflow_run_id_is_one_warning_and_a_fresh_run_that_later_starts_continue(
+  mlflow_server, tmp_path, monkeypatch, caplog
+):
+  from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+  for name, value in [
+    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+    ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+  ]:
+    monkeypatch.setenv(name, value)  # What MlflowWriter sets, kept to this test.
+  client = MlflowClient(mlflow_server.url)
+  experiment_id = client.create_experiment("stale")
+  deleted = client.create_run(experiment_id).info.run_id
+  client.delete_run(deleted)
+  # An id from another server, and a run deleted on this one (`mlflow.delete_run`).
+  for stale, why in [(uuid.uuid4().hex, "is not on the server"), (deleted, "is deleted")]:
+    workdir = tmp_path / why.replace(" ", "_")
+    workdir.mkdir()
+    (workdir / "trackers.json").write_text(json.dumps({"mlflow": stale}))
+    caplog.clear()
+    (writer,) = trackers.open_writers(
+      ["mlflow"], epath.Path(workdir), experiment="stale", params={"seed": "0"}
+    )
+    fresh = json.loads((workdir / "trackers.json").read_text())["mlflow"]
+    assert fresh != stale and writer.run_id == fresh
+    assert warnings_of(caplog) == [
+      f"mlflow: run {stale} of trackers.json {why} at {mlflow_server.url}; logging to a fresh "
+      f"run {fresh} instead, which later starts continue"
+    ]
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.end("FINISHED")
+    caplog.clear()
+    (again,) = trackers.open_writers(
+      ["mlflow"], epath.Path(workdir), experiment="stale", params={"seed": "0"}
+    )
+    again.write_scalars(2, {"loss": 0.25})
+    again.end("FINISHED")
+    assert again.run_id == fresh and warnings_of(caplog) == []
+    run = client.get_run(fresh)
+    assert run.info.status == "FINISHED" and run.info.experiment_id == experiment_id
+    assert [(m.step, m.value) for m in client.get_metric_history(fresh, "loss")] == [
+      (1, 0.5),
+      (2, 0.25),
+    ]
+    assert run.data.params == {"seed": "0"} and run.data.tags["starts"] == "2"
+    assert run.data.tags["start.1"].startswith("FINISHED, began ")
+
+  # Its experiment deleted too (which deletes its runs): no run can be made; one line says why.
+  client.delete_experiment(experiment_id)
+  caplog.clear()
+  assert trackers.open_writers(["mlflow"], epath.Path(workdir), experiment="stale", params={}) == []
+  assert warnings_of(caplog) == [
+    f"mlflow: cannot open the run at {mlflow_server.url} (_DeletedExperiment: experiment "
+    f"'stale' (id {experiment_id}) is deleted); restore it (`mlflow experiments restore`) or "
+    "name another with --config.experiment; this start is not logged to MLflow, the training "
+    "goes on"
+  ]
+  assert json.loads((workdir / "trackers.json").read_text())["mlflow"] == fresh
+
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+  """An environment where W&B finds no API key: an empty HOME, no WANDB_API_KEY, no NETRC,
+  WANDB_MODE unset (online), its files under tmp_path."""
+  pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
+  (tmp_path / "home").mkdir()
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+  for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL", "WANDB_CONFIG_DIR"):
+    monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.slow
+def test_wandb_with_no_server_is_one_warning_within_its_init_timeout(
+  no_wandb_credentials, tmp_path, monkeypatch, caplog
+):
+  import wandb  # pylint: disable=import-outside-toplevel
+
+  from launcher.local import free_port  # pylint: disable=import-outside-toplevel
+
+  # A key, and a server that refuses connections: W&B gives up after WANDB_INIT_TIMEOUT.
+  monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+  monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
+  monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+  try:
+    assert trackers.open_writers(["wandb"], epath.Path(tmp_path), experiment="x", params={}) == []
+  finally:
+    wandb.teardown()
+  (warning,) = warnings_of(caplog)
+  assert warning.startswith("wandb: cannot open the run (CommError: ")
+  assert warning.endswith(
+    "check that W&B's server (WANDB_BASE_URL) answers within WANDB_INIT_TIMEOUT, or set "
+    "WANDB_MODE=offline; a run deleted on W&B cannot be resumed: remove its id from "
+    "trackers.json for a fresh one; this start is not logged to W&B, the training goes on"
+  )
+  assert not (tmp_path / "trackers.json").exists()
+
+
+@pytest.mark.slow
+def test_wandb_without_credentials_is_one_warning_and_the_run_and_mlflow_go_on(
+  no_wandb_credentials, mlflow_server, tmp_path
+):
+  from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
+  workdir, log = tmp_path / "nokey", tmp_path / "nokey.log"
+  process = start(
+    launcher_command(
+      CONFIG,
+      f"--workdir={workdir}",
+      "--config.num_steps=6",
+      "--config.trackers=tensorboard,mlflow,wandb",
+    ),
+    log,
+    env={"MLFLOW_TRACKING_URI": mlflow_server.url},
+  )
+  assert finish(process, 180) == 0, log_of(log)[-3000:]
+  assert "Traceback" not in log_of(log)
+  assert [row["step"] for row in read_metrics(workdir)] == list(range(1, 7))
+  warnings = [line for line in log_of(log).splitlines() if "wandb: cannot" in line]
+  assert len(warnings) == 1 and warnings[0].endswith(
+    "wandb: cannot open the run (UsageError: No API key configured. Use `wandb login` to log "
+    "in.); set WANDB_API_KEY or run `wandb login` (or WANDB_MODE=offline to log to disk "
+    "without an account); this start is not logged to W&B, the training goes on"
+  )
+  run_ids = json.loads((workdir / "trackers.json").read_text())
+  assert list(run_ids) == ["mlflow"]  # No W&B run id: the next start tries W&B afresh.
+  client = MlflowClient(mlflow_server.url)
+  assert client.get_run(run_ids["mlflow"]).info.status == "FINISHED"
+  assert sorted(m.step for m in client.get_metric_history(run_ids["mlflow"], "loss")) == list(
+    range(1, 7)
+  )
+  assert list(workdir.glob("events.out.tfevents*"))
 
 
 def wandb_history(run_dir) -> list[list[dict]]:
