@@ -9,8 +9,14 @@ times the bytes per token measured on the split's first records). A window is a 
 the corpus and w alone: any process, worker or start reads the same tokens.
 
 Finding where window w starts needs every record's length: one pass over the corpus when it is
-opened (`Records.lengths`), at ~GB/s from Parquet (no decoding of the text) and at the reading
-speed of the records for ArrayRecord. A record that is not UTF-8 is skipped and counted.
+opened (`Records.lengths`), at ~GB/s from Parquet and at the reading speed of the records for
+ArrayRecord. A record that is not UTF-8 is skipped and counted, in either format by one check
+(`_utf8_lengths`).
+
+A window reads only the bytes it needs: from Parquet, a slice of its row group's column
+(`Records.read`), whatever the record's size; ArrayRecord's reader returns records whole, so
+`write` keeps them to at most RECORD_BYTES (a longer text is cut at newlines, which keeps the
+byte stream as it was) and a window reads at most a few of them.
 
 `python -m launcher.corpus --out=DIR FILES...` writes text files as a corpus (see `main`).
 """
@@ -31,6 +37,7 @@ from launcher.errors import UsageError, one_line
 FORMATS = ("parquet", "array_record")
 SEPARATOR = b"\n"  # After every record in the byte stream.
 ROW_GROUP_CACHE_BYTES = 256 << 20  # Parquet row groups kept per process (and worker).
+RECORD_BYTES = 64 << 10  # The longest record `write` makes: what an ArrayRecord window may read.
 
 
 def _format_of(name: str) -> str | None:
@@ -101,27 +108,41 @@ class Records:
     return int(self._starts[-1])
 
   def __getitem__(self, index: int) -> bytes:
+    return self.read(index)
+
+  def read(self, index: int, start: int = 0, end: int | None = None) -> bytes:
+    """Bytes [start, end) of record `index` (to its end without `end`). From Parquet only those
+    bytes are copied, out of its row group's column; ArrayRecord's reader returns the record
+    whole."""
     f = bisect.bisect_right(self._starts, index) - 1
     row = int(index - self._starts[f])
     if self.format == "array_record":
-      return self._array_record(f)[row]
+      return self._array_record(f)[row][start:end]
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
     group, first = self._row_group_of(f, row)
-    return self._row_group(f, group)[row - first].as_buffer().to_pybytes()
+    rows = self._row_group(f, group)
+    _, offsets, data = rows.buffers()
+    offsets = np.frombuffer(offsets, np.int64 if rows.type == pa.large_binary() else np.int32)
+    at = rows.offset + row - first
+    begin, length = int(offsets[at]), int(offsets[at + 1] - offsets[at])
+    start, end = min(start, length), length if end is None else min(end, length)
+    return data.slice(begin + start, max(0, end - start)).to_pybytes()
 
   def lengths(self) -> np.ndarray:
     """Every record's length in bytes (int64), -1 for a record that is not UTF-8."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
     parts = []
     for f, path in enumerate(self.paths):
       if self.format == "parquet":
-        import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
-
         for group in range(self._parquet(f).metadata.num_row_groups):
-          parts.append(pc.binary_length(self._row_group(f, group)).to_numpy(zero_copy_only=False))
+          parts.append(_utf8_lengths(self._row_group(f, group)))
       else:
         source = self._array_record(f)
         for first in range(0, len(source), 1024):
           records = source.__getitems__(range(first, min(first + 1024, len(source))))
-          parts.append(np.array([_utf8_length(r) for r in records], np.int64))
+          parts.append(_utf8_lengths(pa.array(records, pa.large_binary())))
       logging.debug("indexed %s", path)
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
@@ -176,8 +197,9 @@ class Records:
     return group, int(starts[group])
 
   def _row_group(self, f: int, group: int):
-    """One row group's text column as binary. Parquet reads a row group whole, so the ones read
-    are kept, up to ROW_GROUP_CACHE_BYTES per process (the least recently used go first)."""
+    """One row group's text column as binary (large_binary from a large column). Parquet reads
+    a row group whole, so the ones read are kept, up to ROW_GROUP_CACHE_BYTES per process (the
+    least recently used go first)."""
     cache = self._open.setdefault("row groups", collections.OrderedDict())
     if (f, group) in cache:
       cache.move_to_end((f, group))
@@ -185,7 +207,10 @@ class Records:
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
 
     column = self._parquet(f).read_row_group(group, columns=[self.column]).column(0)
-    rows = cache[(f, group)] = column.combine_chunks().cast(pa.binary())
+    large = pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type)
+    rows = cache[(f, group)] = column.combine_chunks().cast(
+      pa.large_binary() if large else pa.binary()
+    )
     while sum(value.nbytes for value in cache.values()) > ROW_GROUP_CACHE_BYTES and len(cache) > 1:
       cache.popitem(last=False)
     return rows
@@ -198,12 +223,30 @@ class Records:
     return self._open[("file", f)]
 
 
-def _utf8_length(record: bytes) -> int:
+def _utf8_lengths(records) -> np.ndarray:
+  """Each record's length in bytes (int64), -1 for one that is not UTF-8: the one check of every
+  format, so such a record is skipped and counted whatever the corpus is made of. `records` is a
+  pyarrow binary or large_binary array."""
+  import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
+
+  lengths = pc.binary_length(records).to_numpy(zero_copy_only=False).astype(np.int64)
+  lengths[_not_utf8(records)] = -1
+  return lengths
+
+
+def _not_utf8(records, first: int = 0) -> list[int]:
+  """The indices of the records that are not UTF-8: one cast to text validates them all, and a
+  batch that fails is halved until its bad records are found."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
   try:
-    record.decode("utf-8")
-  except UnicodeDecodeError:
-    return -1
-  return len(record)
+    records.cast(pa.large_string() if pa.types.is_large_binary(records.type) else pa.string())
+    return []
+  except pa.ArrowInvalid:
+    if len(records) == 1:
+      return [first]
+  half = len(records) // 2
+  return _not_utf8(records.slice(0, half), first) + _not_utf8(records.slice(half), first + half)
 
 
 class Tokenizer:
@@ -290,16 +333,19 @@ class Windows:
     return {"tokens": tokens[:want], "id": np.int32(w)}
 
   def _bytes(self, start: int, end: int) -> bytes:
-    """Bytes [start, end) of the split's stream."""
-    first = bisect.bisect_right(self._ends, start)
-    offset = int(self._ends[first - 1]) if first else 0  # Where record `first` starts.
-    pieces, position = [], offset
-    for k in range(first, len(self._ends)):
+    """Bytes [start, end) of the split's stream, read as those byte ranges of its records."""
+    pieces, position = [], start
+    for k in range(bisect.bisect_right(self._ends, start), len(self._ends)):
       if position >= end:
         break
-      pieces.append(self.records[int(self._record_ids[k])] + SEPARATOR)
-      position = int(self._ends[k])
-    return b"".join(pieces)[start - offset : end - offset]
+      record_start, record_end = (int(self._ends[k - 1]) if k else 0), int(self._ends[k])
+      length = record_end - record_start - len(SEPARATOR)
+      first, last = position - record_start, min(end, record_end) - record_start
+      if first < length:
+        pieces.append(self.records.read(int(self._record_ids[k]), first, min(last, length)))
+      pieces.append(SEPARATOR[max(0, first - length) : max(0, last - length)])
+      position = record_start + last
+    return b"".join(pieces)
 
   def _bytes_per_window(self) -> int:
     """The bytes that hold seq_len tokens, measured on the split's first records (up to 1 MB)."""
@@ -316,6 +362,14 @@ def _records_and_lengths(location: str) -> tuple[Records, np.ndarray]:
   if bad:
     logging.warning(
       "config.data=%s: skipped %d of %d records that are not UTF-8", location, bad, len(lengths)
+    )
+  if records.format == "array_record" and len(lengths) and lengths.max() > 16 * RECORD_BYTES:
+    logging.warning(
+      "config.data=%s: records of up to %.1f MB, and ArrayRecord reads a record whole for each "
+      "window in it: python -m launcher.corpus rewrites them in records of at most %d KiB",
+      location,
+      lengths.max() / 1e6,
+      RECORD_BYTES >> 10,
     )
   return records, lengths
 
@@ -336,6 +390,29 @@ def windows(
   return Windows(records, lengths, first, last, seq_len, tokenizer)
 
 
+def bounded(texts: Sequence[str], record_bytes: int = RECORD_BYTES) -> tuple[list[str], int]:
+  """(`texts` as records of at most `record_bytes` bytes of UTF-8, how many cuts added a newline).
+  A longer text is cut at its last newline within the bound, which becomes the separator after
+  the record: the byte stream stays the same. A stretch of `record_bytes` without a newline is cut
+  at a character boundary, and the stream holds a newline there that the text does not."""
+  records, added = [], 0
+  for text in texts:
+    data, position = text.encode("utf-8"), 0
+    while len(data) - position > record_bytes:
+      cut = data.rfind(SEPARATOR, position, position + record_bytes + 1)
+      if cut >= 0:
+        records.append(data[position:cut].decode("utf-8"))
+        position = cut + len(SEPARATOR)
+        continue
+      cut = position + record_bytes
+      while data[cut] & 0xC0 == 0x80:  # A UTF-8 continuation byte: not a character's start.
+        cut -= 1
+      records.append(data[position:cut].decode("utf-8"))
+      position, added = cut, added + 1
+    records.append(data[position:].decode("utf-8") if position else text)
+  return records, added
+
+
 def write(
   texts: Sequence[str],
   out: str,
@@ -343,11 +420,13 @@ def write(
   format: str = "parquet",
   shards: int = 1,  # pylint: disable=redefined-builtin
   row_group_size: int = 1024,
+  record_bytes: int = RECORD_BYTES,
 ) -> list[str]:
-  """Writes `texts` (one record each) as `shards` files of a corpus under the directory `out`;
-  returns their paths."""
+  """Writes `texts` (one record each, a longer one than `record_bytes` as several: `bounded`) as
+  `shards` files of a corpus under the directory `out`; returns their paths."""
   if format not in FORMATS:
     raise UsageError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+  texts, _ = bounded(texts, record_bytes)
   os.makedirs(out, exist_ok=True)
   paths = []
   for shard in range(shards):
@@ -382,7 +461,8 @@ RECORD_KINDS = {
 def main(argv: Sequence[str]) -> None:
   """python -m launcher.corpus --out=DIR [--format=parquet|array_record] [--shards=N]
   [--record=paragraph|line|file] FILE...: writes the UTF-8 text files as a corpus, one record per
-  paragraph (default), line or file."""
+  paragraph (default), line or file; a record longer than RECORD_BYTES is written as several
+  (`bounded`)."""
   if len(argv) < 2:
     raise UsageError("name the UTF-8 text files to write as a corpus after the flags")
   texts = []
@@ -392,10 +472,16 @@ def main(argv: Sequence[str]) -> None:
         texts.extend(RECORD_KINDS[_RECORD.value](f.read()))
     except (OSError, UnicodeDecodeError) as e:
       raise UsageError(f"cannot read {name} as UTF-8 text: {one_line(e)}") from None
-  paths = write(texts, _OUT.value, format=_FORMAT.value, shards=_SHARDS.value)
+  records, added = bounded(texts)
+  paths = write(records, _OUT.value, format=_FORMAT.value, shards=_SHARDS.value)
+  cut = (
+    f"; {added} cut(s) inside lines longer than {RECORD_BYTES >> 10} KiB added a newline"
+    if added
+    else ""
+  )
   print(
-    f"wrote {len(texts)} records ({sum(len(t.encode()) for t in texts):,} bytes) as "
-    f"{len(paths)} {_FORMAT.value} file(s) in {_OUT.value}; train on them with "
+    f"wrote {len(records)} records ({sum(len(t.encode()) for t in records):,} bytes) as "
+    f"{len(paths)} {_FORMAT.value} file(s) in {_OUT.value}{cut}; train on them with "
     f"--config.data={_OUT.value}"
   )
 

@@ -134,22 +134,164 @@ def test_a_tokenizer_file_sets_the_vocabulary_and_packs_its_tokens(shards, tmp_p
   assert float(loss) == pytest.approx(np.log(vocab), rel=0.05)  # Untrained: about uniform.
 
 
-def test_a_record_that_is_not_utf8_is_skipped_and_counted(tmp_path, caplog):
+NOT_UTF8 = [b"first record\n", b"\xff\xfe not text", b"third record", b"cut \xe2\x82"] * 15
+
+
+def write_records(directory, records: list[bytes], fmt: str, column_type=None):
+  """`records` as they are, in one file: ArrayRecord, or a Parquet column of `column_type`."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
 
-  os.makedirs(tmp_path / "c")
-  writer = ArrayRecordWriter(str(tmp_path / "c" / "x.array_record"), "group_size:1")
-  for record in [b"first record\n", b"\xff\xfe not text", b"third record"] * 20:
+  os.makedirs(directory)
+  if fmt == "parquet":
+    table = pa.table({"text": pa.array(records, column_type or pa.binary())})
+    pq.write_table(table, str(directory / "x.parquet"), row_group_size=7)
+    return
+  writer = ArrayRecordWriter(str(directory / "x.array_record"), "group_size:1")
+  for record in records:
     writer.write(record)
   writer.close()
+
+
+@pytest.mark.parametrize(
+  "fmt, column_type", [("array_record", None), ("parquet", "binary"), ("parquet", "large_binary")]
+)
+def test_a_record_that_is_not_utf8_is_skipped_and_counted_in_every_format(
+  fmt, column_type, tmp_path, caplog
+):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
+  write_records(tmp_path / "c", NOT_UTF8, fmt, column_type and getattr(pa, column_type)())
   windows = corpus.windows(
     str(tmp_path / "c"), "train", seq_len=8, eval_fraction=0.05, tokenizer=corpus.Tokenizer()
   )
-  assert "skipped 20 of 60 records that are not UTF-8" in caplog.text
+  assert "skipped 30 of 60 records that are not UTF-8" in caplog.text
   stream = b"".join(
     windows[w]["tokens"].astype(np.uint8).tobytes()[:8] for w in range(len(windows))
   )
-  assert b"\xff" not in stream and stream.startswith(b"first record\n\nthird record\n")
+  kept = b"".join(
+    r + b"\n" for r in NOT_UTF8[: int(60 * 0.95)] if not r.startswith((b"\xff", b"cut"))
+  )
+  assert stream == kept[: len(stream)] and len(kept) - len(stream) < 9
+
+
+def huge_text(megabytes: float) -> str:
+  """Lines of text, some with characters of 2 to 4 bytes, to `megabytes`."""
+  lines, size, n = [], 0, 0
+  while size < megabytes * 2**20:
+    line = f"line {n}: déjà vu, €{n}, 𝄞 " + "the quick brown fox. " * (n % 13)
+    lines.append(line)
+    size, n = size + len(line.encode()) + 1, n + 1
+  return "\n".join(lines)
+
+
+def bytes_copied(windows, ids) -> int:
+  """The most bytes the Python heap held at once (tracemalloc's peak) while reading one window."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+
+  windows[int(ids[0])]  # Parquet's row group is read (into Arrow's memory) and kept.
+  tracemalloc.start()
+  try:
+    peaks = []
+    for w in ids:
+      tracemalloc.reset_peak()
+      base = tracemalloc.get_traced_memory()[0]
+      windows[int(w)]
+      peaks.append(tracemalloc.get_traced_memory()[1] - base)
+  finally:
+    tracemalloc.stop()
+  return max(peaks)
+
+
+def test_a_window_of_a_huge_parquet_record_reads_only_its_bytes(tmp_path):
+  """One 8 MB record (a Parquet file from elsewhere: launcher.corpus would cut it): the windows
+  are the stream's bytes, and each copies ~its own bytes, not the record."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+  text = huge_text(8)
+  os.makedirs(tmp_path / "c")
+  pq.write_table(pa.table({"text": [text, "the end"]}), str(tmp_path / "c" / "x.parquet"))
+  records = corpus.Records(str(tmp_path / "c"))
+  lengths = records.lengths()
+  assert lengths.max() > 8 * 2**20
+  windows = corpus.Windows(records, lengths, 0, 2, 256, corpus.Tokenizer())
+  stream = text.encode() + b"\nthe end\n"
+  ids = [0, 1, 12345, len(windows) // 2, len(windows) - 2, len(windows) - 1]
+  for w in ids:
+    assert windows[w]["tokens"].astype(np.uint8).tobytes() == stream[w * 256 : w * 256 + 257]
+  assert bytes_copied(windows, ids) < 16 << 10  # The record is 8 MB; a window 257 bytes.
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "array_record"])
+def test_the_writer_cuts_a_huge_text_at_newlines_and_the_windows_stay_the_same(fmt, tmp_path):
+  text = huge_text(4)
+  corpus.write([text, "the end"], str(tmp_path / "c"), format=fmt)
+  records = corpus.Records(str(tmp_path / "c"))
+  lengths = records.lengths()
+  assert len(records) > 4 * 2**20 // corpus.RECORD_BYTES and lengths.max() <= corpus.RECORD_BYTES
+  assert b"\n".join(records[i] for i in range(len(records))) == text.encode() + b"\nthe end"
+  windows = corpus.Windows(records, lengths, 0, len(records), 256, corpus.Tokenizer())
+  stream = text.encode() + b"\nthe end\n"  # As one record: the cuts are the separators.
+  assert len(windows) == (len(stream) - 1) // 256
+  ids = np.random.default_rng(0).integers(0, len(windows), 40)
+  for w in [0, len(windows) - 1, *ids]:
+    assert windows[w]["tokens"].astype(np.uint8).tobytes() == stream[w * 256 : w * 256 + 257]
+  # ArrayRecord's reader returns records whole: a window reads at most its two records.
+  assert bytes_copied(windows, ids) < 3 * corpus.RECORD_BYTES
+
+
+def test_tokenized_windows_of_one_huge_record_and_of_its_cut_copy_are_the_same(tmp_path):
+  """A BPE over text with 2- to 4-byte characters: the same tokens whether the text is one 3 MB
+  Parquet record or ArrayRecord records cut by the writer (no character is split)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+
+  text = huge_text(3)
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.train_from_iterator(
+    [text[:20000]],
+    trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+  )
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+  os.makedirs(tmp_path / "one")
+  pq.write_table(pa.table({"text": [text]}), str(tmp_path / "one" / "x.parquet"))
+  corpus.write([text], str(tmp_path / "cut"), format="array_record")
+  one, cut = (
+    corpus.Windows(
+      records,
+      records.lengths(),
+      0,
+      len(records),
+      64,
+      corpus.Tokenizer(str(tmp_path / "tokenizer.json")),
+    )
+    for records in (corpus.Records(str(tmp_path / d)) for d in ("one", "cut"))
+  )
+  assert len(cut.records) > 40 and len(one) == len(cut) > 1000
+  for w in [0, len(one) - 1, *np.random.default_rng(1).integers(0, len(one), 30)]:
+    np.testing.assert_array_equal(one[w]["tokens"], cut[w]["tokens"])
+    assert len(one[w]["tokens"]) == 65 and tokenizer.decode(one[w]["tokens"].tolist()) in text
+
+
+def test_a_line_longer_than_a_record_is_cut_between_characters():
+  text = "€𝄞é" * 10_000  # 9 bytes a round, no newline.
+  records, added = corpus.bounded([text, "short"], record_bytes=1000)
+  assert "".join(records[:-1]) == text and records[-1] == "short"
+  assert added == len(records) - 2 and max(len(r.encode()) for r in records) <= 1000
+  assert corpus.bounded(["a\nb", "c"], record_bytes=1000) == (["a\nb", "c"], 0)
+
+
+def test_an_array_record_corpus_of_huge_records_is_named(tmp_path, caplog):
+  write_records(tmp_path / "c", [huge_text(2).encode(), b"the end"], "array_record")
+  corpus.windows(
+    str(tmp_path / "c"), "train", seq_len=8, eval_fraction=0.05, tokenizer=corpus.Tokenizer()
+  )
+  assert "records of up to 2.1 MB, and ArrayRecord reads a record whole" in caplog.text
 
 
 @pytest.mark.parametrize(
