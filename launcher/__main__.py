@@ -24,6 +24,7 @@ from launcher.errors import (
   PeerUnreachable,
   Preempted,
   StorageUnreachable,
+  TransientError,
   UsageError,
   WorkloadError,
 )
@@ -83,8 +84,9 @@ _PEER_TIMEOUT = flags.DEFINE_float(
   "peer_timeout_seconds",
   20,
   "In a multi-process job, end this process (the lost-peer line, "
-  "exit 76) when another process has shown no sign of life for this long (jax's own "
-  "--heartbeat_timeout_seconds ends it later, without the line).",
+  "exit 76) when another process has shown no sign of life, or process 0's key-value store has "
+  "not answered, for this long (jax's own --heartbeat_timeout_seconds ends it later, without "
+  "the line).",
   lower_bound=2,
 )
 _STORAGE_TIMEOUT = flags.DEFINE_float(
@@ -127,7 +129,7 @@ def main(argv):
   console.quiet_libraries()
   import jax  # pylint: disable=import-outside-toplevel
 
-  from launcher import cluster, storage, supervise, train  # pylint: disable=import-outside-toplevel
+  from launcher import cluster, storage, supervise, train, watchdog  # pylint: disable=import-outside-toplevel
 
   try:
     job = cluster.detect(
@@ -146,6 +148,10 @@ def main(argv):
     preemption.joined(cluster.is_multiprocess())
     startup_parts = {"join the job": time.time() - joining}
     console.name_process(jax.process_index(), jax.process_count())
+    if cluster.is_multiprocess() and jax.process_index() > 0 and cluster.coordinator_address():
+      watchdog.end_with_line_on_abort(
+        cluster.coordinator_address(), f"process {jax.process_index()}/{jax.process_count()}"
+      )
     logging.info(cluster.describe())
     train.run(
       _CONFIG.value,
@@ -156,6 +162,10 @@ def main(argv):
       startup_parts=startup_parts,
     )
   except UsageError as e:
+    if cluster.is_multiprocess() and cluster.coordination_client() is not None:
+      watchdog.exit_bad_input(
+        str(e), cluster.coordination_client(), jax.process_index(), jax.process_count()
+      )
     console.usage_error(str(e))
   except PeerUnreachable as e:
     print(
@@ -169,6 +179,10 @@ def main(argv):
   except Preempted as e:
     logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)
+  except TransientError as e:  # Every process raises it; jax's exit would wait at a barrier.
+    print(f"error: {e}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     refused = storage.refusal(e, _WORKDIR.value, supervise.last_checkpoint(_WORKDIR.value))
     if refused:  # A restart cannot make space: one line, and the code that says so.

@@ -293,6 +293,16 @@ def coordination_client():
     return None
 
 
+def coordinator_address() -> str | None:
+  """host:port of the job's coordinator (process 0) as jax.distributed joined it, or None."""
+  try:
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+    return distributed.global_state.coordinator_address
+  except (ImportError, AttributeError):
+    return None
+
+
 def wait_for_coordinator(address: str, timeout: float) -> None:
   """Returns once the coordinator accepts connections; a clear error after `timeout` seconds.
 

@@ -101,6 +101,12 @@ KEYS = {
     True,
     "with restore_from: only the params (fresh optimizer, step 0), or everything",
   ),
+  "allow_data_change": (
+    False,
+    "let a resume go on when the settings that make the batches (seed, batch_size, the "
+    "workload's DATA_KEYS) differ from the checkpoint's, with a warning: the run's batches "
+    "change from there",
+  ),
   "data_workers": (
     0,
     "worker processes that read and transform the train records of a "

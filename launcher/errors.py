@@ -45,6 +45,11 @@ class Preempted(Exception):
   """The job was told to stop and saved a checkpoint; exit with EXIT_PREEMPTED."""
 
 
+class TransientError(Exception):
+  """A condition of this machine that may pass (out of memory, too many open files, a stale
+  file handle) outlasted its retries: one line, exit 1, which supervisors restart."""
+
+
 def causes(error: BaseException | None):
   """`error` and each error it was raised from or while handling, outermost first."""
   while error is not None:

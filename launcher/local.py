@@ -5,13 +5,15 @@
 
 Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
 prints is shown prefixed with `[process i]` and kept in `--process_logs/process_<i>.log` (default
-`WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine).
+`WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine;
+what a full disk does not take is dropped from it and counted, and the job goes on).
 When one process fails every process is asked to stop (SIGTERM), and killed after
 `--grace_seconds` (5 s at most after a crash: the rest cannot save without it). Ctrl-C, SIGTERM and
 SIGHUP (a dropped SSH session) are preemption notices: every process saves and stops, and the
 runner exits 75 (a second Ctrl-C kills at once). With `--max_restarts=N` a failed job is started
 again, on a fresh port, resuming from its last checkpoint (launcher/supervise.py). The exit code
-is the first failure's (128 + N for a process killed by signal N, as a shell reports it).
+is the first failure's (128 + N for a process killed by signal N, as a shell reports it); bad
+input (2) from any process is the job's, never restarted, and names that process.
 """
 
 import os

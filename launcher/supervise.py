@@ -102,7 +102,9 @@ class ProcessGroup:
   """Processes that live and die together: their output pumped to per-process logs, the first
   failure ends the rest. Also used by scripts/tpu/pod.py for the workers of a pod slice.
 
-  `first_failure` is (index, Popen return code) of the first process that failed, once one has.
+  `first_failure` is (index, Popen return code) of the first process that failed, once one has;
+  a process that exited 2 (bad input) by the time the others stopped takes its place, since the
+  others' exits (76, a signal) were their reaction to it.
   """
 
   def __init__(
@@ -134,7 +136,12 @@ class ProcessGroup:
       pump = threading.Thread(
         target=_pump,
         daemon=True,
-        args=(process.stdout, os.path.join(log_dir, f"{name}_{i}.log"), f"[{name} {i}] "),
+        args=(
+          process.stdout,
+          os.path.join(log_dir, f"{name}_{i}.log"),
+          f"[{name} {i}] ",
+          prefix,
+        ),
       )
       pump.start()
       self._pumps.append(pump)
@@ -143,17 +150,20 @@ class ProcessGroup:
     """Waits for every process; the first to fail ends the others. Returns the group's exit code."""
     while True:
       codes = [p.poll() for p in self.processes]
-      # Seen in one poll, a lost-peer exit is the others' reaction, not the cause.
+      # Seen in one poll, bad input is the cause and a lost-peer exit the others' reaction.
       failed = sorted(
         ((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
-        key=lambda failure: failure[1] == EXIT_PEER_LOST,
+        key=lambda failure: (failure[1] != EXIT_USAGE, failure[1] == EXIT_PEER_LOST),
       )
       if failed:
         self.first_failure = i, code = failed[0]
         say(f"{self._prefix} {self._name} {i} {describe_exit(code)}: stopping the others")
         # A preempted job saves and exits by itself; after a crash the rest cannot save (every
         # save needs every process), so they get a short grace.
-        self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
+        codes = self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
+        if code != EXIT_USAGE and EXIT_USAGE in codes:  # Bad input one process saw is the verdict.
+          self.first_failure = i, code = codes.index(EXIT_USAGE), EXIT_USAGE
+          say(f"{self._prefix} {self._name} {i} {describe_exit(code)}: it saw bad input")
         return shell_code(code)
       if all(c == 0 for c in codes):
         self._drain()
@@ -200,24 +210,56 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 _CONSOLE_NOISE = re.compile(rb"\[Gloo\]|connected to \d+ peer ranks")
 
 
-def _pump(stream, log_path: str, prefix: str) -> None:
+def _pump(stream, log_path: str, prefix: str, runner: str) -> None:
   """Copies a process's output line by line to its log file and, prefixed, to our stdout (a
-  launcher line that already starts with the same `[process i/n]` is shown as it is). The log
-  gets every line to the end, whatever becomes of the console."""
+  launcher line that already starts with the same `[process i/n]` is shown as it is), to the
+  end: a closed console leaves the log every line, and a log that cannot be written (a full disk)
+  never stops the pipe being drained. Bytes the log could not take are dropped and counted: one
+  line when it first happens, one with the count at the end."""
   own_prefix = prefix.rstrip("] ").encode() + b"/"
-  with open(log_path, "ab") as log:
-    for line in iter(stream.readline, b""):
-      log.write(line)
-      log.flush()
-      if _CONSOLE_NOISE.search(line):
-        continue
-      try:
-        sys.stdout.buffer.write(line if line.startswith(own_prefix) else prefix.encode() + line)
-        sys.stdout.buffer.flush()
-      except OSError:
-        _drop_stdout()
-      except ValueError:  # stdout was closed under us: the log still gets every line.
-        pass
+  who = prefix.strip("[] ")
+  log, dropped, lines_dropped = None, 0, 0
+  try:
+    log = open(log_path, "ab", buffering=0)  # pylint: disable=consider-using-with
+  except OSError as e:
+    say(
+      f"{runner} {who}'s log {log_path} cannot be opened ({e.strerror}): its output is shown "
+      "here only"
+    )
+  for line in iter(stream.readline, b""):
+    written = 0
+    try:
+      while log is not None and written < len(line):
+        count = log.write(line[written:])
+        if not count:
+          break
+        written += count
+    except OSError as e:
+      if not dropped:
+        say(
+          f"{runner} {who}'s log {log_path} cannot be written ({e.strerror}): what it cannot "
+          "take is dropped from it and counted (the console still shows every line), and the "
+          "job goes on"
+        )
+    if written < len(line):
+      dropped += len(line) - written
+      lines_dropped += 1
+    if _CONSOLE_NOISE.search(line):
+      continue
+    try:
+      sys.stdout.buffer.write(line if line.startswith(own_prefix) else prefix.encode() + line)
+      sys.stdout.buffer.flush()
+    except OSError:
+      _drop_stdout()
+    except ValueError:  # stdout was closed under us: the log still gets every line.
+      pass
+  if log is not None:
+    log.close()
+  if dropped:
+    say(
+      f"{runner} {who}'s log {log_path} is missing {dropped:,} bytes ({lines_dropped:,} "
+      "lines) of its output: its storage did not take them"
+    )
 
 
 MAX_PREEMPTIONS_PER_HOUR = 10

@@ -69,6 +69,7 @@ def run(
     compilation_cache.enable(config.compilation_cache_dir)
     workdir = storage.path(workdir)
     workload = workload_lib.load(config.workload)
+    workload_lib.check_data_keys(workload, config)
     layout = config_lib.layout(
       config.batch_size,
       jax.process_index(),
@@ -93,7 +94,8 @@ def run(
   )
   with _timed(parts, "init"):
     executor, loss_fn, tx, fresh, state_target = _build(config, workload)
-  checkpoints, state = _resume_or_start(config, workdir, layout, fresh, state_target, parts)
+  data_record = checkpoint_lib.data_record(config, workload, layout.global_batch_size)
+  checkpoints, state = _resume_or_start(config, workdir, data_record, fresh, state_target, parts)
   first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
   if first_step >= config.num_steps:
     _say_already_finished(workdir, first_step, config.num_steps)
@@ -223,11 +225,7 @@ def run(
       if due.save:
         jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
         with report_writer.blocked_by_checkpoint():
-          data_position = {
-            "step": last_step,
-            "seed": config.seed,
-            "global_batch_size": layout.global_batch_size,
-          }
+          data_position = {"step": last_step, **data_record}
           checkpoints.save(last_step, executor.to_global(replicated_state), data_position)
       scalars = {}
       if due.evaluate:
@@ -255,7 +253,10 @@ def run(
       )
     raise
   except UsageError:
-    raise  # Every process raises it at the same step: their saves can still finish.
+    # Raised by one process alone (its host's data), the others wait in a collective: the saves
+    # in flight get a bounded wait, then every process hears of it (watchdog.exit_bad_input).
+    saves_may_hang = layout.process_count > 1
+    raise
   except BaseException:
     # Raised here alone (a bug, a full disk under one process's append): the saves in flight
     # may wait for ever for another process, which waits in a collective for this one.
@@ -321,15 +322,16 @@ def _build(config, workload):
   )
 
 
-def _resume_or_start(config, workdir, layout, fresh, state_target, parts):
+def _resume_or_start(config, workdir, data_record, fresh, state_target, parts):
   """The run's checkpoints, and the state to start from as job-wide arrays in `state_target`'s
-  shardings: this workdir's newest checkpoint that reads (after checking the data order would be
-  the same), else `config.restore_from`, else a fresh state. Each array is created or read in its
-  sharding; the time goes to `parts` "init" and "restore"."""
+  shardings: this workdir's newest checkpoint that reads (after checking its `data_record`, the
+  settings that make the batches, against this run's), else `config.restore_from`, else a fresh
+  state. Each array is created or read in its sharding; the time goes to `parts` "init" and
+  "restore"."""
   with _timed(parts, "restore"):
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
     resume_step, state = checkpoints.restore_newest(
-      state_target, seed=config.seed, global_batch_size=layout.global_batch_size
+      state_target, data_record, allow_data_change=config.allow_data_change
     )
     if resume_step is not None:
       logging.info(

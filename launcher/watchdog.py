@@ -1,19 +1,30 @@
-"""Failure handling beside the loop: a stuck-step watchdog, and one clear line when a peer is lost
-(from a failed collective, or from the peers' liveness in jax's key-value store).
+"""Failure handling beside the loop: a stuck-step watchdog, one clear line when a peer is lost
+(from a failed collective, the peers' liveness in jax's key-value store, or jax's own abort when
+process 0 is gone), and bad input seen by one process told to every other.
 
-Each ends the process with a documented exit code (launcher/errors.py) that a supervisor restarts.
+Each ends the process with a documented exit code (launcher/errors.py) that a supervisor reads.
 """
 
 import atexit
+import ctypes
 import faulthandler
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 
-from launcher.errors import EXIT_PEER_LOST, EXIT_STUCK
+from launcher.errors import EXIT_PEER_LOST, EXIT_STUCK, EXIT_USAGE
+
+# Keys in jax's key-value store: a process's bad-input line, and the processes that heard one.
+_BAD_INPUT = "launcher/bad_input/"
+_HEARD = "launcher/heard_bad_input/"
+# How long a process that saw bad input waits for every other to hear of it before it leaves.
+BAD_INPUT_TELL_S = 5.0
+# The line of bad input a peer saw (once this process heard of it): it ends this process with 2.
+_peer_bad_input: list[str] = []
 
 # Words of the errors a collective raises when another process of the job is gone.
 _PEER_LOST_SIGNS = (
@@ -94,13 +105,14 @@ PEER_TIMEOUT_S = 20.0
 class PeerMonitor:
   """Ends this process with the lost-peer line (exit 76) within PEER_TIMEOUT_S + 1 s of another
   process of the job stopping, whatever the main thread is doing (a collective waiting for the
-  gone peer included).
+  gone peer included); and with exit 2 and the peer's line when another process saw bad input.
 
   Every second each process bumps its counter under `launcher/alive/` in jax's coordination
   key-value store and reads the others'. A counter that has not moved for `timeout` seconds, or
-  a store that cannot be reached (process 0, which hosts it, is gone), is a lost peer, named with
-  its host (published at the start). A process that exits normally (return, sys.exit) says so
-  first (atexit), so a finished peer is never taken for a lost one.
+  a store that has not answered for `timeout` seconds (process 0, which hosts it, is gone; a
+  failed call alone is retried), is a lost peer, named with its host (published at the start).
+  A process that exits normally (return, sys.exit) says so first (atexit), so a finished peer is
+  never taken for a lost one.
   """
 
   def __init__(
@@ -121,8 +133,11 @@ class PeerMonitor:
     client.key_value_set(
       f"launcher/host/{process_index}", socket.gethostname(), allow_overwrite=True
     )
+    self._answered, self._store_error = time.monotonic(), ""
+    _monitors[:] = [self]
     atexit.register(self.stop)
     threading.Thread(target=self._watch, name="peer-monitor", daemon=True).start()
+    threading.Thread(target=self._watch_store, name="peer-monitor-store", daemon=True).start()
 
   def stop(self) -> None:
     """This process is ending normally: its peers stop watching it, and it stops watching them."""
@@ -142,18 +157,19 @@ class PeerMonitor:
           f"launcher/alive/{self._index}", str(counter), allow_overwrite=True
         )
         alive = dict(self._client.key_value_dir_get("launcher/alive/"))
+        bad_input = self._client.key_value_dir_get(_BAD_INPUT)
         if len(self._hosts) < self._count:
           self._hosts = {
             int(key.rsplit("/", 1)[1]): host
             for key, host in self._client.key_value_dir_get("launcher/host/")
           }
-      except Exception as e:  # pylint: disable=broad-except  # Whatever the client raises.
-        if self._stopped.is_set():
-          return
-        self._lost(
-          f"the job's coordination service on {self._name(0)} cannot be reached "
-          f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
-        )
+      except Exception as e:  # pylint: disable=broad-except  # Retried until the store's bound.
+        self._store_error = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        continue
+      self._answered = time.monotonic()
+      for key, line in bad_input:
+        if int(key.rsplit("/", 1)[1]) != self._index:
+          self._heard_bad_input(int(key.rsplit("/", 1)[1]), line)
       now = time.monotonic()
       for peer in range(self._count):
         value = alive.get(f"launcher/alive/{peer}")
@@ -167,9 +183,32 @@ class PeerMonitor:
             "killed, crashed, or its host is gone)"
           )
 
+  def _watch_store(self) -> None:
+    """A store that has not answered for `timeout` seconds, its calls failing or hanging (a
+    stopped or unreachable process 0), is a lost process 0."""
+    while not self._stopped.wait(self._interval):
+      silent = time.monotonic() - self._answered
+      if silent > self._timeout:
+        self._lost(
+          f"the job's coordination service on {self._name(0)} did not answer for {silent:.0f} s"
+          + (f" (last error: {self._store_error})" if self._store_error else "")
+        )
+
   def _name(self, peer: int) -> str:
     host = self._hosts.get(peer)
     return f"process {peer}" + (f" on {host}" if host else "")
+
+  def _heard_bad_input(self, peer: int, line: str) -> None:
+    """Another process saw bad input: says it heard (that process leaves then), and exits 2 with
+    its line. Most often the main thread does so first, when that process's exit breaks its
+    collective (exit_peer_lost); this is for a main thread that is not in one."""
+    _peer_bad_input.append(f"{self._name(peer)} saw bad input: {line}")
+    self._stopped.set()
+    try:
+      self._client.key_value_set(f"{_HEARD}{self._index}", str(peer), allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # That process leaves within its bound anyway.
+      pass
+    _exit_heard_bad_input(self._who, after=3.0)
 
   def _lost(self, cause: str) -> None:
     if self._stopped.is_set():
@@ -178,6 +217,94 @@ class PeerMonitor:
     exit_peer_lost(
       RuntimeError(cause), process=self._who, last_step=last_step, last_checkpoint=last_checkpoint
     )
+
+
+_monitors: list[PeerMonitor] = []  # The running one, once train.run has started it.
+
+
+def exit_bad_input(message: str, client, process_index: int, process_count: int) -> None:
+  """Bad input this process saw, perhaps alone (a file missing on its host): its line, then every
+  other process is told through jax's key-value store (each ends with exit 2, naming this one),
+  and this process exits 2 at once, without jax's shutdown barrier (where it would wait for
+  peers held in a collective). It waits up to BAD_INPUT_TELL_S for the others to hear, since
+  process 0's exit takes the store with it."""
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  sys.stdout.flush()
+  for monitor in _monitors:
+    monitor.stop()
+  try:
+    client.key_value_set(f"{_BAD_INPUT}{process_index}", message, allow_overwrite=True)
+    others = set(range(process_count)) - {process_index}
+    deadline = time.monotonic() + BAD_INPUT_TELL_S
+    while time.monotonic() < deadline:
+      told = {
+        int(key.rsplit("/", 1)[1])
+        for prefix in (_BAD_INPUT, _HEARD)
+        for key, _ in client.key_value_dir_get(prefix)
+      }
+      done = {
+        int(key.rsplit("/", 1)[1])
+        for key, value in client.key_value_dir_get("launcher/alive/")
+        if value == "done"
+      }
+      if others <= told | done:
+        break
+      time.sleep(0.05)
+  except Exception:  # pylint: disable=broad-except  # The store is gone: the exit code still says it.
+    pass
+  os._exit(EXIT_USAGE)  # pylint: disable=protected-access
+
+
+_abort_handlers = []  # The installed handler, kept alive for C to call.
+
+
+def end_with_line_on_abort(coordinator_address: str, process: str) -> None:
+  """Makes jax's abort on a gone process 0 end this process with the lost-peer line and exit 76.
+
+  When process 0 (which hosts jax's coordination service) dies, jax aborts every other process
+  from C++ within a second, before any Python handler or the PeerMonitor can act; jax's own
+  callback for that error cannot call Python (its status has no Python type: std::bad_cast). A
+  C-level SIGABRT handler can: if the coordinator no longer accepts connections, the abort was
+  that, and the process ends with the line; any other abort goes on as it would have.
+  """
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.signal.restype = ctypes.c_void_p
+  libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  host, port = coordinator_address.rsplit(":", 1)
+  previous = []
+
+  def on_abort(signum):
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except OSError as e:
+      last_step, last_checkpoint = _monitors[0].progress() if _monitors else (0, None)
+      exit_peer_lost(
+        RuntimeError(
+          f"process 0 ({coordinator_address}), which hosts the job's coordination service, is "
+          f"gone ({e.strerror or e}), and jax aborted this process"
+        ),
+        process=process,
+        last_step=last_step,
+        last_checkpoint=last_checkpoint,
+      )
+    libc.signal(signum, previous[0])
+    os.abort()
+
+  handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+  _abort_handlers[:] = [handler]
+  previous.append(libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p)))
+
+
+def _exit_heard_bad_input(process: str, after: float) -> None:
+  """Exit 2 with the line of the peer that saw bad input, `after` seconds from now: that peer
+  leaves first, so that a runner names it."""
+  time.sleep(after)
+  sys.stderr.write(
+    f"error: {process} stops: {_peer_bad_input[0]} (exit {EXIT_USAGE}: a restart cannot fix it)\n"
+  )
+  sys.stderr.flush()
+  os._exit(EXIT_USAGE)  # pylint: disable=protected-access
 
 
 def is_peer_lost(error: BaseException) -> bool:
@@ -189,7 +316,10 @@ def is_peer_lost(error: BaseException) -> bool:
 def exit_peer_lost(
   error: BaseException, *, process: str, last_step: int, last_checkpoint: int | None
 ) -> None:
-  """One line naming what was lost and what is saved, then exit before jax's abort buries it."""
+  """One line naming what was lost and what is saved, then exit before jax's abort buries it; or,
+  when the loss is a peer that left on bad input, that peer's line and exit 2."""
+  if _peer_bad_input:
+    _exit_heard_bad_input(process, after=0.5)
   first_line = (
     str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
   )

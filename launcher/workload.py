@@ -10,7 +10,10 @@ A workload module defines:
     tokens_per_example(config) -> int          # optional: the run reports tokens/s
     flops_per_example(config) -> float         # optional: model FLOP/s and MFU
     partition(config, params) -> PartitionSpecs  # optional: fsdp's sharding of the params
+    DATA_KEYS = ("seq_len", ...)               # optional: the config keys that change the batches
 
+A checkpoint records the values of DATA_KEYS (with the seed and the global batch size), and a
+resume whose values differ is refused (config.allow_data_change goes on deliberately).
 A module that breaks the contract is a UsageError naming what to change; an exception raised by
 the workload's own code is a WorkloadError that says which of its functions raised.
 """
@@ -78,7 +81,24 @@ def load(name: str) -> types.ModuleType:
   for function, arguments in SIGNATURES.items():
     if hasattr(module, function):
       _check_signature(module, function, arguments)
+  data_keys = getattr(module, "DATA_KEYS", ())
+  if not isinstance(data_keys, (tuple, list)) or not all(isinstance(k, str) for k in data_keys):
+    raise UsageError(
+      f"workload {module.__name__}'s DATA_KEYS is {data_keys!r}: make it a tuple of the names "
+      'of the config keys that change its batches, e.g. DATA_KEYS = ("seq_len",)'
+    )
   return module
+
+
+def check_data_keys(module: types.ModuleType, config) -> None:
+  """Every name in the workload's DATA_KEYS is a key of the config (a misspelt one would leave
+  that setting unguarded on resume)."""
+  unknown = [key for key in getattr(module, "DATA_KEYS", ()) if key not in config]
+  if unknown:
+    raise UsageError(
+      f"workload {module.__name__}'s DATA_KEYS names {', '.join(unknown)}, which the config "
+      "does not have: name the config keys its dataset reads, or add them to get_config()"
+    )
 
 
 def _check_signature(module: types.ModuleType, function: str, arguments: tuple[str, ...]) -> None:

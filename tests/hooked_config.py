@@ -20,7 +20,7 @@ def get_config():
   config.slow_from_batch = 1 << 30
   config.slow_seconds = 0.5
   config.nan_at_batch = -1
-  config.fault = ""  # "raise" or "block"
+  config.fault = ""  # "raise", "usage" or "block"
   config.fault_at_batch = -1
   config.fault_process = -1
   config.fault_marker = ""

@@ -3,8 +3,8 @@ blocking batches.
 
 `slow_from_batch`: train batches from this global batch on take `slow_seconds` each, so a test can
 kill the run at a known point. `nan_at_batch`: that global train batch is all NaN.
-`fault` ("raise" or "block") at global train batch `fault_at_batch`, on process `fault_process`
-(-1: every process); with `fault_marker` set, only while that file does not exist (the fault
+`fault` ("raise", "usage": a UsageError, or "block") at global train batch `fault_at_batch`, on
+process `fault_process` (-1: every process); with `fault_marker` set, only while that file does not exist (the fault
 creates it), so a restarted job runs clean.
 """
 
@@ -12,6 +12,7 @@ import math
 import os
 import time
 
+from launcher.errors import UsageError
 from workloads import classifier
 
 init = classifier.init
@@ -28,6 +29,8 @@ def dataset(config, split, process_index, process_count, start=0):
     if split == "train" and index == config.fault_at_batch and _fault_armed(config, process_index):
       if config.fault == "raise":
         raise RuntimeError(f"hooked workload: a fault at batch {index}")
+      if config.fault == "usage":
+        raise UsageError(f"hooked workload: config.fault_at_batch={index} cannot be read here")
       _block_forever()
     yield batch
 

@@ -5,16 +5,22 @@ every 20. Interrupted runs are slowed down after a chosen batch so the kill land
 """
 
 import glob
+import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
+import threading
+import tracemalloc  # noqa: F401  # pylint: disable=unused-import
 
 import jax
 import numpy as np
 import pytest
 
-from launcher import train
-from launcher.errors import NonFiniteError, UsageError
+from launcher import checkpoint, storage, train
+from launcher import workload as workload_lib
+from launcher.errors import NonFiniteError, TransientError, UsageError
 from tests.helpers import (
   finish,
   launcher_command,
@@ -255,9 +261,9 @@ def test_restore_from_another_run_and_mismatches_named(tmp_path):
   [
     (
       {"seed": 1},
-      r"was trained with config.seed=0, this run has config.seed=1: the data order "
-      r"depends on it, so resuming would silently change the run. Keep "
-      r"--config.seed=0 to resume, or start a new run with another --workdir",
+      r"was trained with config.seed=0, this run has config.seed=1: the batches depend on "
+      r"it, so resuming would silently change the run. Keep --config.seed=0 to resume, start "
+      r"a new run with another --workdir, or set --config.allow_data_change=True to go on",
     ),
     (
       {"batch_size": 128},
@@ -329,8 +335,92 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(str
   assert run_to_end(other, "1x8", f"--config.restore_from={workdir}", "--config.num_steps=1") == 0
   log = open(f"{other}.log").read()
   assert (
-    f"config.restore_from: the checkpoint in {checkpoints}/40 cannot be read (ValueError: "
+    f"config.restore_from: the checkpoint in {checkpoints}/40 cannot be read (Damaged: "
     f"its metadata ({checkpoints}/40/state/_METADATA) cannot be parsed); trying the one "
     "before"
   ) in log
   assert f"started from {checkpoints}/30 (params only)" in log and "Traceback" not in log
+
+
+def test_a_resume_that_changes_a_data_setting_names_it_and_goes_on_only_when_allowed(tmp_path):
+  """The classifier's DATA_KEYS (test_examples) are recorded and checked like the seed; an
+  allowed change goes on with a warning; a checkpoint from before the record still resumes."""
+  small = {"hidden_sizes": (64,), "batch_size": 64, "eval_every_steps": 0, "schedule": "constant"}
+  train.run(load_config("classifier", num_steps=10, checkpoint_every_steps=10, **small), tmp_path)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(UsageError) as refused:
+    train.run(load_config("classifier", num_steps=20, test_examples=200, **small), tmp_path)
+  assert str(refused.value).startswith(
+    f"the checkpoint of step 10 in {tmp_path}/checkpoints was trained with "
+    "config.test_examples=300, this run has config.test_examples=200: the batches depend on it"
+  ), refused.value
+  assert "\n" not in str(refused.value)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  state = train.run(
+    load_config("classifier", num_steps=20, test_examples=200, allow_data_change=True, **small),
+    tmp_path,
+  )
+  assert int(state.step) == 20
+
+  # The record as the launcher wrote it before data_settings and digests: it resumes.
+  record = tmp_path / "checkpoints" / "20" / "data" / "metadata"
+  assert json.loads(record.read_text()) == {
+    "step": 20,
+    "seed": 0,
+    "global_batch_size": 64,
+    "data_settings": {"test_examples": 200},
+  }
+  record.write_text(json.dumps({"step": 20, "seed": 0, "global_batch_size": 64}))
+  shutil.rmtree(tmp_path / "checkpoints" / "20" / "digests")
+  state = train.run(load_config("classifier", num_steps=30, test_examples=300, **small), tmp_path)
+  assert int(state.step) == 30 and not (tmp_path / "damaged_checkpoints").exists()
+
+
+# Orbax's coroutines, cut short by EMFILE, are reported as never awaited: not this test's matter
+# (and pytest's report of them imports tracemalloc, which must not need a file handle then).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_restore_that_runs_out_of_file_handles_retries_and_never_sets_a_checkpoint_aside(
+  tmp_path, monkeypatch
+):
+  """A real EMFILE (RLIMIT_NOFILE below the open files) while restoring: tried again once the
+  limit is back; while it lasts, one TransientError line and every checkpoint where it was."""
+  config = load_config("../tests/hooked_config", num_steps=20, log_every_steps=20)
+  train.run(config, str(tmp_path))
+  state_target = train._build(config, workload_lib.load(config.workload))[4]  # pylint: disable=protected-access
+  record = checkpoint.data_record(config, workload_lib.load(config.workload), 64)
+  checkpoints = checkpoint.Checkpoints(storage.path(str(tmp_path)), keep=3)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  monkeypatch.setattr(checkpoint, "RESTORE_RETRY_PAUSES_S", (1.0,))
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+  def starve_file_handles():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 2, hard))
+
+  try:
+    starve_file_handles()
+    with pytest.raises(TransientError) as failed:
+      checkpoints.restore_newest(state_target, record)
+  finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+  assert str(failed.value).startswith(
+    f"the checkpoint of step 20 in {tmp_path}/checkpoints could not be read now (OSError: "
+    "[Errno 24] Too many open files) in 2 tries; nothing in it says it is damaged, so it is "
+    "kept where it is"
+  ), failed.value
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert not (tmp_path / "damaged_checkpoints").exists()
+
+  # The limit back within the pause: the second try reads it.
+  lifted = threading.Timer(0.3, lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+  try:
+    starve_file_handles()
+    lifted.start()
+    step, state = checkpoints.restore_newest(state_target, record)
+  finally:
+    lifted.join()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+  assert step == 20 and int(state.step) == 20
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(load_params(str(tmp_path), 20))):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  checkpoints.close()

@@ -406,6 +406,11 @@ WORKLOAD_MISTAKES = {
     },
     "share of config.batch_size is at most 16 rows",
   ),
+  "DATA_KEYS not names": ({"extra": "DATA_KEYS = 'x'\n"}, "make it a tuple of the names"),
+  "DATA_KEYS naming no config key": (
+    {"extra": "DATA_KEYS = ('x', 'sequence_length')\n"},
+    "DATA_KEYS names sequence_length, which the config does not have",
+  ),
 }
 
 
@@ -414,6 +419,7 @@ def _write_workload(directory, name: str, parts: dict[str, str]) -> None:
   (directory / f"{name}.py").write_text(
     source["imports"]
     + "".join(textwrap.dedent(source[part]) for part in ("init", "loss", "dataset"))
+    + source.get("extra", "")
   )
 
 

@@ -160,13 +160,54 @@ def test_a_killed_process_ends_its_peer_with_the_line_every_time(kill_after_step
   ), line[0]  # Or a collective failed first, with the same line.
 
 
-def test_a_killed_coordinator_ends_its_peer_at_once(tmp_path):
-  """Process 0 hosts jax's coordination service: its loss ends the others within a second,
-  through jax's own abort (the launcher cannot put its line first: jax's error callback cannot
-  hand its status to Python)."""
+def test_a_killed_coordinator_ends_its_peer_at_once_with_the_line(tmp_path):
+  """Process 0 hosts jax's coordination service: its loss makes jax abort the others from C++
+  within a second; the launcher's SIGABRT handler turns that into the lost-peer line and 76."""
   code, waited, log = kill_one(two_launchers(tmp_path), 0, 100, tmp_path)
-  assert code != 0 and waited < 5
-  assert "coordination" in log and "Socket closed" in log
+  assert code == EXIT_PEER_LOST and waited < 5, (code, waited, log[-3000:])
+  line = log.strip().splitlines()[-1]
+  assert line.startswith("error: process 1/2 lost another process of the job after step "), line
+  assert "which hosts the job's coordination service, is gone (Connection refused)" in line, line
+
+
+def test_a_stalled_coordinator_is_waited_for_and_a_stopped_one_ends_its_peer(tmp_path):
+  """Process 0 stopped (SIGSTOP) for 2 s, under --peer_timeout_seconds=8: the key-value calls of
+  process 1 wait, and the job goes on. Stopped for good: process 1 ends with the lost-peer line
+  and 76 within the bound (+ polling), though its calls to the store never return."""
+  processes = two_launchers(tmp_path, "--peer_timeout_seconds=8", heartbeat=100)
+  try:
+    wait_for(
+      lambda: "step 100/" in open(tmp_path / "process_0.log").read(),
+      120,
+      "the job to train",
+      processes[0],
+    )
+    os.kill(processes[0].pid, signal.SIGSTOP)
+    time.sleep(2)
+    os.kill(processes[0].pid, signal.SIGCONT)
+    wait_for(
+      lambda: "step 300/" in open(tmp_path / "process_0.log").read(),
+      60,
+      "the job to go on after the stall",
+      processes[1],
+    )
+    os.kill(processes[0].pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    code = finish(processes[1], 60)
+    waited = time.monotonic() - stopped_at
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  log = open(tmp_path / "process_1.log").read()
+  # Silence counts from the last answer, up to one poll (1 s) before the stop.
+  assert code == EXIT_PEER_LOST and 8 - 2 <= waited < 8 + 10, (code, waited, log[-3000:])
+  line = [text for text in log.splitlines() if "lost another process of the job" in text]
+  assert (
+    len(line) == 1
+    and f"coordination service on process 0 on {socket.gethostname()} did not answer for" in line[0]
+  ), line
+  print(f"process 1 ended {waited:.1f} s after process 0 stopped: {line[0]}")
 
 
 def test_an_unreachable_coordinator_is_a_clear_restartable_error_within_the_init_timeout(tmp_path):

@@ -3,6 +3,7 @@ a closed console never stalls a job, early preemption notices and SIGHUP save, a
 named and restarted, a second Ctrl-C kills at once; the supervisor's rules as unit tests."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -140,6 +141,46 @@ def test_a_second_ctrl_c_kills_at_once(tmp_path):
   assert finish(runner, 5) == 128 + signal.SIGINT
   assert "SIGINT again: killing every process now" in log.read_text()
   assert not any(_alive(process) for process in processes)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (a real full disk): root only")
+def test_a_process_log_on_a_full_disk_never_stalls_the_job(tmp_path):
+  """--process_logs on a full 1 MB tmpfs: the pumps keep draining the pipes (process 0 prints far
+  more than a pipe holds), drop and count what the logs cannot take, and the job finishes."""
+  logs, log = tmp_path / "logs", tmp_path / "run.log"
+  logs.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(logs)], check=True)
+  try:
+    with open(logs / "filler", "wb", buffering=0) as filler:
+      try:
+        while True:
+          filler.write(b"\0" * 4096)
+      except OSError:
+        pass
+      filler.truncate(filler.tell() - 8192)  # Room for the first lines only.
+    workdir = tmp_path / "run"
+    command = launcher_command(
+      "--config=tests/hooked_config.py",
+      f"--workdir={workdir}",
+      "--config.num_steps=1000",
+      "--config.checkpoint_every_steps=0",
+      num_processes=2,
+      devices=4,
+    )
+    runner = start([*command[:3], f"--process_logs={logs}", *command[3:]], str(log), devices=4)
+    assert finish(runner, 300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count(f"[local] process 0's log {logs}/process_0.log cannot be written") == 1
+    missing = re.search(
+      rf"\[local\] process 0's log {logs}/process_0.log is missing ([\d,]+) bytes", text
+    )
+    assert missing and int(missing[1].replace(",", "")) > 65536, text[-3000:]  # More than a pipe.
+    assert "[process 0/2] step 1000/1000" in text
+    assert (logs / "process_0.log").stat().st_size + int(missing[1].replace(",", "")) > 65536
+    assert max(row["step"] for row in read_metrics(str(workdir))) == 1000
+  finally:
+    subprocess.run(["umount", "-l", str(logs)], check=False)
 
 
 def test_every_signal_number_has_a_name():

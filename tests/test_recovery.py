@@ -3,6 +3,7 @@ when a peer is lost, and no restart where a restart cannot help."""
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -149,6 +150,37 @@ def test_bad_input_is_never_restarted(tmp_path):
   assert text.count("[local] 2 processes x 4 devices") == 1
   assert "config.batch_size=30 does not divide over 8 devices" in text
   assert "bad input, which a restart cannot fix; not restarting" in text
+
+
+@pytest.mark.parametrize("process, batch", [(1, 5), (0, 0)])
+def test_bad_input_one_process_saw_ends_the_job_with_2_naming_it(process, batch, tmp_path):
+  """UsageError on one process only (its own data): process 1 mid-run while process 0 waits in a
+  collective; process 0 (which hosts jax's key-value store) at its first batch. The other is told
+  through the store and exits 2 with the line; the runner names the process that saw it."""
+  log = tmp_path / "run.log"
+  runner = start(
+    supervised(
+      f"--workdir={tmp_path / 'run'}",
+      "--config.fault=usage",
+      f"--config.fault_at_batch={batch}",
+      f"--config.fault_process={process}",
+      max_restarts=2,
+    ),
+    log,
+    devices=4,
+  )
+  assert finish(runner, 180) == EXIT_USAGE, log_of(log)[-3000:]
+  text = log_of(log)
+  line = f"hooked workload: config.fault_at_batch={batch} cannot be read here"
+  assert f"[process {process}] error: {line}" in text
+  assert (
+    f"error: process {1 - process}/2 stops: process {process} on {socket.gethostname()} saw bad "
+    f"input: {line} (exit 2: a restart cannot fix it)"
+  ) in text
+  assert text.strip().splitlines()[-1].startswith(f"[local] process {process} exited with 2 ")
+  assert text.strip().endswith("bad input, which a restart cannot fix; not restarting")
+  assert text.count("[local] 2 processes x 4 devices") == 1
+  assert "lost another process" not in text and "Traceback" not in text
 
 
 def test_a_lost_peer_is_one_line_naming_the_step_and_the_checkpoint(tmp_path):

@@ -59,6 +59,10 @@ def _splits(test_examples: int) -> dict[str, dict[str, np.ndarray]]:
   }
 
 
+# The config keys the batches depend on (with seed and batch_size): a resume must keep them.
+DATA_KEYS = ("test_examples",)
+
+
 def dataset(config, split, process_index, process_count, start=0):
   examples = _splits(config.test_examples)[split]
   indices = data.batch_indices(

@@ -21,6 +21,10 @@ def loss(config, params, batch, rng):
   return jnp.mean((prediction - batch["y"]) ** 2), {}
 
 
+# The config keys the batches depend on (with batch_size): a resume must keep them.
+DATA_KEYS = ("x", "true_w", "true_b")
+
+
 def dataset(config, split, process_index, process_count, start=0):
   x = np.asarray(config.x, np.float32)
   y = (config.true_w * x + config.true_b).astype(np.float32)

@@ -129,6 +129,17 @@ def init(config, rng):
   return _model(config).init(rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
 
 
+def logits(config, params, tokens):
+  """Next-token logits [batch, length, vocab] of int32 `tokens` [batch, length <= seq_len],
+  without dropout: what `python -m launcher.sample` continues a text with."""
+  return _model(config).apply({"params": params}, tokens)
+
+
+def tokenizer(config) -> corpus_lib.Tokenizer:
+  """The lm's tokens (bytes, or config.tokenizer's): they encode a prompt and decode a sample."""
+  return _tokenizer(config)
+
+
 def loss(config, params, batch, rng):
   """Mean next-token cross entropy; dropout when training (rng given), none in eval (rng None)."""
   inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
@@ -178,6 +189,10 @@ def _tokenizer(config) -> corpus_lib.Tokenizer:
       "config.data; config.text_file and the built-in text are read as bytes"
     )
   return _tokenizer_of(config.get("tokenizer", ""))
+
+
+# The config keys the batches depend on (with seed and batch_size): a resume must keep them.
+DATA_KEYS = ("text_file", "data", "tokenizer", "eval_fraction", "seq_len")
 
 
 def dataset(config, split, process_index, process_count, start=0):
