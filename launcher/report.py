@@ -8,6 +8,7 @@ process) and writes WORKDIR/report/: PNG plots and report.md. Works on a run tha
 import io
 import json
 import math
+import statistics
 
 import matplotlib
 
@@ -34,7 +35,8 @@ GOODPUT_PARTS = (
 def host_records(workdir: epath.Path) -> dict[int, list[dict]]:
   hosts = workdir_lib.hosts_dir(workdir)
   paths = hosts.glob("process_*.jsonl") if hosts.exists() else []
-  return {int(p.stem.rsplit("_", 1)[1]): storage.read_jsonl(p) for p in sorted(paths)}
+  records = {int(p.stem.rsplit("_", 1)[1]): storage.read_jsonl(p) for p in sorted(paths)}
+  return {process: host for process, host in records.items() if host}
 
 
 def segments(records: list[dict]) -> list[list[dict]]:
@@ -113,28 +115,125 @@ def wall_time(records: list[dict]) -> float:
   )
 
 
+# A data-wait share above the others' by less than this is not marked however steady the hosts
+# are: it costs the run too little to chase.
+STRAGGLER_FLOOR = 0.05
+STRAGGLER_RULE = (
+  "No straggler: no host's data-wait share is above the others' by more than its per-report "
+  f"spread plus theirs and by more than {STRAGGLER_FLOOR:.0%} of the step time."
+)
+
+
+def _steps_time(record: dict) -> float:
+  """A window's seconds less its saves and eval: its steps, their data wait and the report."""
+  return record["window_s"] - record["checkpoint_blocked_s"] - record["eval_s"]
+
+
+def straggler(host: dict, others: list[dict]) -> str | None:
+  """Why `host` (a host_table row) holds the others back, or None. Every host waits for the
+  slowest at each all-reduce, so steps/s is the same on all; a straggler's own input pipeline
+  shows as its data wait, its peers' wait for it as their step time. So: its data-wait share is
+  above the others' mean by more than the spread of its per-report shares plus that of theirs,
+  and by more than STRAGGLER_FLOOR. Without 2 timed reports on it and on another host, no mark."""
+  others = [row for row in others if len(row["shares"]) > 1]
+  if len(host["shares"]) < 2 or not others:
+    return None
+  share = host["data_wait_share"]
+  others_share = statistics.mean(row["data_wait_share"] for row in others)
+  noise = statistics.stdev(host["shares"]) + statistics.stdev(
+    [value for row in others for value in row["shares"]]
+  )
+  if share - others_share <= max(noise, STRAGGLER_FLOOR):
+    return None
+  return (
+    f"its input pipeline: it waits for data {100 * share:.1f}% of its step time, the others "
+    f"{100 * others_share:.1f}% (their wait for it is in their steps)"
+  )
+
+
 def host_table(records: dict[int, list[dict]]) -> list[dict]:
+  """One row per host: its steps/s and data-wait share over its reports (saves and evals apart),
+  the per-report shares, and `straggler`: why it holds the others back, or None."""
   rows = []
   for process, host in sorted(records.items()):
     start = host[0]
-    reports = [r for r in host if r["event"] == "report"]
-    seconds = sum(r["window_s"] for r in reports)
-    steps = sum(r["steps"] for r in reports)
+    timed = [r for r in host if r["event"] == "report" and r["steps"] and _steps_time(r) > 0]
+    seconds = sum(_steps_time(r) for r in timed)
     rows.append(
       {
         "process": process,
         "hostname": start["hostname"],
         "devices": start["devices"],
-        "steps_per_sec": steps / seconds if seconds else float("nan"),
-        "data_wait_share": sum(r["data_wait_s"] for r in reports) / seconds if seconds else 0.0,
-        "last_step": max((r["step"] for r in reports), default=start["first_step"]),
+        "steps_per_sec": sum(r["steps"] for r in timed) / seconds if seconds else math.nan,
+        "data_wait_share": sum(r["data_wait_s"] for r in timed) / seconds if seconds else 0.0,
+        "shares": [r["data_wait_s"] / _steps_time(r) for r in timed],
+        "last_step": max(
+          (r["step"] for r in host if r["event"] == "report"), default=start["first_step"]
+        ),
       }
     )
-  measured = [row for row in rows if not math.isnan(row["steps_per_sec"])]
-  slowest = min(measured, key=lambda row: row["steps_per_sec"]) if len(measured) > 1 else None
   for row in rows:
-    row["slowest"] = row is slowest
+    row["straggler"] = straggler(row, [other for other in rows if other is not row])
   return rows
+
+
+def restart_steps(records: dict[int, list[dict]]) -> list[int]:
+  """The steps at which a start after a host's first one began."""
+  return sorted({run[0]["first_step"] for host in records.values() for run in segments(host)[1:]})
+
+
+def throughput_lines(records: dict[int, list[dict]]) -> tuple[dict[int, list[list[tuple]]], list]:
+  """What throughput.png draws: per host, one line per start of (seconds since the first process
+  started, steps/s, examples/s) points, and the seconds at which each restart's first process
+  started. A line never joins two starts: the time between them is a gap."""
+  t0 = min(_process_start(segments(host)[0]) for host in records.values())
+  lines = {
+    process: [
+      [
+        (r["time"] - t0, r["steps_per_sec"], r["examples_per_sec"])
+        for r in run
+        if r["event"] == "report" and "steps_per_sec" in r
+      ]
+      for run in segments(host)
+    ]
+    for process, host in sorted(records.items())
+  }
+  restarts = {}
+  for host in records.values():
+    for run in segments(host)[1:]:
+      at = _process_start(run) - t0
+      restarts[run[0]["first_step"]] = min(restarts.get(run[0]["first_step"], at), at)
+  return lines, sorted(restarts.values())
+
+
+def _mark_restarts(axis, positions: list[float]) -> None:
+  """A dashed line at each restart, labelled inside the top of the frame."""
+  for position in positions:
+    axis.axvline(position, color="grey", linestyle="--", linewidth=1)
+    axis.annotate(
+      "restart",
+      (position, 1),
+      xycoords=("data", "axes fraction"),
+      xytext=(2, -3),
+      textcoords="offset points",
+      rotation=90,
+      ha="left",
+      va="top",
+      fontsize=8,
+      color="grey",
+    )
+
+
+def _plot_starts(axis, process: int, lines: list[list[tuple]], color: str) -> None:
+  """One host's lines, one per start, in one color and under one legend label."""
+  for index, points in enumerate(lines):
+    axis.plot(
+      [p[0] for p in points],
+      [p[1] for p in points],
+      ".-",
+      color=color,
+      label=f"process {process}" if index == 0 else None,
+    )
 
 
 def plots(
@@ -142,22 +241,8 @@ def plots(
 ) -> list[str]:
   """Writes the PNGs into `out`; returns their file names. `table` is host_table(records)."""
   files = []
-  restarts = sorted(
-    {run[0]["first_step"] for host in records.values() for run in segments(host)[1:]}
-  )
-
-  def mark_restarts(axis):
-    for step in restarts:
-      axis.axvline(step, color="grey", linestyle="--", linewidth=1)
-      axis.annotate(
-        "restart",
-        (step, 1),
-        xycoords=("data", "axes fraction"),
-        rotation=90,
-        va="top",
-        fontsize=8,
-        color="grey",
-      )
+  restarts = restart_steps(records)
+  colors = {process: f"C{index % 10}" for index, process in enumerate(sorted(records))}
 
   def save(figure, name):
     figure.tight_layout()
@@ -167,61 +252,71 @@ def plots(
     plt.close(figure)
     files.append(name)
 
-  train = [r for r in metrics if "loss" in r]
-  evals = [r for r in metrics if "eval_loss" in r]
+  # A step re-done after a kill appears again in metrics.jsonl: its last row is the one that counts.
+  train = sorted({r["step"]: r for r in metrics if "loss" in r}.values(), key=lambda r: r["step"])
+  evals = sorted(
+    {r["step"]: r for r in metrics if "eval_loss" in r}.values(), key=lambda r: r["step"]
+  )
   figure, axis = plt.subplots(figsize=(7, 4))
   axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
   if evals:
     axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
   axis.set(xlabel="step", ylabel="loss", title="Loss")
-  mark_restarts(axis)
+  _mark_restarts(axis, restarts)
   axis.legend()
   save(figure, "loss.png")
 
+  lines, restart_seconds = throughput_lines(records)
   figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-  for process, host in sorted(records.items()):
-    reports = [r for r in host if r["event"] == "report" and "steps_per_sec" in r]  # Timed ones.
-    t0 = host[0]["time"]
-    top.plot(
-      [r["time"] - t0 for r in reports],
-      [r["steps_per_sec"] for r in reports],
-      ".-",
-      label=f"process {process}",
+  for process, starts in lines.items():
+    _plot_starts(
+      top, process, [[(t, rate) for t, rate, _ in run] for run in starts], colors[process]
     )
-    bottom.plot(
-      [r["time"] - t0 for r in reports],
-      [r["examples_per_sec"] for r in reports],
-      ".-",
-      label=f"process {process}",
+    _plot_starts(
+      bottom,
+      process,
+      [[(t, examples) for t, _, examples in run] for run in starts],
+      colors[process],
     )
   top.set(ylabel="steps/s", title="Throughput")
-  bottom.set(xlabel="seconds since the first start", ylabel="examples/s")
+  bottom.set(xlabel="seconds since the first process started", ylabel="examples/s")
+  for axis in (top, bottom):
+    _mark_restarts(axis, restart_seconds)
   top.legend(fontsize=8)
   save(figure, "throughput.png")
 
   figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
-  names = [f"{r['process']}{' (slowest)' if r['slowest'] else ''}" for r in table]
+  names = [f"{r['process']}{' (straggler)' if r['straggler'] else ''}" for r in table]
+  positions = range(len(table))
   left.bar(
-    names,
+    positions,
     [r["steps_per_sec"] for r in table],
-    color=["tab:red" if r["slowest"] else "tab:blue" for r in table],
+    color=["tab:red" if r["straggler"] else "tab:blue" for r in table],
   )
   left.set(xlabel="process", ylabel="steps/s", title="Speed per host")
-  right.bar(names, [100 * r["data_wait_share"] for r in table], color="tab:orange")
-  right.set(xlabel="process", ylabel="% of time", title="Waiting for data per host")
+  right.bar(
+    positions,
+    [100 * r["data_wait_share"] for r in table],
+    color=["tab:red" if r["straggler"] else "tab:orange" for r in table],
+  )
+  right.set(xlabel="process", ylabel="% of step time", title="Waiting for data per host")
+  for axis in (left, right):
+    axis.set_xticks(positions, names)
   save(figure, "hosts.png")
 
   figure, axis = plt.subplots(figsize=(7, 3.5))
   for process, host in sorted(records.items()):
-    reports = [r for r in host if r["event"] == "report"]
-    axis.plot(
-      [r["step"] for r in reports],
-      [r["checkpoint_blocked_s"] for r in reports],
-      ".-",
-      label=f"process {process}",
+    _plot_starts(
+      axis,
+      process,
+      [
+        [(r["step"], r["checkpoint_blocked_s"]) for r in run if r["event"] == "report"]
+        for run in segments(host)
+      ],
+      colors[process],
     )
   axis.set(xlabel="step", ylabel="seconds", title="Time blocked by checkpoint saves per report")
-  mark_restarts(axis)
+  _mark_restarts(axis, restarts)
   axis.legend(fontsize=8)
   save(figure, "checkpoints.png")
   return files
@@ -264,16 +359,23 @@ def build(location: str) -> str:
     "",
     "## Per host",
     "",
-    "| process | hostname | devices | steps/s | data-wait share | last step |",
+    "| process | hostname | devices | steps/s | data-wait share of step time | last step |",
     "| --- | --- | ---: | ---: | ---: | ---: |",
   ]
   for row in table:
-    mark = " **slowest**" if row["slowest"] else ""
+    mark = " **straggler**" if row["straggler"] else ""
     lines.append(
       f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | "
       f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
       f"{row['last_step']} |"
     )
+  if len(table) > 1:
+    marks = [
+      f"Process {row['process']} is a straggler; the cause: {row['straggler']}."
+      for row in table
+      if row["straggler"]
+    ]
+    lines += ["", *(marks or [STRAGGLER_RULE])]
   lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
   path = out / "report.md"
   storage.write_text(path, "\n".join(lines) + "\n")
