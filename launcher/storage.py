@@ -20,16 +20,18 @@ import errno
 import io
 import json
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
 import socket
+import struct
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent import futures
 
@@ -46,7 +48,8 @@ from launcher.errors import (
 )
 
 SCHEMES = ("gs",)  # Besides plain local paths.
-STORAGE_TIMEOUT_S = 120.0  # --storage_timeout_seconds: how long remote storage may not answer.
+STORAGE_TIMEOUT_S = 120.0  # --storage_timeout_seconds: how long remote storage may be silent.
+CLIENT_SETUP_TIMEOUT_S = 60.0  # The silence allowed before the storage first answers a process.
 SHARED_WORKDIR_TIMEOUT_S = 10.0  # How long a process looks for process 0's token in the workdir.
 
 
@@ -98,6 +101,7 @@ def path(location: str | os.PathLike) -> epath.Path:
         "letters, digits, '-', '_' or '.', starting and ending with a letter or "
         "digit): write gs://BUCKET/path"
       )
+    _trace_gcs_requests()
     return epath.Path(location)
   return epath.Path(os.path.abspath(location))
 
@@ -106,9 +110,21 @@ def is_remote(p: epath.Path) -> bool:
   return os.fspath(p).startswith("gs://")
 
 
+def _trace_gcs_requests() -> None:
+  """Every gcsfs instance made from now on (orbax's and etils' included) tells `_ANSWERS` of its
+  requests (fsspec's defaults for the gs protocol)."""
+  import fsspec.config  # pylint: disable=import-outside-toplevel
+
+  for protocol in ("gs", "gcs"):
+    options = fsspec.config.conf.setdefault(protocol, {})
+    if "session_kwargs" not in options:
+      options["session_kwargs"] = {"trace_configs": [_ANSWERS.trace_config()]}
+
+
 def _filesystem():
   import fsspec  # pylint: disable=import-outside-toplevel
 
+  _trace_gcs_requests()
   return fsspec.filesystem("gs", token="anon") if _emulated() else fsspec.filesystem("gs")
 
 
@@ -127,30 +143,154 @@ _UNREACHABLE_SIGNS = (
 
 def is_unreachable(error: BaseException) -> bool:
   """Whether `error` (or a cause of it) says the storage could not be reached now (connection
-  refused or reset, a timeout, 408, 429, 5xx), which may pass, rather than that a file is wrong."""
+  refused or reset, a timeout, 408, 429, 5xx), which may pass, rather than that a file is wrong.
+  jax's own runtime errors (a collective with a lost peer, a barrier of the coordination service
+  that orbax waits at inside a bounded call) are never the storage's."""
   from gcsfs import retry  # pylint: disable=import-outside-toplevel
 
+  seen_all = list(causes(error))
+  if any(type(seen).__name__ in ("JaxRuntimeError", "XlaRuntimeError") for seen in seen_all):
+    return False
   return any(
     isinstance(seen, (ConnectionError, TimeoutError))
     or retry.is_retriable(seen)
     or any(sign in str(seen) for sign in _UNREACHABLE_SIGNS)
-    for seen in causes(error)
+    for seen in seen_all
   )
 
 
+class _Answers:
+  """What says the remote storage answers, and whether anything waits on it.
+
+  Progress is counted in bytes on the process's TCP connections to the storage endpoint
+  (TCP_INFO's bytes_acked and bytes_received, sampled by `_Deadlines`): a silent storage moves
+  none (a stopped server's kernel acknowledges at most its receive buffer, once), and traffic to
+  other peers (jax's coordination service, gloo, trackers on other ports) is not counted. Whether
+  a client waits on the storage comes from the clients themselves: gcsfs requests in flight (aiohttp
+  trace hooks on every gcsfs instance, orbax's included) and tensorstore's HTTP requests in flight
+  (its metrics); failed requests (an error, 408/429/5xx) keep the storage "waited on" until bytes
+  move again, so that a storage that refuses connections between retries is silent too."""
+
+  def __init__(self):
+    self.failures = 0
+    self._requests: set[int] = set()
+    self._responses: weakref.WeakSet = weakref.WeakSet()
+    self._lock = threading.Lock()
+
+  def trace_config(self):
+    import aiohttp  # pylint: disable=import-outside-toplevel
+
+    config = aiohttp.TraceConfig()
+
+    async def started(session, context, params):
+      del session, params
+      with self._lock:
+        self._requests.add(id(context))
+
+    async def ended(session, context, params):
+      del session
+      with self._lock:
+        self._requests.discard(id(context))
+        self._responses.add(params.response)
+        self.failures += params.response.status in (408, 429) or params.response.status >= 500
+
+    async def failed(session, context, params):
+      del session, params
+      with self._lock:
+        self._requests.discard(id(context))
+        self.failures += 1
+
+    config.on_request_start.append(started)
+    config.on_request_end.append(ended)
+    config.on_request_exception.append(failed)
+    return config
+
+  def waited_on(self) -> bool:
+    """Whether a gcsfs or tensorstore request is in flight now (a response's body included)."""
+    with self._lock:
+      if self._requests or any(not response.closed for response in list(self._responses)):
+        return True
+    return _tensorstore_metric("/tensorstore/http/active") > 0
+
+  def failed_requests(self) -> int:
+    """Failed requests so far, of gcsfs and tensorstore (retries and 408/429/5xx answers)."""
+    codes = _tensorstore_metric("/tensorstore/http/response_codes", per_code=True)
+    return (
+      self.failures
+      + _tensorstore_metric("/tensorstore/kvstore/gcs/retries")
+      + sum(count for code, count in codes.items() if code in ("408", "429") or code >= "500")
+    )
+
+
+def _tensorstore_metric(name: str, per_code: bool = False):
+  """A counter or gauge of tensorstore (0 when tensorstore is not in use in this process)."""
+  tensorstore = sys.modules.get("tensorstore")
+  metrics = tensorstore.experimental_collect_matching_metrics(name) if tensorstore else []
+  values = [value for metric in metrics if metric["name"] == name for value in metric["values"]]
+  if per_code:
+    return {value["code"]: value.get("value", 0) for value in values}
+  return sum(value.get("value", 0) for value in values)
+
+
+_ANSWERS = _Answers()
+
+
+def _storage_ports() -> set[int]:
+  """The TCP ports of the storage endpoint: an emulator's, else HTTPS's, and a proxy's."""
+  ports = set()
+  for variable in (
+    "STORAGE_EMULATOR_HOST",
+    "TENSORSTORE_GCS_HTTP_URL",
+    "HTTPS_PROXY",
+    "https_proxy",
+  ):
+    url = os.environ.get(variable)
+    if url:
+      parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+      ports.add(parsed.port or (443 if parsed.scheme == "https" else 80))
+  return ports or {443}
+
+
+def _bytes_moved(ports: set[int]) -> dict[str, tuple[int, int]]:
+  """(bytes acknowledged by the peer, bytes received) of each TCP connection of this process to
+  one of `ports`, by socket."""
+  moved = {}
+  for fd in os.listdir("/proc/self/fd"):
+    try:
+      name = os.readlink(f"/proc/self/fd/{fd}")
+      if not name.startswith("socket:"):
+        continue
+      with socket.socket(fileno=os.dup(int(fd))) as connection:
+        if connection.type != socket.SOCK_STREAM or connection.getpeername()[1] not in ports:
+          continue
+        info = connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    except (OSError, ValueError, IndexError, TypeError):
+      continue  # Closed meanwhile, not connected, or not an internet socket.
+    if len(info) >= 136:
+      moved[name] = struct.unpack_from("QQ", info, 120)
+  return moved
+
+
 class _Deadlines:
-  """The remote storage calls in progress and when each must end. Once the trainer sets a bound
-  (`bound_calls`), a thread ends the process with one line and EXIT_STORAGE_UNREACHABLE when a
-  call outlives it: a client retrying for minutes, or a request that never returns. Without a
-  bound (the supervisor, the report) only the clients' own retries apply."""
+  """The remote storage calls in progress, and how long the storage has been silent for them.
+
+  Once the trainer sets a bound (`bound_calls`), a thread ends the process with one line and
+  EXIT_STORAGE_UNREACHABLE when a call waits on a storage that has moved no bytes for the bound
+  (a client retrying for minutes, a request that never returns); a call that moves bytes, however
+  long it takes, is never cut, and a call that waits on something else (a barrier with the other
+  processes inside orbax) is not the storage's silence. Until the storage first answers in this
+  process, the bound is at least CLIENT_SETUP_TIMEOUT_S (credentials, the first connection).
+  Without a bound (the supervisor, the report) only the clients' own retries apply."""
 
   def __init__(self):
     self.seconds: float | None = None
     self.last_error: BaseException | None = None
     self.gave_up: str | None = None  # The line, once the storage was given up on.
-    self._calls: dict[object, tuple[float, str, epath.Path]] = {}
+    self._calls: dict[object, tuple[str, epath.Path]] = {}
     self._condition = threading.Condition()
     self._thread = None
+    self._silent_since = time.monotonic()
+    self._answered = False
 
   def start(self, seconds: float) -> None:
     self.seconds = seconds
@@ -164,13 +304,24 @@ class _Deadlines:
       raise StorageUnreachable(self.gave_up)
     key = object()
     with self._condition:
-      self._calls[key] = (time.monotonic() + (self.seconds or math.inf), what, where)
+      if not self._calls:
+        self._silent_since = time.monotonic()
+      self._calls[key] = (what, where)
       self._condition.notify()
     try:
       yield
     finally:
       with self._condition:
         del self._calls[key]
+
+  def limit(self) -> float:
+    """The silence allowed now: the bound, or the set-up bound until the storage first answered."""
+    seconds = self.seconds or 0.0
+    return seconds if self._answered else max(seconds, CLIENT_SETUP_TIMEOUT_S)
+
+  def silence(self) -> float:
+    """Seconds the storage has been silent while a call waited on it."""
+    return time.monotonic() - self._silent_since
 
   def give_up(self, what: str, where: epath.Path, error: BaseException | None) -> str:
     self.gave_up = self.gave_up or (
@@ -184,14 +335,30 @@ class _Deadlines:
     return self.gave_up
 
   def _watch(self) -> None:
-    with self._condition:
-      while True:
-        now = time.monotonic()
-        soonest = min(self._calls.values(), default=None, key=lambda call: call[0])
-        if soonest is not None and soonest[0] <= now:
+    ports, moved, failures = _storage_ports(), {}, _ANSWERS.failed_requests()
+    while True:
+      with self._condition:
+        while not self._calls:
+          self._condition.wait()
+      time.sleep(min(1.0, max(0.05, (self.seconds or 1.0) / 10)))
+      now_moved, now_failures = _bytes_moved(ports), _ANSWERS.failed_requests()
+      progressed = any(
+        acked > moved.get(name, (0, 0))[0] or received > moved.get(name, (0, 0))[1]
+        for name, (acked, received) in now_moved.items()
+      )
+      moved = now_moved
+      with self._condition:
+        if progressed:
+          self._answered, failures = True, now_failures
+        waiting = (
+          not self._answered or now_failures != failures or _ANSWERS.waited_on()
+        ) and not progressed
+        if not (waiting and self._calls):
+          self._silent_since = time.monotonic()
+        elif self.silence() >= self.limit():
+          what, where = next(iter(self._calls.values()))
           break
-        self._condition.wait(None if soonest is None else min(soonest[0] - now, 3600.0))
-    sys.stderr.write(f"error: {self.give_up(soonest[1], soonest[2], self.last_error)}\n")
+    sys.stderr.write(f"error: {self.give_up(what, where, self.last_error)}\n")
     sys.stderr.flush()
     os._exit(EXIT_STORAGE_UNREACHABLE)  # pylint: disable=protected-access
 
@@ -200,8 +367,8 @@ _DEADLINES = _Deadlines()
 
 
 def bound_calls(seconds: float) -> None:
-  """From now on a remote storage call that has not succeeded within `seconds` (retries
-  included) ends the process with one line and EXIT_STORAGE_UNREACHABLE."""
+  """From now on a remote storage call that waits on a storage silent for `seconds` (no bytes
+  moved, retries included) ends the process with one line and EXIT_STORAGE_UNREACHABLE."""
   _DEADLINES.start(seconds)
 
 
@@ -212,10 +379,11 @@ def gave_up() -> bool:
 
 def call(what: str, where: epath.Path, fn: Callable, *args, retry: bool = True, **kwargs):
   """`fn(*args, **kwargs)`, an operation on the storage of `where`. On remote storage an error
-  that says it cannot be reached now is retried with backoff (1, 2, 4 .. 16 s) within the bound;
-  past it (or at once with `retry=False`, for an operation that must not run twice),
-  StorageUnreachable with the one line. `what` says what the run was doing, for that line."""
-  started, delay = time.monotonic(), 1.0
+  that says it cannot be reached now is retried with backoff (1, 2, 4 .. 16 s) while the storage
+  has been silent for less than the bound; past it (or at once with `retry=False`, for an
+  operation that must not run twice), StorageUnreachable with the one line. `what` says what the
+  run was doing, for that line."""
+  delay = 1.0
   with bounded(what, where):
     while True:
       try:
@@ -225,7 +393,8 @@ def call(what: str, where: epath.Path, fn: Callable, *args, retry: bool = True, 
           not is_remote(where)
           or not is_unreachable(e)
           or not retry
-          or time.monotonic() - started + delay > (_DEADLINES.seconds or 0)
+          or not _DEADLINES.seconds
+          or _DEADLINES.silence() + delay > _DEADLINES.limit()
         ):
           raise  # `bounded` makes an unreachable storage's error StorageUnreachable.
         _DEADLINES.last_error = e
@@ -317,24 +486,41 @@ _REFUSALS = (
 )
 
 
+# A 403 that names a read permission is a read the storage refused, not a write.
+_READ_PERMISSIONS = ("storage.objects.get", "storage.objects.list", "storage.buckets.get")
+
+
 def refusal(error: BaseException, workdir: str, last_checkpoint: int | None) -> str | None:
-  """One line for a write the storage refused, which a restart cannot fix (full, quota,
-  read-only, no permission), or None for any other error."""
+  """One line for a write into the workdir that its storage refused, which a restart cannot fix
+  (full, quota, read-only, no permission), or None for any other error: a read error (a corpus
+  this user may not read, a 403 on storage.objects.get) is never a refused write."""
   for seen in causes(error):
     for errnos, words, what, fix in _REFUSALS:
       if getattr(seen, "errno", None) in errnos or any(word in str(seen) for word in words):
-        where = re.search(r'"(/[^"]+|gs://[^"]+)"', str(seen))
+        quoted = re.search(r'"(/[^"]+|gs://[^"]+)"', str(seen))
+        where = getattr(seen, "filename", None) or (quoted[1] if quoted else None)
+        if (where and not _within(os.fspath(where), workdir)) or any(
+          permission in str(seen) for permission in _READ_PERMISSIONS
+        ):
+          return None
         kept = (
           "no checkpoint was complete yet"
           if last_checkpoint is None
           else f"the checkpoint of step {last_checkpoint} is complete and kept"
         )
         return (
-          f"cannot write {where[1] if where else workdir}: {what} "
+          f"cannot write {where or workdir}: {what} "
           f"({one_line(seen, 200)}){_free_space(workdir)}. The run stopped; {kept}. "
           f"{fix[0].upper()}{fix[1:]}, then run the same command to resume"
         )
   return None
+
+
+def _within(location: str, workdir: str) -> bool:
+  """Whether `location` is `workdir` or below it (gs:// or a local path)."""
+  if "://" not in workdir:
+    location, workdir = os.path.abspath(location), os.path.abspath(workdir)
+  return location == workdir or location.startswith(workdir.rstrip("/") + "/")
 
 
 def _free_space(workdir: str) -> str:
@@ -397,7 +583,7 @@ def read_text(p: epath.Path) -> str | None:
 
 
 class Appender:
-  """An append-only file that one writer adds to: `write` buffers, `flush` makes it durable.
+  """An append-only file: `write` buffers, `flush` makes it durable.
 
   Locally an ordinary append. On GCS each flush hands the buffered bytes to a thread of the file's
   own, which uploads them as a small object next to the file, composes it onto the file's end and
@@ -405,6 +591,8 @@ class Appender:
   file is whole up to its last finished flush after any kill, and a flush costs the new bytes
   plus three requests. Such objects left by a kill are deleted when the file is opened again. A
   file that ends in a partial line (a write torn by a kill) gets its next line on a line of its own.
+  A second writer of the same file (a requeued job while the old one still runs) loses nothing
+  and removes nothing: each flush lands whole after the other's, and one warning says so.
   """
 
   def __init__(self, p: epath.Path):
@@ -413,6 +601,7 @@ class Appender:
     self._buffer = io.BytesIO()
     if self._remote:
       self._fs = _filesystem()
+      self._other_writer_seen = False
       self._name = os.fspath(p)
       self._uploads = futures.ThreadPoolExecutor(1, thread_name_prefix=f"append-{p.name}")
       self._upload: futures.Future | None = None
@@ -467,20 +656,51 @@ class Appender:
   def _append_remote(self, data: bytes) -> None:
     what = f"appending to {self._name}"
     if self._size is None:
-      call(what, self.path, self._fs.pipe_file, self._name, data)
-      self._size = len(data)
-      return
+      try:
+        call(what, self.path, self._fs.pipe_file, self._name, data, mode="create")
+        self._size = len(data)
+        return
+      except FileExistsError:  # Another writer made it meanwhile: append to theirs.
+        self._size = call(what, self.path, self._fs.size, self._name)
     part = f"{self._part_prefix()}{uuid.uuid4().hex}"
-    call(what, self.path, self._fs.pipe_file, part, data)
-    composed = call(what, self.path, self._compose, part, retry=False)
-    size = self._size + len(data)
-    if int(composed["size"]) > size:
+    composed = None
+    for _ in range(3):  # Another writer opening the file deletes parts as leftovers.
+      call(what, self.path, self._fs.pipe_file, part, data)
+      composed = call(what, self.path, self._compose_if_part_exists, part, retry=False)
+      if composed is not None:
+        break
+    if composed is None:
+      raise FileNotFoundError(f"{part} was deleted three times before it could be appended")
+    size, expected = int(composed["size"]), self._size + len(data)
+    if size == expected + len(data) and self._read(what, self._size, size) == data + data:
       # gcsfs retried a compose whose first try had gone through (the answer was lost): the
       # part is on the end twice. Rare; the file is rewritten without the repeat.
-      whole = call(what, self.path, self._fs.cat_file, self._name, start=0, end=size)
+      whole = call(what, self.path, self._fs.cat_file, self._name, start=0, end=expected)
       call(what, self.path, self._fs.pipe_file, self._name, whole)
+      size = expected
+    elif size != expected and not self._other_writer_seen:
+      self._other_writer_seen = True
+      logging.warning(
+        "%s grew by %d bytes that this process did not write: another writer appends to it "
+        "(a requeued job while the old one still runs?); both writers' rows are kept",
+        self._name,
+        size - expected,
+      )
     self._size = size
     call(what, self.path, self._fs.rm_file, part)
+
+  def _read(self, what: str, start: int, end: int) -> bytes:
+    return call(what, self.path, self._fs.cat_file, self._name, start=start, end=end)
+
+  def _compose_if_part_exists(self, part: str) -> dict | None:
+    """`_compose`, or None when `part` is gone (another writer deleted it as a leftover)."""
+    try:
+      return self._compose(part)
+    except Exception:  # pylint: disable=broad-except  # GCS says 404; an emulator, 500.
+      self._fs.invalidate_cache(part)
+      if not self._fs.exists(part):
+        return None
+      raise
 
   def _compose(self, part: str) -> dict:
     """GCS's compose of the file and `part` onto the file; the file's new metadata."""
@@ -585,7 +805,7 @@ def _wait_for_token(token_path: epath.Path, nonce: str, timeout: float) -> bool:
 
 def move(source: epath.Path, destination: epath.Path) -> None:
   """Moves a file or directory (a rename on local disks; a copy and delete of each object on
-  GCS)."""
+  GCS, after which every gcsfs client of this process lists both places afresh)."""
   if is_remote(source):
     call(
       f"moving {source}",
@@ -595,9 +815,20 @@ def move(source: epath.Path, destination: epath.Path) -> None:
       os.fspath(destination),
       recursive=True,
     )
+    forget_listings(source, destination)
     return
   destination.parent.mkdir(parents=True, exist_ok=True)
   os.replace(source, destination)
+
+
+def forget_listings(*paths: epath.Path) -> None:
+  """Drops the cached listings of `paths` (and their parents) from every gcsfs instance of this
+  process: orbax's and etils' have their own, and would go on listing what was moved or deleted."""
+  import gcsfs  # pylint: disable=import-outside-toplevel
+
+  for instance in list(gcsfs.GCSFileSystem._cache.values()):  # pylint: disable=protected-access
+    for p in paths:
+      instance.invalidate_cache(os.fspath(p).removeprefix("gs://"))
 
 
 def copy_tree(source: str, destination: epath.Path) -> None:

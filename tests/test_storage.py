@@ -1,9 +1,12 @@
 """Run directories on every kind of storage: gs:// on a real local GCS emulator, hosts that do not
 share the workdir, and bad storage input."""
 
+import errno
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -352,3 +355,153 @@ def test_paths_of_the_one_layer():
   assert os.fspath(storage.path("relative/dir")) == os.path.abspath("relative/dir")
   assert storage.is_remote(storage.path("gs://bucket/x"))
   assert not storage.is_remote(storage.path("/tmp/x"))
+
+
+def test_a_save_and_restore_longer_than_the_bound_complete_while_bytes_move(gcs, tmp_path):
+  """--storage_timeout_seconds bounds silence, not work: a 196 MB state whose save and restore
+  each take several times the 1 s bound on a healthy bucket saves, commits and resumes."""
+  mirror = gcs.bucket("runs") / "big"
+  args = [
+    CONFIG,
+    "--workdir=gs://runs/big",
+    "--storage_timeout_seconds=1",
+    "--config.hidden_sizes=(4096,4096)",
+    "--config.num_steps=2",
+    "--config.checkpoint_every_steps=2",
+  ]
+  log = tmp_path / "big.log"
+  assert finish(start(launcher_command(*args), log, env=gcs.env), 240) == 0, log_of(log)[-3000:]
+  step = mirror / "checkpoints" / "2"
+  objects = [p for p in step.rglob("*") if p.is_file()]
+  assert (step / "commit_success.txt").exists()
+  assert sum(p.stat().st_size for p in objects) > 150e6
+  saving = (step / "commit_success.txt").stat().st_mtime - min(p.stat().st_mtime for p in objects)
+  # The run continued from it: restored, two more steps, saved again.
+  more = launcher_command(*args, "--config.num_steps=4")
+  assert finish(start(more, log, env=gcs.env), 240) == 0, log_of(log)[-3000:]
+  restoring = float(re.findall(r"restore ([\d.]+) s", log_of(log))[-1])
+  print(f"save {saving:.2f} s, restore {restoring:.2f} s, bound 1 s")
+  assert saving > 2 and restoring > 1.5  # Work, not silence: each well past the bound.
+  assert "resuming from the checkpoint of step 2" in log_of(log) and "error:" not in log_of(log)
+  assert (mirror / "checkpoints" / "4" / "commit_success.txt").exists()
+
+
+def test_a_silent_storage_is_cut_at_the_bound_and_a_barrier_is_not_its_silence(gcs, tmp_path):
+  """A SIGSTOPped emulator (connections accepted, nothing answered) ends a read in one line and
+  exit 69 near the 2 s bound; 4 s spent inside a bounded block that waits on no request (a
+  barrier with the other processes, in orbax) is not the storage's silence."""
+  gcs.bucket("silent")
+  script = (
+    "import sys, time\nfrom launcher import storage\n"
+    "storage.bound_calls(2)\n"
+    "p = storage.path('gs://silent/x')\n"
+    "storage.write_text(p, 'x')\n"
+    "with storage.bounded('waiting for the other processes', p):\n"
+    "  time.sleep(4)\n"
+    "print('waited', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "storage.read_text(p)\n"
+  )
+  process = subprocess.Popen(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    env={**os.environ, **gcs.env},
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert process.stdout.readline() == "waited\n", process.stderr.read()
+    os.kill(gcs._process.pid, signal.SIGSTOP)  # pylint: disable=protected-access
+    stopped = time.monotonic()
+    process.stdin.write("\n")
+    process.stdin.flush()
+    assert process.wait(60) == EXIT_STORAGE_UNREACHABLE
+    silent = time.monotonic() - stopped
+  finally:
+    os.kill(gcs._process.pid, signal.SIGCONT)  # pylint: disable=protected-access
+    process.kill()
+  errors = [line for line in process.stderr.read().splitlines() if line.startswith("error:")]
+  assert errors == [
+    "error: the storage of gs://silent did not answer within --storage_timeout_seconds=2 while "
+    "reading gs://silent/x. The run stopped with exit code 69, which supervisors restart "
+    "(launcher.local --max_restarts, the cluster scripts' MAX_RESTARTS): it resumes from its "
+    "last complete checkpoint once the storage answers"
+  ]
+  assert silent >= 2
+  print(f"cut after {silent:.1f} s of silence")
+
+
+def test_a_damaged_checkpoint_set_aside_on_gs_is_saved_again(gcs, tmp_path):
+  """The newest checkpoint damaged in the bucket: the resume sets it aside, trains from the one
+  before, saves that same step again (orbax lists the bucket afresh) and finishes."""
+  mirror = gcs.bucket("runs") / "damaged"
+  args = [CONFIG, "--workdir=gs://runs/damaged", "--config.checkpoint_every_steps=10"]
+  log = tmp_path / "run.log"
+  assert finish(start(launcher_command(*args, "--config.num_steps=20"), log, env=gcs.env), 180) == 0
+  (mirror / "checkpoints" / "20" / "state" / "_METADATA").write_text("{damaged")
+  assert finish(start(launcher_command(*args), log, env=gcs.env), 180) == 0, log_of(log)[-3000:]
+  assert "the checkpoint of step 20 in gs://runs/damaged/checkpoints cannot be read" in log_of(log)
+  assert "resuming from the checkpoint of step 10" in log_of(log)
+  for saved in (20, 30, 40):
+    assert (mirror / "checkpoints" / str(saved) / "commit_success.txt").exists()
+  assert (mirror / "damaged_checkpoints" / "20" / "state" / "_METADATA").read_text() == "{damaged"
+  assert "Traceback" not in log_of(log)
+
+
+def test_two_writers_of_one_gcs_file_keep_every_row(gcs, tmp_path):
+  """Two Appenders on one file (a requeued job while the old one still runs), flushes
+  interleaved, the second opening while the first's flush may be in flight: every row of both
+  survives, each once, and one warning names the other writer."""
+  gcs.bucket("appends")
+  script = (
+    "from launcher import storage\n"
+    "p = storage.path('gs://appends/two/log.jsonl')\n"
+    "a = storage.Appender(p)\n"
+    "a.write('a0\\n'); a.flush()\n"
+    "b = storage.Appender(p)  # Deletes leftover parts: a's part in flight, maybe.\n"
+    "for i in range(1, 6):\n"
+    "  a.write(f'a{i}\\n'); a.flush(); a._wait_for_upload()\n"
+    "  b.write(f'b{i}\\n'); b.flush(); b._wait_for_upload()\n"
+    "a.close(); b.close()\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    env={**os.environ, **gcs.env},
+    timeout=120,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  rows = (gcs.root / "appends" / "two" / "log.jsonl").read_text().splitlines()
+  assert sorted(rows) == sorted([f"a{i}" for i in range(6)] + [f"b{i}" for i in range(1, 6)])
+  assert result.stderr.count("another writer appends to it") == 2, result.stderr[-2000:]
+  assert [p.name for p in (gcs.root / "appends" / "two").iterdir()] == ["log.jsonl"]
+
+
+def test_read_errors_are_never_a_refused_write_and_a_lost_peer_is_not_the_storage(tmp_path):
+  """`refusal` (exit 74, "cannot write") is for writes into the workdir only; jax's runtime
+  errors (gloo's reset connection of a lost peer, a coordination barrier's deadline) are never
+  "storage did not answer" (69) though their words match a connection error's."""
+  workdir = str(tmp_path / "run")
+  corpus = PermissionError(errno.EACCES, "Permission denied", "/data/corpus/part-0.parquet")
+  assert storage.refusal(corpus, workdir, 20) is None
+  forbidden = OSError(
+    "403 Forbidden: runner@p.iam.gserviceaccount.com does not have storage.objects.get access "
+    'to "gs://corpora/web/part-0.parquet"'
+  )
+  assert storage.refusal(forbidden, "gs://runs/a", 20) is None
+  written = PermissionError(errno.EACCES, "Permission denied", f"{workdir}/metrics.jsonl")
+  assert storage.refusal(written, workdir, 20).startswith(
+    f"cannot write {workdir}/metrics.jsonl: permission denied"
+  )
+  full = OSError(errno.ENOSPC, "No space left on device", f"{workdir}/checkpoints/20/x")
+  assert "the filesystem is full" in storage.refusal(full, workdir, None)
+  for message in (
+    "Gloo AllGather failed: [../gloo/transport/tcp/pair.cc:534] Read error: Connection reset by peer",
+    "DEADLINE_EXCEEDED: Barrier timed out. Id: orbax_save_20. # of tasks that reached the barrier: 1",
+  ):
+    assert not storage.is_unreachable(jax.errors.JaxRuntimeError(message))
+  assert storage.is_unreachable(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
