@@ -14,6 +14,7 @@ def get_config():
   config.warmup_steps = 20
   config.log_every_steps = 50
   config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
   config.hidden_sizes = (256, 256)  # MLP hidden layers; a tuple: --config.hidden_sizes="(512,512)"
   config.test_examples = 300  # digits held out for eval
   return config

@@ -17,6 +17,7 @@ def get_config():
   config.learning_rate = 0.1
   config.log_every_steps = 10
   config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
   config.x = [1.0, 2.0, 3.0]  # the points, cycled in order
   config.true_w = 2.0  # the data: y = true_w * x + true_b
   config.true_b = 1.5  # the data's intercept

@@ -49,4 +49,5 @@ def get_config(size: str = "small"):
   config.log_every_steps = 50 if size == "tiny" else 100
   config.eval_every_steps = 150 if size == "tiny" else 2000
   config.eval_batches = 0 if size == "tiny" else 20
+  config.checkpoint_every_steps = 100 if size == "tiny" else 1000  # periodic saves within the run
   return config

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from launcher import config as config_lib
 from launcher import console
 from launcher.errors import (
+  EXIT_OUT_OF_MEMORY,
   EXIT_PEER_LOST,
   EXIT_PREEMPTED,
   EXIT_STORAGE,
@@ -27,6 +28,7 @@ from launcher.errors import (
   TransientError,
   UsageError,
   WorkloadError,
+  causes,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -92,8 +94,9 @@ _PEER_TIMEOUT = flags.DEFINE_float(
 _STORAGE_TIMEOUT = flags.DEFINE_float(
   "storage_timeout_seconds",
   120,
-  "How long remote (gs://) storage may not answer, retries "
-  "included, before the run ends (one line, exit 69, which supervisors restart).",
+  "How long remote (gs://) storage may stay silent (no bytes moved while a request waits on "
+  "it), retries included, before the run ends (one line, exit 69, which supervisors restart); "
+  "a save or restore that moves bytes is never cut.",
   lower_bound=1,
 )
 _STEP_TIMEOUT = flags.DEFINE_float(
@@ -129,7 +132,7 @@ def main(argv):
   console.quiet_libraries()
   import jax  # pylint: disable=import-outside-toplevel
 
-  from launcher import cluster, storage, supervise, train, watchdog  # pylint: disable=import-outside-toplevel
+  from launcher import cluster, memory, storage, supervise, train, watchdog  # pylint: disable=import-outside-toplevel
 
   try:
     job = cluster.detect(
@@ -189,11 +192,26 @@ def main(argv):
       print(f"error: {refused}", file=sys.stderr)
       sys.stderr.flush()
       os._exit(EXIT_STORAGE)  # pylint: disable=protected-access
+    if memory.is_out_of_memory(e):  # A restart would ask for the same memory again.
+      print(
+        f"error: {memory.describe_out_of_memory(e, _CONFIG.value)}; exiting with "
+        f"{EXIT_OUT_OF_MEMORY}, which supervisors do not restart",
+        file=sys.stderr,
+      )
+      sys.stderr.flush()
+      os._exit(EXIT_OUT_OF_MEMORY)  # pylint: disable=protected-access
     if isinstance(e, WorkloadError):  # The user's code: its own traceback, headed by the call.
       print(f"error: {e}; its traceback:", file=sys.stderr)
       traceback.print_exception(e.__cause__, file=sys.stderr)
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access
+    if cluster.is_multiprocess() and any(watchdog.is_peer_lost(c) for c in causes(e)):
+      watchdog.exit_peer_lost(  # Outside the loop: a restore, the final save.
+        e,
+        process=f"process {jax.process_index()}/{jax.process_count()}",
+        last_step=supervise.last_step(_WORKDIR.value, jax.process_index()) or 0,
+        last_checkpoint=supervise.last_checkpoint(_WORKDIR.value),
+      )
     if not cluster.is_multiprocess():
       raise
     # jax's exit handler waits for every process at a barrier, and the others wait for this one
@@ -221,7 +239,7 @@ def parse_flags(argv):
       reason = [line for line in message.splitlines() if line.strip()][-1]
       message = f"--config={config_file}: get_config raised {reason}"
     elif "Unknown command line flag" in message:
-      message += ": --help lists the launcher's flags"
+      message = _config_key_hint(message, argv) or f"{message}: --help lists the launcher's flags"
     console.usage_error(message)
   except (AttributeError, KeyError) as e:
     while e.args and isinstance(e.args[0], BaseException):
@@ -235,6 +253,25 @@ def parse_flags(argv):
     )
   except Exception as e:  # pylint: disable=broad-except
     console.usage_error(f"--config={config_file}: loading it raised {type(e).__name__}: {e}")
+
+
+def _config_key_hint(message: str, argv: list[str]) -> str | None:
+  """absl's unknown-flag message, pointing at `--config.num_steps=100` when the flag is a key of
+  the config; None when it is not."""
+  name = re.search(r"Unknown command line flag '(\w+)'", message)
+  config = _CONFIG.value if isinstance(_CONFIG.value, ml_collections.ConfigDict) else {}
+  if not name or name[1] not in (*config_lib.KEYS, *config):
+    return None
+  key = name[1]
+  value = console.flag_value(argv[1:], f"--{key}")
+  if value is None or value.startswith("--"):  # A bare --remat.
+    value = (
+      "True" if isinstance(config.get(key, config_lib.KEYS.get(key, ("",))[0]), bool) else "VALUE"
+    )
+  return (
+    f"Unknown command line flag '{key}': did you mean --config.{key}={value}? (a config key is "
+    "set as --config.KEY=VALUE; --help lists the launcher's flags)"
+  )
 
 
 def entry():

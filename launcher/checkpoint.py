@@ -74,8 +74,9 @@ def digests(tree: Any) -> dict[str, list[int]]:
   """Each array's two 32-bit wrapping sums of its bits, plain and weighted by position, keyed by
   its entry: computed where its shards live, and equal for equal bits in any sharding."""
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
+  devices = sorted({d for leaf in leaves for d in leaf.sharding.device_set}, key=lambda d: d.id)
   everywhere = jax.sharding.NamedSharding(
-    jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec()
+    jax.sharding.Mesh(np.array(devices), ("all",)), jax.sharding.PartitionSpec()
   )
   sums = jax.jit(_bit_sums, out_shardings=everywhere)(list(leaves))
   return {_key(path): [int(a), int(b)] for path, (a, b) in zip(paths, sums.addressable_data(0))}

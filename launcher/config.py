@@ -51,10 +51,10 @@ KEYS = {
   ),
   "compute_dtype": (
     "float32",
-    "float32 or bfloat16 for the loss (the launcher casts params "
-    "and float inputs; a workload builds its layers with this dtype); params, "
-    "gradients and optimizer state stay float32. float16 is refused: it needs "
-    "loss scaling",
+    "the dtype the loss computes in: float32 (the default: no casts), or bfloat16 (the "
+    "launcher casts params and float inputs; a workload builds its layers with this dtype); "
+    "params, gradients and optimizer state stay float32 either way. float16 is refused: it "
+    "needs loss scaling",
   ),
   "compilation_cache_dir": (
     "",

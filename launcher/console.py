@@ -45,18 +45,44 @@ class _Plain(std_logging.Formatter):
     return f"{self.prefix}{level}{super().format(record)}"
 
 
+class _Console(std_logging.Handler):
+  """Progress lines (INFO) on stdout, so that `> log` keeps them (on stderr for a tool whose
+  stdout is its product); warnings and errors on stderr. Each line is flushed as it is written
+  (a pipe to launcher.local keeps their order)."""
+
+  def __init__(self, progress_on_stdout: bool):
+    super().__init__()
+    self._progress_on_stdout = progress_on_stdout
+
+  def emit(self, record):
+    progress = record.levelno < std_logging.WARNING and self._progress_on_stdout
+    stream = sys.stdout if progress else sys.stderr
+    try:
+      stream.write(self.format(record) + "\n")
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except  # A closed console never stops a run.
+      self.handleError(record)
+
+
 _formatter = _Plain()
 
 
-def quiet_libraries() -> None:
-  """Unless --verbosity is 1 or more (absl's own format, every library's lines): plain lines,
-  and other libraries' INFO lines and C++ notices left out."""
+def quiet_libraries(progress_on_stdout: bool = True) -> None:
+  """Unless --verbosity is 1 or more (absl's own format, every library's lines, all on stderr):
+  plain lines, progress on stdout (stderr for a tool that prints its product there) and warnings
+  and errors on stderr, and other libraries' INFO lines and C++ notices left out."""
   if logging.get_verbosity() >= logging.DEBUG:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ INFO and WARNING lines.
-  handler = logging.get_absl_handler()
+  # MLflow logs through its own handler (not the root logger's), at the level this names, read
+  # when mlflow is first imported: its "Creating initial MLflow database tables" lines.
+  os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+  root = std_logging.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  handler = _Console(progress_on_stdout)
   handler.setFormatter(_formatter)
   handler.addFilter(_LibraryNoise())
+  root.addHandler(handler)
   sys.excepthook = _without_closed_loops(sys.excepthook)
   threading.excepthook = _without_closed_loops(threading.excepthook, unpack=True)
   sys.unraisablehook = _without_closed_loops(sys.unraisablehook, unpack=True)

@@ -287,6 +287,12 @@ class Tokenizer:
       return np.frombuffer(data, np.uint8).astype(np.int32)
     return np.asarray(self._load().encode(data.decode("utf-8", errors="ignore")).ids, np.int32)
 
+  def decode(self, tokens) -> str:
+    """The text of `tokens` (a byte sequence that is not UTF-8 shows U+FFFD where it breaks)."""
+    if not self.path:
+      return bytes(np.asarray(tokens, np.uint8)).decode("utf-8", errors="replace")
+    return self._load().decode([int(t) for t in tokens])
+
 
 class Windows:
   """Windows of `seq_len + 1` tokens over records [first, last) of `records` (see the module's

@@ -9,6 +9,7 @@
 | 75 | stopped on a preemption notice with a checkpoint saved | restarts without counting it |
 | 76 | another process of the job was lost (a collective failed), or process 0 could not be reached at the start | restarts |
 | 77 | stuck: no train call finished within --step_timeout_seconds | restarts |
+| 78 | out of memory (a device's or the host's) outside a restore: the line names what was asked for, what there is, and the config keys that reduce it | never restarts |
 | other | a crash (1: a Python exception, the workload's own included; 128+N: killed by signal N) | restarts |
 """
 
@@ -18,6 +19,7 @@ EXIT_STORAGE = 74  # EX_IOERR: the storage refuses writes; a person has to make 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a notice with the work saved; run it again.
 EXIT_PEER_LOST = 76
 EXIT_STUCK = 77
+EXIT_OUT_OF_MEMORY = 78  # EX_CONFIG: the config does not fit the memory; a restart asks again.
 
 
 class UsageError(Exception):

@@ -1,9 +1,14 @@
-"""N launcher processes on this machine, each with its own simulated CPU devices, as one job.
+"""N launcher processes on this machine as one job: one per GPU (or per N GPUs) where the machine
+has NVIDIA GPUs, else each with its own simulated CPU devices.
 
+    python -m launcher.local -- --config=configs/lm.py --workdir=/tmp/run   # a GPU workstation
     python -m launcher.local --num_processes=2 --devices_per_process=4 -- \
-        --config=configs/lm.py:tiny --workdir=/tmp/run
+        --config=configs/lm.py:tiny --workdir=/tmp/run                       # a laptop
 
-Every process joins one `jax.distributed` job over 127.0.0.1 on a free port. Each line a process
+The GPUs are found without starting jax: CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`,
+else /proc/driver/nvidia/gpus; each process gets its own through CUDA_VISIBLE_DEVICES.
+`--platform=cpu` simulates CPU devices on a GPU machine too. Every process joins one
+`jax.distributed` job over 127.0.0.1 on a free port. Each line a process
 prints is shown prefixed with `[process i]` and kept in `--process_logs/process_<i>.log` (default
 `WORKDIR/logs`, or `./logs` for a gs:// workdir: a log is appended line by line, on this machine;
 what a full disk does not take is dropped from it and counted, and the job goes on).
@@ -13,21 +18,46 @@ SIGHUP (a dropped SSH session) are preemption notices: every process saves and s
 runner exits 75 (a second Ctrl-C kills at once). With `--max_restarts=N` a failed job is started
 again, on a fresh port, resuming from its last checkpoint (launcher/supervise.py). The exit code
 is the first failure's (128 + N for a process killed by signal N, as a shell reports it); bad
-input (2) from any process is the job's, never restarted, and names that process.
+input (2) or out of memory (78) from any process is the job's, never restarted, and names that
+process.
 """
 
+import glob
+import importlib.util
+import itertools
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
+from typing import NamedTuple
 
 from absl import flags
 
 from launcher import console, storage, supervise
+from launcher.errors import UsageError
 from launcher.supervise import ProcessGroup, workdir_of
 
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+_PLATFORM = flags.DEFINE_enum(
+  "platform",
+  "auto",
+  ["auto", "gpu", "cpu"],
+  "gpu: one process per --devices_per_process GPUs; cpu: simulated CPU devices; auto: gpu when "
+  "this machine shows NVIDIA GPUs (and JAX_PLATFORMS does not say cpu), else cpu.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes",
+  None,
+  "Processes to start (default: on GPUs, every GPU used; on CPU, 2).",
+  lower_bound=1,
+)
 _DEVICES = flags.DEFINE_integer(
-  "devices_per_process", 4, "Simulated CPU devices of each process.", lower_bound=1
+  "devices_per_process",
+  None,
+  "GPUs of each process (default 1: one process per GPU), or simulated CPU devices of each "
+  "(default 4).",
+  lower_bound=1,
 )
 _GRACE = flags.DEFINE_float(
   "grace_seconds", 30.0, "Seconds a process gets to stop after SIGTERM before SIGKILL."
@@ -43,8 +73,8 @@ _MAX_RESTARTS = flags.DEFINE_integer(
   "max_restarts",
   0,
   "When a process fails, stop them all and start the job again (resuming "
-  "from its last checkpoint) up to this many times; a preemption (exit 75) does not count, bad "
-  "input (exit 2) never restarts.",
+  "from its last checkpoint) up to this many times; a preemption (exit 75) does not count; bad "
+  "input (exit 2), storage that refuses writes (74) and out of memory (78) never restart.",
   lower_bound=0,
 )
 _BACKOFF = flags.DEFINE_float(
@@ -69,17 +99,116 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(process_id: int, num_processes: int, devices: int, port: int) -> dict[str, str]:
-  """The environment of process `process_id`: its simulated devices and its place in the job."""
-  xla_flags = [
-    f
-    for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count")
-  ]
+def find_gpus(environ) -> tuple[list[str], str]:
+  """This machine's NVIDIA GPUs as CUDA_VISIBLE_DEVICES names them, and where that was read:
+  CUDA_VISIBLE_DEVICES when set (empty or -1: none), else `nvidia-smi -L`, else
+  /proc/driver/nvidia/gpus. jax is not started."""
+  if "CUDA_VISIBLE_DEVICES" in environ:
+    visible = [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return list(itertools.takewhile(lambda d: d != "-1", visible)), "CUDA_VISIBLE_DEVICES"
+  nvidia_smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
+  if nvidia_smi:
+    try:
+      listing = subprocess.run(
+        [nvidia_smi, "-L"], capture_output=True, text=True, timeout=30, check=False
+      ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+      listing = ""
+    gpus = re.findall(r"^GPU (\d+):", listing, re.MULTILINE)
+    if gpus:
+      return gpus, "nvidia-smi -L"
+  gpus = glob.glob("/proc/driver/nvidia/gpus/*")
+  return [str(i) for i in range(len(gpus))], "/proc/driver/nvidia/gpus"
+
+
+class Plan(NamedTuple):
+  """Where the job runs: its platform and each process's devices (GPU names, or a count of
+  simulated CPU devices)."""
+
+  platform: str  # "gpu" or "cpu"
+  devices: list  # Per process: the GPUs it sees (CUDA_VISIBLE_DEVICES), or its CPU device count.
+  why: str  # What chose the platform, for the start-up line.
+
+  def describe(self) -> str:
+    count = len(self.devices)
+    if self.platform == "gpu":
+      groups = " | ".join(",".join(group) for group in self.devices)
+      return (
+        f"{count} processes x {len(self.devices[0])} GPU(s) (CUDA_VISIBLE_DEVICES {groups}: "
+        f"{self.why})"
+      )
+    return f"{count} processes x {self.devices[0]} devices (CPU, simulated: {self.why})"
+
+
+def plan(
+  platform: str, gpus: list[str], source: str, environ, num_processes, devices_per_process
+) -> Plan:
+  """The job's platform and each process's devices, from the flags and the GPUs found; a plan
+  that cannot run is a UsageError."""
+  if platform == "auto":
+    if environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+      platform, why = "cpu", "JAX_PLATFORMS=cpu"
+    elif gpus:
+      platform, why = "gpu", f"{len(gpus)} found by {source}"
+    elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+      raise UsageError(
+        "this machine has TPU chips: run python -m launcher directly (one process drives every "
+        "chip of a TPU VM), or pass --platform=cpu for simulated CPU devices"
+      )
+    else:
+      platform, why = "cpu", "no GPU found"
+  else:
+    why = f"--platform={platform}"
+  if platform == "cpu":
+    devices = devices_per_process or 4
+    return Plan("cpu", [devices] * (num_processes or 2), why)
+  per_process = devices_per_process or 1
+  if not gpus:
+    raise UsageError(
+      f"--platform=gpu, but {source} shows no GPU: leave --platform out to simulate CPU devices"
+    )
+  count = num_processes or len(gpus) // per_process
+  if count < 1 or count * per_process > len(gpus):
+    raise UsageError(
+      f"{num_processes or 1} process(es) x --devices_per_process={per_process} GPUs need "
+      f"{max(count, 1) * per_process} GPUs; {source} shows {len(gpus)} ({','.join(gpus)}): "
+      "ask for fewer, or pass --platform=cpu to simulate CPU devices"
+    )
+  return Plan("gpu", [gpus[i * per_process : (i + 1) * per_process] for i in range(count)], why)
+
+
+def check_cuda_plugin(job: Plan) -> None:
+  """A GPU job needs jax's CUDA plugin (`pip install 'jax[cuda12]'`): without it every process
+  would fail to start its backend. Checked without importing jax."""
+  plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin")
+  if job.platform == "gpu" and not any(importlib.util.find_spec(name) for name in plugins):
+    raise UsageError(
+      f"this machine shows {sum(map(len, job.devices))} GPU(s) to use, but jax has no CUDA "
+      "build: pip install -e '.[cuda]' in this repository, or pip install -U 'jax[cuda12]' (or "
+      "pass --platform=cpu to simulate CPU devices)"
+    )
+
+
+def process_env(
+  process_id: int, num_processes: int, devices: int | list[str], port: int
+) -> dict[str, str]:
+  """The environment of process `process_id`: its devices (a number of simulated CPU devices, or
+  the GPUs it sees) and its place in the job."""
+  if isinstance(devices, int):
+    xla_flags = [
+      f
+      for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    platform = {
+      "XLA_FLAGS": " ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices}"]),
+      "JAX_PLATFORMS": "cpu",
+    }
+  else:
+    platform = {"JAX_PLATFORMS": "cuda", "CUDA_VISIBLE_DEVICES": ",".join(devices)}
   return {
     **os.environ,
-    "XLA_FLAGS": " ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices}"]),
-    "JAX_PLATFORMS": "cpu",
+    **platform,
     "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
     "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
     "JAX_NUM_PROCESSES": str(num_processes),
@@ -90,22 +219,22 @@ def process_env(process_id: int, num_processes: int, devices: int, port: int) ->
 
 def main(argv):
   launcher_args = argv[1:]
-  num_processes, devices = _NUM_PROCESSES.value, _DEVICES.value
   workdir = workdir_of(launcher_args)
+  gpus, source = find_gpus(os.environ) if _PLATFORM.value != "cpu" else ([], "")
+  job = plan(_PLATFORM.value, gpus, source, os.environ, _NUM_PROCESSES.value, _DEVICES.value)
+  check_cuda_plugin(job)
+  num_processes = len(job.devices)
   log_dir = _LOG_DIR.value or (
     "logs" if storage.is_remote(storage.path(workdir)) else os.path.join(workdir, "logs")
   )
 
   def start_job() -> ProcessGroup:
     port = free_port()  # A fresh coordinator for every start.
-    supervise.say(
-      f"[local] {num_processes} processes x {devices} devices, coordinator "
-      f"127.0.0.1:{port}, logs in {log_dir}"
-    )
+    supervise.say(f"[local] {job.describe()}, coordinator 127.0.0.1:{port}, logs in {log_dir}")
     return ProcessGroup(
       [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes,
       log_dir=log_dir,
-      envs=[process_env(i, num_processes, devices, port) for i in range(num_processes)],
+      envs=[process_env(i, num_processes, job.devices[i], port) for i in range(num_processes)],
       grace=_GRACE.value,
       prefix="[local]",
     )

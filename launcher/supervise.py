@@ -16,9 +16,22 @@ from collections.abc import Callable
 
 from launcher import console, storage
 from launcher import workdir as workdir_lib
-from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UsageError
+from launcher.errors import (
+  EXIT_OUT_OF_MEMORY,
+  EXIT_PEER_LOST,
+  EXIT_PREEMPTED,
+  EXIT_STORAGE,
+  EXIT_USAGE,
+  UsageError,
+)
 
 MAX_BACKOFF_S = 60.0
+# Exits that a restart would only repeat, and what each says (launcher/errors.py).
+NOT_RESTARTED = {
+  EXIT_USAGE: "bad input",
+  EXIT_STORAGE: "its storage refused to write",
+  EXIT_OUT_OF_MEMORY: "out of memory (its line above says what to change)",
+}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -103,8 +116,9 @@ class ProcessGroup:
   failure ends the rest. Also used by scripts/tpu/pod.py for the workers of a pod slice.
 
   `first_failure` is (index, Popen return code) of the first process that failed, once one has;
-  a process that exited 2 (bad input) by the time the others stopped takes its place, since the
-  others' exits (76, a signal) were their reaction to it.
+  a process that exited with a code no restart fixes (2 bad input, 74, 78 out of memory) by the
+  time the others stopped takes its place, since the others' exits (76, a signal) were their
+  reaction to it.
   """
 
   def __init__(
@@ -150,10 +164,11 @@ class ProcessGroup:
     """Waits for every process; the first to fail ends the others. Returns the group's exit code."""
     while True:
       codes = [p.poll() for p in self.processes]
-      # Seen in one poll, bad input is the cause and a lost-peer exit the others' reaction.
+      # Seen in one poll, bad input (or out of memory) is the cause and a lost-peer exit the
+      # others' reaction.
       failed = sorted(
         ((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
-        key=lambda failure: (failure[1] != EXIT_USAGE, failure[1] == EXIT_PEER_LOST),
+        key=lambda failure: (failure[1] not in NOT_RESTARTED, failure[1] == EXIT_PEER_LOST),
       )
       if failed:
         self.first_failure = i, code = failed[0]
@@ -161,9 +176,10 @@ class ProcessGroup:
         # A preempted job saves and exits by itself; after a crash the rest cannot save (every
         # save needs every process), so they get a short grace.
         codes = self.stop(self.grace if code == EXIT_PREEMPTED else min(self.grace, 5.0))
-        if code != EXIT_USAGE and EXIT_USAGE in codes:  # Bad input one process saw is the verdict.
-          self.first_failure = i, code = codes.index(EXIT_USAGE), EXIT_USAGE
-          say(f"{self._prefix} {self._name} {i} {describe_exit(code)}: it saw bad input")
+        verdict = next((c for c in codes if c in NOT_RESTARTED), None)
+        if code not in NOT_RESTARTED and verdict is not None:  # What one process saw decides.
+          self.first_failure = i, code = codes.index(verdict), verdict
+          say(f"{self._prefix} {self._name} {i} {describe_exit(code)}: {NOT_RESTARTED[code]}")
         return shell_code(code)
       if all(c == 0 for c in codes):
         self._drain()
@@ -278,7 +294,8 @@ def supervise(
   """Runs the job until it succeeds; restarts it after a failure at most `max_restarts` times.
 
   A preemption exit (75) restarts without counting, with the same backoff, at most
-  `max_preemptions_per_hour` times an hour; bad input (2) never restarts. Each restart is one
+  `max_preemptions_per_hour` times an hour; bad input (2), storage that refuses writes (74) and
+  out of memory (78) never restart. Each restart is one
   line (with the step and checkpoint read from `workdir`, when given); when the restarts run
   out, a summary of the first failure, and its exit code.
 
@@ -324,9 +341,8 @@ def supervise(
     failure = f"{name} {process} {describe_exit(raw)}"
     if workdir is not None:
       failure += f" at step {step}" if step is not None else " before its first step"
-    if code in (EXIT_USAGE, EXIT_STORAGE):
-      cause = "bad input" if code == EXIT_USAGE else "its storage refused to write"
-      say(f"{prefix} {failure}: {cause}, which a restart cannot fix; not restarting")
+    if code in NOT_RESTARTED:
+      say(f"{prefix} {failure}: {NOT_RESTARTED[code]}, which a restart cannot fix; not restarting")
       return code
     if code == EXIT_PREEMPTED and max_restarts:
       now = time.monotonic()

@@ -12,6 +12,7 @@ thread of their own, retried for RETRY_S, then dropped with one warning; W&B's c
 asynchronous itself.
 """
 
+import importlib.util
 import json
 import os
 import queue
@@ -57,6 +58,16 @@ def names(spec: str) -> list[str]:
           f"config.trackers names {name}, which is not installed: pip install -e "
           f"'.[{name}]' (or leave it out of config.trackers)"
         ) from None
+  if (
+    "mlflow" in chosen
+    and not os.environ.get("MLFLOW_TRACKING_URI")
+    and importlib.util.find_spec("sqlalchemy") is None
+  ):
+    raise UsageError(
+      "config.trackers names mlflow without MLFLOW_TRACKING_URI, so the run would log into a "
+      "SQLite store in the workdir (mlflow.db), which needs the full MLflow: pip install mlflow "
+      "(the [mlflow] extra is its client alone), or set MLFLOW_TRACKING_URI to a tracking server"
+    )
   return [name for name in chosen if name != "none"]
 
 
@@ -164,18 +175,26 @@ class _TrackerWriter(MetricWriter):
 
 
 class MlflowWriter(_TrackerWriter):
-  """One MLflow run per training run, on the server of MLFLOW_TRACKING_URI (mlflow's default
-  when unset): experiment `experiment`, run name `run_name`. `run_id` is the stored run to
-  continue; one the server does not have (deleted, or another server's) is replaced by a fresh
-  run with one warning. `self.run_id` is the run it logs into, for trackers.json."""
+  """One MLflow run per training run, in the store of `tracking_uri` (mlflow_uri's): experiment
+  `experiment`, run name `run_name`. `run_id` is the stored run to continue; one the store does
+  not have (deleted, or another store's) is replaced by a fresh run with one warning.
+  `self.run_id` is the run it logs into, for trackers.json."""
 
-  def __init__(self, run_id: str | None, *, experiment: str, run_name: str, params: dict[str, str]):
+  def __init__(
+    self,
+    run_id: str | None,
+    *,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, str],
+  ):
     # One try per request, of at most 10 s: the retrying is _Background's, off the loop.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
 
-    self._client = MlflowClient()
+    self._client = MlflowClient(tracking_uri)
     self._began = _now()
     run, gone = self._stored_run(run_id) if run_id else (None, None)
     logged, tags = {}, {}  # The run's parameters so far; tags to add for the previous start.
@@ -191,7 +210,7 @@ class MlflowWriter(_TrackerWriter):
           "later starts continue",
           run_id,
           gone,
-          _mlflow_uri(),
+          tracking_uri,
           run.info.run_id,
         )
       self.start = 1
@@ -342,13 +361,23 @@ def open_writers(
   run_name = os.fspath(workdir).rstrip("/").rsplit("/", 1)[-1]
   opened = {}
   if "mlflow" in tracker_names:
+    uri = mlflow_uri(workdir)
+
+    def open_mlflow() -> MlflowWriter:
+      if uri is None:
+        raise _NoStore(
+          "MLFLOW_TRACKING_URI is unset, and a gs:// workdir cannot hold MLflow's SQLite store"
+        )
+      return MlflowWriter(
+        run_ids.get("mlflow"),
+        tracking_uri=uri,
+        experiment=experiment,
+        run_name=run_name,
+        params=params,
+      )
+
     opened["mlflow"] = _opened(
-      "mlflow",
-      lambda: MlflowWriter(
-        run_ids.get("mlflow"), experiment=experiment, run_name=run_name, params=params
-      ),
-      where=f" at {_mlflow_uri()}",
-      remedy=_mlflow_remedy,
+      "mlflow", open_mlflow, where=f" at {uri}" if uri else "", remedy=_mlflow_remedy
     )
   if "wandb" in tracker_names:
     directory = os.environ.get("WANDB_DIR") or (
@@ -401,10 +430,16 @@ class _DeletedExperiment(Exception):
   """The run's MLflow experiment is deleted: no run can be made in it."""
 
 
+class _NoStore(Exception):
+  """No MLflow store is named, and the workdir cannot hold one."""
+
+
 def _mlflow_remedy(error: Exception) -> str:
   """What to do when MLflow's run could not be opened with `error`."""
   if isinstance(error, _DeletedExperiment):
     return "restore it (`mlflow experiments restore`) or name another with --config.experiment"
+  if isinstance(error, _NoStore):
+    return "set MLFLOW_TRACKING_URI to a tracking server (http://...) that every start can reach"
   return "check that the server of MLFLOW_TRACKING_URI answers"
 
 
@@ -429,7 +464,11 @@ def _now() -> str:
   return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
-def _mlflow_uri() -> str:
-  import mlflow  # pylint: disable=import-outside-toplevel
-
-  return mlflow.get_tracking_uri()
+def mlflow_uri(workdir: epath.Path) -> str | None:
+  """The MLflow store a run logs into: MLFLOW_TRACKING_URI, else a SQLite file in a local
+  workdir, sqlite:///WORKDIR/mlflow.db (`mlflow ui --backend-store-uri` with it shows the run);
+  None for a gs:// workdir without MLFLOW_TRACKING_URI (GCS cannot hold a SQLite file)."""
+  uri = os.environ.get("MLFLOW_TRACKING_URI")
+  if uri or storage.is_remote(workdir):
+    return uri or None
+  return f"sqlite:///{os.path.abspath(os.fspath(workdir_lib.mlflow_store(workdir)))}"

@@ -77,6 +77,7 @@ def run(
       jax.local_device_count(),
       config.grad_accum_steps,
     )
+    freshness = workdir_lib.freshness(workdir) if layout.process_index == 0 else None
     storage.check_workdir(
       workdir_lib.token_file(workdir), layout.process_index, layout.process_count
     )
@@ -92,27 +93,32 @@ def run(
     if client is not None
     else None
   )
-  with _timed(parts, "init"):
-    executor, loss_fn, tx, fresh, state_target = _build(config, workload)
-  data_record = checkpoint_lib.data_record(config, workload, layout.global_batch_size)
-  checkpoints, state = _resume_or_start(config, workdir, data_record, fresh, state_target, parts)
-  first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
-  if first_step >= config.num_steps:
-    _say_already_finished(workdir, first_step, config.num_steps)
-    checkpoints.close()
-    return state
-  if (config.num_steps - first_step) % k:
-    raise UsageError(
-      f"the run resumes at step {first_step}, from which config.num_steps="
-      f"{config.num_steps} is not reached in whole calls of "
-      f"config.steps_per_call={k}: use the steps_per_call it was saved with"
-    )
-  with _timed(parts, "first batch"):
-    example_batch, train_batches, workload_metric_names = _open_train_data(
-      config, workload, layout, loss_fn, state, executor, first_step
-    )
-    if config.eval_every_steps:
-      _check_eval_data(config, workload, layout)
+  try:  # Bad input found before the run's first write leaves a fresh workdir as it was.
+    with _timed(parts, "init"):
+      executor, loss_fn, tx, fresh, state_target = _build(config, workload)
+    data_record = checkpoint_lib.data_record(config, workload, layout.global_batch_size)
+    checkpoints, state = _resume_or_start(config, workdir, data_record, fresh, state_target, parts)
+    first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
+    if first_step >= config.num_steps:
+      _say_already_finished(workdir, first_step, config.num_steps)
+      checkpoints.close()
+      return state
+    if (config.num_steps - first_step) % k:
+      raise UsageError(
+        f"the run resumes at step {first_step}, from which config.num_steps="
+        f"{config.num_steps} is not reached in whole calls of "
+        f"config.steps_per_call={k}: use the steps_per_call it was saved with"
+      )
+    with _timed(parts, "first batch"):
+      example_batch, train_batches, workload_metric_names = _open_train_data(
+        config, workload, layout, loss_fn, state, executor, first_step
+      )
+      if config.eval_every_steps:
+        _check_eval_data(config, workload, layout)
+  except UsageError:
+    if freshness:
+      workdir_lib.remove_first_writes(workdir, freshness)
+    raise
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
     storage.write_text(workdir_lib.config_file(workdir), config.to_json(indent=2))
   say = logging.info if layout.process_index == 0 else logging.debug  # Facts of the whole job.
@@ -422,32 +428,24 @@ def _report_writer(
     peak_flops=peak * layout.global_device_count if peak else None,
     profile_first_step=config.profile_first_step,
     started=started,
+    job=f"{cluster.describe()}; {layout.process_count} process(es), "
+    f"{layout.global_device_count} devices",
+    config_json=config.to_json(indent=2),
     tensorboard="tensorboard" in tracker_names,
     trackers=_trackers(config, workdir, layout, tracker_names),
   )
 
 
 def _trackers(config, workdir, layout, tracker_names) -> list:
-  """Process 0's MLflow and W&B writers, the config as their run's parameters and the job as a
-  tag; none elsewhere."""
+  """Process 0's MLflow and W&B writers, the config as their run's parameters; none elsewhere."""
   if layout.process_index != 0:
     return []
-  writers = trackers.open_writers(
+  return trackers.open_writers(
     tracker_names,
     workdir,
     experiment=config.experiment or config.workload,
     params=trackers.flatten(config),
   )
-  for writer in writers:
-    writer.write_texts(
-      0,
-      {
-        "job": f"{cluster.describe()}; {layout.process_count} process(es), "
-        f"{layout.global_device_count} devices",
-        "workdir": str(workdir),
-      },
-    )
-  return writers
 
 
 class Due(NamedTuple):
@@ -490,17 +488,15 @@ def _say_finished(workdir, num_steps: int, scalars: dict[str, float], seconds: f
 
 
 def _say_already_finished(workdir, step_number: int, num_steps: int) -> None:
-  more = (
-    f"; config.num_steps={num_steps} asks for no more (raise it to train on)"
-    if num_steps < step_number
-    else ""
-  )
+  """A workdir whose checkpoint reached config.num_steps: how to train on from it instead."""
   logging.info(
-    "the run in %s already finished: its checkpoint is at step %d%s. Nothing to do; "
-    "see it with: python -m launcher.report %s, or train again with another --workdir",
+    "the run in %s already finished: its checkpoint is at step %d and config.num_steps is %d. "
+    "To train on from it, raise --config.num_steps (e.g. --config.num_steps=%d); to see it: "
+    "python -m launcher.report %s; a fresh run needs another --workdir",
     workdir,
     step_number,
-    more,
+    num_steps,
+    2 * step_number,
     workdir,
   )
 

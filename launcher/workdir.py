@@ -6,8 +6,12 @@
       hosts/process_<i>.jsonl     each process's own records: starts, reports, ends
       checkpoints/<step>/         orbax checkpoints: `state` and `data` items
       damaged_checkpoints/<step>  checkpoints that did not read, set aside on restore
-      events.out.tfevents.*       TensorBoard (process 0), and plugins/profile/ when profiled
+      events.out.tfevents.*       TensorBoard (process 0), one file per start
+      plugins/profile/            the profile of `config.profile_first_step` (process 0)
       trackers.json               the MLflow / W&B run ids that every start logs into
+      mlflow.db                   MLflow's store when MLFLOW_TRACKING_URI is unset (local workdir)
+      wandb/                      W&B's local files (process 0; local workdir, WANDB_DIR unset)
+      logs/process_<i>.log        each process's output under `python -m launcher.local`
       report/                     what `python -m launcher.report` draws
       .workdir_token              the start-up check that every process sees this directory
 
@@ -50,12 +54,47 @@ def trackers_file(workdir: epath.Path) -> epath.Path:
   return workdir / "trackers.json"
 
 
+def mlflow_store(workdir: epath.Path) -> epath.Path:
+  return workdir / "mlflow.db"
+
+
 def report_dir(workdir: epath.Path) -> epath.Path:
   return workdir / "report"
 
 
 def token_file(workdir: epath.Path) -> epath.Path:
   return workdir / TOKEN_NAME
+
+
+def freshness(workdir: epath.Path) -> str | None:
+  """How fresh a workdir is: "absent" or "empty" when no run has written into it, None when it
+  holds anything (or is not a directory)."""
+
+  def listed() -> str | None:
+    try:
+      return None if any(workdir.iterdir()) else "empty"
+    except FileNotFoundError:
+      return "absent"
+    except NotADirectoryError:
+      return None
+
+  return storage.call(f"listing {workdir}", workdir, listed)
+
+
+def remove_first_writes(workdir: epath.Path, freshness_before: str) -> None:
+  """Takes back what a start wrote into a fresh workdir (`freshness_before` the start) before it
+  stopped on bad input: the token, an empty checkpoints directory, and the workdir itself when it
+  was absent and is empty now. Nothing else is touched."""
+  storage.call(
+    f"removing {token_file(workdir)}", workdir, token_file(workdir).unlink, missing_ok=True
+  )
+  if storage.is_remote(workdir):  # GCS has no directories.
+    return
+  for directory in [checkpoints_dir(workdir), *([workdir] if freshness_before == "absent" else [])]:
+    try:
+      directory.rmdir()
+    except OSError:  # Absent, or not empty: it stays.
+      pass
 
 
 def is_complete_checkpoint(step_dir: epath.Path) -> bool:

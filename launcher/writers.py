@@ -129,12 +129,16 @@ record_writer.register_writer_factory("gs", _AppenderFactory())
 
 class TensorBoardWriter(MetricWriter):
   """CLU's MetricWriter interface over tensorboardX's event encoding, without TensorFlow: one
-  event file in `logdir` (local or gs://), written synchronously, durable at each `flush`.
+  event file per start in `logdir` (local or gs://), written synchronously, durable at each `flush`.
   Scalars are stored as plain scalar values (what `EventAccumulator.Scalars` reads)."""
 
   def __init__(self, logdir: epath.Path):
     record_writer.directory_check(os.fspath(logdir))
-    self._events = event_file_writer.EventsWriter(os.path.join(os.fspath(logdir), "events"))
+    # The file's name has tensorboardX's whole seconds; two starts within one second would share
+    # it (the second overwriting the first) without the nanoseconds after it.
+    self._events = event_file_writer.EventsWriter(
+      os.path.join(os.fspath(logdir), "events"), filename_suffix=f".{time.time_ns()}"
+    )
 
   def _write(self, step: int, summaries) -> None:
     values = [value for summary in summaries for value in summary.value]
@@ -150,7 +154,10 @@ class TensorBoardWriter(MetricWriter):
     )
 
   def write_texts(self, step, texts):
-    self._write(step, [tbx_summary.text(name, text) for name, text in texts.items()])
+    summaries = [tbx_summary.text(name, text) for name, text in texts.items()]
+    for name, summary in zip(texts, summaries):  # Tagged `name`, as by CLU's writer.
+      summary.value[0].tag = name
+    self._write(step, summaries)
 
   def write_histograms(self, step, arrays, num_buckets=None):
     self._write(
@@ -250,6 +257,12 @@ def hms(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def job_text(job: str, workdir: str, config_json: str) -> str:
+  """TensorBoard's `job` text (markdown): the job's layout, the workdir and the resolved config."""
+  config_block = "".join(f"    {line}\n" for line in config_json.splitlines())
+  return f"{job}\n\nworkdir: {workdir}\n\nconfig:\n\n{config_block}"
+
+
 def console_line(step: int, num_steps: int, scalars: dict[str, float], eta_s: float | None) -> str:
   """One report as a person reads it: step, loss, the workload's and eval metrics, speed, ETA."""
   parts = [f"step {step}/{num_steps}"]
@@ -288,11 +301,15 @@ class ReportWriter:
     peak_flops: float | None,
     profile_first_step: int,
     started: float,
+    job: str = "",
+    config_json: str = "",
     tensorboard: bool = True,
     trackers: list[MetricWriter] = (),
   ):
-    """`started`: the time.time() at which the run started; `tensorboard`: whether process 0
-    writes TensorBoard events; `trackers`: process 0's other writers (launcher.trackers)."""
+    """`started`: the time.time() at which the run started; `job`: the job's layout in one line
+    and `config_json` the resolved config, which process 0's writers get once per start (text
+    `job`); `tensorboard`: whether process 0 writes TensorBoard events; `trackers`: process 0's
+    other writers (launcher.trackers)."""
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
     self._num_steps = num_steps
@@ -313,10 +330,15 @@ class ReportWriter:
       first_step=first_step,
       startup_s=startup_s,
     )
-    self._writers = [
-      *([TensorBoardWriter(workdir)] if self._is_main and tensorboard else []),
-      *trackers,
-    ]
+    tensorboard_writer = TensorBoardWriter(workdir) if self._is_main and tensorboard else None
+    self._writers = [*([tensorboard_writer] if tensorboard_writer else []), *trackers]
+    if tensorboard_writer:  # TensorBoard has no run parameters: the config goes into the text.
+      tensorboard_writer.write_texts(
+        first_step, {"job": job_text(job, os.fspath(workdir), config_json)}
+      )
+      tensorboard_writer.flush()
+    for writer in trackers:  # Their run parameters hold the config already.
+      writer.write_texts(first_step, {"job": job, "workdir": os.fspath(workdir)})
     self._jsonl = storage.Appender(workdir_lib.metrics_file(workdir)) if self._is_main else None
     self._profile = None
     if self._is_main and profile_first_step > 0:

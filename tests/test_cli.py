@@ -34,6 +34,7 @@ RUNS = {
     "--config.eval_batches=2",
     "--config.steps_per_call=5",
     "--config.warmup_steps=5",
+    "--config.trackers=tensorboard,mlflow",
   ],
 }
 
@@ -51,8 +52,10 @@ def test_run_trains_and_reports(name, tmp_path):
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["workload"] == name
-  # The console: the launcher's own lines only, one per report, ending with where the run is.
-  lines = result.stderr.strip().splitlines()
+  # The console: the launcher's own lines only, one per report, ending with where the run is,
+  # on stdout (so that `> log` keeps them); nothing on stderr, where warnings and errors go.
+  assert result.stderr == "", result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
   assert lines[0] == "process 0/1 on vm: 8 local / 8 global devices, platform cpu".replace(
     "vm", socket.gethostname()
   )
@@ -74,6 +77,14 @@ def test_run_trains_and_reports(name, tmp_path):
     assert rows[-1]["eval_accuracy"] > 0.8  # chance is 0.1
   if name == "lm":
     assert train_rows[-1]["tokens_per_sec"] > 0
+    again = run_launcher(*RUNS[name], f"--workdir={workdir}")
+    assert again.returncode == 0 and again.stderr == "", again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == (
+      f"the run in {workdir} already finished: its checkpoint is at step 40 and "
+      "config.num_steps is 40. To train on from it, raise --config.num_steps (e.g. "
+      f"--config.num_steps=80); to see it: python -m launcher.report {workdir}; a fresh run "
+      "needs another --workdir"
+    )
 
 
 def test_default_in_flight_bound_survives_hundreds_of_steps(tmp_path):

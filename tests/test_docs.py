@@ -1,6 +1,8 @@
 """The README and the docs site: the site builds without a broken link, every block presented as
 runnable runs as written, and the reference tables are the code's."""
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from launcher import config as config_lib
+from launcher import corpus
 from tests.helpers import REPO, load_params, read_metrics, run_launcher, runnable_block
 
 PAGES = ["README.md"] + sorted(
@@ -25,6 +28,9 @@ RUNNABLE = {
   ("docs/workloads.md", "example-config"): "test_the_example_workload_trains_as_written",
   ("docs/checkpoints.md", "load-params"): "test_the_readmes_workload_trains_as_written",
   ("docs/data.md", "corpus-commands"): "test_the_corpus_commands_run_as_written",
+  ("docs/using-a-model.md", "lm-logits"): "test_the_tokenizer_and_sampling_run_as_written",
+  ("docs/using-a-model.md", "make-tokenizer"): "test_the_tokenizer_and_sampling_run_as_written",
+  ("docs/using-a-model.md", "tokenizer-commands"): "test_the_tokenizer_and_sampling_run_as_written",
 }
 
 
@@ -147,7 +153,7 @@ def test_the_example_workload_trains_as_written(tmp_path):
   assert [row["step"] for row in rows] == [100, 200, 300, 400]
   assert rows[-1]["loss"] < 0.1 * rows[0]["loss"] or rows[-1]["loss"] < 0.01
   assert rows[-1]["eval_abs_error"] < 0.1  # sin(3x) on [-1, 1] spans [-1, 1].
-  assert "finished 400 steps" in result.stderr
+  assert "finished 400 steps" in result.stdout
 
 
 @pytest.mark.slow
@@ -190,3 +196,63 @@ def test_the_corpus_commands_run_as_written(tmp_path):
   rows = read_metrics(str(tmp_path / "my_lm"))
   assert [row["step"] for row in rows] == [10, 20]
   assert rows[-1]["loss"] < rows[0]["loss"] < 5.6 and rows[-1]["eval_loss"] < 5.6  # ln 256 = 5.55.
+
+
+@pytest.mark.slow
+def test_the_tokenizer_and_sampling_run_as_written(tmp_path):
+  """docs/using-a-model.md: a BPE tokenizer made from text files, the lm trained with it on a
+  corpus of them (bounded here to 20 steps) and sampled, and the page's lines that read the
+  next-token logits of that run."""
+  from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+
+  page = "docs/using-a-model.md"
+  (tmp_path / "my_texts").mkdir()
+  for i, name in enumerate(sorted(topics)[:40]):
+    (tmp_path / "my_texts" / f"{i:02d}.txt").write_text(topics[name])
+  made = subprocess.run(
+    [sys.executable, "-c", runnable_block(page, "make-tokenizer").replace("/tmp/", f"{tmp_path}/")],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
+  assert made.returncode == 0, made.stderr[-2000:]
+  tokenizer = corpus.Tokenizer(str(tmp_path / "tokenizer.json"))
+  text = "Return a new  sorted list\n\tof the items: 3.14 élan"
+  assert tokenizer.vocab_size == 2048
+  assert tokenizer.decode(tokenizer.encode(text.encode())) == text
+
+  make, train, sample = [
+    line.replace("/tmp/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
+    for line in runnable_block(page, "tokenizer-commands").strip().splitlines()
+  ]
+  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  for command, timeout in (
+    (make, 120),
+    (f"{train} --config.num_steps=20 --config.log_every_steps=10 --config.eval_every_steps=0", 300),
+  ):
+    done = subprocess.run(
+      command,
+      shell=True,
+      cwd=tmp_path if command is make else REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+  workdir = tmp_path / "my_bpe_lm"
+  assert "bits_per_token" in read_metrics(str(workdir))[-1]
+  sampled = subprocess.run(
+    sample, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+  )
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  assert sampled.stdout.startswith("The list ") and len(sampled.stdout) > len("The list ") + 1
+
+  namespace = {"params": load_params(str(workdir))}
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    exec(runnable_block(page, "lm-logits").replace("/tmp/run", str(workdir)), namespace)  # pylint: disable=exec-used
+  assert namespace["logits"].shape == (1, len(namespace["tokens"]), 2048)
+  assert printed.getvalue() == tokenizer.decode([int(namespace["logits"][0, -1].argmax())]) + "\n"

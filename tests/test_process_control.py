@@ -6,13 +6,29 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from launcher import supervise
-from launcher.errors import EXIT_PEER_LOST, EXIT_PREEMPTED
-from tests.helpers import REPO, children, finish, launcher_command, read_metrics, start, wait_for
+from launcher import local, supervise
+from launcher.errors import (
+  EXIT_OUT_OF_MEMORY,
+  EXIT_PEER_LOST,
+  EXIT_PREEMPTED,
+  EXIT_USAGE,
+  UsageError,
+)
+from tests.helpers import (
+  REPO,
+  children,
+  finish,
+  launcher_command,
+  load_config,
+  read_metrics,
+  start,
+  wait_for,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -223,3 +239,134 @@ def test_preemption_restarts_back_off_and_are_bounded_per_hour(monkeypatch, caps
     == 0
   )
   assert not codes
+
+
+@pytest.mark.slow
+def test_out_of_memory_at_the_first_step_is_one_line_and_never_restarted(tmp_path):
+  # seq_len 16384: attention asks ~130 GiB per device, which XLA on CPU refuses up front.
+  workdir, log = tmp_path / "run", tmp_path / "run.log"
+  runner = start(
+    [
+      *launcher_command(num_processes=2)[:3],
+      "--num_processes=1",
+      "--devices_per_process=8",
+      "--max_restarts=1",
+      "--",
+      "--config=configs/lm.py:tiny",
+      "--config.seq_len=16384",
+      f"--workdir={workdir}",
+    ],
+    str(log),
+  )
+  assert finish(runner, 240) == EXIT_OUT_OF_MEMORY, log.read_text()[-3000:]
+  text = log.read_text()
+  errors = [line for line in text.splitlines() if "error:" in line]
+  assert len(errors) == 1, text
+  host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  asked = re.search(
+    r"\[process 0\] error: out of memory: a device asked for ([\d.]+) GiB; "
+    r"the host has ([\d.]+) GiB, shared by its 8 CPU devices\. To fit, try: "
+    r"--config\.grad_accum_steps=2 \(the per-device batch of 8 in 2 parts: the same updates\), "
+    r"--config\.remat=True .*--config\.compute_dtype=bfloat16, --config\.parallel=fsdp .*"
+    r"exiting with 78, which supervisors do not restart$",
+    errors[0],
+  )
+  assert asked, errors[0]
+  assert float(asked[1]) > float(asked[2]) == round(host / 2**30, 1)
+  assert "Traceback" not in text and "restart 1/1" not in text
+  assert (
+    "out of memory (its line above says what to change), which a restart cannot fix; "
+    "not restarting" in text
+  )
+
+
+def test_out_of_memory_is_told_from_a_full_disk_and_names_the_knobs():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from launcher import memory  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(jax.errors.JaxRuntimeError) as device:
+    jax.jit(lambda: jnp.zeros((2**38,), jnp.float32) + 1)()  # 1 TiB: refused up front.
+  with pytest.raises(MemoryError) as host:
+    bytearray(2**60)
+  assert memory.is_out_of_memory(device.value) and memory.is_out_of_memory(host.value)
+  assert not memory.is_out_of_memory(
+    RuntimeError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+  )
+  line = memory.describe_out_of_memory(
+    device.value, load_config("lm", "tiny", parallel="fsdp", compute_dtype="bfloat16", remat=True)
+  )
+  assert line.startswith("out of memory: a device asked for 1024.0 GiB; the host has "), line
+  assert "remat" not in line and "compute_dtype" not in line and "parallel" not in line, line
+  assert "--config.grad_accum_steps=2 (the per-device batch of 8 in 2 parts" in line, line
+  assert memory.describe_out_of_memory(host.value, load_config("linear")).startswith(
+    "out of memory: in the host's memory (MemoryError); the host has "
+  )
+
+
+def test_the_local_runner_gives_each_process_its_gpus_from_a_listing(tmp_path):
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text(
+    "#!/bin/sh\n"
+    + "".join(f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i}a)'\n" for i in range(4))
+  )
+  fake.chmod(0o755)
+  environ = {"PATH": str(tmp_path)}
+  gpus, source = local.find_gpus(environ)
+  assert (gpus, source) == (["0", "1", "2", "3"], "nvidia-smi -L")
+  job = local.plan("auto", gpus, source, environ, None, 2)
+  assert job.platform == "gpu" and job.devices == [["0", "1"], ["2", "3"]]
+  assert job.describe() == (
+    "2 processes x 2 GPU(s) (CUDA_VISIBLE_DEVICES 0,1 | 2,3: 4 found by nvidia-smi -L)"
+  )
+  env = local.process_env(1, 2, job.devices[1], 1234)
+  assert (env["CUDA_VISIBLE_DEVICES"], env["JAX_PLATFORMS"]) == ("2,3", "cuda")
+  assert (env["JAX_PROCESS_ID"], env["JAX_NUM_PROCESSES"]) == ("1", "2")
+  assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+  assert local.plan("auto", gpus, source, environ, None, None).devices == [
+    ["0"],
+    ["1"],
+    ["2"],
+    ["3"],
+  ]
+  # CUDA_VISIBLE_DEVICES, when set, is the listing; the GPUs it names are the ones handed out.
+  visible = {"CUDA_VISIBLE_DEVICES": "4,5,6", "PATH": str(tmp_path)}
+  assert local.find_gpus(visible) == (["4", "5", "6"], "CUDA_VISIBLE_DEVICES")
+  assert local.plan("gpu", ["4", "5", "6"], "CUDA_VISIBLE_DEVICES", visible, None, 2).devices == [
+    ["4", "5"]
+  ]
+  with pytest.raises(UsageError, match=r"2 process\(es\) x --devices_per_process=2 GPUs need 4"):
+    local.plan("gpu", ["4", "5", "6"], "CUDA_VISIBLE_DEVICES", visible, 2, 2)
+  assert local.find_gpus({"CUDA_VISIBLE_DEVICES": "-1"})[0] == []
+  # Simulated CPU devices only when asked, or when there is no GPU.
+  for platform, environ_cpu in (("cpu", environ), ("auto", {**environ, "JAX_PLATFORMS": "cpu"})):
+    job = local.plan(platform, gpus, source, environ_cpu, None, None)
+    assert job.platform == "cpu" and job.devices == [4, 4], platform
+    env = local.process_env(0, 2, job.devices[0], 1234)
+    assert env["JAX_PLATFORMS"] == "cpu"
+    assert env["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=4")
+  assert local.plan("auto", [], "nvidia-smi -L", {}, 3, 2).describe() == (
+    "3 processes x 2 devices (CPU, simulated: no GPU found)"
+  )
+
+
+@pytest.mark.slow
+def test_the_local_runner_never_falls_back_to_cpu_on_a_gpu_machine_without_cuda_jax(tmp_path):
+  # This jax has no CUDA plugin: GPUs named by CUDA_VISIBLE_DEVICES must not train on the CPU.
+  result = subprocess.run(
+    [sys.executable, "-m", "launcher.local", "--", f"--workdir={tmp_path / 'run'}"],
+    env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "JAX_PLATFORMS": ""},
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+    cwd=REPO,
+  )
+  assert result.returncode == EXIT_USAGE, result.stderr
+  assert result.stderr == (
+    "[local] error: this machine shows 2 GPU(s) to use, but jax has no CUDA build: pip install "
+    "-e '.[cuda]' in this repository, or pip install -U 'jax[cuda12]' (or pass --platform=cpu "
+    "to simulate CPU devices)\n"
+  )
+  assert not (tmp_path / "run").exists()

@@ -183,4 +183,4 @@ def test_compilation_cache_persists_compiled_programs(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(os.listdir(cache)) >= 2  # At least the train call and the state init.
-  assert "time to first step" in result.stderr
+  assert "time to first step" in result.stdout

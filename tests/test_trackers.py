@@ -48,6 +48,16 @@ def test_a_tracker_that_is_not_installed_names_its_extra(monkeypatch):
   ]
 
 
+def test_mlflow_without_a_uri_needs_the_full_mlflow_for_its_store_in_the_workdir(monkeypatch):
+  pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
+  monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+  monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # As with the [mlflow] extra alone.
+  with pytest.raises(UsageError, match=r"pip install mlflow .* or set MLFLOW_TRACKING_URI"):
+    trackers.names("tensorboard,mlflow")
+  monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+  assert trackers.names("tensorboard,mlflow") == ["tensorboard", "mlflow"]
+
+
 def test_the_config_becomes_flat_parameters():
   from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
 
@@ -391,3 +401,58 @@ def test_wandb_offline_keeps_one_run_id_and_every_step_across_a_restart(tmp_path
     {step: losses[step] for step in [*range(1, len(killed) + 1), *range(11, 21)]}
   )
   assert not list(workdir.glob("events.out.tfevents*"))  # trackers=wandb: no TensorBoard.
+
+
+def test_tensorboard_gets_the_job_once_per_start(tmp_path):
+  """TensorBoard's `job` text, read back from the event files: the layout, the workdir and the
+  resolved config, written at each start's first step."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+
+  from launcher import train  # pylint: disable=import-outside-toplevel
+  from tests.test_numbers import numbers_config  # pylint: disable=import-outside-toplevel
+
+  for num_steps in (4, 8):  # A start, then a resume from its final checkpoint.
+    train.run(numbers_config(num_steps=num_steps, warmup_steps=2), str(tmp_path))
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  texts = [
+    (event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors("job")
+  ]
+  assert [step for step, _ in texts] == [0, 4]
+  for step, text in texts:
+    layout, workdir, config = text.split("\n\n", 2)
+    assert layout.startswith("process 0/1 on ") and layout.endswith("; 1 process(es), 8 devices")
+    assert workdir == f"workdir: {tmp_path}"
+    config = json.loads(config.removeprefix("config:\n\n").replace("\n    ", "\n"))
+    assert config["num_steps"] == (4 if step == 0 else 8) and config["batch_size"] == 32
+
+
+@pytest.mark.slow  # In-process, but MLflow's first SQLite store takes ~15 s to set up here.
+def test_mlflow_without_a_uri_logs_into_the_workdir(tmp_path, monkeypatch):
+  """With MLFLOW_TRACKING_URI unset the run goes to WORKDIR/mlflow.db, which MLflow's own client
+  reads back; nothing lands in the directory the launcher was started from."""
+  pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
+  from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
+  from launcher import train  # pylint: disable=import-outside-toplevel
+  from tests.test_numbers import numbers_config  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+  for name, value in [
+    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+    ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+  ]:
+    monkeypatch.setenv(name, value)  # What MlflowWriter sets, kept to this test.
+  started_in, workdir = tmp_path / "cwd", tmp_path / "run"
+  started_in.mkdir()
+  monkeypatch.chdir(started_in)
+  train.run(numbers_config(trackers="mlflow", experiment="local"), str(workdir))
+  assert trackers.mlflow_uri(workdir) == f"sqlite:///{workdir}/mlflow.db"
+  client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+  (run,) = client.search_runs([client.get_experiment_by_name("local").experiment_id])
+  assert run.info.run_name == "run" and run.info.status == "FINISHED"
+  losses = {row["step"]: row["loss"] for row in read_metrics(workdir)}
+  history = client.get_metric_history(run.info.run_id, "loss")
+  assert {metric.step: metric.value for metric in history} == pytest.approx(losses)
+  assert list(started_in.iterdir()) == []
+  assert trackers.mlflow_uri(epath.Path("gs://bucket/run")) is None

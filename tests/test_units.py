@@ -1,6 +1,9 @@
 """Unit tests of the pieces a step and a run are made of, each against a hand computation:
 milliseconds each, no processes (the fast tier: `python -m pytest -q tests -m "not slow"`)."""
 
+import glob
+import importlib.util
+import os
 import time
 
 import jax
@@ -13,7 +16,7 @@ from launcher import calls_in_flight, checkpoint, step, storage, train, writers
 from launcher import config as config_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState
-from tests.helpers import load_config
+from tests.helpers import REPO, load_config
 
 
 def _linear_loss(params, batch, rng):
@@ -312,22 +315,28 @@ def test_a_torn_line_is_skipped_counted_and_the_next_start_writes_on_a_new_line(
 
 
 @pytest.mark.parametrize(
-  "error, what",
+  "make_error, what",
   [
-    (OSError(28, "No space left on device", "/w/metrics.jsonl"), "the filesystem is full"),
-    (OSError(122, "Disk quota exceeded"), "this user's disk quota is used up"),
-    (OSError(30, "Read-only file system"), "the filesystem is read-only"),
-    (PermissionError(13, "Permission denied"), "permission denied"),
     (
-      ValueError(
-        'RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/5/_sharding": '
+      lambda w: OSError(28, "No space left on device", f"{w}/metrics.jsonl"),
+      "the filesystem is full",
+    ),
+    (lambda w: OSError(122, "Disk quota exceeded"), "this user's disk quota is used up"),
+    (lambda w: OSError(30, "Read-only file system"), "the filesystem is read-only"),
+    (lambda w: PermissionError(13, "Permission denied"), "permission denied"),
+    (
+      lambda w: ValueError(
+        f'RESOURCE_EXHAUSTED: Error writing local file "{w}/checkpoints/5/_sharding": '
         "Failed to write 10 bytes: No space left on device [OS error: 28]"
       ),
       "the filesystem is full",
     ),
   ],
 )
-def test_a_write_the_storage_refuses_is_one_line_naming_what_and_the_fix(error, what, tmp_path):
+def test_a_write_the_storage_refuses_is_one_line_naming_what_and_the_fix(
+  make_error, what, tmp_path
+):
+  error = make_error(tmp_path)
   try:
     try:
       raise error
@@ -340,3 +349,20 @@ def test_a_write_the_storage_refuses_is_one_line_naming_what_and_the_fix(error, 
   assert line.endswith("then run the same command to resume")
   assert storage.refusal(ValueError("shapes differ"), str(tmp_path), None) is None
   assert "no checkpoint was complete yet" in storage.refusal(error, str(tmp_path), None)
+
+
+def test_every_config_checkpoints_within_its_run():
+  """Each config file, at every size, saves a periodic checkpoint before its last step (besides
+  the final one), so stopping it part way keeps work."""
+  sized = {}
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    name = os.path.basename(path)[:-3]
+    spec = importlib.util.spec_from_file_location(f"sizes_of_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for size in getattr(module, "SIZES", [None]):  # lm.py's sizes; the others have one.
+      sized[f"{name}:{size}" if size else name] = load_config(name, size)
+  assert {"linear", "classifier", "lm:tiny", "lm:small", "lm:medium"} <= set(sized)
+  for name, config in sized.items():
+    every = config.checkpoint_every_steps
+    assert every == 0 or every < config.num_steps, (name, every, config.num_steps)

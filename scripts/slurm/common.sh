@@ -4,8 +4,8 @@
 # SLURM copies a batch script before running it, so the templates find this file relative to the
 # directory sbatch was called from (the repository root) when their own directory is not it.
 #
-# Exit codes (launcher/errors.py): 0 done; 2 bad input and 74 storage refusing writes (never
-# restarted); 75 saved on a preemption notice (requeued); anything else a failure, restarted
+# Exit codes (launcher/errors.py): 0 done; 2 bad input, 74 storage refusing writes and 78 out of
+# memory (never restarted); 75 saved on a preemption notice (requeued); anything else a failure, restarted
 # inside the allocation.
 
 run_launcher() {
@@ -32,6 +32,9 @@ run_launcher() {
     elif [[ $rc -eq 74 ]]; then
       echo "job ${SLURM_JOB_ID}: the workdir's storage refused to write (exit 74: full, quota, read-only or permission), which a restart cannot fix; not restarting"
       exit 74
+    elif [[ $rc -eq 78 ]]; then
+      echo "job ${SLURM_JOB_ID}: out of memory (exit 78; the launcher's line above says what to change), which a restart cannot fix; not restarting"
+      exit 78
     fi
     first_rc="${first_rc:-$rc}"
     if [[ $restarts -ge $max_restarts ]]; then

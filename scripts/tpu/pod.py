@@ -72,7 +72,8 @@ _MAX_RESTARTS = flags.DEFINE_integer(
   0,
   "When a worker fails, stop the launcher on every worker and start the job "
   "again (it resumes from its last checkpoint) up to this many times; a preemption (exit 75) "
-  "does not count, bad input (exit 2) never restarts.",
+  "does not count; bad input (exit 2), storage that refuses writes (74) and out of memory (78) "
+  "never restart.",
   lower_bound=0,
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command instead of running it.")
