@@ -88,6 +88,7 @@ def test_greedy_sampling_is_the_models_own_loop(tiny_lm):
   # The reference takes no seed: the most likely token is the same whatever the seed.
   assert greedy.stdout == by_hand(tiny_lm, PROMPT, NEW_TOKENS, temperature=0, seed=0) + "\n"
   assert greedy.stdout.startswith(PROMPT) and len(greedy.stdout) > len(PROMPT) + 1
+  assert "warning" not in greedy.stderr.lower(), greedy.stderr  # The launcher's own lines only.
 
 
 @pytest.mark.slow
