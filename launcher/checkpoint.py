@@ -151,11 +151,15 @@ class Checkpoints:
     and then ends the run, with every checkpoint where it was."""
 
     def read(step):
+      self._check_fits(step, into)  # First: a state of other shapes cannot resume at all.
       self.check_data_position(step, expected, allow_change=allow_data_change)
       return self.restore(step, into)
 
+    set_aside_steps = []
+
     def set_aside(step, why):
       aside = self._set_aside(step)
+      set_aside_steps.append(step)
       if aside is not None:
         logging.error(
           "the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
@@ -167,16 +171,24 @@ class Checkpoints:
         )
 
     with storage.bounded(f"restoring a checkpoint from {self.directory}", self.directory):
-      return _newest_that_reads(
+      step, state = _newest_that_reads(
         sorted(self._manager.all_steps(), reverse=True),
         read,
         set_aside,
         lambda step: f"the checkpoint of step {step} in {self.directory}",
       )
+    if step is None and set_aside_steps:
+      logging.error(
+        "no checkpoint in %s can be read (steps %s are in %s): the run starts again from step 0",
+        self.directory,
+        ", ".join(map(str, set_aside_steps)),
+        self._damaged,
+      )
+    return step, state
 
   def _set_aside(self, step: int) -> epath.Path | None:
-    """Moves a damaged step out of the checkpoints (process 0; every process waits for it);
-    returns where to, on process 0."""
+    """Moves a damaged step out of the checkpoints (process 0; every process waits for it, then
+    drops its clients' cached listings of it); returns where to, on process 0."""
     aside = None
     if jax.process_index() == 0:
       aside = self._damaged / str(step)
@@ -185,6 +197,8 @@ class Checkpoints:
       storage.move(self.directory / str(step), aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"launcher: set aside checkpoint {step}")
+    if storage.is_remote(self.directory):  # Every process's clients list the bucket afresh.
+      storage.forget_listings(self.directory / str(step), self.directory)
     self._manager.reload()
     return aside
 
@@ -211,12 +225,17 @@ class Checkpoints:
 
     The data position needs no reading back: it is the restored state's step."""
     step_dir = self.directory / str(step)
-    check_structure(_readable(self._manager.item_metadata(step).state, step_dir), into, step_dir)
+    self._check_fits(step, into)
     restored = self._manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(into))
     ).state
     _verify(_saved_digests(step_dir), restored)
     return restored
+
+  def _check_fits(self, step: int, into: state_lib.TrainState) -> None:
+    """A UsageError naming every entry whose shape differs between the checkpoint and `into`."""
+    step_dir = self.directory / str(step)
+    check_structure(_readable(self._manager.item_metadata(step).state, step_dir), into, step_dir)
 
   def check_data_position(self, step: int, expected: dict, *, allow_change: bool = False) -> None:
     """Refuses a resume whose batches would differ from the saved run's: batch t is a function

@@ -687,7 +687,10 @@ class Appender:
         size - expected,
       )
     self._size = size
-    call(what, self.path, self._fs.rm_file, part)
+    try:
+      call(what, self.path, self._fs.rm_file, part)
+    except FileNotFoundError:
+      pass  # Another writer, opening the file, deleted it as a leftover: it is composed already.
 
   def _read(self, what: str, start: int, end: int) -> bytes:
     return call(what, self.path, self._fs.cat_file, self._name, start=start, end=end)

@@ -71,30 +71,54 @@ def shell_code(code: int) -> int:
   return 128 - code if code < 0 else code
 
 
+LOOK_UP_S = 10.0  # How long a look at the workdir for a log line may take (a silent bucket).
+
+
+def _looked_up(look_up: Callable[[], int | None]) -> int | None:
+  """`look_up()`, or None when it fails or takes longer than LOOK_UP_S: what it finds only goes
+  into a line, and a storage that does not answer must never hold up the runner."""
+  found = []
+
+  def run():
+    try:
+      found.append(look_up())
+    except Exception:  # pylint: disable=broad-except  # Only for a log line.
+      pass
+
+  looking = threading.Thread(target=run, name="workdir-look-up", daemon=True)
+  looking.start()
+  looking.join(LOOK_UP_S)
+  return found[0] if found else None
+
+
 def last_step(workdir: str | None, process: int) -> int | None:
-  """The last step process `process` reported in WORKDIR/hosts/process_<i>.jsonl, if readable."""
+  """The last step process `process` reported in WORKDIR/hosts/process_<i>.jsonl, if readable
+  within LOOK_UP_S."""
   if workdir is None:
     return None
-  try:
+
+  def look_up():
     records = storage.read_jsonl(workdir_lib.host_records(storage.path(workdir), process))
-  except Exception:  # pylint: disable=broad-except  # Only for a log line.
-    return None
-  steps = [r.get("step", r.get("first_step")) for r in records]
-  steps = [s for s in steps if s is not None]
-  return steps[-1] if steps else None
+    steps = [r.get("step", r.get("first_step")) for r in records]
+    steps = [s for s in steps if s is not None]
+    return steps[-1] if steps else None
+
+  return _looked_up(look_up)
 
 
 def last_checkpoint(workdir: str | None) -> int | None:
-  """The newest step orbax finished writing in WORKDIR/checkpoints (local, shared or gs://)."""
+  """The newest step orbax finished writing in WORKDIR/checkpoints (local, shared or gs://), if
+  readable within LOOK_UP_S."""
   if workdir is None:
     return None
-  try:
+
+  def look_up():
     steps = workdir_lib.complete_checkpoint_steps(
       workdir_lib.checkpoints_dir(storage.path(workdir))
     )
-  except Exception:  # pylint: disable=broad-except  # Only for a log line.
-    return None
-  return steps[-1] if steps else None
+    return steps[-1] if steps else None
+
+  return _looked_up(look_up)
 
 
 def workdir_of(launcher_args: list[str]) -> str:

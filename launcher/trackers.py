@@ -88,7 +88,21 @@ class RunIds:
 
   def __init__(self, workdir: epath.Path):
     self._path = workdir_lib.trackers_file(workdir)
-    self._ids = json.loads(storage.read_text(self._path) or "{}")
+    text = storage.read_text(self._path) or "{}"
+    try:
+      self._ids = json.loads(text)
+      if not isinstance(self._ids, dict):
+        raise ValueError(f"a JSON {type(self._ids).__name__}, not an object")
+    except ValueError as e:
+      aside = self._path.parent / f"{self._path.name}.unreadable"
+      storage.write_text(aside, text)
+      logging.warning(
+        "%s cannot be read (%s); kept it as %s, and each tracker starts a fresh run",
+        self._path,
+        e,
+        aside,
+      )
+      self._ids = {}
 
   def get(self, tracker: str) -> str | None:
     return self._ids.get(tracker)
@@ -259,6 +273,8 @@ class MlflowWriter(_TrackerWriter):
     except MlflowException as e:
       if e.error_code == "RESOURCE_DOES_NOT_EXIST":
         return None, "is not on the server"
+      if e.error_code == "INVALID_PARAMETER_VALUE":
+        return None, "is not a run id this server takes"
       raise
     if run.info.lifecycle_stage == "deleted":
       return None, "is deleted"

@@ -342,6 +342,23 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(str
   assert f"started from {checkpoints}/30 (params only)" in log and "Traceback" not in log
 
 
+def test_when_every_checkpoint_is_damaged_the_run_says_it_starts_again(tmp_path, caplog):
+  """Both checkpoints damaged: each is set aside, and one line says the run starts from step 0
+  (it does, and finishes)."""
+  config = load_config("../tests/hooked_config", num_steps=20, checkpoint_every_steps=10)
+  train.run(config, str(tmp_path))
+  for step in (10, 20):
+    (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").write_text("{damaged")
+  caplog.clear()
+  state = train.run(config, str(tmp_path))
+  assert int(state.step) == 20
+  assert sorted(os.listdir(tmp_path / "damaged_checkpoints")) == ["10", "20"]
+  assert (
+    f"no checkpoint in {tmp_path}/checkpoints can be read (steps 20, 10 are in "
+    f"{tmp_path}/damaged_checkpoints): the run starts again from step 0"
+  ) in caplog.text
+
+
 def test_a_resume_that_changes_a_data_setting_names_it_and_goes_on_only_when_allowed(tmp_path):
   """The classifier's DATA_KEYS (test_examples) are recorded and checked like the seed; an
   allowed change goes on with a warning; a checkpoint from before the record still resumes."""
@@ -356,6 +373,20 @@ def test_a_resume_that_changes_a_data_setting_names_it_and_goes_on_only_when_all
   ), refused.value
   assert "\n" not in str(refused.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  # A change of shapes too (as the lm's seq_len makes): allow_data_change cannot help, so the
+  # line is the mismatch, which does not offer it.
+  with pytest.raises(UsageError) as refused:
+    train.run(
+      load_config(
+        "classifier",
+        num_steps=20,
+        test_examples=200,
+        **{**small, "hidden_sizes": (32,)},
+      ),
+      tmp_path,
+    )
+  assert "does not match this config" in str(refused.value)
+  assert "allow_data_change" not in str(refused.value)
   state = train.run(
     load_config("classifier", num_steps=20, test_examples=200, allow_data_change=True, **small),
     tmp_path,

@@ -434,19 +434,58 @@ def test_a_silent_storage_is_cut_at_the_bound_and_a_barrier_is_not_its_silence(g
 
 
 def test_a_damaged_checkpoint_set_aside_on_gs_is_saved_again(gcs, tmp_path):
-  """The newest checkpoint damaged in the bucket: the resume sets it aside, trains from the one
-  before, saves that same step again (orbax lists the bucket afresh) and finishes."""
+  """The newest checkpoint damaged in the bucket: the resume (2 processes: each lists the bucket
+  through its own clients) sets it aside, trains from the one before, saves that same step again
+  (every process's orbax lists the bucket afresh) and finishes."""
   mirror = gcs.bucket("runs") / "damaged"
   args = [CONFIG, "--workdir=gs://runs/damaged", "--config.checkpoint_every_steps=10"]
   log = tmp_path / "run.log"
-  assert finish(start(launcher_command(*args, "--config.num_steps=20"), log, env=gcs.env), 180) == 0
+
+  def two_processes(*more):
+    runner = launcher_command(*args, *more, num_processes=2, devices=4)
+    runner.insert(runner.index("--"), f"--process_logs={tmp_path / 'logs'}")
+    return start(runner, log, devices=4, env=gcs.env)
+
+  assert finish(two_processes("--config.num_steps=20"), 180) == 0, log_of(log)[-3000:]
   (mirror / "checkpoints" / "20" / "state" / "_METADATA").write_text("{damaged")
-  assert finish(start(launcher_command(*args), log, env=gcs.env), 180) == 0, log_of(log)[-3000:]
+  assert finish(two_processes(), 180) == 0, log_of(log)[-3000:]
   assert "the checkpoint of step 20 in gs://runs/damaged/checkpoints cannot be read" in log_of(log)
   assert "resuming from the checkpoint of step 10" in log_of(log)
   for saved in (20, 30, 40):
     assert (mirror / "checkpoints" / str(saved) / "commit_success.txt").exists()
   assert (mirror / "damaged_checkpoints" / "20" / "state" / "_METADATA").read_text() == "{damaged"
+  assert "Traceback" not in log_of(log)
+
+
+def test_a_silent_bucket_ends_a_supervised_job_with_69(gcs, tmp_path):
+  """The bucket stops answering mid-run under launcher.local: the processes end with the storage's
+  line and 69, and the runner, whose own look at the workdir (for its line) gets no answer
+  either, still ends with 69 instead of waiting on the bucket."""
+  mirror = gcs.bucket("runs") / "silent-job"
+  log = tmp_path / "run.log"
+  runner = launcher_command(
+    CONFIG,
+    "--workdir=gs://runs/silent-job",
+    "--storage_timeout_seconds=3",
+    "--config.slow_from_batch=4",
+    "--config.slow_seconds=0.3",
+    num_processes=2,
+    devices=4,
+  )
+  runner.insert(runner.index("--"), f"--process_logs={tmp_path / 'logs'}")
+  process = start(runner, log, devices=4, env=gcs.env)
+  wait_for(
+    lambda: (mirror / "metrics.jsonl").exists() and len(read_metrics(mirror)) >= 5,
+    120,
+    "step 5",
+    process,
+  )
+  os.kill(gcs._process.pid, signal.SIGSTOP)  # pylint: disable=protected-access
+  try:
+    assert finish(process, 90) == EXIT_STORAGE_UNREACHABLE, log_of(log)[-3000:]
+  finally:
+    os.kill(gcs._process.pid, signal.SIGCONT)  # pylint: disable=protected-access
+  assert "did not answer within --storage_timeout_seconds=3" in log_of(log)
   assert "Traceback" not in log_of(log)
 
 
@@ -479,6 +518,40 @@ def test_two_writers_of_one_gcs_file_keep_every_row(gcs, tmp_path):
   assert sorted(rows) == sorted([f"a{i}" for i in range(6)] + [f"b{i}" for i in range(1, 6)])
   assert result.stderr.count("another writer appends to it") == 2, result.stderr[-2000:]
   assert [p.name for p in (gcs.root / "appends" / "two").iterdir()] == ["log.jsonl"]
+
+
+def test_a_writer_whose_composed_part_another_writer_deleted_goes_on(gcs):
+  """A second writer opens the file right after the first composed its part and before the first
+  deletes it (it deletes such parts as a killed writer's leftovers): the first writer goes on, and
+  every row of both is in the file once."""
+  gcs.bucket("appends")
+  script = (
+    "from launcher import storage\n"
+    "p = storage.path('gs://appends/race/log.jsonl')\n"
+    "class First(storage.Appender):\n"
+    "  def _compose_if_part_exists(self, part):\n"
+    "    composed = super()._compose_if_part_exists(part)\n"
+    "    second.append(storage.Appender(p))  # Opens now: deletes the composed part.\n"
+    "    return composed\n"
+    "second = []\n"
+    "a = First(p)\n"
+    "a.write('a0\\n'); a.flush(); a._wait_for_upload()\n"
+    "a.write('a1\\n'); a.flush(); a._wait_for_upload()\n"
+    "a.write('a2\\n'); a.close()\n"
+    "second[0].write('b1\\n'); second[0].close()\n"
+  )
+  subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    env={**os.environ, **gcs.env},
+    timeout=120,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  rows = (gcs.root / "appends" / "race" / "log.jsonl").read_text().splitlines()
+  assert sorted(rows) == ["a0", "a1", "a2", "b1"]
+  assert [p.name for p in (gcs.root / "appends" / "race").iterdir()] == ["log.jsonl"]
 
 
 def test_read_errors_are_never_a_refused_write_and_a_lost_peer_is_not_the_storage(tmp_path):

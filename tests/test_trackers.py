@@ -208,7 +208,11 @@ def test_a_stale_mlflow_run_id_is_one_warning_and_a_fresh_run_that_later_starts_
   deleted = client.create_run(experiment_id).info.run_id
   client.delete_run(deleted)
   # An id from another server, and a run deleted on this one (`mlflow.delete_run`).
-  for stale, why in [(uuid.uuid4().hex, "is not on the server"), (deleted, "is deleted")]:
+  for stale, why in [
+    (uuid.uuid4().hex, "is not on the server"),
+    (deleted, "is deleted"),
+    ("not-a-run-id!", "is not a run id this server takes"),
+  ]:
     workdir = tmp_path / why.replace(" ", "_")
     workdir.mkdir()
     (workdir / "trackers.json").write_text(json.dumps({"mlflow": stale}))
@@ -239,6 +243,23 @@ def test_a_stale_mlflow_run_id_is_one_warning_and_a_fresh_run_that_later_starts_
     ]
     assert run.data.params == {"seed": "0"} and run.data.tags["starts"] == "2"
     assert run.data.tags["start.1"].startswith("FINISHED, began ")
+
+  # trackers.json itself unreadable (a hand edit cut short): one warning, the file kept aside,
+  # a fresh run whose id is stored.
+  unreadable = tmp_path / "unreadable"
+  unreadable.mkdir()
+  (unreadable / "trackers.json").write_text('{"mlflow": "abc')
+  caplog.clear()
+  (writer,) = trackers.open_writers(
+    ["mlflow"], epath.Path(unreadable), experiment="stale", params={"seed": "0"}
+  )
+  writer.end("FINISHED")
+  assert json.loads((unreadable / "trackers.json").read_text()) == {"mlflow": writer.run_id}
+  assert (unreadable / "trackers.json.unreadable").read_text() == '{"mlflow": "abc'
+  (line,) = warnings_of(caplog)
+  assert line.startswith(f"{unreadable}/trackers.json cannot be read (") and line.endswith(
+    f"kept it as {unreadable}/trackers.json.unreadable, and each tracker starts a fresh run"
+  )
 
   # Its experiment deleted too (which deletes its runs): no run can be made; one line says why.
   client.delete_experiment(experiment_id)
