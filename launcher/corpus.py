@@ -223,14 +223,18 @@ class Records:
     return self._open[("file", f)]
 
 
+NOT_UTF8, NULL = -1, -2  # The length of a record that is skipped, and why.
+
+
 def _utf8_lengths(records) -> np.ndarray:
-  """Each record's length in bytes (int64), -1 for one that is not UTF-8: the one check of every
-  format, so such a record is skipped and counted whatever the corpus is made of. `records` is a
-  pyarrow binary or large_binary array."""
+  """Each record's length in bytes (int64), NOT_UTF8 for one that is not UTF-8 and NULL for a
+  missing value (a Parquet null): the one check of every format, so such a record is skipped and
+  counted whatever the corpus is made of. `records` is a pyarrow binary or large_binary array."""
   import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
 
-  lengths = pc.binary_length(records).to_numpy(zero_copy_only=False).astype(np.int64)
-  lengths[_not_utf8(records)] = -1
+  lengths = pc.binary_length(records).fill_null(NULL).to_numpy(zero_copy_only=False)
+  lengths = lengths.astype(np.int64)
+  lengths[_not_utf8(records.fill_null(b""))] = NOT_UTF8
   return lengths
 
 
@@ -364,11 +368,12 @@ class Windows:
 def _records_and_lengths(location: str) -> tuple[Records, np.ndarray]:
   records = Records(location)
   lengths = records.lengths()
-  bad = int((lengths < 0).sum())
-  if bad:
-    logging.warning(
-      "config.data=%s: skipped %d of %d records that are not UTF-8", location, bad, len(lengths)
-    )
+  for marker, what in ((NOT_UTF8, "that are not UTF-8"), (NULL, "that are null (no value)")):
+    skipped = int((lengths == marker).sum())
+    if skipped:
+      logging.warning(
+        "config.data=%s: skipped %d of %d records %s", location, skipped, len(lengths), what
+      )
   if records.format == "array_record" and len(lengths) and lengths.max() > 16 * RECORD_BYTES:
     logging.warning(
       "config.data=%s: records of up to %.1f MB, and ArrayRecord reads a record whole for each "

@@ -176,6 +176,28 @@ def test_a_record_that_is_not_utf8_is_skipped_and_counted_in_every_format(
   assert stream == kept[: len(stream)] and len(kept) - len(stream) < 9
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("column_type", ["string", "large_binary"])
+def test_null_values_of_a_parquet_column_are_skipped_and_counted_apart(
+  column_type, tmp_path, caplog
+):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
+  texts = [None if i % 3 == 0 else f"text {i}" for i in range(60)]
+  records = [None if t is None else (t if column_type == "string" else t.encode()) for t in texts]
+  write_records(tmp_path / "c", records, "parquet", getattr(pa, column_type)())
+  windows = corpus.windows(
+    str(tmp_path / "c"), "train", seq_len=8, eval_fraction=0.05, tokenizer=corpus.Tokenizer()
+  )
+  assert "skipped 20 of 60 records that are null (no value)" in caplog.text
+  assert "not UTF-8" not in caplog.text
+  stream = b"".join(
+    windows[w]["tokens"].astype(np.uint8).tobytes()[:8] for w in range(len(windows))
+  )
+  kept = b"".join(t.encode() + b"\n" for t in texts[: int(60 * 0.95)] if t is not None)
+  assert stream == kept[: len(stream)] and len(kept) - len(stream) < 9
+
+
 def huge_text(megabytes: float) -> str:
   """Lines of text, some with characters of 2 to 4 bytes, to `megabytes`."""
   lines, size, n = [], 0, 0
