@@ -180,7 +180,12 @@ def main(argv):
     sys.stderr.flush()
     os._exit(EXIT_STORAGE_UNREACHABLE)  # pylint: disable=protected-access
   except Preempted as e:
-    logging.warning("%s; exiting with %d so that a requeue restarts the job", e, EXIT_PREEMPTED)
+    logging.warning(
+      "%s; exiting with %d: run the same command again to resume (a supervisor or a requeue "
+      "does so by itself)",
+      e,
+      EXIT_PREEMPTED,
+    )
     sys.exit(EXIT_PREEMPTED)
   except TransientError as e:  # Every process raises it; jax's exit would wait at a barrier.
     print(f"error: {e}", file=sys.stderr)

@@ -130,7 +130,10 @@ class Checkpoints:
         self.directory,
         item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, enable_async_checkpointing=True, create=True
+          max_to_keep=keep,
+          enable_async_checkpointing=True,
+          create=True,
+          cleanup_tmp_directories=True,  # What a save cut short left (a kill, a second Ctrl-C).
         ),
       )
 

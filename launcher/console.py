@@ -14,11 +14,16 @@ from launcher.errors import EXIT_USAGE, UsageError
 _LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+# orbax's warnings that say nothing is wrong: a step directory read on its own (restore_from,
+# launcher.sample), and the preemption sync point that the launcher's own line reports.
+_ORBAX_NOTICES = ("Metadata file does not exist", "Reached preemption sync point")
+
+
 class _LibraryNoise(std_logging.Filter):
   """Drops other libraries' INFO and DEBUG lines; their warnings and errors stay, except orbax's
   errors from its background threads and asyncio's word on their tasks' unread exceptions (orbax
   raises them again in the thread that saves or waits, where the launcher names them in one
-  line), and orbax's warning that a step directory read alone has no manager metadata."""
+  line), and orbax's notices in _ORBAX_NOTICES."""
 
   def filter(self, record):
     path = os.path.abspath(record.pathname)
@@ -26,8 +31,10 @@ class _LibraryNoise(std_logging.Filter):
       return False
     if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
       return False
-    if f"{os.sep}orbax{os.sep}" in path and "Metadata file does not exist" in str(record.msg):
-      return False  # A step directory read on its own (config.restore_from, launcher.sample).
+    if f"{os.sep}orbax{os.sep}" in path and any(
+      words in str(record.msg) for words in _ORBAX_NOTICES
+    ):
+      return False
     return (
       record.levelno >= std_logging.WARNING
       or path.startswith(_LAUNCHER_DIR)

@@ -250,9 +250,17 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 _CONSOLE_NOISE = re.compile(rb"\[Gloo\]|connected to \d+ peer ranks")
 
 
+def _is_trouble(line: bytes) -> bool:
+  """Whether a process's line (`[process i/n] ...`) is a warning, an error or a traceback, which
+  the runner shows on its stderr (progress goes to stdout: `> log` keeps it, errors stay seen)."""
+  body = line.split(b"] ", 1)[1] if line.startswith(b"[") and b"] " in line else line
+  return body.startswith((b"error:", b"warning:", b"Traceback", b"WARNING:", b"ERROR:"))
+
+
 def _pump(stream, log_path: str, prefix: str, runner: str) -> None:
-  """Copies a process's output line by line to its log file and, prefixed, to our stdout (a
-  launcher line that already starts with the same `[process i/n]` is shown as it is), to the
+  """Copies a process's output line by line to its log file and, prefixed, to our stdout, or our
+  stderr for its warnings and errors (a launcher line that already starts with the same
+  `[process i/n]` is shown as it is), to the
   end: a closed console leaves the log every line, and a log that cannot be written (a full disk)
   never stops the pipe being drained. Bytes the log could not take are dropped and counted: one
   line when it first happens, one with the count at the end."""
@@ -286,12 +294,15 @@ def _pump(stream, log_path: str, prefix: str, runner: str) -> None:
       lines_dropped += 1
     if _CONSOLE_NOISE.search(line):
       continue
+    shown = line if line.startswith(own_prefix) else prefix.encode() + line
+    console = sys.stderr if _is_trouble(shown) else sys.stdout
     try:
-      sys.stdout.buffer.write(line if line.startswith(own_prefix) else prefix.encode() + line)
-      sys.stdout.buffer.flush()
+      console.buffer.write(shown)
+      console.buffer.flush()
     except OSError:
-      _drop_stdout()
-    except ValueError:  # stdout was closed under us: the log still gets every line.
+      if console is sys.stdout:
+        _drop_stdout()
+    except ValueError:  # The console was closed under us: the log still gets every line.
       pass
   if log is not None:
     log.close()

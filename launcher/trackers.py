@@ -216,7 +216,13 @@ class MlflowWriter(_TrackerWriter):
       found = self._client.get_experiment_by_name(experiment)
       if found and found.lifecycle_stage == "deleted":
         raise _DeletedExperiment(f"experiment {experiment!r} (id {found.experiment_id}) is deleted")
-      experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+      experiment_id = (
+        found.experiment_id
+        if found
+        else self._client.create_experiment(
+          experiment, artifact_location=_artifacts_beside(tracking_uri)
+        )
+      )
       run = self._client.create_run(experiment_id, run_name=run_name)
       if gone:
         logging.warning(
@@ -478,6 +484,15 @@ def _wandb_remedy(error: Exception) -> str:
 def _now() -> str:
   """The time now, as the trackers' tags show it (UTC, to the second)."""
   return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def _artifacts_beside(tracking_uri: str) -> str | None:
+  """For a SQLite store (the workdir's mlflow.db), artifacts in `mlartifacts/` beside it rather
+  than MLflow's default ./mlruns in the current directory; None (the server's choice) otherwise."""
+  if not tracking_uri.startswith("sqlite:///"):
+    return None
+  store = tracking_uri.removeprefix("sqlite:///")
+  return "file://" + os.path.join(os.path.dirname(os.path.abspath(store)), "mlartifacts")
 
 
 def mlflow_uri(workdir: epath.Path) -> str | None:

@@ -342,6 +342,19 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(str
   assert f"started from {checkpoints}/30 (params only)" in log and "Traceback" not in log
 
 
+def test_a_save_cut_short_leaves_nothing_after_the_next_start(tmp_path):
+  """A save cut short (a kill, a second Ctrl-C) leaves orbax's temporary directory; the next start
+  removes it and resumes from the last complete checkpoint."""
+  config = load_config("../tests/hooked_config", num_steps=20, checkpoint_every_steps=10)
+  train.run(config, str(tmp_path))
+  leftover = tmp_path / "checkpoints" / "25.orbax-checkpoint-tmp"
+  (leftover / "state").mkdir(parents=True)
+  (leftover / "state" / "_METADATA").write_text("{")
+  state = train.run(load_config("../tests/hooked_config", num_steps=30), str(tmp_path))
+  assert int(state.step) == 30
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20", "30"]
+
+
 def test_when_every_checkpoint_is_damaged_the_run_says_it_starts_again(tmp_path, caplog):
   """Both checkpoints damaged: each is set aside, and one line says the run starts from step 0
   (it does, and finishes)."""

@@ -36,6 +36,7 @@ def test_ctrl_c_saves_and_exits_75_and_the_run_resumes_there(tmp_path, straight)
   text = log.read_text()
   assert "received SIGINT: saving a checkpoint and stopping at the next step" in text
   assert "Traceback" not in text and "KeyboardInterrupt" not in text
+  assert "exiting with 75: run the same command again to resume" in text
   saved = [int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
   assert len(saved) == 1 and 1 <= saved[0] < 20  # Before the first periodic save (step 20).
   assert saved[0] >= max(row["step"] for row in read_metrics(str(workdir)))

@@ -370,3 +370,39 @@ def test_the_local_runner_never_falls_back_to_cpu_on_a_gpu_machine_without_cuda_
     "to simulate CPU devices)\n"
   )
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_local_runner_shows_progress_on_stdout_and_errors_on_stderr(tmp_path):
+  """`launcher.local ... > log`: the processes' progress lines go to the file, their error lines
+  stay on the terminal (stderr)."""
+  command = launcher_command(
+    "--config=tests/hooked_config.py",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.batch_size=30",
+    num_processes=2,
+    devices=4,
+  )
+  result = subprocess.run(
+    command,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "XLA_FLAGS": ""},
+    check=False,
+  )
+  assert result.returncode == EXIT_USAGE, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "[local] 2 processes x 4 devices" in result.stdout
+  errors = [line for line in result.stderr.splitlines() if "error: " in line]
+  assert errors and all(line.startswith("[process ") for line in errors), result.stderr
+  assert "batch_size" in errors[0]
+  assert "error: " not in result.stdout, result.stdout
+
+
+def test_a_warning_or_an_error_of_a_process_is_trouble_and_progress_is_not():
+  assert supervise._is_trouble(b"[process 1/2] error: config.batch_size=30 ...\n")
+  assert supervise._is_trouble(b"[process 0] warning: received SIGTERM\n")
+  assert supervise._is_trouble(b"Traceback (most recent call last):\n")
+  assert not supervise._is_trouble(b"[process 0/2] step 3/40 | loss 2.1\n")
+  assert not supervise._is_trouble(b"[process 0/2] an error: in the middle is progress\n")

@@ -472,6 +472,7 @@ def test_mlflow_without_a_uri_logs_into_the_workdir(tmp_path, monkeypatch):
   client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
   (run,) = client.search_runs([client.get_experiment_by_name("local").experiment_id])
   assert run.info.run_name == "run" and run.info.status == "FINISHED"
+  assert run.info.artifact_uri.startswith(f"file://{workdir}/mlartifacts/")
   losses = {row["step"]: row["loss"] for row in read_metrics(workdir)}
   history = client.get_metric_history(run.info.run_id, "loss")
   assert {metric.step: metric.value for metric in history} == pytest.approx(losses)
