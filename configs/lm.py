@@ -1,7 +1,7 @@
 """A byte-level decoder-only transformer LM. `configs/lm.py:SIZE` picks a size:
 
   tiny    ~0.1M params, seq 64: trains in a minute on 8 simulated CPU devices.
-  small   ~85M params (GPT-2 small's shape), seq 1024, global batch 256: the default, accelerators.
+  small   ~86M params (GPT-2 small's shape), seq 1024, global batch 256: the default, accelerators.
   medium  ~300M params (GPT-2 medium's shape), seq 1024, global batch 256: accelerators.
 
 The corpus is CPython's documentation text unless `--config.text_file=PATH` names your own text

@@ -30,6 +30,16 @@ class Job:
   local_device_ids: tuple[int, ...] | None = None
 
 
+# How each Job.source reads in the line a process logs when it joins.
+JOB_SOURCES = {
+  "flags": "a job given by flags",
+  "slurm": "a slurm job",
+  "openmpi": "an Open MPI job",
+  "env": "a job given by JAX_* environment variables",
+  "tpu": "a TPU pod slice",
+}
+
+
 def detect(
   *,
   coordinator_address: str | None = None,
@@ -259,8 +269,8 @@ def initialize(
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info(
-    "joining a %s job as process %s of %s (coordinator %s, process 0)",
-    job.source,
+    "joining %s as process %s of %s (coordinator %s, process 0)",
+    JOB_SOURCES[job.source],
     "auto" if job.process_id is None else job.process_id,
     job.num_processes or "auto",
     job.coordinator_address or "auto",

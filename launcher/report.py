@@ -7,7 +7,6 @@ process) and writes WORKDIR/report/: PNG plots and report.md. Works on a run tha
 
 import io
 import json
-import math
 import statistics
 
 import matplotlib
@@ -54,6 +53,30 @@ def _with_next(runs: list[list[dict]]):
   return zip(runs, [*runs[1:], None])
 
 
+def _reached_a_step(run: list[dict]) -> bool:
+  """Whether a start finished its first call (its first steps)."""
+  return any(record["event"] == "first_step" for record in run)
+
+
+def outcome(records: list[dict]) -> str:
+  """How one host's last start ended, from its end record: finished, preempted or failed; a start
+  without one is still running or was killed."""
+  last = records[-1]
+  if last["event"] != "end":
+    return "running or killed"
+  # An end record without an outcome is from a version that wrote none.
+  ended = last.get("outcome", "FINISHED" if _reached_a_step(segments(records)[-1]) else "FAILED")
+  return {"FINISHED": "finished", "KILLED": "preempted", "FAILED": "failed"}[ended]
+
+
+OUTCOME_PHRASES = {
+  "finished": "finished",
+  "preempted": "stopped on a preemption notice",
+  "failed": "failed",
+  "running or killed": "is still running or was killed",
+}
+
+
 def _process_start(run: list[dict]) -> float:
   return run[0]["time"] - run[0]["startup_s"]
 
@@ -79,6 +102,10 @@ def goodput(records: list[dict]) -> dict[str, float]:
   parts = dict.fromkeys(GOODPUT_PARTS, 0.0)
   for run, next_run in _with_next(segments(records)):
     parts["startup"] += run[0]["startup_s"]
+    parts["lost to restarts"] += _lost_tail(run, next_run)
+    if not _reached_a_step(run):  # It ended in its setup or first call: all of it is compile.
+      parts["compile"] += run[-1]["time"] - run[0]["time"]
+      continue
     resumed_at = next_run[0]["first_step"] if next_run else None
     for record in run[1:]:
       if record["event"] == "first_step":
@@ -103,7 +130,6 @@ def goodput(records: list[dict]) -> dict[str, float]:
       )
       parts["productive steps"] += on_steps * kept
       parts["other (reporting, shutdown)"] += (rest - on_steps) * kept
-    parts["lost to restarts"] += _lost_tail(run, next_run)
   return parts
 
 
@@ -122,6 +148,8 @@ STRAGGLER_RULE = (
   "No straggler: no host's data-wait share is above the others' by more than its per-report "
   f"spread plus theirs and by more than {STRAGGLER_FLOOR:.0%} of the step time."
 )
+
+ONE_HOST = "One process: no other host to compare its data wait with, so no straggler."
 
 
 def _steps_time(record: dict) -> float:
@@ -152,8 +180,9 @@ def straggler(host: dict, others: list[dict]) -> str | None:
 
 
 def host_table(records: dict[int, list[dict]]) -> list[dict]:
-  """One row per host: its steps/s and data-wait share over its reports (saves and evals apart),
-  the per-report shares, and `straggler`: why it holds the others back, or None."""
+  """One row per host: its steps/s and data-wait share over its reports (saves and evals apart;
+  None without a timed report), the per-report shares, and `straggler`: why it holds the others
+  back, or None."""
   rows = []
   for process, host in sorted(records.items()):
     start = host[0]
@@ -164,17 +193,23 @@ def host_table(records: dict[int, list[dict]]) -> list[dict]:
         "process": process,
         "hostname": start["hostname"],
         "devices": start["devices"],
-        "steps_per_sec": sum(r["steps"] for r in timed) / seconds if seconds else math.nan,
-        "data_wait_share": sum(r["data_wait_s"] for r in timed) / seconds if seconds else 0.0,
+        "steps_per_sec": sum(r["steps"] for r in timed) / seconds if seconds else None,
+        "data_wait_share": sum(r["data_wait_s"] for r in timed) / seconds if seconds else None,
         "shares": [r["data_wait_s"] / _steps_time(r) for r in timed],
-        "last_step": max(
-          (r["step"] for r in host if r["event"] == "report"), default=start["first_step"]
-        ),
+        "last_step": last_step(host),
       }
     )
   for row in rows:
     row["straggler"] = straggler(row, [other for other in rows if other is not row])
   return rows
+
+
+def last_step(records: list[dict]) -> int:
+  """The last step one host trained (its first start's first step if none)."""
+  return max(
+    (r["step"] for r in records if r["event"] in ("report", "end")),
+    default=records[0]["first_step"],
+  )
 
 
 def restart_steps(records: dict[int, list[dict]]) -> list[int]:
@@ -236,6 +271,14 @@ def _plot_starts(axis, process: int, lines: list[list[tuple]], color: str) -> No
     )
 
 
+def _say_no_steps(axis) -> None:
+  """Marks an axis that has nothing to draw because no step was trained."""
+  axis.text(
+    0.5, 0.5, "no steps yet", transform=axis.transAxes, ha="center", va="center", color="grey"
+  )
+  axis.set(xticks=[], yticks=[])
+
+
 def plots(
   out: epath.Path, metrics: list[dict], records: dict[int, list[dict]], table: list[dict]
 ) -> list[str]:
@@ -258,12 +301,17 @@ def plots(
     {r["step"]: r for r in metrics if "eval_loss" in r}.values(), key=lambda r: r["step"]
   )
   figure, axis = plt.subplots(figsize=(7, 4))
-  axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-  if evals:
-    axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
   axis.set(xlabel="step", ylabel="loss", title="Loss")
-  _mark_restarts(axis, restarts)
-  axis.legend()
+  if train or evals:
+    axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+      axis.plot(
+        [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss"
+      )
+    _mark_restarts(axis, restarts)
+    axis.legend()
+  else:
+    _say_no_steps(axis)
   save(figure, "loss.png")
 
   lines, restart_seconds = throughput_lines(records)
@@ -280,9 +328,13 @@ def plots(
     )
   top.set(ylabel="steps/s", title="Throughput")
   bottom.set(xlabel="seconds since the first process started", ylabel="examples/s")
-  for axis in (top, bottom):
-    _mark_restarts(axis, restart_seconds)
-  top.legend(fontsize=8)
+  if any(points for starts in lines.values() for points in starts):
+    for axis in (top, bottom):
+      _mark_restarts(axis, restart_seconds)
+    top.legend(fontsize=8)
+  else:
+    for axis in (top, bottom):
+      _say_no_steps(axis)
   save(figure, "throughput.png")
 
   figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
@@ -290,17 +342,19 @@ def plots(
   positions = range(len(table))
   left.bar(
     positions,
-    [r["steps_per_sec"] for r in table],
+    [r["steps_per_sec"] or 0.0 for r in table],
     color=["tab:red" if r["straggler"] else "tab:blue" for r in table],
   )
   left.set(xlabel="process", ylabel="steps/s", title="Speed per host")
   right.bar(
     positions,
-    [100 * r["data_wait_share"] for r in table],
+    [100 * (r["data_wait_share"] or 0.0) for r in table],
     color=["tab:red" if r["straggler"] else "tab:orange" for r in table],
   )
   right.set(xlabel="process", ylabel="% of step time", title="Waiting for data per host")
   for axis in (left, right):
+    if all(r["steps_per_sec"] is None for r in table):
+      _say_no_steps(axis)
     axis.set_xticks(positions, names)
   save(figure, "hosts.png")
 
@@ -316,8 +370,11 @@ def plots(
       colors[process],
     )
   axis.set(xlabel="step", ylabel="seconds", title="Time blocked by checkpoint saves per report")
-  _mark_restarts(axis, restarts)
-  axis.legend(fontsize=8)
+  if any(r["event"] == "report" for host in records.values() for r in host):
+    _mark_restarts(axis, restarts)
+    axis.legend(fontsize=8)
+  else:
+    _say_no_steps(axis)
   save(figure, "checkpoints.png")
   return files
 
@@ -337,15 +394,16 @@ def build(location: str) -> str:
   main = records[min(records)]
   parts, wall = goodput(main), wall_time(main)
   runs = segments(main)
-  finished = main[-1]["event"] == "end"
+  ended = outcome(main)
+  trained = any(_reached_a_step(run) for run in runs)
   restarts = ", ".join(str(run[0]["first_step"]) for run in runs[1:])
+  where = f"at step {last_step(main)}" if trained else "before its first step: no steps yet"
   lines = [
     f"# Run report: {workdir}",
     "",
     f"{len(records)} process(es), {len(runs)} start(s) "
     f"({f'restarts at steps {restarts}' if restarts else 'no restart'}); "
-    f"{'finished' if finished else 'still running or stopped'} at step "
-    f"{max((r['step'] for r in main if r['event'] == 'report'), default=0)}.",
+    f"{'its last start' if len(runs) > 1 else 'it'} {OUTCOME_PHRASES[ended]} {where}.",
     "",
     "## Goodput (process 0's wall time)",
     "",
@@ -353,7 +411,7 @@ def build(location: str) -> str:
     "| --- | ---: | ---: |",
   ]
   for name in GOODPUT_PARTS:
-    lines.append(f"| {name} | {parts[name]:.2f} | {100 * parts[name] / wall:.1f}% |")
+    lines.append(f"| {name} | {parts[name]:.2f} | {100 * parts[name] / (wall or 1.0):.1f}% |")
   lines += [
     f"| **wall time** | {wall:.2f} | 100% |",
     "",
@@ -364,18 +422,19 @@ def build(location: str) -> str:
   ]
   for row in table:
     mark = " **straggler**" if row["straggler"] else ""
+    speed, wait = ("no steps", "no steps")
+    if row["steps_per_sec"] is not None:
+      speed, wait = f"{row['steps_per_sec']:.2f}", f"{100 * row['data_wait_share']:.1f}%"
     lines.append(
-      f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | "
-      f"{row['steps_per_sec']:.2f} | {100 * row['data_wait_share']:.1f}% | "
+      f"| {row['process']}{mark} | {row['hostname']} | {row['devices']} | {speed} | {wait} | "
       f"{row['last_step']} |"
     )
-  if len(table) > 1:
-    marks = [
-      f"Process {row['process']} is a straggler; the cause: {row['straggler']}."
-      for row in table
-      if row["straggler"]
-    ]
-    lines += ["", *(marks or [STRAGGLER_RULE])]
+  marks = [
+    f"Process {row['process']} is a straggler; the cause: {row['straggler']}."
+    for row in table
+    if row["straggler"]
+  ]
+  lines += ["", *(marks or [STRAGGLER_RULE if len(table) > 1 else ONE_HOST])]
   lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
   path = out / "report.md"
   storage.write_text(path, "\n".join(lines) + "\n")
@@ -387,9 +446,12 @@ def build(location: str) -> str:
         "wall_s": wall,
         "hosts": table,
         "starts": len(runs),
-        "finished": finished,
+        "outcome": ended,
+        "finished": ended == "finished" and trained,
+        "last_step": last_step(main) if trained else None,
       },
       indent=2,
+      allow_nan=False,
     ),
   )
   return str(path)

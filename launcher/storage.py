@@ -145,15 +145,15 @@ def is_unreachable(error: BaseException) -> bool:
   """Whether `error` (or a cause of it) says the storage could not be reached now (connection
   refused or reset, a timeout, 408, 429, 5xx), which may pass, rather than that a file is wrong.
   jax's own runtime errors (a collective with a lost peer, a barrier of the coordination service
-  that orbax waits at inside a bounded call) are never the storage's."""
-  from gcsfs import retry  # pylint: disable=import-outside-toplevel
-
+  that orbax waits at inside a bounded call) are never the storage's. Imports nothing: gcsfs's
+  errors exist only once gcsfs is loaded, and the error may be that no file can be opened."""
+  retry = sys.modules.get("gcsfs.retry")
   seen_all = list(causes(error))
   if any(type(seen).__name__ in ("JaxRuntimeError", "XlaRuntimeError") for seen in seen_all):
     return False
   return any(
     isinstance(seen, (ConnectionError, TimeoutError))
-    or retry.is_retriable(seen)
+    or (retry is not None and retry.is_retriable(seen))
     or any(sign in str(seen) for sign in _UNREACHABLE_SIGNS)
     for seen in seen_all
   )

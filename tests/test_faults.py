@@ -146,9 +146,11 @@ def test_a_flipped_bit_is_damage_and_the_previous_checkpoint_resumes(straight, t
   assert len(damage) == 1, damage
   assert (
     f"the checkpoint of step 30 in {checkpoints} cannot be read (Damaged: the bits of "
-    f"{len(changed)} array(s) differ from those saved: {', '.join(sorted(changed))}); moved "
-    f"it to {workdir}/damaged_checkpoints/30 and trying the one before"
-  ) in damage[0]
+    in (damage[0])
+  ), damage[0]
+  named = damage[0].split("differ from those saved: ", 1)[1].split(");", 1)[0].split(", ")
+  assert set(changed[:5]) <= set(named), (changed, damage[0])  # The line names at most 5.
+  assert f"moved it to {workdir}/damaged_checkpoints/30 and trying the one before" in damage[0]
   assert "resuming from the checkpoint of step 20" in output and "Traceback" not in output
   for a, b in zip(
     jax.tree.leaves(load_params(workdir, 40)), jax.tree.leaves(load_params(straight("1x8"), 40))

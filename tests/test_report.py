@@ -11,7 +11,7 @@ import matplotlib.image
 import pytest
 from etils import epath
 
-from launcher import report
+from launcher import report, writers
 from tests.helpers import REPO, finish, launcher_command, start
 
 
@@ -43,6 +43,13 @@ def test_report_of_a_two_process_run_that_was_resumed(tmp_path):
     devices=4,
   )
   assert finish(second, 180) == 0, (tmp_path / "2.log").read_text()[-3000:]
+  first_log, second_log = (tmp_path / "1.log").read_text(), (tmp_path / "2.log").read_text()
+  for process in (0, 1):
+    assert (
+      f"joining a job given by JAX_* environment variables as process {process} of 2"
+    ) in first_log
+  assert "finished 20 steps in 0:" in first_log
+  assert "finished 30 steps (this start: from step 20, in 0:" in second_log
 
   result = subprocess.run(
     [sys.executable, "-m", "launcher.report", str(workdir)],
@@ -333,3 +340,103 @@ def test_a_restart_is_a_gap_with_a_marker_in_every_plot(tmp_path):
   assert "2 start(s) (restarts at steps 20)" in path.read_text()
   for name in ("loss.png", "throughput.png", "hosts.png", "checkpoints.png"):
     assert (path.parent / name).stat().length > 10_000
+
+
+def _failed_start(at: float) -> list[dict]:
+  """One start as the writers record one that ran out of memory in its first call: its start,
+  then 20 s later its end (outcome FAILED, no steps; the window from the writer's creation)."""
+  return [
+    {
+      "event": "start",
+      "time": at + 3.0,
+      "process": 0,
+      "process_count": 1,
+      "hostname": "node0",
+      "devices": 8,
+      "first_step": 0,
+      "startup_s": 3.0,
+    },
+    {
+      "event": "end",
+      "outcome": "FAILED",
+      "time": at + 23.0,
+      "step": 0,
+      "steps": 0,
+      "window_s": 5.0,
+      "steps_s": 5.0,
+      "data_wait_s": 0.0,
+      "checkpoint_blocked_s": 0.0,
+      "eval_s": 0.0,
+    },
+  ]
+
+
+def test_a_run_that_never_reached_a_step_is_reported_as_such(tmp_path):
+  """Two starts, each out of memory before step 1: not finished, no NaN, parts that add up to the
+  wall time (each start's time after its startup is its compile), plots that say so."""
+  workdir = epath.Path(tmp_path)
+  (workdir / "hosts").mkdir()
+  records = _failed_start(0.0) + _failed_start(30.0)
+  (workdir / "hosts" / "process_0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  path = epath.Path(report.build(str(workdir)))
+
+  def no_nan(constant):
+    raise AssertionError(f"summary.json holds {constant}")
+
+  summary = json.loads((path.parent / "summary.json").read_text(), parse_constant=no_nan)
+  assert summary["finished"] is False and summary["outcome"] == "failed"
+  assert summary["last_step"] is None and summary["starts"] == 2
+  assert summary["hosts"][0]["steps_per_sec"] is None
+  assert summary["hosts"][0]["data_wait_share"] is None
+  assert summary["wall_s"] == 2 * 23.0
+  assert summary["goodput_s"] == {
+    **dict.fromkeys(report.GOODPUT_PARTS, 0.0),
+    "startup": 6.0,
+    "compile": 40.0,
+  }
+  markdown = path.read_text()
+  assert "2 start(s) (restarts at steps 0); its last start failed before its first step" in markdown
+  assert "| 0 | node0 | 8 | no steps | no steps | 0 |" in markdown
+  assert report.ONE_HOST in markdown
+  for name in ("loss.png", "throughput.png", "hosts.png", "checkpoints.png"):
+    assert (path.parent / name).stat().length > 5_000
+
+
+def test_one_process_says_there_is_nothing_to_compare(tmp_path):
+  workdir = epath.Path(tmp_path)
+  records, now = _start(0, 0.0, 0, [20.0] * 3, [0.02] * 3)
+  records.append(
+    {
+      "event": "end",
+      "outcome": "FINISHED",
+      "time": now + 0.5,
+      "step": 30,
+      "steps": 0,
+      "window_s": 0.5,
+      "steps_s": 0.0,
+      "data_wait_s": 0.0,
+      "checkpoint_blocked_s": 0.0,
+      "eval_s": 0.0,
+    }
+  )
+  _write_run(workdir, {0: records})
+  path = epath.Path(report.build(str(workdir)))
+  markdown = path.read_text()
+  assert "1 process(es), 1 start(s) (no restart); it finished at step 30." in markdown
+  assert f"| 0 | node0 | 4 | 20.00 | 2.0% | 30 |\n\n{report.ONE_HOST}\n" in markdown
+  summary = json.loads((path.parent / "summary.json").read_text())
+  assert summary["finished"] is True and summary["last_step"] == 30
+
+
+def test_the_finished_line_shows_the_loss_first_and_this_starts_time():
+  """After a resume the first report held the eval metrics before the loss: the line's order is
+  the same as a fresh run's, and its time is named as the last start's."""
+  resumed = {"eval_loss": 2.04, "eval_accuracy": 0.4521, "learning_rate": 0.1, "loss": 2.363}
+  fresh = {"loss": 2.363, "eval_loss": 2.04, "eval_accuracy": 0.4521}
+  metrics = "loss 2.363, eval_loss 2.04, eval_accuracy 0.4521. Outputs in /tmp/run;"
+  assert writers.finished_line(300, 0, fresh, 45.2, "/tmp/run").startswith(
+    f"finished 300 steps in 0:00:45: {metrics}"
+  )
+  assert writers.finished_line(300, 200, resumed, 16.0, "/tmp/run").startswith(
+    f"finished 300 steps (this start: from step 200, in 0:00:16): {metrics}"
+  )
