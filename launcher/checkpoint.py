@@ -154,8 +154,7 @@ class Checkpoints:
     and then ends the run, with every checkpoint where it was."""
 
     def read(step):
-      self._check_fits(step, into)  # First: a state of other shapes cannot resume at all.
-      self.check_data_position(step, expected, allow_change=allow_data_change)
+      self.check_data_position(step, expected, allow_change=allow_data_change, into=into)
       return self.restore(step, into)
 
     set_aside_steps = []
@@ -240,11 +239,15 @@ class Checkpoints:
     step_dir = self.directory / str(step)
     check_structure(_readable(self._manager.item_metadata(step).state, step_dir), into, step_dir)
 
-  def check_data_position(self, step: int, expected: dict, *, allow_change: bool = False) -> None:
+  def check_data_position(
+    self, step: int, expected: dict, *, allow_change: bool = False, into=None
+  ) -> None:
     """Refuses a resume whose batches would differ from the saved run's: batch t is a function
     of t and the settings `data_record` gives (`expected`: this run's), so a change to any of
     them would silently change the run. `allow_change`: say so in a warning and go on. A
-    checkpoint without a setting (written before it was recorded) is not checked on it."""
+    checkpoint without a setting (written before it was recorded) is not checked on it. With
+    `into`, a change whose state does not fit `into` is refused as that mismatch instead (no
+    allow_data_change can resume it)."""
     saved = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
     changed = [
       (_CONFIG_KEYS.get(name, name), saved[name], value)
@@ -257,6 +260,8 @@ class Checkpoints:
     ]
     if not changed:
       return
+    if into is not None:  # A state of other shapes cannot resume at all: that is the line.
+      self._check_fits(step, into)
     was = " and ".join(f"config.{key}={_shown(old)}" for key, old, _ in changed)
     now = " and ".join(f"config.{key}={_shown(new)}" for key, _, new in changed)
     if allow_change:
