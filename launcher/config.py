@@ -14,6 +14,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 EXECUTORS = ("shard_map", "pmap", "fsdp")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "warmup_cosine")
+AUTO = "auto"  # config.steps_per_call chosen by the run (launcher/steps_per_call.py).
 
 
 # Every key the launcher reads: its default and what it means (the README's reference and
@@ -28,7 +29,11 @@ KEYS = {
     "must keep it",
   ),
   "num_steps": (1000, "optimizer updates in the run; a multiple of steps_per_call"),
-  "steps_per_call": (1, "K updates inside one compiled call (lax.scan over K stacked batches)"),
+  "steps_per_call": (
+    1,
+    'K updates inside one compiled call (lax.scan over K stacked batches), or "auto": chosen '
+    "from the first calls' timings (docs/performance.md)",
+  ),
   "max_calls_in_flight": (
     2,
     "compiled calls dispatched but not finished (CPU collectives abort when too many queue up)",
@@ -135,7 +140,10 @@ KEYS = {
 
 def defaults() -> ml_collections.ConfigDict:
   """Every key the launcher reads; a config file starts here and adds its workload's keys."""
-  return ml_collections.ConfigDict({key: default for key, (default, _) in KEYS.items()})
+  config = ml_collections.ConfigDict({key: default for key, (default, _) in KEYS.items()})
+  # An int or "auto", from a config file or the command line (parsed as a Python literal).
+  config.steps_per_call = ml_collections.FieldReference(1, field_type=object)
+  return config
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -153,10 +161,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     "config.workload is empty: set it to a module under workloads/ (e.g. --config.workload=lm) "
     "or to any importable module",
   )
+  auto = config.steps_per_call == AUTO
   for key in (
     "batch_size",
     "num_steps",
-    "steps_per_call",
+    *(() if auto else ("steps_per_call",)),
     "max_calls_in_flight",
     "log_every_steps",
     "keep_checkpoints",
@@ -227,7 +236,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1), e.g. 0.9")
   need(config.seed >= 0, f"config.seed={config.seed} must be 0 or more")
   k = config.steps_per_call
-  if k >= 1:
+  if not auto and k >= 1:
     for key in ("num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
       value = config[key]
       if value > 0 and value % k:
@@ -255,13 +264,16 @@ def _wrong_types(config: ml_collections.ConfigDict) -> list[str]:
       problems.append(f"config.{key} is missing: start the config from launcher.config.defaults()")
       continue
     value, wanted = config[key], type(default)
+    if key == "steps_per_call" and value == AUTO:
+      continue
     ok = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
       ok = True
     if not ok:
+      also = f' or "{AUTO}"' if key == "steps_per_call" else ""
       problems.append(
         f"config.{key}={value!r} is a {type(value).__name__}: it must be a "
-        f"{wanted.__name__} (default {default!r})"
+        f"{wanted.__name__}{also} (default {default!r})"
       )
   return problems
 

@@ -96,7 +96,7 @@ class _PerDevice(Executor):
       functools.partial(
         step.train_call,
         steps_per_call=steps_per_call,
-        one_gradient_all_reduce=combines_no_all_reduces(),
+        gradient_bucket_bytes=gradient_bucket_bytes(),
         **step_kwargs,
       ),
       stacked=steps_per_call > 1,
@@ -202,6 +202,8 @@ class _GlobalArrays(Executor):
 
   def batch_to_devices(self, host_batch, *, stacked: bool = False):
     sharding = self._stacked_split if stacked else self._split
+    if jax.process_count() == 1:  # This process's data is the global batch: one transfer.
+      return jax.device_put(jax.tree.map(np.asarray, host_batch), sharding)
     return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
     )
@@ -343,11 +345,16 @@ def constrain_to_batch(x: jax.Array) -> jax.Array:
   return x if sharding is None else lax.with_sharding_constraint(x, sharding)
 
 
-def combines_no_all_reduces() -> bool:
-  """XLA's GPU and TPU compilers combine the all-reduces of a step into few; its CPU compiler
-  does not, and on simulated devices each all-reduce costs about as much as a small step's
-  compute (benchmarks/dispatch.py measures one per gradient array against one for all)."""
-  return jax.devices()[0].platform == "cpu"
+# On CPU: gradients smaller than this are averaged together in buckets of up to this size.
+CPU_GRADIENT_BUCKET_BYTES = 1 << 20
+
+
+def gradient_bucket_bytes() -> int:
+  """XLA's GPU and TPU compilers combine the all-reduces of a step into few (0: leave it to
+  them); its CPU compiler does not, and on simulated devices each all-reduce costs about as much
+  as a small step's compute (benchmarks/dispatch.py measures it), so there the small gradients
+  are averaged in flat buckets (step.mean_over_devices)."""
+  return CPU_GRADIENT_BUCKET_BYTES if jax.devices()[0].platform == "cpu" else 0
 
 
 def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:

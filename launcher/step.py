@@ -2,6 +2,7 @@
 fsdp train call over the job's global arrays."""
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +32,10 @@ def train_step(
   grad_accum_steps: int = 1,
   compute_dtype=None,
   skip_nonfinite: bool = False,
-  one_gradient_all_reduce: bool = False,
+  gradient_bucket_bytes: int = 0,
 ) -> tuple[TrainState, dict]:
-  """One update from this device's shard; gradients are averaged over every device.
-
-  With `one_gradient_all_reduce` the gradients are averaged as one flat vector: one all-reduce
-  instead of one per array, where the compiler does not combine them itself (XLA on CPU).
+  """One update from this device's shard; gradients are averaged over every device, in few
+  all-reduces with `gradient_bucket_bytes` (`mean_over_devices`).
 
   With `grad_accum_steps` M > 1 the shard is split into M microbatches whose gradients are
   averaged (lax.scan) before the one update: the same update as one step on the whole shard, in
@@ -54,11 +53,7 @@ def train_step(
     grad_accum_steps=grad_accum_steps,
     compute_dtype=compute_dtype,
   )
-  if one_gradient_all_reduce:
-    flat, unflatten = flatten_util.ravel_pytree(grads)
-    grads = unflatten(lax.pmean(flat, AXIS))
-  else:
-    grads = lax.pmean(grads, AXIS)
+  grads = mean_over_devices(grads, gradient_bucket_bytes)
   return update(
     state,
     grads,
@@ -68,6 +63,32 @@ def train_step(
     skip_nonfinite=skip_nonfinite,
     mean_loss=lambda: lax.pmean(loss, AXIS),
   )
+
+
+def mean_over_devices(tree, bucket_bytes: int = 0):
+  """`lax.pmean` of every leaf of `tree` over axis `batch`. With `bucket_bytes` > 0 the leaves
+  smaller than it are averaged together, concatenated into flat buckets of up to `bucket_bytes`
+  (one all-reduce each, for a compiler that does not combine all-reduces itself: XLA on CPU);
+  larger leaves, whose all-reduce costs more than its start, alone (no copy)."""
+  if not bucket_bytes:
+    return lax.pmean(tree, AXIS)
+  leaves, treedef = jax.tree.flatten(tree)
+  means = list(leaves)
+  buckets = {}  # dtype -> [[leaf index, ...], ...], the last one open
+  for index, leaf in enumerate(leaves):
+    if leaf.nbytes >= bucket_bytes:
+      means[index] = lax.pmean(leaf, AXIS)
+      continue
+    dtype_buckets = buckets.setdefault(leaf.dtype, [[]])
+    if sum(leaves[i].nbytes for i in dtype_buckets[-1]) + leaf.nbytes > bucket_bytes:
+      dtype_buckets.append([])
+    dtype_buckets[-1].append(index)
+  for bucket in itertools.chain.from_iterable(buckets.values()):
+    flat = lax.pmean(jnp.concatenate([leaves[i].ravel() for i in bucket]), AXIS)
+    offsets = itertools.accumulate((leaves[i].size for i in bucket), initial=0)
+    for index, offset in zip(bucket, offsets, strict=False):
+      means[index] = flat[offset : offset + leaves[index].size].reshape(leaves[index].shape)
+  return treedef.unflatten(means)
 
 
 def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from launcher import (
 from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
 from launcher import state as state_lib
+from launcher import steps_per_call as steps_per_call_lib
 from launcher import watchdog as watchdog_lib
 from launcher import workdir as workdir_lib
 from launcher import workload as workload_lib
@@ -98,20 +99,21 @@ def run(
       executor, loss_fn, tx, fresh, state_target = _build(config, workload)
     data_record = checkpoint_lib.data_record(config, workload, layout.global_batch_size)
     checkpoints, state = _resume_or_start(config, workdir, data_record, fresh, state_target, parts)
-    first_step, k = int(state.step.addressable_data(0)), config.steps_per_call
+    first_step = int(state.step.addressable_data(0))
     if first_step >= config.num_steps:
       _say_already_finished(workdir, first_step, config.num_steps)
       checkpoints.close()
       return state
-    if (config.num_steps - first_step) % k:
+    plan = steps_per_call_lib.Plan(config, first_step, layout.process_count)
+    if (config.num_steps - first_step) % plan.k:  # "auto" fits any start.
       raise UsageError(
         f"the run resumes at step {first_step}, from which config.num_steps="
         f"{config.num_steps} is not reached in whole calls of "
-        f"config.steps_per_call={k}: use the steps_per_call it was saved with"
+        f"config.steps_per_call={plan.k}: use the steps_per_call it was saved with, or auto"
       )
     with _timed(parts, "first batch"):
       example_batch, train_batches, workload_metric_names = _open_train_data(
-        config, workload, layout, loss_fn, state, executor, first_step
+        config, workload, layout, loss_fn, state, executor, first_step, plan
       )
       if config.eval_every_steps:
         _check_eval_data(config, workload, layout)
@@ -175,15 +177,17 @@ def run(
   replicated_state = executor.from_global(state)
   del state  # Its arrays now belong to the run's state, which each call donates.
   train_metric_set = step.MetricSet([*step.TRAIN_METRICS, *workload_metric_names])
-  train_call = executor.map_train(
-    steps_per_call=k,
-    metric_set=train_metric_set,
-    loss_fn=loss_fn,
-    tx=tx,
-    schedule=optimizer.schedule(config),
-    grad_accum_steps=config.grad_accum_steps,
-    compute_dtype=config_lib.compute_dtype(config),
-    skip_nonfinite=config.skip_nonfinite_steps,
+  train_calls = functools.cache(  # The compiled call of each K (two at most: see `plan`).
+    functools.partial(
+      executor.map_train,
+      metric_set=train_metric_set,
+      loss_fn=loss_fn,
+      tx=tx,
+      schedule=optimizer.schedule(config),
+      grad_accum_steps=config.grad_accum_steps,
+      compute_dtype=config_lib.compute_dtype(config),
+      skip_nonfinite=config.skip_nonfinite_steps,
+    )
   )
   state_bytes = memory.state_bytes_per_device(replicated_state)
   say("train state: %.1f MB on the fullest device (%s)", state_bytes / 2**20, executor.describe())
@@ -194,19 +198,25 @@ def run(
   preempted = saves_may_hang = False
   outcome = "FAILED"  # What the trackers' run ends as, unless the loop completes.
   try:
-    for last_step in range(first_step + k, config.num_steps + 1, k):
+    calls, last_step = 0, first_step
+    while last_step < config.num_steps:
+      calls += 1
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
+        plan.call_starts()
         with report_writer.waiting_for_data():
-          batches = next(train_batches, None)
+          k, batches = next(train_batches, (plan.k_at(last_step), None))
+        last_step += k
         if batches is None:
           raise UsageError(
             f"workload {config.workload}'s train dataset ended before step "
             f"{last_step}: dataset(config, 'train', ...) must be endless"
           )
+        plan.data_ready()
+        train_call = train_calls(steps_per_call=k)
         in_flight.wait_for_room()
         replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)
         in_flight.add(train_metrics)
-        if last_step == first_step + k:
+        if calls == 1:
           jax.block_until_ready(train_metrics)
           report_writer.first_report_also(
             **memory.step_memory(train_call, replicated_state, train_metrics, batches)
@@ -214,7 +224,12 @@ def run(
           report_writer.first_step_done(parts, last_step)
         watchdog.completed(last_step - k)
         report_writer.after_steps(last_step - k + 1, last_step)
-        preempted = stop_notice.reached(last_step // k)
+        preempted = stop_notice.reached(calls)
+        choice = plan.call_done(train_metrics)
+        if choice:  # Once: a fixed K after the first call, auto's when chosen.
+          report_writer.first_report_also(steps_per_call=choice.k)
+          if plan.auto:
+            say("steps_per_call=auto chose %d (%s)", choice.k, choice.why)
 
       due = _due(config, last_step, preempted)
       if not any(due):
@@ -277,7 +292,12 @@ def run(
       f"stopped on a preemption notice after saving the checkpoint of step {last_step}"
     )
   if layout.process_index == 0:
-    _say_finished(workdir, config.num_steps, report_writer.last_scalars, time.time() - started)
+    logging.info(
+      "%s",
+      writers.finished_line(
+        config.num_steps, first_step, report_writer.last_scalars, time.time() - started, workdir
+      ),
+    )
   return executor.to_global(replicated_state)
 
 
@@ -358,9 +378,9 @@ def _resume_or_start(config, workdir, data_record, fresh, state_target, parts):
   return checkpoints, state
 
 
-def _open_train_data(config, workload, layout, loss_fn, state, executor, first_step):
-  """The first host batch (checked), the per-call device batches from `first_step` on, and the
-  names of the workload's metrics (its loss traced once on the first batch, rng None)."""
+def _open_train_data(config, workload, layout, loss_fn, state, executor, first_step, plan):
+  """The first host batch (checked), (K, per-call device batches) from `first_step` on (K as
+  `plan` says), and the names of the workload's metrics (its loss traced once on the first batch, rng None)."""
   host_batches = workload_lib.open_dataset(
     workload, config, "train", layout.process_index, layout.process_count, start=first_step
   )
@@ -377,12 +397,12 @@ def _open_train_data(config, workload, layout, loss_fn, state, executor, first_s
   with workload_lib.calling(workload, "loss(config, params, batch, rng=None)"):
     loss_shapes = jax.eval_shape(loss_fn, state.params, example_batch, None)
   metric_names = workload_lib.check_loss_output(workload, loss_shapes)
-  train_batches = data.train_batches(
+  train_batches = steps_per_call_lib.train_batches(
     itertools.chain([example_batch], host_batches),
-    steps_per_call=config.steps_per_call,
+    plan,
     put=executor.batch_to_devices,
     check=check,
-    first_number=first_step,
+    first_step=first_step,
   )
   return example_batch, train_batches, metric_names
 
@@ -468,22 +488,6 @@ def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> 
     report=final or every(config.log_every_steps),
     save=final or preempted or every(config.checkpoint_every_steps),
     evaluate=bool(config.eval_every_steps) and (final or every(config.eval_every_steps)),
-  )
-
-
-def _say_finished(workdir, num_steps: int, scalars: dict[str, float], seconds: float) -> None:
-  shown = {
-    name: scalars[name]
-    for name in scalars
-    if name not in writers.NOT_SHOWN and (name == "loss" or name.startswith("eval_"))
-  }
-  logging.info(
-    "finished %d steps in %s: %s. Outputs in %s; see them with: python -m launcher.report %s",
-    num_steps,
-    writers.hms(seconds),
-    ", ".join(f"{name} {value:.4g}" for name, value in shown.items()),
-    workdir,
-    workdir,
   )
 
 

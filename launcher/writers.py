@@ -2,18 +2,22 @@
 metrics.jsonl (process 0), and every process's own records in hosts/. `launcher.report` reads them.
 
 Every file goes through `launcher.storage`, so a `gs://` workdir gets all of them. TensorFlow is
-never imported: TensorBoard events are encoded by tensorboardX.
+never imported: TensorBoard events are encoded by tensorboardX, imported only when a run names
+the tensorboard tracker.
 """
 
 import abc
 import contextlib
+import functools
 import json
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +26,6 @@ import numpy as np
 from absl import logging
 from clu import profiler as clu_profiler
 from etils import epath
-from tensorboardX import event_file_writer, record_writer
-from tensorboardX import summary as tbx_summary
-from tensorboardX.proto import event_pb2, summary_pb2
 
 import launcher
 from launcher import storage
@@ -124,7 +125,31 @@ class _AppenderFactory:
     del location  # GCS has no directories.
 
 
-record_writer.register_writer_factory("gs", _AppenderFactory())
+@functools.cache
+def _tensorboardx() -> types.SimpleNamespace:
+  """tensorboardX's event encoding, imported when the first TensorBoard writer is made, its gs://
+  files going through launcher.storage. Its record_writer imports google-cloud-storage where that
+  is installed (a quarter of a second, for a client the launcher never uses), so that import is
+  refused while tensorboardX loads, unless something has already loaded it."""
+  gcs_client = "google.cloud.storage"
+  refused = gcs_client not in sys.modules
+  if refused:
+    sys.modules[gcs_client] = None  # `import` raises ImportError, which tensorboardX catches.
+  try:
+    # pylint: disable=import-outside-toplevel
+    from tensorboardX import event_file_writer, record_writer, summary
+    from tensorboardX.proto import event_pb2, summary_pb2
+  finally:
+    if refused:
+      del sys.modules[gcs_client]
+  record_writer.register_writer_factory("gs", _AppenderFactory())
+  return types.SimpleNamespace(
+    event_file_writer=event_file_writer,
+    record_writer=record_writer,
+    summary=summary,
+    event_pb2=event_pb2,
+    summary_pb2=summary_pb2,
+  )
 
 
 class TensorBoardWriter(MetricWriter):
@@ -133,28 +158,30 @@ class TensorBoardWriter(MetricWriter):
   Scalars are stored as plain scalar values (what `EventAccumulator.Scalars` reads)."""
 
   def __init__(self, logdir: epath.Path):
-    record_writer.directory_check(os.fspath(logdir))
+    self._tbx = _tensorboardx()
+    self._tbx.record_writer.directory_check(os.fspath(logdir))
     # The file's name has tensorboardX's whole seconds; two starts within one second would share
     # it (the second overwriting the first) without the nanoseconds after it.
-    self._events = event_file_writer.EventsWriter(
+    self._events = self._tbx.event_file_writer.EventsWriter(
       os.path.join(os.fspath(logdir), "events"), filename_suffix=f".{time.time_ns()}"
     )
 
   def _write(self, step: int, summaries) -> None:
     values = [value for summary in summaries for value in summary.value]
     self._events.write_event(
-      event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+      self._tbx.event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=self._tbx.summary_pb2.Summary(value=values)
       )
     )
 
   def write_scalars(self, step, scalars):
     self._write(
-      step, [tbx_summary.scalar(name, float(np.asarray(value))) for name, value in scalars.items()]
+      step,
+      [self._tbx.summary.scalar(name, float(np.asarray(value))) for name, value in scalars.items()],
     )
 
   def write_texts(self, step, texts):
-    summaries = [tbx_summary.text(name, text) for name, text in texts.items()]
+    summaries = [self._tbx.summary.text(name, text) for name, text in texts.items()]
     for name, summary in zip(texts, summaries):  # Tagged `name`, as by CLU's writer.
       summary.value[0].tag = name
     self._write(step, summaries)
@@ -163,7 +190,7 @@ class TensorBoardWriter(MetricWriter):
     self._write(
       step,
       [
-        tbx_summary.histogram(
+        self._tbx.summary.histogram(
           name, np.asarray(values), bins="tensorflow", max_bins=(num_buckets or {}).get(name)
         )
         for name, values in arrays.items()
@@ -174,7 +201,7 @@ class TensorBoardWriter(MetricWriter):
     self._write(
       step,
       [
-        tbx_summary.image(f"{name}/{i}", image, dataformats="HWC")
+        self._tbx.summary.image(f"{name}/{i}", image, dataformats="HWC")
         for name, batch in images.items()
         for i, image in enumerate(np.asarray(batch))
       ],
@@ -249,6 +276,7 @@ NOT_SHOWN = {
   "peak_bytes_per_device",
   "time_to_first_step_s",
   "skipped_steps",
+  "steps_per_call",
 }
 
 
@@ -277,6 +305,30 @@ def console_line(step: int, num_steps: int, scalars: dict[str, float], eta_s: fl
   if eta_s is not None and step < num_steps:
     parts.append(f"ETA {hms(eta_s)}")
   return " | ".join(parts)
+
+
+def finished_line(
+  num_steps: int, first_step: int, scalars: dict[str, float], seconds: float, workdir: str
+) -> str:
+  """The run's last line: its loss and eval metrics (loss, then eval_loss, then the rest in the
+  workload's order, whichever report came first), and this start's time, named as such when the
+  run resumed."""
+  shown = [
+    name
+    for name in scalars
+    if name not in NOT_SHOWN and (name == "loss" or name.startswith("eval_"))
+  ]
+  shown.sort(key=lambda name: (name != "loss", name != "eval_loss"))
+  took = (
+    f"(this start: from step {first_step}, in {hms(seconds)})"
+    if first_step
+    else f"in {hms(seconds)}"
+  )
+  metrics = ", ".join(f"{name} {scalars[name]:.4g}" for name in shown)
+  return (
+    f"finished {num_steps} steps {took}: {metrics}. Outputs in {workdir}; see them with: "
+    f"python -m launcher.report {workdir}"
+  )
 
 
 class ReportWriter:
@@ -499,6 +551,7 @@ class ReportWriter:
     now = time.time()
     self._record(
       "end",
+      outcome=outcome,
       step=self._step,
       steps=self._step - self._last_step,
       window_s=now - self._last_time,

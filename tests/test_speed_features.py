@@ -1,15 +1,20 @@
 """What makes the launcher fast must not change results: executors, accumulation, precision, syncs."""
 
 import os
+import subprocess
+import sys
 
+import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax._src import array
 
-from launcher import train, writers
-from tests.helpers import assert_close, load_config, read_metrics, run_launcher
-from workloads import lm
+from launcher import data, steps_per_call, train, writers
+from launcher.errors import UsageError
+from tests.helpers import REPO, assert_close, load_config, read_metrics, run_launcher
+from workloads import classifier, lm
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
@@ -184,3 +189,133 @@ def test_compilation_cache_persists_compiled_programs(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(os.listdir(cache)) >= 2  # At least the train call and the state init.
   assert "time to first step" in result.stdout
+
+
+def test_steps_per_call_auto_trains_the_same_losses_as_one_step_per_call(tmp_path, monkeypatch):
+  """auto switches from K=1 to its K mid-run, and again after a resume from step 16, where a
+  fixed K of 5 is refused (45 - 16 is no multiple of 5); the reports' losses are the K=1 run's
+  (a resume's first report averages from the resumed step on: it is left out)."""
+  monkeypatch.setattr(steps_per_call, "HOST_SHARE", 0.0)  # The largest K that fits: 5.
+  settings = {"log_every_steps": 5, "eval_every_steps": 0, "checkpoint_every_steps": 10}
+  train.run(load_config("linear", num_steps=45, **settings), str(tmp_path / "one"))
+  train.run(load_config("linear", num_steps=16, steps_per_call="auto", **settings), str(tmp_path))
+  with pytest.raises(UsageError, match="resumes at step 16"):
+    train.run(load_config("linear", num_steps=45, steps_per_call=5, **settings), str(tmp_path))
+  train.run(load_config("linear", num_steps=45, steps_per_call="auto", **settings), str(tmp_path))
+  reference = {row["step"]: row for row in read_metrics(str(tmp_path / "one"))}
+  rows = read_metrics(str(tmp_path))
+  assert reference[5]["steps_per_call"] == 1
+  assert [row["step"] for row in rows] == [5, 10, 15, 16, 20, 25, 30, 35, 40, 45]
+  assert [row.get("steps_per_call") for row in rows if "steps_per_call" in row] == [5, 5]
+  for row in rows:
+    if row["step"] not in (16, 20):
+      assert row["loss"] == pytest.approx(reference[row["step"]]["loss"], rel=1e-6), row["step"]
+
+
+# Packages a local run without them leaves unimported (each 0.1-0.4 s, or a dependency that is
+# not installed): trackers, grain, the gs:// clients, TensorBoard's writer, the report's plots,
+# corpora and the classifier's data.
+NOT_IMPORTED_BY_A_LOCAL_RUN = (
+  "mlflow",
+  "wandb",
+  "grain",
+  "gcsfs",
+  "fsspec",
+  "google.cloud.storage",
+  "aiohttp",
+  "tensorboardX",
+  "matplotlib",
+  "pyarrow",
+  "tokenizers",
+  "sklearn",
+)
+
+
+# `python -m launcher`, writing the names of every module it holds at its exit to $MODULES_FILE.
+_LAUNCHER_RECORDING_MODULES = """
+import atexit, os, runpy, sys
+atexit.register(lambda: open(os.environ["MODULES_FILE"], "w").write("\\n".join(sys.modules)))
+sys.argv[0] = "launcher"
+runpy.run_module("launcher", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("trackers", ["none", "tensorboard"])
+def test_a_local_run_imports_only_what_it_uses(trackers, tmp_path):
+  """The modules a linear run that reports, evaluates and saves holds at its exit: none of the
+  packages it does not use, and the named tracker's (so that the check can fail)."""
+  modules_file = tmp_path / "modules.txt"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _LAUNCHER_RECORDING_MODULES,
+      "--config=configs/linear.py",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.num_steps=10",
+      "--config.eval_every_steps=10",
+      "--config.checkpoint_every_steps=10",
+      f"--config.trackers={trackers}",
+    ],
+    cwd=REPO,
+    env={**os.environ, "MODULES_FILE": str(modules_file)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  modules = set(modules_file.read_text().split())
+  assert {"jax", "orbax.checkpoint", "launcher.train"} <= modules
+  imported = {
+    package
+    for package in NOT_IMPORTED_BY_A_LOCAL_RUN
+    if any(module == package or module.startswith(f"{package}.") for module in modules)
+  }
+  assert imported == ({"tensorboardX"} if trackers == "tensorboard" else set())
+  assert os.listdir(tmp_path / "run" / "checkpoints") == ["10"]
+  assert any(name.startswith("events.") for name in os.listdir(tmp_path / "run")) == (
+    trackers != "none"
+  )
+
+
+@pytest.mark.parametrize(
+  "num_records, batch_size, process_count, repeat, start",
+  [
+    (10, 4, 1, True, 0),
+    (10, 4, 2, True, 3),
+    (7, 24, 4, True, 1),
+    (64, 8, 2, False, 0),
+    (7, 4, 2, False, 1),
+    (3, 24, 1, False, 0),
+  ],
+)
+def test_unshuffled_batch_indices_are_grains(num_records, batch_size, process_count, repeat, start):
+  """data.InOrder (batch_indices without a seed, which leaves grain unimported) gives grain's
+  elements: range, repeat, batch, this process's slice from `start`."""
+  for process_index in range(process_count):
+    grains = grain.MapDataset.range(num_records)
+    grains = grains.repeat(None) if repeat else grains
+    grains = grains.batch(batch_size // process_count, drop_remainder=False)
+    grains = grains[process_index::process_count][start:]
+    ours = data.batch_indices(
+      num_records,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      repeat=repeat,
+      start=start,
+    ).map(lambda i: i * 10)
+    assert repeat or len(ours) == len(grains)
+    for t in [*range(min(len(grains), 9)), *([12345] if repeat else [])]:
+      np.testing.assert_array_equal(ours[t], np.asarray(grains[t]) * 10)
+
+
+def test_the_classifier_without_scikit_learn_names_its_extra(monkeypatch):
+  """scikit-learn is the `classifier` extra, not a dependency of every install."""
+  monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # As when it is not installed.
+  config = load_config("classifier", test_examples=123)  # A size no other test has cached.
+  with pytest.raises(
+    UsageError, match=r"^the classifier workload .* pip install -e '\.\[classifier\]'$"
+  ):
+    next(classifier.dataset(config, "train", 0, 1))

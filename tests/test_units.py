@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from launcher import calls_in_flight, checkpoint, step, storage, train, writers
+from launcher import calls_in_flight, checkpoint, step, steps_per_call, storage, train, writers
 from launcher import config as config_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState
@@ -206,9 +206,10 @@ def test_seconds_before_a_moment_count_from_the_process_start():
   )
 
 
-def test_one_gradient_all_reduce_gives_the_per_array_average():
-  """The flat-vector average (used on CPU) equals one pmean per gradient array, on 8 devices
-  that each see different examples."""
+def test_bucketed_gradient_all_reduces_give_the_per_array_average():
+  """The gradients averaged in flat buckets (used on CPU: all in one, or the small ones in one and
+  the larger alone) equal one pmean per gradient array, on 8 devices that each see different
+  examples."""
   tx = optax.sgd(0.1)
   params = {"w": jnp.float32(1.0), "v": jnp.arange(3, dtype=jnp.float32)}
 
@@ -227,21 +228,22 @@ def test_one_gradient_all_reduce_gives_the_per_array_average():
   x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4)
   batch = {"x": x, "y": 3 * x + 1}
   results = []
-  for one in (False, True):
+  for bucket_bytes in (0, 8, 1 << 20):  # w is 4 bytes, v 12.
     call = jax.pmap(
-      lambda s, b, one=one: step.train_step(
+      lambda s, b, bucket_bytes=bucket_bytes: step.train_step(
         s,
         b,
         loss_fn=loss,
         tx=tx,
         schedule=optax.constant_schedule(0.1),
-        one_gradient_all_reduce=one,
+        gradient_bucket_bytes=bucket_bytes,
       ),
       axis_name=step.AXIS,
     )
     new_state, _ = call(jax.tree.map(lambda a: jnp.stack([a] * 8), state), batch)
     results.append(jax.tree.map(np.asarray, new_state.params))
-  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+  for result in results[1:]:
+    jax.tree.map(np.testing.assert_array_equal, results[0], result)
   assert not np.allclose(results[0]["v"], np.arange(3))  # The step moved the params.
 
 
@@ -366,3 +368,52 @@ def test_every_config_checkpoints_within_its_run():
   for name, config in sized.items():
     every = config.checkpoint_every_steps
     assert every == 0 or every < config.num_steps, (name, every, config.num_steps)
+
+
+@pytest.mark.parametrize(
+  "host_ms, device_ms, intervals, k, why",
+  [
+    (0.5, 1.0, (500, 0, 0), 50, "the host takes 1.0% of a call"),  # 0.5 / (0.5 + 50)
+    (1.0, 25.0, (100, 0, 0), 5, "0.8%"),  # K=2 leaves the host 1.96%, K=5 0.79%.
+    (1.0, 500.0, (100, 0, 0), 1, "0.2%"),
+    (10.0, 300.0, (100, 0, 0), 2, "K=5 would run past 1 s a call"),  # 5 x 310 ms
+    (0.5, 1.0, (10, 100, 0), 10, "intervals [10, 100]"),
+    (0.5, 1.0, (7, 0, 0), 1, "intervals [7]"),
+  ],
+)
+def test_steps_per_call_auto_chooses_k_from_the_timings(host_ms, device_ms, intervals, k, why):
+  timing = steps_per_call.Timing(data_s=1e-4, host_s=host_ms / 1e3, device_s=device_ms / 1e3)
+  choice = steps_per_call.choose(timing, intervals, host_share=0.01, max_call_s=1.0)
+  assert choice.k == k
+  assert f"host {host_ms:.2f} ms a call" in choice.why and why in choice.why
+
+
+def test_steps_per_call_auto_starts_each_call_of_k_at_a_multiple_of_k(monkeypatch):
+  monkeypatch.setattr(steps_per_call, "HOST_SHARE", 0.0)  # The largest K that fits: 10.
+  config = config_lib.defaults()
+  config.update(steps_per_call="auto", num_steps=23, log_every_steps=10)
+  config.update(eval_every_steps=0, checkpoint_every_steps=20)
+  plan = steps_per_call.Plan(config, first_step=3)
+
+  def call():
+    plan.call_starts()
+    plan.data_ready()
+    return plan.call_done(jnp.zeros(()))
+
+  assert [call() for _ in range(steps_per_call.MEASURED_CALLS)] == [None] * 5
+  assert plan.k_at(3) == 1
+  choice = call()
+  assert choice.k == 10 and plan.k == 10
+  assert [plan.k_at(step) for step in (9, 10, 19, 20, 22)] == [1, 10, 1, 1, 1]
+  assert call() is None
+
+
+def test_steps_per_call_auto_is_a_config_value_and_other_strings_are_not():
+  config = config_lib.defaults()
+  config.update(workload="linear", steps_per_call="auto", num_steps=7)
+  config_lib.check(config)
+  config.steps_per_call = "fast"
+  with pytest.raises(
+    UsageError, match=r'steps_per_call=.fast. is a str: it must be a int or "auto"'
+  ):
+    config_lib.check(config)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from launcher import data
+from launcher.errors import UsageError
 
 
 class MLP(nn.Module):
@@ -46,8 +47,13 @@ def loss(config, params, batch, rng):
 
 @functools.cache
 def _splits(test_examples: int) -> dict[str, dict[str, np.ndarray]]:
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-
+  try:
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UsageError(
+      "the classifier workload trains on scikit-learn's digits, which is not installed: "
+      "pip install -e '.[classifier]'"
+    ) from None
   digits = load_digits()
   order = np.random.default_rng(0).permutation(len(digits.target))
   images = (digits.data / 16.0).astype(np.float32)
