@@ -51,15 +51,25 @@ def test_ctrl_c_saves_and_exits_75_and_the_run_resumes_there(tmp_path, straight)
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_a_plain_run_at_once(tmp_path):
-  # The data loader blocks for ever at batch 3: the save that the first Ctrl-C asks for never comes.
-  process, _, log = _run_at_first_report(
-    tmp_path, "--config.fault=block", "--config.fault_at_batch=3"
+  # The data loader blocks for ever at batch 4, while the first batches are read ahead: the step
+  # that the first Ctrl-C waits for, to save, never comes.
+  workdir, log = tmp_path / "run", tmp_path / "run.log"
+  process = start(
+    launcher_command(
+      "--config=tests/hooked_config.py",
+      f"--workdir={workdir}",
+      "--config.fault=block",
+      "--config.fault_at_batch=4",
+    ),
+    str(log),
   )
+  wait_for(lambda: "train state:" in log.read_text(), 120, "the train state line", process)
+  time.sleep(2)  # Reading ahead, blocked.
   process.send_signal(signal.SIGINT)
   time.sleep(1)
   assert process.poll() is None  # Still waiting for the step that would save.
   process.send_signal(signal.SIGINT)
-  assert finish(process, 10) == 128 + signal.SIGINT
+  assert finish(process, 10) == 128 + signal.SIGINT, log.read_text()[-3000:]
   text = log.read_text()
   assert "SIGINT again: stopping at once, without saving" in text
   assert "Traceback" not in text

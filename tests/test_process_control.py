@@ -145,9 +145,9 @@ def test_a_child_killed_by_a_real_time_signal_is_named_and_restarted(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_kills_at_once(tmp_path):
-  # The data loader blocks for ever at batch 3: a save on the first Ctrl-C cannot happen.
+  # The data loader blocks for ever at batch 6 (read ahead of step 3): a save on the first Ctrl-C cannot happen.
   runner, _, log = _runner_at_first_report(
-    tmp_path, "--config.fault=block", "--config.fault_at_batch=3"
+    tmp_path, "--config.fault=block", "--config.fault_at_batch=6"
   )
   processes = children(runner.pid)
   runner.send_signal(signal.SIGINT)

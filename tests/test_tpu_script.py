@@ -38,7 +38,7 @@ STAND_IN_POD = [
   os.path.join(REPO, "scripts", "tpu", "pod.py"),
   "--tpu=stand-in",
   "--zone=us-central2-b",
-  "--extras=",
+  "--extras=classifier",  # tests/hooked_config.py trains the classifier (scikit-learn's digits).
 ]
 CONFIG = "--config=tests/hooked_config.py"
 LAUNCHER_ARGS = [
