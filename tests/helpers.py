@@ -212,3 +212,24 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float, what: str
       if time.monotonic() > deadline or process.poll() is not None:
         raise RuntimeError(f"{what} did not start") from None
       time.sleep(0.1)
+
+
+def run_at_first_report(tmp_path, *args, num_processes=1, devices=8, runner_flags=()):
+  """tests/hooked_config.py with `args` (through `launcher.local` with its `runner_flags` when
+  `num_processes` > 1), started and waited for until its first report: (process, workdir, log)."""
+  workdir, log = tmp_path / "run", tmp_path / "run.log"
+  command = launcher_command(
+    "--config=tests/hooked_config.py",
+    f"--workdir={workdir}",
+    *args,
+    num_processes=num_processes,
+    devices=devices,
+  )
+  process = start([*command[:3], *runner_flags, *command[3:]], str(log), devices=devices)
+  wait_for(
+    lambda: (workdir / "metrics.jsonl").exists() and read_metrics(str(workdir)),
+    120,
+    "the first report",
+    process,
+  )
+  return process, workdir, log

@@ -8,27 +8,20 @@ import time
 import pytest
 
 from launcher.errors import EXIT_PREEMPTED
-from tests.helpers import finish, launcher_command, read_metrics, start, wait_for
+from tests.helpers import (
+  finish,
+  launcher_command,
+  read_metrics,
+  run_at_first_report,
+  start,
+  wait_for,
+)
 from tests.test_checkpoint import assert_same_run
-
-
-def _run_at_first_report(tmp_path, *args):
-  workdir, log = tmp_path / "run", tmp_path / "run.log"
-  process = start(
-    launcher_command("--config=tests/hooked_config.py", f"--workdir={workdir}", *args), str(log)
-  )
-  wait_for(
-    lambda: (workdir / "metrics.jsonl").exists() and read_metrics(str(workdir)),
-    120,
-    "the first report",
-    process,
-  )
-  return process, workdir, log
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_75_and_the_run_resumes_there(tmp_path, straight):
-  process, workdir, log = _run_at_first_report(
+  process, workdir, log = run_at_first_report(
     tmp_path, "--config.slow_from_batch=0", "--config.slow_seconds=0.2"
   )
   process.send_signal(signal.SIGINT)

@@ -26,8 +26,8 @@ from tests.helpers import (
   launcher_command,
   load_config,
   read_metrics,
+  run_at_first_report,
   start,
-  wait_for,
 )
 
 
@@ -37,22 +37,6 @@ def _alive(pid: int) -> bool:
       return f.read().rsplit(")", 1)[1].split()[0] != "Z"
   except FileNotFoundError:
     return False
-
-
-def _runner_at_first_report(tmp_path, *args, runner_flags=()):
-  """`launcher.local` (2 x 4 devices) on tests/hooked_config.py with `args`, once it reported."""
-  workdir, log = tmp_path / "run", tmp_path / "run.log"
-  command = launcher_command(
-    "--config=tests/hooked_config.py", f"--workdir={workdir}", *args, num_processes=2, devices=4
-  )
-  runner = start([*command[:3], *runner_flags, *command[3:]], str(log), devices=4)
-  wait_for(
-    lambda: (workdir / "metrics.jsonl").exists() and read_metrics(str(workdir)),
-    120,
-    "the first report",
-    runner,
-  )
-  return runner, workdir, log
 
 
 @pytest.mark.slow
@@ -118,8 +102,8 @@ def test_a_preemption_notice_during_start_up_saves_at_the_first_step(tmp_path):
 
 @pytest.mark.slow
 def test_sighup_to_the_local_runner_saves_and_exits_75(tmp_path):
-  runner, workdir, log = _runner_at_first_report(
-    tmp_path, "--config.slow_from_batch=0", "--config.slow_seconds=0.2"
+  runner, workdir, log = run_at_first_report(
+    tmp_path, "--config.slow_from_batch=0", "--config.slow_seconds=0.2", num_processes=2, devices=4
   )
   runner.send_signal(signal.SIGHUP)
   assert finish(runner, 60) == EXIT_PREEMPTED, log.read_text()[-3000:]
@@ -132,8 +116,11 @@ def test_sighup_to_the_local_runner_saves_and_exits_75(tmp_path):
 
 @pytest.mark.slow
 def test_a_child_killed_by_a_real_time_signal_is_named_and_restarted(tmp_path):
-  runner, _, log = _runner_at_first_report(
-    tmp_path, runner_flags=("--max_restarts=1", "--restart_backoff_seconds=0")
+  runner, _, log = run_at_first_report(
+    tmp_path,
+    runner_flags=("--max_restarts=1", "--restart_backoff_seconds=0"),
+    num_processes=2,
+    devices=4,
   )
   os.kill(children(runner.pid)[1], signal.SIGRTMIN + 1)
   assert finish(runner, 180) == 0, log.read_text()[-3000:]
@@ -146,8 +133,8 @@ def test_a_child_killed_by_a_real_time_signal_is_named_and_restarted(tmp_path):
 @pytest.mark.slow
 def test_a_second_ctrl_c_kills_at_once(tmp_path):
   # The data loader blocks for ever at batch 6 (read ahead of step 3): a save on the first Ctrl-C cannot happen.
-  runner, _, log = _runner_at_first_report(
-    tmp_path, "--config.fault=block", "--config.fault_at_batch=6"
+  runner, _, log = run_at_first_report(
+    tmp_path, "--config.fault=block", "--config.fault_at_batch=6", num_processes=2, devices=4
   )
   processes = children(runner.pid)
   runner.send_signal(signal.SIGINT)
