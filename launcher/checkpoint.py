@@ -153,29 +153,16 @@ class Checkpoints:
     run loses at most what it lost since its last intact save. Any other error is tried again
     and then ends the run, with every checkpoint where it was."""
 
-    def read(step):
-      self.check_data_position(step, expected, allow_change=allow_data_change, into=into)
-      return self.restore(step, into)
-
     set_aside_steps = []
 
     def set_aside(step, why):
-      aside = self._set_aside(step)
+      self.set_aside(step, why)
       set_aside_steps.append(step)
-      if aside is not None:
-        logging.error(
-          "the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
-          "trying the one before",
-          step,
-          self.directory,
-          why,
-          aside,
-        )
 
     with storage.bounded(f"restoring a checkpoint from {self.directory}", self.directory):
       step, state = _newest_that_reads(
-        sorted(self._manager.all_steps(), reverse=True),
-        read,
+        self.all_steps(),
+        lambda step: self.read_checked(step, into, expected, allow_data_change=allow_data_change),
         set_aside,
         lambda step: f"the checkpoint of step {step} in {self.directory}",
       )
@@ -187,6 +174,30 @@ class Checkpoints:
         self._damaged,
       )
     return step, state
+
+  def all_steps(self) -> list[int]:
+    """The complete checkpoints' steps, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def read_checked(
+    self, step: int, into: state_lib.TrainState, expected: dict, *, allow_data_change: bool
+  ) -> Any:
+    """`restore` after `check_data_position` (as `restore_newest` reads each candidate)."""
+    self.check_data_position(step, expected, allow_change=allow_data_change, into=into)
+    return self.restore(step, into)
+
+  def set_aside(self, step: int, why: str) -> None:
+    """Moves a damaged step aside (`_set_aside`) and says so in one line, naming `why`."""
+    aside = self._set_aside(step)
+    if aside is not None:
+      logging.error(
+        "the checkpoint of step %d in %s cannot be read (%s); moved it to %s and "
+        "trying the one before",
+        step,
+        self.directory,
+        why,
+        aside,
+      )
 
   def _set_aside(self, step: int) -> epath.Path | None:
     """Moves a damaged step out of the checkpoints (process 0; every process waits for it, then
@@ -249,38 +260,10 @@ class Checkpoints:
     `into`, a change whose state does not fit `into` is refused as that mismatch instead (no
     allow_data_change can resume it)."""
     saved = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-    changed = [
-      (_CONFIG_KEYS.get(name, name), saved[name], value)
-      for name, value in expected.items()
-      if name != "data_settings" and name in saved and saved[name] != value
-    ] + [
-      (key, saved["data_settings"][key], value)
-      for key, value in expected.get("data_settings", {}).items()
-      if key in saved.get("data_settings", {}) and saved["data_settings"][key] != value
-    ]
-    if not changed:
-      return
-    if into is not None:  # A state of other shapes cannot resume at all: that is the line.
+    changed = data_changes(saved, expected)
+    if changed and into is not None:  # A state of other shapes cannot resume: that is the line.
       self._check_fits(step, into)
-    was = " and ".join(f"config.{key}={_shown(old)}" for key, old, _ in changed)
-    now = " and ".join(f"config.{key}={_shown(new)}" for key, _, new in changed)
-    if allow_change:
-      logging.warning(
-        "the checkpoint of step %d in %s was trained with %s, this run has %s: resuming with "
-        "other batches from here on, as config.allow_data_change=True asks",
-        step,
-        self.directory,
-        was,
-        now,
-      )
-      return
-    keep = " ".join(f"--config.{key}={_shown(old)}" for key, old, _ in changed)
-    raise UsageError(
-      f"the checkpoint of step {step} in {self.directory} was trained with {was}, this run "
-      f"has {now}: the batches depend on it, so resuming would silently change the run. "
-      f"Keep {keep} to resume, start a new run with another --workdir, or set "
-      "--config.allow_data_change=True to go on with the new batches"
-    )
+    refuse_data_changes(changed, f"the checkpoint of step {step} in {self.directory}", allow_change)
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
@@ -365,6 +348,44 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
       "a run's workdir, its checkpoints directory or one step's directory"
     )
   return [path / str(step) for step in reversed(steps)]
+
+
+def data_changes(saved: dict, expected: dict) -> list[tuple[str, Any, Any]]:
+  """(config key, saved value, this run's) for each setting that makes the batches and differs
+  (a setting the save did not record is not compared)."""
+  return [
+    (_CONFIG_KEYS.get(name, name), saved[name], value)
+    for name, value in expected.items()
+    if name != "data_settings" and name in saved and saved[name] != value
+  ] + [
+    (key, saved["data_settings"][key], value)
+    for key, value in expected.get("data_settings", {}).items()
+    if key in saved.get("data_settings", {}) and saved["data_settings"][key] != value
+  ]
+
+
+def refuse_data_changes(changed: list, what: str, allow_change: bool) -> None:
+  """A UsageError for a resume from `what` (a checkpoint) with `changed` data settings, or with
+  `allow_change` one warning; nothing when none changed."""
+  if not changed:
+    return
+  was = " and ".join(f"config.{key}={_shown(old)}" for key, old, _ in changed)
+  now = " and ".join(f"config.{key}={_shown(new)}" for key, _, new in changed)
+  if allow_change:
+    logging.warning(
+      "%s was trained with %s, this run has %s: resuming with other batches from here on, as "
+      "config.allow_data_change=True asks",
+      what,
+      was,
+      now,
+    )
+    return
+  keep = " ".join(f"--config.{key}={_shown(old)}" for key, old, _ in changed)
+  raise UsageError(
+    f"{what} was trained with {was}, this run has {now}: the batches depend on it, so resuming "
+    f"would silently change the run. Keep {keep} to resume, start a new run with another "
+    "--workdir, or set --config.allow_data_change=True to go on with the new batches"
+  )
 
 
 def _newest_that_reads(

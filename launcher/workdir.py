@@ -14,6 +14,10 @@
       logs/process_<i>.log        each process's output under `python -m launcher.local`
       report/                     what `python -m launcher.report` draws
       .workdir_token              the start-up check that every process sees this directory
+      run_id                      the run's id (written once), which a local checkpoint tier's
+                                  steps carry: another run's are never restored
+      lineage.jsonl               the step each start resumed from: a local checkpoint tier's
+                                  step above a later start's is a rolled-back past, never restored
 
 Only etils and the storage layer are imported: the supervisor reads a workdir without jax or orbax.
 """
@@ -66,6 +70,14 @@ def token_file(workdir: epath.Path) -> epath.Path:
   return workdir / TOKEN_NAME
 
 
+def run_id_file(workdir: epath.Path) -> epath.Path:
+  return workdir / "run_id"
+
+
+def lineage_file(workdir: epath.Path) -> epath.Path:
+  return workdir / "lineage.jsonl"
+
+
 def freshness(workdir: epath.Path) -> str | None:
   """How fresh a workdir is: "absent" or "empty" when no run has written into it, None when it
   holds anything (or is not a directory)."""
@@ -83,11 +95,10 @@ def freshness(workdir: epath.Path) -> str | None:
 
 def remove_first_writes(workdir: epath.Path, freshness_before: str) -> None:
   """Takes back what a start wrote into a fresh workdir (`freshness_before` the start) before it
-  stopped on bad input: the token, an empty checkpoints directory, and the workdir itself when it
-  was absent and is empty now. Nothing else is touched."""
-  storage.call(
-    f"removing {token_file(workdir)}", workdir, token_file(workdir).unlink, missing_ok=True
-  )
+  stopped on bad input: the token, the run id, the lineage, an empty checkpoints directory, and the workdir
+  itself when it was absent and is empty now. Nothing else is touched."""
+  for written in (token_file(workdir), run_id_file(workdir), lineage_file(workdir)):
+    storage.call(f"removing {written}", workdir, written.unlink, missing_ok=True)
   if storage.is_remote(workdir):  # GCS has no directories.
     return
   for directory in [checkpoints_dir(workdir), *([workdir] if freshness_before == "absent" else [])]:
