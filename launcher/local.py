@@ -16,7 +16,11 @@ When one process fails every process is asked to stop (SIGTERM), and killed afte
 `--grace_seconds` (5 s at most after a crash: the rest cannot save without it). Ctrl-C, SIGTERM and
 SIGHUP (a dropped SSH session) are preemption notices: every process saves and stops, and the
 runner exits 75 (a second Ctrl-C kills at once). With `--max_restarts=N` a failed job is started
-again, on a fresh port, resuming from its last checkpoint (launcher/supervise.py). The exit code
+again, on a fresh port, resuming from its last checkpoint (launcher/supervise.py). With
+`--min_processes=M` (and `--host_check=CMD`) the job is elastic: a slot lost for good leaves the
+job on the most healthy slots, at least M, that keep the global batch, with the microbatches that
+keep the per-device batch, and a slot that passes its check again is taken back
+(docs/elastic.md). The exit code
 is the first failure's (128 + N for a process killed by signal N, as a shell reports it); bad
 input (2) or out of memory (78) from any process is the job's, never restarted, and names that
 process.
@@ -35,6 +39,7 @@ from typing import NamedTuple
 
 from absl import flags
 
+from launcher import config as config_lib
 from launcher import console, storage, supervise
 from launcher.errors import UsageError
 from launcher.supervise import ProcessGroup, workdir_of
@@ -90,6 +95,121 @@ _MAX_PREEMPTIONS = flags.DEFINE_integer(
   "stop after this many within an hour.",
   lower_bound=1,
 )
+_MIN_PROCESSES = flags.DEFINE_integer(
+  "min_processes",
+  None,
+  "Elastic: when a host (slot) is lost for good, continue on the most healthy slots, at least "
+  "this many, whose devices keep the global batch (gradient accumulation keeps the per-device "
+  "batch); fewer left: give up. Default: the job's count (no shrinking).",
+  lower_bound=1,
+)
+_HOST_CHECK = flags.DEFINE_string(
+  "host_check",
+  None,
+  "Elastic: a shell command, {slot} replaced by a slot's index, that exits 0 when the slot's "
+  "host is healthy; run before each start, after a failure, and on lost slots while the job runs "
+  "(60 s at most). One that fails for every slot at the first start is bad input (exit 2).",
+)
+_HOST_CHECK_INTERVAL = flags.DEFINE_float(
+  "host_check_interval_seconds",
+  30.0,
+  "Elastic: how often a lost slot's --host_check is run while the job goes on without it.",
+  lower_bound=0,
+)
+_RESIZE_INTERVAL = flags.DEFINE_float(
+  "resize_interval_seconds",
+  600.0,
+  "Elastic: a lost slot that passes its check again is taken back (the job saves and restarts "
+  "on more processes) at most once per this many seconds.",
+  lower_bound=0,
+)
+_FAILED_STARTS_LOST = flags.DEFINE_integer(
+  "failed_starts_lost",
+  3,
+  "Elastic: a slot whose process fails before its first step this many starts in a row is lost.",
+  lower_bound=1,
+)
+SHOW_CONFIG_TIMEOUT_S = 120.0
+
+
+class JobBatch(NamedTuple):
+  """The config keys an elastic job's shapes depend on."""
+
+  batch_size: int
+  grad_accum_steps: int
+  parallel: str
+  mesh: str
+
+
+def job_batch(launcher_args: list[str]) -> JobBatch:
+  """The job's config.batch_size, grad_accum_steps, parallel and mesh, as the launcher resolves
+  them from its arguments (`--show_config`, without starting jax); the launcher's own error,
+  exit 2, when they do not load."""
+  shown = subprocess.run(
+    [sys.executable, "-m", "launcher", *launcher_args, "--show_config"],
+    capture_output=True,
+    text=True,
+    timeout=SHOW_CONFIG_TIMEOUT_S,
+    check=False,
+  )
+  values = dict(re.findall(r"^(batch_size|grad_accum_steps) = (\d+)\b", shown.stdout, re.M))
+  values.update(re.findall(r"^(parallel|mesh) = '([^']*)'", shown.stdout, re.M))
+  if shown.returncode or len(values) < 4:
+    sys.stderr.write(shown.stderr)
+    raise SystemExit(shown.returncode or 2)
+  return JobBatch(
+    int(values["batch_size"]), int(values["grad_accum_steps"]), values["parallel"], values["mesh"]
+  )
+
+
+def check_mesh_can_shrink(
+  batch: JobBatch, count: int, min_count: int, devices: int, min_flag: str = "--min_processes"
+) -> None:
+  """A config.mesh with fixed sizes that fits no count below the job's cannot shrink: a
+  UsageError before any start, rather than after a host is lost (`min_flag`: how the user set
+  the minimum, for the line)."""
+  if min_count >= count or not batch.mesh or batch.parallel != "fsdp":
+    return
+  if not any(
+    config_lib.mesh_fits(batch.mesh, batch.parallel, n, devices) for n in range(min_count, count)
+  ):
+    raise UsageError(
+      f"config.mesh={batch.mesh!r} fits only the job's {count} processes x {devices} devices, "
+      f"so it cannot shrink to {min_flag}={min_count}: give one axis as -1 (the devices "
+      f"left, e.g. data:-1), or leave {min_flag} out"
+    )
+
+
+def elastic_of(job: "Plan", launcher_args: list[str]) -> supervise.Elastic | None:
+  """The elastic part of the runner when --min_processes or --host_check asks for it."""
+  if _MIN_PROCESSES.value is None and _HOST_CHECK.value is None:
+    return None
+  count = len(job.devices)
+  min_count = count if _MIN_PROCESSES.value is None else _MIN_PROCESSES.value
+  if min_count > count:
+    raise UsageError(
+      f"--min_processes={min_count} is more than the job's {count} processes: pass at most {count}"
+    )
+  batch = job_batch(launcher_args)
+  devices = job.devices[0] if job.platform == "cpu" else len(job.devices[0])
+  config_lib.layout(batch.batch_size, 0, count, devices, batch.grad_accum_steps)  # Full job fits.
+  config_lib.mesh_shape(batch.mesh, batch.parallel, count, devices)
+  check_mesh_can_shrink(batch, count, min_count, devices)
+  check = _HOST_CHECK.value
+  return supervise.Elastic(
+    slot_count=count,
+    min_count=min_count,
+    devices_per_slot=devices,
+    batch_size=batch.batch_size,
+    grad_accum_steps=batch.grad_accum_steps,
+    parallel=batch.parallel,
+    mesh=batch.mesh,
+    failure=(lambda slot: supervise.host_check_failure(check, slot)) if check else (lambda _: None),
+    failed_starts_lost=_FAILED_STARTS_LOST.value,
+    resize_interval=_RESIZE_INTERVAL.value,
+    check_interval=_HOST_CHECK_INTERVAL.value,
+    prefix="[local]",
+  )
 
 
 def free_port() -> int:
@@ -228,13 +348,20 @@ def main(argv):
     "logs" if storage.is_remote(storage.path(workdir)) else os.path.join(workdir, "logs")
   )
 
+  elastic = elastic_of(job, launcher_args)
+
   def start_job() -> ProcessGroup:
     port = free_port()  # A fresh coordinator for every start.
-    supervise.say(f"[local] {job.describe()}, coordinator 127.0.0.1:{port}, logs in {log_dir}")
+    slots, args, shown = range(num_processes), launcher_args, job
+    if elastic and elastic.shape.slots != tuple(slots):
+      slots = elastic.shape.slots
+      args = [*launcher_args, f"--config.grad_accum_steps={elastic.shape.grad_accum_steps}"]
+      shown = job._replace(devices=[job.devices[slot] for slot in slots])
+    supervise.say(f"[local] {shown.describe()}, coordinator 127.0.0.1:{port}, logs in {log_dir}")
     return ProcessGroup(
-      [[sys.executable, "-m", "launcher", *launcher_args]] * num_processes,
+      [[sys.executable, "-m", "launcher", *args]] * len(slots),
       log_dir=log_dir,
-      envs=[process_env(i, num_processes, job.devices[i], port) for i in range(num_processes)],
+      envs=[process_env(i, len(slots), job.devices[slot], port) for i, slot in enumerate(slots)],
       grace=_GRACE.value,
       prefix="[local]",
     )
@@ -247,6 +374,7 @@ def main(argv):
       backoff_seconds=_BACKOFF.value,
       max_preemptions_per_hour=_MAX_PREEMPTIONS.value,
       prefix="[local]",
+      elastic=elastic,
     )
   )
 

@@ -133,6 +133,57 @@ def goodput(records: list[dict]) -> dict[str, float]:
   return parts
 
 
+def _shape(start: dict) -> tuple[int, int, int]:
+  return start["process_count"], start["devices"], start.get("grad_accum_steps", 1)
+
+
+def starts(records: list[dict]) -> list[dict]:
+  """One host's starts: the step each began at, its shape (processes x devices per process,
+  microbatches per step) and, for a start whose shape differs from the one before (an elastic
+  resize), what the resize cost: the seconds from the previous start's last record to this
+  start's first step, plus the previous start's windows that this one trained again."""
+  rows = []
+  runs = segments(records)
+  for before, run in zip([None, *runs[:-1]], runs):
+    start = run[0]
+    processes, devices, microbatches = _shape(start)
+    row = {
+      "first_step": start["first_step"],
+      "process_count": processes,
+      "devices_per_process": devices,
+      "grad_accum_steps": microbatches,
+      "resize_s": None,
+    }
+    if before is not None and _shape(before[0]) != _shape(start):
+      began = next((r["time"] for r in run if r["event"] == "first_step"), run[-1]["time"])
+      redone = sum(
+        r["window_s"] * min(r["step"] - start["first_step"], r["steps"]) / r["steps"]
+        for r in before
+        if r["event"] in ("report", "end") and r.get("steps") and r["step"] > start["first_step"]
+      )
+      row["resize_s"] = max(began - before[-1]["time"], 0.0) + redone
+    rows.append(row)
+  return rows
+
+
+def restores(records: list[dict]) -> list[dict]:
+  """One host's starts that reached a step: where each restored from (`restored_from` of its
+  `first_step` record: the local tier, the peer's copy, the persistent checkpoint) and in how
+  many seconds."""
+  rows = []
+  for run in segments(records):
+    first = next((r for r in run if r["event"] == "first_step"), None)
+    if first is not None:
+      rows.append(
+        {
+          "first_step": run[0]["first_step"],
+          "restored_from": first.get("restored_from") or "",
+          "restore_s": first.get("restore_s"),
+        }
+      )
+  return rows
+
+
 def wall_time(records: list[dict]) -> float:
   """One host's seconds over every start: each start's own, and the gap after a killed one."""
   return sum(
@@ -412,9 +463,41 @@ def build(location: str) -> str:
   ]
   for name in GOODPUT_PARTS:
     lines.append(f"| {name} | {parts[name]:.2f} | {100 * parts[name] / (wall or 1.0):.1f}% |")
+  shapes = starts(main)
+  lines += [f"| **wall time** | {wall:.2f} | 100% |", ""]
+  if len({_shape(run[0]) for run in runs}) > 1:
+    lines += [
+      "## Starts (the job's shape changed: an elastic resize)",
+      "",
+      "| first step | processes x devices | microbatches | resize cost (s) |",
+      "| ---: | --- | ---: | ---: |",
+    ]
+    for row in shapes:
+      cost = "" if row["resize_s"] is None else f"{row['resize_s']:.2f}"
+      lines.append(
+        f"| {row['first_step']} | {row['process_count']} x {row['devices_per_process']} | "
+        f"{row['grad_accum_steps']} | {cost} |"
+      )
+    lines += [
+      "",
+      "A resize's cost is the time from the previous start's last record to this start's "
+      "first step, plus the steps it trained again; goodput counts it in startup, compile and "
+      "lost to restarts.",
+      "",
+    ]
+  restored = restores(main)
+  if any(row["restored_from"] for row in restored):
+    lines += [
+      "## Restores (process 0)",
+      "",
+      "| first step | restored | seconds |",
+      "| ---: | --- | ---: |",
+    ]
+    for row in restored:
+      seconds = "" if row["restore_s"] is None else f"{row['restore_s']:.2f}"
+      lines.append(f"| {row['first_step']} | {row['restored_from'] or 'fresh'} | {seconds} |")
+    lines.append("")
   lines += [
-    f"| **wall time** | {wall:.2f} | 100% |",
-    "",
     "## Per host",
     "",
     "| process | hostname | devices | steps/s | data-wait share of step time | last step |",
@@ -446,6 +529,7 @@ def build(location: str) -> str:
         "wall_s": wall,
         "hosts": table,
         "starts": len(runs),
+        "shapes": shapes,
         "outcome": ended,
         "finished": ended == "finished" and trained,
         "last_step": last_step(main) if trained else None,

@@ -5,6 +5,7 @@ checkpoint).
 """
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -13,7 +14,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
+from launcher import config as config_lib
 from launcher import console, storage
 from launcher import workdir as workdir_lib
 from launcher.errors import (
@@ -121,6 +124,36 @@ def last_checkpoint(workdir: str | None) -> int | None:
   return _looked_up(look_up)
 
 
+def has_local_tier(workdir: str | None) -> bool:
+  """Whether the run's latest start (WORKDIR/config.json) had a local checkpoint tier, whose
+  newer steps the restart may resume from."""
+  if workdir is None:
+    return False
+  config_text = _looked_up(
+    lambda: storage.read_text(workdir_lib.config_file(storage.path(workdir)))
+  )
+  try:
+    return bool(json.loads(config_text or "{}").get("local_checkpoint_dir"))
+  except ValueError:  # Torn by a kill mid-write: only a log line's wording depends on it.
+    return False
+
+
+def resuming_from(workdir: str | None) -> str:
+  """What a restart resumes from, for its line: `checkpoint 20`, with `or a newer local step`
+  where the run has a local checkpoint tier."""
+  checkpoint = last_checkpoint(workdir)
+  resume = (
+    "its last checkpoint"
+    if workdir is None
+    else f"checkpoint {checkpoint}"
+    if checkpoint is not None
+    else "the start (no checkpoint yet)"
+  )
+  if has_local_tier(workdir):
+    resume += " or a newer local step"
+  return resume
+
+
 def workdir_of(launcher_args: list[str]) -> str:
   """The --workdir among the launcher's arguments (both `--workdir=X` and `--workdir X`; the
   last one, which the launcher uses)."""
@@ -160,6 +193,8 @@ class ProcessGroup:
     os.makedirs(log_dir, exist_ok=True)
     self.processes, self._pumps = [], []
     self.first_failure = None
+    self.resized = False  # Whether `wait` stopped the job for an elastic resize.
+    self.started = time.time()
     for i, command in enumerate(commands):
       process = subprocess.Popen(
         command,
@@ -184,9 +219,20 @@ class ProcessGroup:
       pump.start()
       self._pumps.append(pump)
 
-  def wait(self) -> int:
-    """Waits for every process; the first to fail ends the others. Returns the group's exit code."""
+  def wait(self, resize: Callable[[], bool] | None = None) -> int:
+    """Waits for every process; the first to fail ends the others. Returns the group's exit code.
+
+    `resize`, asked every 0.1 s, says when the job should stop to start on another count
+    (`Elastic.should_grow`): every process is sent the preemption notice, saves and stops, and
+    `resized` is set; a process that did not save is `first_failure`."""
     while True:
+      if resize is not None and resize():
+        self.resized = True
+        codes = self.stop()
+        unsaved = [(i, c) for i, c in enumerate(codes) if c not in (0, EXIT_PREEMPTED)]
+        if unsaved:
+          self.first_failure = unsaved[0]
+        return shell_code(unsaved[0][1]) if unsaved else EXIT_PREEMPTED
       codes = [p.poll() for p in self.processes]
       # Seen in one poll, bad input (or out of memory) is the cause and a lost-peer exit the
       # others' reaction.
@@ -314,6 +360,247 @@ def _pump(stream, log_path: str, prefix: str, runner: str) -> None:
 
 
 MAX_PREEMPTIONS_PER_HOUR = 10
+HOST_CHECK_TIMEOUT_S = 60.0  # A host check that has not answered by then fails.
+
+
+def host_check_failure(command: str, slot: int) -> str | None:
+  """Why the shell command `command`, `{slot}` replaced by the slot's index, says the slot's host
+  is unhealthy (`CMD` exited with 1, was not found, did not answer within HOST_CHECK_TIMEOUT_S);
+  None when it exits 0. The check runs in its own process group, killed on a timeout, and dies
+  with the runner."""
+  shown = command.replace("{slot}", str(slot))
+  try:
+    check = subprocess.Popen(  # pylint: disable=consider-using-with
+      shown,
+      shell=True,
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      start_new_session=True,
+      preexec_fn=_die_with_parent,
+    )
+  except OSError as e:
+    return f"`{shown}` could not start ({e.strerror})"
+  try:
+    code = check.wait(timeout=HOST_CHECK_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    _signal_group(check, signal.SIGKILL)
+    check.wait()
+    return f"`{shown}` did not answer within {HOST_CHECK_TIMEOUT_S:g} s"
+  if code == 0:
+    return None
+  return f"`{shown}` {describe_exit(code)}" + (" (command not found)" if code == 127 else "")
+
+
+def started_training(workdir: str | None, process: int, since: float) -> bool:
+  """Whether process `process` recorded its first step after `since` (a time.time()) in
+  WORKDIR/hosts/process_<i>.jsonl; False when that cannot be read within LOOK_UP_S."""
+  if workdir is None:
+    return False
+
+  def look_up():
+    records = storage.read_jsonl(workdir_lib.host_records(storage.path(workdir), process))
+    return any(r["event"] == "first_step" and r["time"] >= since for r in records)
+
+  return bool(_looked_up(look_up))
+
+
+class Shape(NamedTuple):
+  """What an elastic job starts on: the slot of each process, and the microbatches per step."""
+
+  slots: tuple[int, ...]
+  grad_accum_steps: int
+
+
+def _hosts(slots) -> str:
+  slots = sorted(slots)
+  return f"host {slots[0]} is" if len(slots) == 1 else f"hosts {', '.join(map(str, slots))} are"
+
+
+class Elastic:
+  """Which slots (a host's place in the job, with its devices) of an elastic job are lost, and
+  the shape it runs on: the most healthy slots, at least `min_count`, whose devices divide the
+  global batch into per-device microbatches no larger than the full job's and fit `mesh` (under
+  parallel=fsdp). `failure(slot)` says why a slot's health check fails (None: it passes); a
+  check that fails for every slot at the first start is bad input. A slot is lost when
+  its health check fails, or when its process failed before its first step `failed_starts_lost`
+  starts in a row; a lost slot whose check passes again is taken back, by one save and restart,
+  at most once per `resize_interval` seconds (a grow that the re-check before its start finds
+  failing again counts; its check polled every `check_interval`); one lost by failed starts stays
+  lost while this runner runs."""
+
+  def __init__(
+    self,
+    *,
+    slot_count: int,
+    min_count: int,
+    devices_per_slot: int,
+    batch_size: int,
+    grad_accum_steps: int,
+    failure: Callable[[int], str | None],
+    failed_starts_lost: int,
+    resize_interval: float,
+    check_interval: float,
+    prefix: str,
+    parallel: str = "",
+    mesh: str = "",
+  ):
+    self.slot_count, self.min_count, self.devices = slot_count, min_count, devices_per_slot
+    self.batch_size = batch_size
+    self.microbatch_size = batch_size // (slot_count * devices_per_slot) // grad_accum_steps
+    self.parallel, self.mesh = parallel, mesh
+    self._failure, self._failed_starts_lost = failure, failed_starts_lost
+    self.failures: dict[int, str] = {}  # Why each slot failed its latest check.
+    self._resize_interval, self._check_interval, self._prefix = (
+      resize_interval,
+      check_interval,
+      prefix,
+    )
+    self.lost: set[int] = set()
+    self.shape: Shape | None = None
+    self._failed_starts = [0] * slot_count
+    self._failed_out: set[int] = set()  # Lost by failed starts: not taken back in this run.
+    self._gone: set[int] = set()  # Lost since the last shape was chosen, for its line.
+    self._announced = False  # Whether the next shape's line was said already (a grow).
+    self._last_resize = time.monotonic()
+    self._last_check = 0.0
+    self._pending: tuple[threading.Thread, list] | None = None  # A check beside the job.
+
+  def fit(self, healthy: list[int]) -> Shape | None:
+    """The shape on the most of the `healthy` slots (the lowest first) that keeps the batch and
+    fits the mesh."""
+    for count in range(len(healthy), self.min_count - 1, -1):
+      accum = config_lib.microbatches_to_keep(
+        self.batch_size, count * self.devices, self.microbatch_size
+      )
+      if accum and config_lib.mesh_fits(self.mesh, self.parallel, count, self.devices):
+        return Shape(tuple(healthy[:count]), accum)
+    return None
+
+  def describe(self, shape: Shape) -> str:
+    microbatches = (
+      f"{shape.grad_accum_steps} microbatch{'es' if shape.grad_accum_steps > 1 else ''}"
+    )
+    return (
+      f"{len(shape.slots)} processes x {self.devices} devices; global batch {self.batch_size} "
+      f"kept as {microbatches}"
+    )
+
+  def _check(self, slots) -> set[int]:
+    """The slots among `slots` whose health check fails, checked side by side in daemon threads
+    (a check that hangs never keeps the runner from exiting); why each failed in `failures`."""
+    found = {}
+
+    def check(slot):
+      found[slot] = self._failure(slot)
+
+    threads = [threading.Thread(target=check, args=(s,), daemon=True) for s in sorted(slots)]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join()
+    failed = {slot: why for slot, why in found.items() if why is not None}
+    self.failures.update(failed)
+    return set(failed)
+
+  def _lose(self, slots: set[int]) -> bool:
+    slots -= self.lost
+    self.lost |= slots
+    self._gone |= slots
+    return bool(slots)
+
+  def next_shape(self) -> Shape | None:
+    """Before a start: every slot not lost is checked, and the shape chosen; a change says its
+    line. None (after one line) when the slots left cannot keep the job; a UsageError when the
+    check fails for every slot at the first start (the check, not the hosts, is wrong)."""
+    failed = self._check(set(range(self.slot_count)) - self.lost)
+    if self.shape is None and len(failed) == self.slot_count:
+      raise UsageError(
+        f"--host_check fails for every slot at the start ({self.failures[0]}): fix the "
+        "command ({slot} is replaced by the slot's index; exit 0 means healthy), or leave "
+        "--host_check out"
+      )
+    self._lose(failed)
+    healthy = sorted(set(range(self.slot_count)) - self.lost)
+    shape = self.fit(healthy)
+    gone = f"{_hosts(self._gone)} gone" if self._gone else "the hosts left"
+    if shape is None:
+      say(f"{self._prefix} {gone}: {self._why_not(healthy)}; giving up")
+      self._gone = set()
+      return None
+    if self._gone:
+      say(f"{self._prefix} {gone}: continuing on {self.describe(shape)}")
+    elif shape != self.shape and self.shape is not None and not self._announced:
+      say(f"{self._prefix} continuing on {self.describe(shape)}")
+    if self.shape is not None and shape != self.shape:
+      self._last_resize = time.monotonic()
+    self._gone, self._announced, self.shape = set(), False, shape
+    return shape
+
+  def _why_not(self, healthy: list[int]) -> str:
+    """Why no shape fits the `healthy` slots, for the line that gives up."""
+    if not healthy:
+      why = [self.failures[slot] for slot in sorted(self.lost) if slot in self.failures]
+      return f"no healthy host left ({why[0]})" if why else "no healthy host left"
+    if len(healthy) < self.min_count:
+      return f"{len(healthy)} healthy host(s) left, fewer than --min_processes={self.min_count}"
+    mesh = f" and config.mesh={self.mesh!r}" if self.parallel == "fsdp" and self.mesh else ""
+    return (
+      f"{len(healthy)} healthy host(s) left, and no count of them from "
+      f"--min_processes={self.min_count} up splits global batch {self.batch_size} over "
+      f"{self.devices} devices each without growing the per-device batch{mesh}"
+    )
+
+  def after_failure(self, process: int, trained: bool) -> bool:
+    """After the job failed (`process` first, `trained`: whether it had reached its first
+    step): whether a slot is lost now, so that the restart is a resize."""
+    slot = self.shape.slots[process]
+    if trained:
+      self._failed_starts = [0] * self.slot_count
+    else:
+      self._failed_starts[slot] += 1
+    if self._failed_starts[slot] >= self._failed_starts_lost:
+      self._failed_out.add(slot)
+    return self._lose(self._failed_out | self._check(self.shape.slots))
+
+  def should_grow(self) -> bool:
+    """Asked while the job runs: whether a lost slot passes its check again, the job would run
+    on more processes with it, and the last resize is `resize_interval` ago. Checks run beside
+    the job, one every `check_interval` at most."""
+    if not self.lost - self._failed_out:
+      return False
+    now = time.monotonic()
+    if self._pending is None:
+      if now - self._last_check >= self._check_interval:
+        self._last_check = now
+        found = []
+        checking = threading.Thread(
+          target=lambda: found.append(self._check(self.lost - self._failed_out)), daemon=True
+        )
+        checking.start()
+        self._pending = checking, found
+      return False
+    checking, found = self._pending
+    if checking.is_alive():
+      return False
+    self._pending = None
+    if not found:  # The check itself raised: taken as still failing.
+      return False
+    back = self.lost - self._failed_out - found[0]
+    if not back or now - self._last_resize < self._resize_interval:
+      return False
+    healthy = sorted(set(range(self.slot_count)) - self.lost | back)
+    shape = self.fit(healthy)
+    if shape is None or len(shape.slots) <= len(self.shape.slots):
+      return False
+    self.lost -= back
+    self._failed_starts = [0] * self.slot_count
+    self._announced = True
+    self._last_resize = now  # Even if the re-check before the start finds it failing again.
+    say(
+      f"{self._prefix} {_hosts(back)} back: the job saves, then continues on {self.describe(shape)}"
+    )
+    return True
 
 
 def supervise(
@@ -325,8 +612,14 @@ def supervise(
   name: str = "process",
   prefix: str,
   max_preemptions_per_hour: int = MAX_PREEMPTIONS_PER_HOUR,
+  elastic: Elastic | None = None,
 ) -> int:
   """Runs the job until it succeeds; restarts it after a failure at most `max_restarts` times.
+
+  With `elastic`, `start_job` starts the job on `elastic.shape`, chosen before each start: a
+  failure that loses a slot restarts on the slots left without counting, and a lost slot that
+  comes back stops the job (it saves) to restart on more; a process that did not save for that
+  stop is one line, and the start resumes from the last checkpoint.
 
   A preemption exit (75) restarts without counting, with the same backoff, at most
   `max_preemptions_per_hour` times an hour; bad input (2), storage that refuses writes (74) and
@@ -365,12 +658,21 @@ def supervise(
   for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(signum, stop)
   restarts, first_failure, preemptions = 0, None, []
+  code = None
   while True:
-    current["group"] = start_job()
-    code = current["group"].wait()
+    if elastic and elastic.next_shape() is None:
+      return code or EXIT_PEER_LOST
+    group = current["group"] = start_job()
+    code = group.wait(elastic.should_grow) if elastic else group.wait()
     if code == 0:
       say(f"{prefix} the job finished" + (f" after {restarts} restart(s)" if restarts else ""))
       return 0
+    if elastic and group.resized and code == EXIT_PREEMPTED:
+      continue  # Every process saved for the resize.
+    if elastic and not group.resized and code not in (EXIT_PREEMPTED, *NOT_RESTARTED):
+      process, _ = group.first_failure
+      if elastic.after_failure(process, started_training(workdir, process, group.started)):
+        continue
     process, raw = current["group"].first_failure
     step = last_step(workdir, process)
     failure = f"{name} {process} {describe_exit(raw)}"
@@ -379,6 +681,12 @@ def supervise(
     if code in NOT_RESTARTED:
       say(f"{prefix} {failure}: {NOT_RESTARTED[code]}, which a restart cannot fix; not restarting")
       return code
+    if elastic and group.resized:
+      say(
+        f"{prefix} {failure} before it saved for the resize (a longer --grace_seconds lets the "
+        f"save finish); resuming from {resuming_from(workdir)} without counting it"
+      )
+      continue
     if code == EXIT_PREEMPTED and max_restarts:
       now = time.monotonic()
       preemptions = [t for t in preemptions if now - t < 3600] + [now]
@@ -403,13 +711,8 @@ def supervise(
         say(f"{prefix} {failure}; no restart asked (--max_restarts=0)")
       return first_failure[1]
     restarts += 1
-    checkpoint = last_checkpoint(workdir)
-    resume = (
-      "its last checkpoint"
-      if workdir is None
-      else f"checkpoint {checkpoint}"
-      if checkpoint is not None
-      else "the start (no checkpoint yet)"
+    say(
+      f"{prefix} restart {restarts}/{max_restarts} after {failure}; resuming from "
+      f"{resuming_from(workdir)}"
     )
-    say(f"{prefix} restart {restarts}/{max_restarts} after {failure}; resuming from {resume}")
     time.sleep(min(backoff_seconds * 2 ** (restarts - 1), MAX_BACKOFF_S))

@@ -17,7 +17,9 @@
    output prefixed and kept in `--worker_logs/worker_<i>.log`; jax.distributed finds the slice's
    workers by itself;
 4. when one worker fails, or on Ctrl-C, stops the launcher on every worker; with
-   `--max_restarts=N`, then starts the job again, which resumes from its last checkpoint.
+   `--max_restarts=N`, then starts the job again, which resumes from its last checkpoint. A
+   single slice cannot shrink (its topology is fixed): a lost worker restarts it in place, on
+   every worker, never on fewer (docs/elastic.md).
 
 `--dry_run` prints every command it would run, and runs none.
 """
