@@ -5,31 +5,35 @@ state; `fsdp` runs it on global arrays with the state sharded. Same results.
   pmap       state replicated as [local_devices, ...]; batches [local_devices, per_device, ...]
   shard_map  state as whole arrays on every device of a Mesh (NamedSharding, P()); batches as
              global arrays split on their batch axis; no host-local <-> global conversion per call
-  fsdp       each state array split over the `fsdp` axis of a (data, fsdp) Mesh on one array
-             axis, copied over `data`; batches split over both; the step is traced on global
-             arrays (the loss sees the global batch) and partitioned by XLA
+  fsdp       each state array split over a (data, fsdp, tensor) Mesh: over `fsdp` on one array
+             axis (`default_spec`), or over `fsdp` and `tensor` as the workload's logical
+             dimension names and config.axis_rules say (launcher/sharding.py); copied over
+             `data`; batches split over data and fsdp; the step is traced on global arrays (the
+             loss sees the global batch) and partitioned by XLA
 
-Every executor is an `Executor`; the sharding rules (`default_spec`, the mesh) sit beside them.
+Every executor is an `Executor`; the sharding rules (`default_spec`, config.AXIS_RULES, the
+mesh) sit beside them.
 """
 
 import abc
-import contextvars
 import functools
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import jax_utils
-from jax import lax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import config as config_lib
-from launcher import step
+from launcher import sharding, step
+from launcher.errors import UsageError
 from launcher.state import TrainState
 from launcher.step import AXIS
 
-DATA, FSDP = "data", "fsdp"  # The fsdp executor's mesh axes: copies of the state, and its shards.
+# The fsdp executor's mesh axes: copies of the state, its shards, and its tensor-parallel shards.
+DATA, FSDP, TENSOR = config_lib.MESH_AXES
 
 
 class Executor(abc.ABC):
@@ -112,11 +116,6 @@ class Pmap(_PerDevice):
 
   def __init__(self, state_like):
     super().__init__(state_like)
-    # One sharding object for every batch: pmap recognizes it (a cache keyed on the object) and
-    # takes the batch as it is, where a new but equal object costs a re-layout per call.
-    self._local_split = NamedSharding(
-      Mesh(np.array(jax.local_devices()), ("_local",)), PartitionSpec("_local")
-    )
     # The sharding of pmap's own outputs: a state or metrics placed in it is taken as it is by
     # every call, where another layout (flax's replicate) compiles the step again.
     self._replicated = NamedSharding(
@@ -170,7 +169,8 @@ class Pmap(_PerDevice):
     return jax_utils.unreplicate(tree)
 
   def batch_to_devices(self, host_batch, *, stacked: bool = False):
-    """-> [devices, per_device, ...] (or [devices, K, per_device, ...])."""
+    """-> [devices, per_device, ...] (or [devices, K, per_device, ...]) host arrays: pmap's own
+    dispatch copies them to the devices, faster than a device_put of the launcher's."""
     d = jax.local_device_count()
 
     def split(x):
@@ -179,9 +179,7 @@ class Pmap(_PerDevice):
         return np.swapaxes(x, 0, 1)
       return x.reshape((d, x.shape[0] // d) + x.shape[1:])
 
-    return jax.device_put(
-      jax.tree.map(lambda x: split(np.asarray(x)), host_batch), self._local_split
-    )
+    return jax.tree.map(lambda x: split(np.asarray(x)), host_batch)
 
 
 class _GlobalArrays(Executor):
@@ -194,6 +192,10 @@ class _GlobalArrays(Executor):
     self._split = NamedSharding(mesh, PartitionSpec(batch_axes))
     self._stacked_split = NamedSharding(mesh, PartitionSpec(None, batch_axes))
 
+  def batch_sharding(self, stacked: bool) -> NamedSharding:
+    """Where a batch ([global_batch, ...], or [K, global_batch, ...] when `stacked`) lives."""
+    return self._stacked_split if stacked else self._split
+
   def from_global(self, global_state):
     return global_state
 
@@ -201,9 +203,11 @@ class _GlobalArrays(Executor):
     return run_state
 
   def batch_to_devices(self, host_batch, *, stacked: bool = False):
+    """In one process, the host arrays themselves: the compiled calls place them (their
+    `in_shardings`) in jit's own dispatch, ~0.1 ms a call less than a device_put of the launcher's."""
+    if jax.process_count() == 1:
+      return jax.tree.map(np.asarray, host_batch)
     sharding = self._stacked_split if stacked else self._split
-    if jax.process_count() == 1:  # This process's data is the global batch: one transfer.
-      return jax.device_put(jax.tree.map(np.asarray, host_batch), sharding)
     return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
     )
@@ -219,7 +223,7 @@ class ShardMap(_GlobalArrays, _PerDevice):
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
     # check_vma=False: CLU's gather_from_model_output needs it, and with it jax.grad of the
     # replicated params is per device, exactly as under pmap (lax.pmean then averages it).
-    batch_spec = (self._stacked_split if stacked else self._split).spec
+    batch_spec = self.batch_sharding(stacked).spec
     mapped = jax.shard_map(
       fn,
       mesh=self.mesh,
@@ -227,7 +231,9 @@ class ShardMap(_GlobalArrays, _PerDevice):
       out_specs=PartitionSpec(),
       check_vma=False,
     )
-    return jax.jit(mapped, donate_argnums=donate_argnums)
+    return jax.jit(
+      mapped, donate_argnums=donate_argnums, in_shardings=(None, None, self.batch_sharding(stacked))
+    )
 
   def describe(self) -> str:
     return f"shard_map, replicated on each of {self.mesh.size} devices"
@@ -244,40 +250,97 @@ class ShardMap(_GlobalArrays, _PerDevice):
 
 
 class Fsdp(_GlobalArrays):
-  """The state split over the `fsdp` axis of a data x fsdp Mesh and copied over `data` (ZeRO-3 /
-  HSDP). The step is traced on global arrays (step.global_train_call) and XLA gathers each param
-  where it is used and reduces its gradient into the param's shards, so the whole state is never
-  on one device: not at init, in a step, or at restore. The loss sees the whole global batch."""
+  """The state split over the `fsdp` axis of a data x fsdp x tensor Mesh (and over `tensor`
+  where the workload names its dimensions) and copied over `data` (ZeRO-3 / HSDP, with Megatron
+  tensor parallelism). The step is traced on global arrays (step.global_train_call) and XLA
+  gathers each param where it is used and reduces its gradient into the param's shards, so the
+  whole state is never on one device: not at init, in a step, or at restore. The loss sees the
+  whole global batch."""
 
-  def __init__(self, state_like, mesh: Mesh, partition=None):
-    """`partition(params) -> PartitionSpecs` (axis name `fsdp`) overrides `default_spec`."""
-    super().__init__(mesh, tuple(mesh.axis_names))
-    self._partition = partition
+  def __init__(self, state_like, mesh: Mesh, partition=None, axis_rules: str = ""):
+    """`partition(params)`: per param a PartitionSpec or tuple of logical names or mesh axes
+    (None: `default_spec`), resolved by `axis_rules` (config.axis_rules over AXIS_RULES)."""
+    self.rules = config_lib.parse_axis_rules(axis_rules)
+    super().__init__(mesh, self.rules["batch"])
+    self._given_rules = {
+      name for name, axes in self.rules.items() if config_lib.AXIS_RULES.get(name) != axes
+    }
+    self._unused_rules_told = False
+    self._param_specs, self._param_names = self._resolve_params(state_like.params, partition)
     self.state_shardings = self.shardings(state_like)
 
-  def shardings(self, tree):
-    """A NamedSharding per leaf (`default_spec`; the params of a TrainState by `partition`)."""
-    size = self.mesh.shape[FSDP]
-    shardings = jax.tree.map(
-      lambda x: NamedSharding(self.mesh, default_spec(np.shape(x), size)), tree
+  def _resolve_params(self, params, partition):
+    """Each param's PartitionSpec (a path -> (shape, spec) dict) and the logical names the
+    params use; logs one line per dimension the mesh cannot split as asked."""
+    mesh_shape = dict(self.mesh.shape)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    named = [None] * len(leaves) if partition is None else _names_per_param(params, partition)
+    specs, names_used, fallbacks = {}, set(), {}
+    for (path, leaf), names in zip(leaves, named, strict=True):
+      shape = np.shape(leaf)
+      spec = None
+      if names is not None:
+        where = f"param {jax.tree_util.keystr(path)}"
+        resolved = sharding.resolve(names, shape, self.rules, mesh_shape, where)
+        names_used.update(n for entry in names if entry for n in sharding.as_tuple(entry))
+        for fallback in resolved.fallbacks:
+          fallbacks.setdefault(fallback, []).append(jax.tree_util.keystr(path))
+        if resolved.spec != PartitionSpec() or not resolved.asked:
+          spec = resolved.spec
+      # No names, or names the mesh leaves whole (axes of size 1): split as today's rule does.
+      specs[tuple(path)] = (shape, default_spec(shape, mesh_shape[FSDP]) if spec is None else spec)
+    for fallback, arrays in fallbacks.items():
+      logging.warning("%s", sharding.fallback_line(fallback, mesh_shape, arrays))
+    split_over_tensor = TENSOR in self.rules["batch"] or any(
+      TENSOR in sharding.as_tuple(entry) for _, spec in specs.values() for entry in spec if entry
     )
-    if isinstance(tree, TrainState) and self._partition is not None:
-      specs = self._partition(tree.params)
-      shardings = shardings.replace(
-        params=jax.tree.map(
-          lambda spec: NamedSharding(self.mesh, spec),
-          specs,
-          is_leaf=lambda x: isinstance(x, PartitionSpec),
-        )
+    if mesh_shape[TENSOR] > 1 and not split_over_tensor:
+      named_none = (
+        "names no param dimensions (no partition())"
+        if partition is None
+        else "names no param dimension that config.axis_rules maps to tensor"
       )
-    return shardings
+      logging.warning(
+        "sharding: the workload %s, so each param is split over fsdp alone and tensor:%d holds "
+        "copies that repeat the same work: name them (docs/sharding.md) or leave tensor out of "
+        "config.mesh",
+        named_none,
+        mesh_shape[TENSOR],
+      )
+    return specs, names_used
+
+  def shardings(self, tree):
+    """A NamedSharding per leaf: `default_spec`; a TrainState's params as resolved, and each
+    optimizer leaf that mirrors a param (AdamW's moments: the param's path at its end, the
+    param's shape) as that param."""
+    size = self.mesh.shape[FSDP]
+
+    def spec(path, x):
+      shape = np.shape(x)
+      if isinstance(tree, TrainState):
+        for start in range(len(path)):
+          if path[start:] in self._param_specs and self._param_specs[path[start:]][0] == shape:
+            return self._param_specs[path[start:]][1]
+      return default_spec(shape, size)
+
+    return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(self.mesh, spec(_params_relative(path, tree), x)), tree
+    )
 
   def describe(self) -> str:
-    """The mesh, and how many processes an fsdp group spans (1: its gathers stay in a host)."""
-    spans = max(len({device.process_index for device in group}) for group in self.mesh.devices)
+    """The mesh, how many processes an fsdp group spans (1: its gathers stay in a host), and
+    how many params each mesh axis splits."""
+    shape = dict(self.mesh.shape)
+    fsdp_groups = np.moveaxis(self.mesh.devices, 1, -1).reshape(-1, shape[FSDP])
+    spans = max(len({device.process_index for device in group}) for group in fsdp_groups)
+    mesh = f"data:{shape[DATA]} x fsdp:{shape[FSDP]}"
+    if shape[TENSOR] > 1:
+      mesh += f" x tensor:{shape[TENSOR]}"
+    specs = [spec for _, spec in self._param_specs.values()]
+    sizes = [int(np.prod(shape)) for shape, _ in self._param_specs.values()]
     return (
-      f"fsdp on a data:{self.mesh.shape[DATA]} x fsdp:{self.mesh.shape[FSDP]} mesh, each "
-      f"fsdp group within {spans} process(es)"
+      f"fsdp on a {mesh} mesh, each fsdp group within {spans} process(es); "
+      f"{sharding.split_summary(specs, sizes, shape)}"
     )
 
   def to_devices(self, host_tree):
@@ -307,12 +370,13 @@ class Fsdp(_GlobalArrays):
     """step.eval_step on global arrays: the params stay sharded, the batch split over every device."""
     return jax.jit(
       functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=None),
+      in_shardings=(None, None, self.batch_sharding(stacked=False)),
       out_shardings=self._replicated,
     )
 
   def map_train(self, *, steps_per_call: int, **step_kwargs):
     """K train steps per call over the sharded state (step.global_train_call); the loss is traced
-    with `constrain_to_batch` on."""
+    with `sharding.constrain` on."""
     call = functools.partial(
       step.global_train_call,
       steps_per_call=steps_per_call,
@@ -322,27 +386,80 @@ class Fsdp(_GlobalArrays):
     )
 
     def traced(*args):
-      token = _BATCH_SHARDING.set(self._split)
-      try:
-        return call(*args)
-      finally:
-        _BATCH_SHARDING.reset(token)
+      with sharding.tracing(self.mesh, self.rules) as trace:
+        outputs = call(*args)
+      self._tell_unused_rules(trace.names_seen)
+      return outputs
 
     return jax.jit(
-      traced, donate_argnums=(0,), out_shardings=(self.state_shardings, self._replicated)
+      traced,
+      donate_argnums=(0,),
+      in_shardings=(None, None, self.batch_sharding(stacked=steps_per_call > 1)),
+      out_shardings=(self.state_shardings, self._replicated),
     )
 
+  def _tell_unused_rules(self, activation_names: set) -> None:
+    """One warning, at the first trace, for each rule of config.axis_rules that no param's or
+    traced activation's dimension names: it does nothing."""
+    unused = sorted(self._given_rules - self._param_names - activation_names - {"batch"})
+    if unused and not self._unused_rules_told:
+      logging.warning(
+        "sharding: config.axis_rules maps %s, which no param or activation of the workload "
+        "names, so those rules do nothing (the names used: %s): fix the names or drop them",
+        ", ".join(unused),
+        ", ".join(sorted(self._param_names | activation_names)) or "none",
+      )
+    self._unused_rules_told = True
 
-_BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
+
+def _names_per_param(params, partition) -> list:
+  """`partition(params)` as one entry per param leaf (names, a PartitionSpec or None); a tree
+  that does not match the params' is one line naming the keys that differ."""
+  returned = partition(params)
+  try:
+    return jax.tree.structure(params).flatten_up_to(returned)
+  except (ValueError, TypeError) as e:
+    mismatch = str(e).splitlines()[0]
+  wanted = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  given = {
+    jax.tree_util.keystr(path)
+    for path, _ in jax.tree_util.tree_leaves_with_path(returned, is_leaf=_is_names)
+  }
+  if returned is None:
+    mismatch = "returned None"
+  elif wanted != given:
+    missing, extra = sorted(wanted - given), sorted(given - wanted)
+    mismatch = "; ".join(
+      [f"has no entry for param {sharding.first_few(missing)}"] * bool(missing)
+      + [f"has entries for {sharding.first_few(extra)}, which are not params"] * bool(extra)
+    )
+  raise UsageError(
+    f"the workload's partition(config, params) {mismatch}: return one entry per param in the "
+    "params' own structure (a tuple of names per dimension, a PartitionSpec, or None for the "
+    "default rule; docs/sharding.md)"
+  )
+
+
+def _is_names(x) -> bool:
+  """Whether `x` is one param's entry in a partition() tree, not a container of entries."""
+  if x is None or isinstance(x, (str, PartitionSpec)):
+    return True
+  return isinstance(x, (tuple, list)) and all(e is None or isinstance(e, (str, tuple)) for e in x)
+
+
+def _params_relative(path: tuple, tree) -> tuple:
+  """A TrainState leaf's path with the `.params` key dropped (a param's path in the params)."""
+  if isinstance(tree, TrainState) and path and getattr(path[0], "name", None) == "params":
+    return path[1:]
+  return path
 
 
 def constrain_to_batch(x: jax.Array) -> jax.Array:
   """`x` ([batch, ...], an activation in a workload's loss) split over the devices on its batch
-  axis. Under fsdp this keeps XLA from splitting activations over features, as it may when the
-  params are split that way (it then holds them whole on every device); under the other
-  executors, and in eval, it changes nothing."""
-  sharding = _BATCH_SHARDING.get()
-  return x if sharding is None else lax.with_sharding_constraint(x, sharding)
+  axis: `sharding.constrain(x, ("batch",))`. Under fsdp this keeps XLA from splitting
+  activations over features, as it may when the params are split that way (it then holds them
+  whole on every device); under the other executors, and in eval, it changes nothing."""
+  return sharding.constrain(x, ("batch",))
 
 
 # On CPU: gradients smaller than this are averaged together in buckets of up to this size.
@@ -371,30 +488,34 @@ def default_spec(shape: tuple[int, ...], device_count: int) -> PartitionSpec:
   return PartitionSpec(*([None] * axis), FSDP)
 
 
-def executor(name: str, state_like, *, mesh: str = "", partition=None) -> Executor:
+def executor(name: str, state_like, *, mesh: str = "", partition=None, axis_rules: str = ""):
   """The executor named by `config.parallel` for a train state like `state_like` (its shapes);
   under fsdp on `config.mesh` (config.mesh_shape: "" is fsdp within each process) with
-  `partition(params)`, the workload's rule."""
+  `partition(params)`, the workload's names, resolved by `config.axis_rules`."""
   if name == "fsdp":
     shape = config_lib.mesh_shape(mesh, name, jax.process_count(), jax.local_device_count())
-    return Fsdp(state_like, data_fsdp_mesh(shape), partition)
+    return Fsdp(state_like, fsdp_mesh(shape), partition, axis_rules)
   return {"pmap": Pmap, "shard_map": ShardMap}[name](state_like)
 
 
-def data_fsdp_mesh(mesh_shape: dict[str, int]) -> Mesh:
-  """A (data, fsdp) Mesh of every device. An fsdp group that fits in a process stays inside it
-  (its gathers never cross the slower network between hosts), with `data` across processes; a
-  larger one spans whole processes. Either way process p holds the p-th part of every batch."""
-  data, fsdp = mesh_shape["data"], mesh_shape["fsdp"]
+def fsdp_mesh(mesh_shape: dict[str, int]) -> Mesh:
+  """A (data, fsdp, tensor) Mesh of every device. A tensor group always lies inside a process,
+  on consecutive devices; an fsdp x tensor block that fits in a process stays inside it (its
+  gathers never cross the slower network between hosts), with `data` across processes; a larger
+  one spans whole processes. Either way process p holds the p-th part of every batch."""
+  data, fsdp, tensor = (mesh_shape[axis] for axis in config_lib.MESH_AXES)
   local = jax.local_device_count()
-  if local % fsdp == 0 and jax.process_count() > 1:
+  if local % (fsdp * tensor) == 0 and jax.process_count() > 1:
     devices = mesh_utils.create_hybrid_device_mesh(
-      (local // fsdp, fsdp), (jax.process_count(), 1), jax.devices(), process_is_granule=True
+      (local // (fsdp * tensor), fsdp, tensor),
+      (jax.process_count(), 1, 1),
+      jax.devices(),
+      process_is_granule=True,
     )
   else:
     devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
-    devices = devices.reshape(data, fsdp)
-  return Mesh(devices, (DATA, FSDP))
+    devices = devices.reshape(data, fsdp, tensor)
+  return Mesh(devices, config_lib.MESH_AXES)
 
 
 def job_replicated() -> NamedSharding:

@@ -9,7 +9,7 @@ A workload module defines:
         a dataset without `start` is read from the beginning and the first `start` batches skipped)
     tokens_per_example(config) -> int          # optional: the run reports tokens/s
     flops_per_example(config) -> float         # optional: model FLOP/s and MFU
-    partition(config, params) -> PartitionSpecs  # optional: fsdp's sharding of the params
+    partition(config, params) -> names per param  # optional: logical dimension names (fsdp)
     DATA_KEYS = ("seq_len", ...)               # optional: the config keys that change the batches
 
 A checkpoint records the values of DATA_KEYS (with the seed and the global batch size), and a

@@ -17,12 +17,19 @@ import numpy as np
 import optax
 
 from launcher import corpus as corpus_lib
-from launcher import data, parallel
+from launcher import data, sharding
 from launcher.errors import UsageError
 
 
+def _named(init, *names):
+  """`init` whose params carry logical dimension names (flax metadata; docs/sharding.md)."""
+  return nn.with_logical_partitioning(init, names)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block: causal self-attention, then a 4x GELU MLP.
+  """Pre-norm transformer block: causal self-attention, then a 4x GELU MLP, its params named
+  Megatron-style: attention heads and the MLP's hidden dimension (`heads`, `mlp`) split over
+  `tensor`, the model width (`embed`) over `fsdp`.
 
   Attention has no biases: a key bias shifts every logit of a query equally, so its gradient is
   exactly zero and it would only carry rounding noise.
@@ -35,20 +42,45 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     width = x.shape[-1]
+    dense_init = nn.initializers.lecun_normal()
     causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = _layer_norm(self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       dtype=self.dtype,
       dropout_rate=self.dropout_rate,
       deterministic=deterministic,
       use_bias=False,
+      kernel_init=_named(dense_init, "embed", "heads", "kv"),
+      out_kernel_init=_named(dense_init, "heads", "kv", "embed"),
     )(y, mask=causal)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = nn.Dense(4 * width, dtype=self.dtype)(y)
-    y = nn.Dense(width, dtype=self.dtype)(nn.gelu(y))
+    y = _layer_norm(self.dtype)(x)
+    y = nn.Dense(
+      4 * width,
+      dtype=self.dtype,
+      kernel_init=_named(dense_init, "embed", "mlp"),
+      bias_init=_named(nn.initializers.zeros, "mlp"),
+    )(y)
+    y = sharding.constrain(nn.gelu(y), ("batch", "length", "mlp"))
+    y = nn.Dense(
+      width,
+      dtype=self.dtype,
+      kernel_init=_named(dense_init, "mlp", "embed"),
+      bias_init=_named(nn.initializers.zeros, "embed"),
+    )(y)
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+def _layer_norm(dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(
+    dtype=dtype,
+    scale_init=_named(nn.initializers.ones, "embed"),
+    bias_init=_named(nn.initializers.zeros, "embed"),
+  )
+
+
+ACTIVATION = ("batch", "length", "embed")  # The residual stream's dimensions.
 
 
 class ScannedBlock(nn.Module):
@@ -62,14 +94,14 @@ class ScannedBlock(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     x = Block(self.num_heads, self.dropout_rate, self.dtype)(x, self.deterministic)
-    return parallel.constrain_to_batch(x), None
+    return sharding.constrain(x, ACTIVATION), None
 
 
 class Transformer(nn.Module):
   """Token and position embeddings, `num_layers` blocks, logits tied to the token embedding.
-  `scan`: the blocks as one `nn.scan` (params stacked over the layers: one block compiled, and
-  under fsdp one layer's params gathered at a time); `remat`: each block's activations recomputed
-  in the backward pass instead of kept."""
+  `scan`: the blocks as one `nn.scan` (params stacked over the layers, a `layers` dimension:
+  one block compiled, and under fsdp one layer's params gathered at a time); `remat`: each
+  block's activations recomputed in the backward pass instead of kept."""
 
   seq_len: int
   width: int
@@ -84,11 +116,22 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True):
     embed = nn.Embed(
-      self.vocab_size, self.width, dtype=self.dtype, embedding_init=nn.initializers.normal(0.02)
+      self.vocab_size,
+      self.width,
+      dtype=self.dtype,
+      embedding_init=_named(nn.initializers.normal(0.02), "vocab", "embed"),
     )
-    positions = self.param("positions", nn.initializers.normal(0.02), (self.seq_len, self.width))
-    x = embed(tokens).astype(self.dtype) + positions[: tokens.shape[1]].astype(self.dtype)
-    x = parallel.constrain_to_batch(x)
+    positions = self.param(
+      "positions",
+      _named(nn.initializers.normal(0.02), "length", "embed"),
+      (self.seq_len, self.width),
+    )
+    # The lookup from the table gathered over fsdp and still split over tensor on its rows: a
+    # gather from a table split on `embed` gives rows split that way, which XLA cannot turn into
+    # rows split on `batch` but by a whole copy.
+    table = sharding.constrain(embed.embedding.astype(self.dtype), ("vocab", None))
+    x = jnp.take(table, tokens, axis=0) + positions[: tokens.shape[1]].astype(self.dtype)
+    x = sharding.constrain(x, ACTIVATION)
     if self.scan:
       body = nn.remat(ScannedBlock) if self.remat else ScannedBlock
       blocks = nn.scan(
@@ -96,6 +139,7 @@ class Transformer(nn.Module):
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, _ = blocks(self.num_heads, self.dropout_rate, self.dtype, deterministic, name="blocks")(
         x, None
@@ -103,10 +147,10 @@ class Transformer(nn.Module):
     else:
       block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
       for _ in range(self.num_layers):
-        x = parallel.constrain_to_batch(
-          block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic)
+        x = sharding.constrain(
+          block(self.num_heads, self.dropout_rate, self.dtype)(x, deterministic), ACTIVATION
         )
-    x = nn.LayerNorm(dtype=self.dtype)(x)
+    x = _layer_norm(self.dtype)(x)
     return embed.attend(x).astype(jnp.float32)
 
 
@@ -125,8 +169,20 @@ def _model(config) -> Transformer:
   )
 
 
+def _boxed_init(config, rng):
+  """The model's variables with flax's LogicallyPartitioned boxes (the params' logical names)."""
+  return _model(config).init(rng, jnp.zeros((1, config.seq_len), jnp.int32))
+
+
 def init(config, rng):
-  return _model(config).init(rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
+  return nn.unbox(_boxed_init(config, rng))["params"]
+
+
+def partition(config, params):
+  """Each param's logical dimension names, from the flax metadata its initializer carries."""
+  del params
+  boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.PRNGKey(0))
+  return nn.get_partition_spec(boxed)["params"]
 
 
 def logits(config, params, tokens):
