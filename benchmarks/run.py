@@ -14,7 +14,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,22 +102,16 @@ def hand_loop_steps_per_sec(
   )
   metric_set = step.MetricSet([*step.TRAIN_METRICS, *metric_names])
   empty = executor.to_devices(metric_set.zeros)
-  call = executor.map(
-    lambda s, m, b: step.train_call(
-      s,
-      m,
-      b,
-      steps_per_call=k,
-      metric_set=metric_set,
-      loss_fn=loss_fn,
-      tx=tx,
-      schedule=optimizer.schedule(config),
-    ),
-    stacked=k > 1,
-    donate_argnums=(0,),
+  call = executor.map_train(
+    steps_per_call=k,
+    metric_set=metric_set,
+    loss_fn=loss_fn,
+    tx=tx,
+    schedule=optimizer.schedule(config),
   )
   if on_device:
-    fixed = executor.batch_to_devices(next(data.group(iter([example] * k), k)), stacked=k > 1)
+    host_batch = executor.batch_to_devices(next(data.group(iter([example] * k), k)), stacked=k > 1)
+    fixed = jax.device_put(host_batch, executor.batch_sharding(stacked=k > 1))  # shard_map's
     batches = iter(lambda: fixed, None)
   else:
     batches = data.prefetch(
@@ -139,28 +132,6 @@ def hand_loop_steps_per_sec(
     if w:
       rates.append(window / (time.perf_counter() - start))
   return rates
-
-
-def time_to_first_step(config_args: list[str], cache_dir: str, workdir: str) -> float:
-  """A fresh `python -m launcher` process; the time to first step it logs."""
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "launcher",
-      *config_args,
-      f"--workdir={workdir}",
-      f"--config.compilation_cache_dir={cache_dir}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=True,
-    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-  )
-  line = next(text for text in result.stderr.splitlines() if "time to first step" in text)
-  return float(line.split("time to first step ")[1].split(" s")[0])
 
 
 def main():
@@ -254,26 +225,6 @@ def main():
   ratios["per-step float(loss) / none"] = synced / on_device
   ratios["real pipeline / on-device data"] = real / on_device
 
-  print("warm start: time to first step, fresh process, persistent compilation cache")
-  with tempfile.TemporaryDirectory() as tmp:
-    config_args = [
-      "--config=configs/lm.py:tiny",
-      "--config.num_steps=10",
-      "--config.eval_every_steps=0",
-      "--config.log_every_steps=10",
-      "--config.schedule=constant",
-    ]
-    cold = [
-      time_to_first_step(config_args, os.path.join(tmp, f"cache{i}"), os.path.join(tmp, f"cold{i}"))
-      for i in range(windows)
-    ]
-    warm = [
-      time_to_first_step(config_args, os.path.join(tmp, "cache0"), os.path.join(tmp, f"warm{i}"))
-      for i in range(windows)
-    ]
-  cold_s = row("warm_start", "first start (empty cache)", cold, unit="s")
-  warm_s = row("warm_start", "second start (cache filled)", warm, unit="s")
-  ratios["warm / cold time to first step"] = warm_s / cold_s
   print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
 
 

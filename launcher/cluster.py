@@ -8,6 +8,7 @@ else runs as a single process with no coordinator.
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -356,3 +357,57 @@ def _on_cloud_tpu_vm() -> bool:
   except ImportError:
     return False
   return bool(running_in_cloud_tpu_vm)
+
+
+# How long a process waits for process 0's config (process 0 may still be importing or loading).
+SAME_CONFIG_WAIT_S = 120.0
+_CONFIG_KEY = "launcher/config"
+_CONFIG_CHECKED = "launcher/config_checked/"
+
+
+def check_same_config(config_json: str, client, process_index: int, process_count: int) -> None:
+  """Every process of a job runs process 0's config: a key that differs is bad input, named in
+  one line on every process before any collective (a mesh or batch that differed would end in a
+  collective's abort or a hang). Process 0 publishes its config in jax's key-value store; each
+  other process compares and publishes what differs; process 0 waits for every verdict."""
+  wait_ms = int(SAME_CONFIG_WAIT_S * 1000)
+  try:
+    if process_index == 0:
+      client.key_value_set(_CONFIG_KEY, config_json, allow_overwrite=True)
+      for other in range(1, process_count):
+        differs = client.blocking_key_value_get(f"{_CONFIG_CHECKED}{other}", wait_ms)
+        if differs:
+          raise UsageError(differs)
+      return
+    published = client.blocking_key_value_get(_CONFIG_KEY, wait_ms)
+  except UsageError:
+    raise
+  except Exception:  # pylint: disable=broad-except  # A process is gone: the peer checks say so.
+    return
+  ours, theirs = _flat(json.loads(config_json)), _flat(json.loads(published))
+  differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+  message = ""
+  if differing:
+    shown = "; ".join(
+      f"config.{key}={ours.get(key, '(unset)')!r} on process {process_index}, "
+      f"{theirs.get(key, '(unset)')!r} on process 0"
+      for key in differing[:3]
+    ) + (f"; and {len(differing) - 3} more" if len(differing) > 3 else "")
+    message = (
+      f"process {process_index} runs another config than process 0: {shown}. Every process of "
+      "a job must be given the same --config file and --config.* overrides"
+    )
+  client.key_value_set(f"{_CONFIG_CHECKED}{process_index}", message, allow_overwrite=True)
+  if message:
+    raise UsageError(message)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """A config's JSON as {"a.b": value}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat

@@ -46,9 +46,17 @@ KEYS = {
   ),
   "mesh": (
     "",
-    "under parallel=fsdp, the device mesh as data:D,fsdp:F (one of them may be -1: "
-    "the devices left): the state is split over fsdp and copied over data, the batch "
-    'split over both; "" = fsdp over each process\'s devices, data across processes',
+    "under parallel=fsdp, the device mesh as data:D,fsdp:F,tensor:T (one of them may be -1: "
+    "the devices left; tensor divides each process's device count): the state is split over "
+    "fsdp (and over tensor where a workload names its dimensions), copied over data, the "
+    'batch split over data and fsdp; "" = fsdp over each process\'s devices, data across '
+    "processes",
+  ),
+  "axis_rules": (
+    "",
+    "under parallel=fsdp, logical axis name -> mesh axes, e.g. mlp:tensor,embed:fsdp,vocab:none "
+    "(axes joined by +); each pair replaces that name's default (batch:data+fsdp, embed:fsdp, "
+    "heads, kv, mlp, vocab:tensor, length and layers:none; docs/sharding.md)",
   ),
   "grad_accum_steps": (
     1,
@@ -97,6 +105,17 @@ KEYS = {
     "steps_per_call",
   ),
   "keep_checkpoints": (3, "newest checkpoints kept"),
+  "local_checkpoint_dir": (
+    "",
+    "a directory on each host (a RAM disk such as /dev/shm/launcher, or a local NVMe path) "
+    "where every process also keeps its own shards of the state and a copy of one peer's, "
+    "restored first; '': no local tier",
+  ),
+  "local_checkpoint_every_steps": (
+    0,
+    "steps between saves to config.local_checkpoint_dir (also on a preemption notice); "
+    "a multiple of steps_per_call",
+  ),
   "restore_from": (
     "",
     "another run's workdir, checkpoints dir or step dir to start from "
@@ -212,6 +231,17 @@ def check(config: ml_collections.ConfigDict) -> None:
       )
     except UsageError as e:
       problems.append(str(e))
+  if config.axis_rules:
+    try:
+      parse_axis_rules(config.axis_rules)
+      need(
+        config.parallel == "fsdp",
+        f"config.axis_rules={config.axis_rules!r} says how parallel=fsdp splits arrays: add "
+        f"--config.parallel=fsdp, or leave config.axis_rules empty under "
+        f"parallel={config.parallel}",
+      )
+    except UsageError as e:
+      problems.append(str(e))
   try:
     from launcher import trackers  # pylint: disable=import-outside-toplevel  # Brings jax.
 
@@ -235,9 +265,26 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay} must be 0 or more")
   need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1), e.g. 0.9")
   need(config.seed >= 0, f"config.seed={config.seed} must be 0 or more")
+  need(
+    config.local_checkpoint_every_steps >= 0,
+    f"config.local_checkpoint_every_steps={config.local_checkpoint_every_steps} must be 0 or more",
+  )
+  need(
+    config.local_checkpoint_every_steps < 0
+    or bool(config.local_checkpoint_dir) == (config.local_checkpoint_every_steps > 0),
+    "config.local_checkpoint_dir and config.local_checkpoint_every_steps go together: set both "
+    "(e.g. --config.local_checkpoint_dir=/dev/shm/launcher "
+    "--config.local_checkpoint_every_steps=100) or neither",
+  )
   k = config.steps_per_call
   if not auto and k >= 1:
-    for key in ("num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    for key in (
+      "num_steps",
+      "log_every_steps",
+      "eval_every_steps",
+      "checkpoint_every_steps",
+      "local_checkpoint_every_steps",
+    ):
       value = config[key]
       if value > 0 and value % k:
         lower, upper = (value // k) * k, (value // k + 1) * k
@@ -345,25 +392,41 @@ class Layout:
   global_batch_size: int
   host_batch_size: int
   per_device_batch_size: int
+  batch_copies: int = 1
+  """The devices that hold the same rows (a tensor group when the `batch` rule leaves tensor out)."""
 
   @property
   def global_device_count(self) -> int:
     return self.process_count * self.local_device_count
 
+  def describe(self) -> str:
+    """ "global batch 64 = 1 process(es) x 8 devices / tensor:4 x 32 per device (...)"."""
+    copies = (
+      f" / tensor:{self.batch_copies}" * (self.batch_copies > 1),
+      " (a tensor group holds the same rows)" * (self.batch_copies > 1),
+    )
+    return (
+      f"global batch {self.global_batch_size} = {self.process_count} process(es) x "
+      f"{self.local_device_count} devices{copies[0]} x {self.per_device_batch_size} per device"
+      f"{copies[1]}"
+    )
 
-MESH_AXES = ("data", "fsdp")
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def parse_mesh(mesh: str) -> dict[str, int]:
-  """`config.mesh` ("data:2,fsdp:4", one size may be -1) as {axis: size}, every axis present."""
+  """`config.mesh` ("data:2,fsdp:4,tensor:1", one size may be -1) as {axis: size}, every axis
+  present (a missing one is 1)."""
   shape = {}
   for part in mesh.split(","):
     name, _, size = part.strip().partition(":")
     if name not in MESH_AXES or name in shape or not re.fullmatch(r"-1|[1-9]\d*", size.strip()):
       raise UsageError(
         f"config.mesh={mesh!r} is not a mesh: write axis:size pairs of the axes "
-        f"{' and '.join(MESH_AXES)}, each once, each size positive or -1 for the "
-        "devices left (one axis at most), e.g. --config.mesh=data:2,fsdp:4"
+        f"{', '.join(MESH_AXES)}, each once, each size positive or -1 for the "
+        "devices left (one axis at most), e.g. --config.mesh=data:2,fsdp:4 or "
+        "--config.mesh=data:1,fsdp:2,tensor:4"
       )
     shape[name] = int(size)
   if list(shape.values()).count(-1) > 1:
@@ -377,12 +440,13 @@ def parse_mesh(mesh: str) -> dict[str, int]:
 def mesh_shape(
   mesh: str, parallel: str, process_count: int, local_device_count: int
 ) -> dict[str, int] | None:
-  """`config.mesh` as {"data": D, "fsdp": F} with D * F the job's devices (None when the executor
-  takes no mesh); "" is fsdp over each process's devices and data across processes."""
+  """`config.mesh` as {"data": D, "fsdp": F, "tensor": T} with D * F * T the job's devices (None
+  when the executor takes no mesh); "" is fsdp over each process's devices and data across
+  processes. A tensor group stays inside a process: T divides its device count."""
   if parallel != "fsdp":
     return None
   if not mesh:
-    return {"data": process_count, "fsdp": local_device_count}
+    return {"data": process_count, "fsdp": local_device_count, "tensor": 1}
   device_count = process_count * local_device_count
   shape = parse_mesh(mesh)
   known = math.prod(size for size in shape.values() if size != -1)
@@ -391,11 +455,63 @@ def mesh_shape(
   if math.prod(shape.values()) != device_count:
     raise UsageError(
       f"config.mesh={mesh!r} does not fit the job's {device_count} devices ({process_count} "
-      f"process(es) x {local_device_count} devices): make data x fsdp = {device_count}, e.g. "
-      f"--config.mesh=data:{process_count},fsdp:{local_device_count} (fsdp within each "
-      "process, the default)"
+      f"process(es) x {local_device_count} devices): make data x fsdp x tensor = "
+      f"{device_count}, e.g. --config.mesh=data:{process_count},fsdp:{local_device_count} "
+      "(fsdp within each process, the default)"
+    )
+  if local_device_count % shape["tensor"]:
+    sizes = [t for t in range(1, local_device_count + 1) if local_device_count % t == 0]
+    raise UsageError(
+      f"config.mesh={mesh!r}: tensor:{shape['tensor']} would span processes (each has "
+      f"{local_device_count} devices), and a tensor group's collectives run in every layer: "
+      f"use a tensor size that divides {local_device_count} ({', '.join(map(str, sizes))})"
     )
   return shape
+
+
+# config.axis_rules' defaults: logical axis name -> mesh axes (docs/sharding.md).
+AXIS_RULES = {
+  "batch": ("data", "fsdp"),
+  "length": (),
+  "layers": (),
+  "embed": ("fsdp",),
+  "heads": ("tensor",),
+  "kv": ("tensor",),
+  "mlp": ("tensor",),
+  "vocab": ("tensor",),
+}
+
+
+def parse_axis_rules(rules: str) -> dict[str, tuple[str, ...]]:
+  """`config.axis_rules` ("mlp:tensor,vocab:none,embed:fsdp+tensor") over the defaults
+  (AXIS_RULES): {logical name: mesh axes}, () for whole."""
+  parsed = dict(AXIS_RULES)
+  given = set()
+  for part in filter(None, (p.strip() for p in rules.split(","))):
+    name, colon, axes = (s.strip() for s in part.partition(":"))
+    axes = () if axes == "none" else tuple(axes.split("+"))
+    if (
+      not colon
+      or not re.fullmatch(r"[A-Za-z_]\w*", name)
+      or name in MESH_AXES
+      or name in given
+      or any(axis not in MESH_AXES for axis in axes)
+      or len(set(axes)) < len(axes)
+    ):
+      raise UsageError(
+        f"config.axis_rules={rules!r}: {part!r} is not a rule: write name:axes pairs, each "
+        f"name once and not itself a mesh axis, axes from {', '.join(MESH_AXES)} joined by + "
+        "or none, e.g. --config.axis_rules=mlp:tensor,vocab:none"
+      )
+    given.add(name)
+    parsed[name] = axes
+  if not {"data", "fsdp"} <= set(parsed["batch"]):
+    raise UsageError(
+      f"config.axis_rules={rules!r}: batch:{'+'.join(parsed['batch']) or 'none'} leaves "
+      "the batch whole over data or fsdp, where each device must take its own examples: "
+      "keep both, e.g. batch:data+fsdp"
+    )
+  return parsed
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -411,24 +527,32 @@ def layout(
   process_count: int,
   local_device_count: int,
   grad_accum_steps: int = 1,
+  batch_copies: int = 1,
 ) -> Layout:
-  """Splits a global batch over processes and their devices, or says which sizes would split."""
-  device_count = process_count * local_device_count
+  """Splits a global batch over processes and their devices, each row on `batch_copies` devices
+  of a process (`batch_copies()`), or says which sizes would split."""
+  splits = local_device_count // batch_copies
+  device_count = process_count * splits
+  devices = f"{device_count} devices ({process_count} process(es) x {local_device_count} local"
+  devices += (
+    f" devices / tensor:{batch_copies}: a tensor group holds the same rows)"
+    if batch_copies > 1
+    else " devices)"
+  )
   if batch_size % device_count:
     lower = (batch_size // device_count) * device_count
     upper = lower + device_count
     nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
     raise UsageError(
-      f"config.batch_size={batch_size} does not divide over {device_count} devices "
-      f"({process_count} process(es) x {local_device_count} local devices): "
+      f"config.batch_size={batch_size} does not divide over {devices}: "
       f"use a multiple of {device_count}, e.g. {nearest}"
     )
   host_batch_size = batch_size // process_count
-  per_device = host_batch_size // local_device_count
+  per_device = host_batch_size // splits
   if per_device % grad_accum_steps:
     raise UsageError(
       f"config.grad_accum_steps={grad_accum_steps} does not divide the per-device batch of "
-      f"{per_device} (config.batch_size={batch_size} over {device_count} devices): use a "
+      f"{per_device} (config.batch_size={batch_size} over {devices}): use a "
       f"batch size that is a multiple of {device_count * grad_accum_steps}, or fewer steps"
     )
   return Layout(
@@ -437,5 +561,43 @@ def layout(
     local_device_count=local_device_count,
     global_batch_size=batch_size,
     host_batch_size=host_batch_size,
-    per_device_batch_size=host_batch_size // local_device_count,
+    per_device_batch_size=per_device,
+    batch_copies=batch_copies,
+  )
+
+
+def batch_copies(config: ml_collections.ConfigDict, process_count: int, local_device_count: int):
+  """How many devices hold each row of a batch: under fsdp the tensor size when the `batch` rule
+  of config.axis_rules leaves tensor out (a tensor group computes on the same rows), else 1."""
+  shape = mesh_shape(config.mesh, config.parallel, process_count, local_device_count)
+  if shape is None or "tensor" in parse_axis_rules(config.axis_rules)["batch"]:
+    return 1
+  return shape["tensor"]
+
+
+def mesh_fits(mesh: str, parallel: str, process_count: int, local_device_count: int) -> bool:
+  """Whether `config.mesh` fits a job of `process_count` processes (mesh_shape's check): which
+  counts an elastic job may shrink to."""
+  try:
+    mesh_shape(mesh, parallel, process_count, local_device_count)
+  except UsageError:
+    return False
+  return True
+
+
+def microbatches_to_keep(batch_size: int, device_count: int, microbatch_size: int) -> int | None:
+  """The fewest microbatches (grad_accum_steps) that split the per-device batch of `batch_size`
+  over `device_count` devices into equal microbatches of at most `microbatch_size` examples: an
+  elastic restart's accumulation, so a device never holds more than it did. None when the batch
+  does not divide over the devices or no count keeps the bound."""
+  if batch_size % device_count:
+    return None
+  per_device = batch_size // device_count
+  return next(
+    (
+      count
+      for count in range(1, per_device + 1)
+      if per_device % count == 0 and per_device // count <= microbatch_size
+    ),
+    None,
   )

@@ -80,6 +80,7 @@ class Plan:
       config.log_every_steps,
       config.eval_every_steps,
       config.checkpoint_every_steps,
+      config.local_checkpoint_every_steps,
     )
     self._process_count = process_count
     self._calls = 0

@@ -27,6 +27,7 @@ from launcher import (
 )
 from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
+from launcher import local_tier as local_tier_lib
 from launcher import state as state_lib
 from launcher import steps_per_call as steps_per_call_lib
 from launcher import watchdog as watchdog_lib
@@ -67,6 +68,10 @@ def run(
   storage.bound_calls(storage_timeout_seconds)
   with _timed(parts, "checks"):
     config_lib.check(config)
+    if jax.process_count() > 1 and cluster.coordination_client() is not None:
+      cluster.check_same_config(
+        config.to_json(), cluster.coordination_client(), jax.process_index(), jax.process_count()
+      )
     compilation_cache.enable(config.compilation_cache_dir)
     workdir = storage.path(workdir)
     workload = workload_lib.load(config.workload)
@@ -77,6 +82,7 @@ def run(
       jax.process_count(),
       jax.local_device_count(),
       config.grad_accum_steps,
+      batch_copies=config_lib.batch_copies(config, jax.process_count(), jax.local_device_count()),
     )
     freshness = workdir_lib.freshness(workdir) if layout.process_index == 0 else None
     storage.check_workdir(
@@ -98,8 +104,13 @@ def run(
     with _timed(parts, "init"):
       executor, loss_fn, tx, fresh, state_target = _build(config, workload)
     data_record = checkpoint_lib.data_record(config, workload, layout.global_batch_size)
-    checkpoints, state = _resume_or_start(config, workdir, data_record, fresh, state_target, parts)
+    checkpoints, local_tier, restored, state = _resume_or_start(
+      config, workdir, layout, data_record, fresh, state_target, parts
+    )
     first_step = int(state.step.addressable_data(0))
+    local_tier_lib.record_start(
+      workdir, first_step, layout.process_index, layout.process_count, local_tier
+    )
     if first_step >= config.num_steps:
       _say_already_finished(workdir, first_step, config.num_steps)
       checkpoints.close()
@@ -124,18 +135,16 @@ def run(
   if layout.process_index == 0:  # Only now: a start that cannot resume leaves the old one.
     storage.write_text(workdir_lib.config_file(workdir), config.to_json(indent=2))
   say = logging.info if layout.process_index == 0 else logging.debug  # Facts of the whole job.
-  say(
-    "%s: %s params; global batch %d = %d process(es) x %d devices x %d per device",
-    config.workload,
-    f"{_count_params(state.params):,}",
-    layout.global_batch_size,
-    layout.process_count,
-    layout.local_device_count,
-    layout.per_device_batch_size,
-  )
+  say("%s: %s params; %s", config.workload, f"{_count_params(state.params):,}", layout.describe())
 
   report_writer = _report_writer(
     config, workload, workdir, layout, first_step, started, trackers.names(config.trackers)
+  )
+  report_writer.restored_from(restored.describe())
+  report_writer.first_report_also(  # Each start's shape: an elastic run changes it.
+    process_count=layout.process_count,
+    devices_per_process=layout.local_device_count,
+    grad_accum_steps=config.grad_accum_steps,
   )
   stop_notice = preemption.Preemption()
   watchdog = watchdog_lib.StepWatchdog(
@@ -243,11 +252,15 @@ def run(
       train_scalars = train_metric_set.compute(train_vector)
       if not config.skip_nonfinite_steps:
         _check_finite(last_step, train_scalars, checkpoints.latest_step())
-      if due.save:
+      if due.save or due.local_save:
         jax.block_until_ready(replicated_state)  # Compute time is not checkpoint time.
         with report_writer.blocked_by_checkpoint():
-          data_position = {"step": last_step, **data_record}
-          checkpoints.save(last_step, executor.to_global(replicated_state), data_position)
+          global_state = executor.to_global(replicated_state)
+          if due.local_save:  # First: on a preemption notice it is the one sure to finish.
+            local_tier.save(last_step, global_state, data_record)
+          if due.save:
+            data_position = {"step": last_step, **data_record}
+            checkpoints.save(last_step, global_state, data_position)
       scalars = {}
       if due.evaluate:
         with report_writer.evaluating(scalars):
@@ -337,6 +350,7 @@ def _build(config, workload):
     config.parallel,
     state_shapes,
     mesh=config.mesh,
+    axis_rules=config.axis_rules,
     partition=functools.partial(partition, config) if partition else None,
   )
   return (
@@ -348,26 +362,32 @@ def _build(config, workload):
   )
 
 
-def _resume_or_start(config, workdir, data_record, fresh, state_target, parts):
-  """The run's checkpoints, and the state to start from as job-wide arrays in `state_target`'s
-  shardings: this workdir's newest checkpoint that reads (after checking its `data_record`, the
-  settings that make the batches, against this run's), else `config.restore_from`, else a fresh
-  state. Each array is created or read in its sharding; the time goes to `parts` "init" and
-  "restore"."""
+def _resume_or_start(config, workdir, layout, data_record, fresh, state_target, parts):
+  """The run's persistent checkpoints, its local tier (None without config.local_checkpoint_dir),
+  where the state came from (local_tier.Restored), and the state to start from as job-wide arrays
+  in `state_target`'s shardings: the newest step the whole job can read from the local tier or
+  this workdir's checkpoints (after checking its `data_record`, the settings that make the
+  batches, against this run's), else `config.restore_from`, else a fresh state. Each array is
+  created or read in its sharding; the time goes to `parts` "init" and "restore"."""
   with _timed(parts, "restore"):
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-    resume_step, state = checkpoints.restore_newest(
-      state_target, data_record, allow_data_change=config.allow_data_change
+    tier = local_tier_lib.open_tier(
+      config, workdir, state_target, layout.process_index, layout.process_count
     )
-    if resume_step is not None:
+    restored, state = local_tier_lib.restore_newest(
+      tier, checkpoints, state_target, data_record, allow_data_change=config.allow_data_change
+    )
+    if restored.source == local_tier_lib.PERSISTENT:
       logging.info(
-        "resuming from the checkpoint of step %d in %s", resume_step, checkpoints.directory
+        "resuming from the checkpoint of step %d in %s", restored.step, checkpoints.directory
       )
-      return checkpoints, state
+    elif state is not None:
+      logging.info("resuming from step %d of %s in %s", restored.step, restored.source, tier.root)
+    if state is not None:
+      return checkpoints, tier, restored, state
     if config.restore_from and not config.restore_params_only:
-      return checkpoints, checkpoint_lib.restore_from(
-        config.restore_from, into=state_target, params_only=False
-      )
+      state = checkpoint_lib.restore_from(config.restore_from, into=state_target, params_only=False)
+      return checkpoints, tier, restored, state
   with _timed(parts, "init"):
     state = jax.jit(fresh, out_shardings=jax.tree.map(lambda x: x.sharding, state_target))()
   if config.restore_from:
@@ -375,7 +395,7 @@ def _resume_or_start(config, workdir, data_record, fresh, state_target, parts):
       state = state.replace(
         params=checkpoint_lib.restore_from(config.restore_from, into=state_target, params_only=True)
       )
-  return checkpoints, state
+  return checkpoints, tier, restored, state
 
 
 def _open_train_data(config, workload, layout, loss_fn, state, executor, first_step, plan):
@@ -448,6 +468,7 @@ def _report_writer(
     peak_flops=peak * layout.global_device_count if peak else None,
     profile_first_step=config.profile_first_step,
     started=started,
+    grad_accum_steps=config.grad_accum_steps,
     job=f"{cluster.describe()}; {layout.process_count} process(es), "
     f"{layout.global_device_count} devices",
     config_json=config.to_json(indent=2),
@@ -474,11 +495,12 @@ class Due(NamedTuple):
   report: bool
   save: bool
   evaluate: bool
+  local_save: bool
 
 
 def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> Due:
   """Reports, saves and evals are due every so many steps and after the last step; a preemption
-  notice makes a save due at once."""
+  notice makes a save (and a local tier's save) due at once."""
   final = last_step == config.num_steps
 
   def every(steps):
@@ -488,6 +510,8 @@ def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> 
     report=final or every(config.log_every_steps),
     save=final or preempted or every(config.checkpoint_every_steps),
     evaluate=bool(config.eval_every_steps) and (final or every(config.eval_every_steps)),
+    local_save=bool(config.local_checkpoint_dir)
+    and (preempted or every(config.local_checkpoint_every_steps)),
   )
 
 

@@ -277,6 +277,9 @@ NOT_SHOWN = {
   "time_to_first_step_s",
   "skipped_steps",
   "steps_per_call",
+  "process_count",
+  "devices_per_process",
+  "grad_accum_steps",
 }
 
 
@@ -353,6 +356,7 @@ class ReportWriter:
     peak_flops: float | None,
     profile_first_step: int,
     started: float,
+    grad_accum_steps: int = 1,
     job: str = "",
     config_json: str = "",
     tensorboard: bool = True,
@@ -361,7 +365,8 @@ class ReportWriter:
     """`started`: the time.time() at which the run started; `job`: the job's layout in one line
     and `config_json` the resolved config, which process 0's writers get once per start (text
     `job`); `tensorboard`: whether process 0 writes TensorBoard events; `trackers`: process 0's
-    other writers (launcher.trackers)."""
+    other writers (launcher.trackers); `grad_accum_steps`: the start's microbatches per step, in
+    its start record with its processes and devices (an elastic run's shape changes)."""
     self._process = f"host {process_index}/{process_count} ({socket.gethostname()})"
     self._is_main = process_index == 0
     self._num_steps = num_steps
@@ -370,6 +375,7 @@ class ReportWriter:
     self._flops_per_example, self._peak_flops = flops_per_example, peak_flops
     self._started = started
     self._first_step_scalars = {}
+    self._restored_from = ""
     self._records = storage.Appender(workdir_lib.host_records(workdir, process_index))
     startup_s = seconds_before(started)
     self._record(
@@ -379,6 +385,7 @@ class ReportWriter:
       process_count=process_count,
       hostname=socket.gethostname(),
       devices=jax.local_device_count(),
+      grad_accum_steps=grad_accum_steps,
       first_step=first_step,
       startup_s=startup_s,
     )
@@ -402,6 +409,11 @@ class ReportWriter:
     self._train_steps_per_sec = None
     self._data_wait_s = self._checkpoint_blocked_s = self._eval_s = 0.0
     self.last_scalars = {}
+
+  def restored_from(self, description: str) -> None:
+    """Where this start's state came from ("from the local tier, step 35"): in the start-up line
+    after the restore's seconds, and in the host record of the first step."""
+    self._restored_from = description
 
   def first_report_also(self, **scalars) -> None:
     """Adds `scalars` to the first report's row (facts of the run, such as the state's size)."""
@@ -431,7 +443,12 @@ class ReportWriter:
     log = logging.info if self._is_main else logging.debug
     line = (
       f"time to first step {since_run:.2f} s ({since_process:.2f} s since the process "
-      f"started): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items())
+      f"started): "
+      + ", ".join(
+        f"{name} {seconds:.2f} s"
+        + (f" {self._restored_from}" if name == "restore" and self._restored_from else "")
+        for name, seconds in parts.items()
+      )
     )
     log("%s", line)
     for writer in self._writers:
@@ -440,6 +457,7 @@ class ReportWriter:
     self._record(
       "first_step",
       compile_s=since_run,
+      restored_from=self._restored_from,
       **{f"{name.replace(' ', '_')}_s": seconds for name, seconds in parts.items()},
     )
     self._data_wait_s = 0.0

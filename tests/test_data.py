@@ -50,9 +50,13 @@ def test_each_device_gets_its_slice_of_k_stacked_batches(name):
   device_batches = data.train_batches(
     host_batches, steps_per_call=2, put=executor.batch_to_devices, check=lambda batch, number: None
   )
-  first = next(device_batches)["x"]
-  shards = {s.device: np.asarray(s.data) for s in first.addressable_shards}
-  device_3 = shards[jax.local_devices()[3]].reshape(2, 2, 3)  # [K, per_device, ...]
+  gathered = executor.map(
+    lambda state, metrics, batch: jax.lax.all_gather(batch["x"], "batch"), stacked=True
+  )
+  every_device = np.asarray(gathered(np.zeros(8), np.zeros(8), next(device_batches)))
+  if name == "pmap":  # One copy of the gathered array per device.
+    every_device = every_device[0]
+  device_3 = every_device[3]  # [K, per_device, ...]
   np.testing.assert_array_equal(device_3[0], np.arange(18, 24).reshape(2, 3))
   np.testing.assert_array_equal(device_3[1], np.arange(18, 24).reshape(2, 3) + 100)
   assert len(list(device_batches)) == 1

@@ -30,6 +30,8 @@ OUT_OF_RANGE = {
   "warmup_steps": -1,
   "profile_first_step": -1,
   "checkpoint_every_steps": -10,
+  "local_checkpoint_dir": "/dev/shm/launcher",  # Without local_checkpoint_every_steps.
+  "local_checkpoint_every_steps": -5,
   "learning_rate": 0.0,
   "momentum": 1.5,
   "weight_decay": -0.1,
@@ -40,7 +42,8 @@ OUT_OF_RANGE = {
   "parallel": "tensor",
   "compute_dtype": "int8",
   "workload": "",
-  "mesh": "data:2,tensor:4",
+  "mesh": "data:2,model:4",
+  "axis_rules": "mlp:model",
   "data_workers": -1,
   "trackers": "tensorboard,comet",
 }

@@ -88,8 +88,9 @@ def test_two_processes_of_four_devices_equal_one_of_eight(name, tmp_path):
     assert len(first[t]) == len(second[t]) == config.batch_size // 2
 
 
-def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10):
-  """Two launcher processes joined by the JAX_* environment, as a scheduler would start them."""
+def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10, own=((), ())):
+  """Two launcher processes joined by the JAX_* environment, as a scheduler would start them;
+  `own[i]`: arguments process i alone is given."""
   port = free_port()
   processes = []
   for i in range(2):
@@ -107,6 +108,7 @@ def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10):
           "--config.checkpoint_every_steps=0",
           f"--heartbeat_timeout_seconds={heartbeat}",
           *extra,
+          *own[i],
         ],
         str(tmp_path / f"process_{i}.log"),
         devices=4,
@@ -286,6 +288,22 @@ def test_a_job_shape_the_environment_contradicts_is_refused(env, args, message, 
   )
   assert result.returncode == EXIT_USAGE and message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_a_process_given_another_config_is_one_line_and_exit_2_on_every_process(tmp_path):
+  processes = two_launchers(
+    tmp_path, own=((), ("--config.learning_rate=0.2", "--config.batch_size=48"))
+  )
+  codes = [finish(process, 120) for process in processes]
+  logs = [open(tmp_path / f"process_{i}.log").read() for i in range(2)]
+  assert codes == [EXIT_USAGE, EXIT_USAGE], logs
+  line = (
+    "error: process 1 runs another config than process 0: config.batch_size=48 on process 1, 24 "
+    "on process 0; config.learning_rate=0.2 on process 1, 0.1 on process 0. Every process of a "
+    "job must be given the same --config file and --config.* overrides"
+  )
+  assert all(line in log for log in logs) and "Traceback" not in logs[0] + logs[1]
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_local_runner_ends_every_process_when_one_dies(tmp_path):

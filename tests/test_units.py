@@ -174,7 +174,8 @@ def test_what_is_due_after_a_call(last_step, preempted, due):
     checkpoint_every_steps=20,
     eval_every_steps=30,
   )
-  assert tuple(train._due(config, last_step, preempted)) == due  # pylint: disable=protected-access
+  now = train._due(config, last_step, preempted)  # pylint: disable=protected-access
+  assert (now.report, now.save, now.evaluate, now.local_save) == (*due, False)
 
 
 def test_the_console_line_of_a_report():
@@ -269,17 +270,17 @@ def test_config_mesh_is_data_by_fsdp_with_one_axis_free():
   def shape(mesh, processes=2, local=4):
     return config_lib.mesh_shape(mesh, "fsdp", processes, local)
 
-  assert shape("") == {"data": 2, "fsdp": 4}  # fsdp within each process by default.
-  assert shape("data:1,fsdp:8") == {"data": 1, "fsdp": 8}
-  assert shape("fsdp:-1") == {"data": 1, "fsdp": 8}
-  assert shape("data:4,fsdp:-1") == {"data": 4, "fsdp": 2}
-  assert shape(" fsdp:2 , data:4") == {"data": 4, "fsdp": 2}
+  assert shape("") == {"data": 2, "fsdp": 4, "tensor": 1}  # fsdp within each process by default.
+  assert shape("data:1,fsdp:8") == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert shape("fsdp:-1") == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert shape("data:4,fsdp:-1") == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert shape(" fsdp:2 , data:4") == {"data": 4, "fsdp": 2, "tensor": 1}
   assert config_lib.mesh_shape("", "pmap", 2, 4) is None
   for mesh, message in [
     ("data:3,fsdp:4", "does not fit the job's 8 devices"),
     ("data:3,fsdp:-1", "does not fit the job's 8 devices"),
     ("data:-1,fsdp:-1", "only one axis may have it"),
-    ("tensor:8", "is not a mesh"),
+    ("tensor:8", "tensor:8 would span processes"),
     ("data:2,data:4", "is not a mesh"),
     ("fsdp:0", "is not a mesh"),
     ("fsdp", "is not a mesh"),
