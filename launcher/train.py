@@ -5,6 +5,7 @@ import functools
 import itertools
 import math
 import time
+import types
 from typing import NamedTuple
 
 import jax
@@ -206,9 +207,10 @@ def run(
   in_flight = calls_in_flight.InFlight(config.max_calls_in_flight)
   preempted = saves_may_hang = False
   outcome = "FAILED"  # What the trackers' run ends as, unless the loop completes.
+  settings = types.SimpleNamespace(**config.to_dict())  # A ConfigDict lookup costs ~2 µs a call.
   try:
     calls, last_step = 0, first_step
-    while last_step < config.num_steps:
+    while last_step < settings.num_steps:
       calls += 1
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
         plan.call_starts()
@@ -240,7 +242,7 @@ def run(
           if plan.auto:
             say("steps_per_call=auto chose %d (%s)", choice.k, choice.why)
 
-      due = _due(config, last_step, preempted)
+      due = _due(settings, last_step, preempted)
       if not any(due):
         continue
       watchdog.pause()
@@ -274,7 +276,7 @@ def run(
         report_writer.write(last_step, scalars)
       if preempted:
         break
-      if last_step < config.num_steps:  # The final save and the exit are not a train call.
+      if last_step < settings.num_steps:  # The final save and the exit are not a train call.
         watchdog.completed(last_step)
     outcome = "KILLED" if preempted else "FINISHED"
   except jax.errors.JaxRuntimeError as e:
@@ -498,7 +500,7 @@ class Due(NamedTuple):
   local_save: bool
 
 
-def _due(config: ml_collections.ConfigDict, last_step: int, preempted: bool) -> Due:
+def _due(config, last_step: int, preempted: bool) -> Due:
   """Reports, saves and evals are due every so many steps and after the last step; a preemption
   notice makes a save (and a local tier's save) due at once."""
   final = last_step == config.num_steps

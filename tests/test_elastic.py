@@ -216,6 +216,7 @@ def test_the_shape_fits_the_mesh_and_a_fixed_mesh_is_refused_up_front():
   local.check_mesh_can_shrink(batch._replace(parallel="shard_map"), 4, 2, 2)
 
 
+@pytest.mark.slow  # Starts processes.
 def test_a_host_check_says_why_it_fails_and_one_failing_everywhere_is_bad_input(monkeypatch):
   assert supervise.host_check_failure("test {slot} != 3", 0) is None
   assert supervise.host_check_failure("test {slot} != 3", 3) == "`test 3 != 3` exited with 1"
@@ -248,6 +249,7 @@ def test_every_host_gone_after_the_start_says_so(capsys):
   ]
 
 
+@pytest.mark.slow  # Starts processes.
 def test_a_resize_whose_save_does_not_finish_says_what_it_resumes_from(tmp_path, capsys):
   """The grow's notice reaches processes that do not save (they ignore SIGTERM) within the
   grace: killed, and the line says so and where the next start resumes from."""
@@ -298,6 +300,7 @@ def _running(argument: str) -> list[int]:
   return pids
 
 
+@pytest.mark.slow  # Starts processes.
 def test_the_runner_does_not_wait_for_a_hanging_check_of_a_lost_host(tmp_path):
   """A lost slot's check that hangs while the job finishes: the runner exits at once (not after
   HOST_CHECK_TIMEOUT_S), and the check dies with it."""
