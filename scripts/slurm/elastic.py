@@ -112,8 +112,9 @@ def allocation() -> list[str]:
 
 def usable_now(nodes: list[str]) -> list[str]:
   """The nodes among `nodes` that are usable now and still the job's."""
+  # A job between steps may show no NodeList for a moment: then the node states alone decide.
   held = hostnames(job_nodelist(_scontrol("show", "job", "-o", os.environ["SLURM_JOB_ID"])))
-  return usable_nodes(nodes, _scontrol("show", "node", "-o", ",".join(nodes)), held)
+  return usable_nodes(nodes, _scontrol("show", "node", "-o"), held or None)
 
 
 def shape(args, launcher_args: list[str]) -> int:
