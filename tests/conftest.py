@@ -71,3 +71,15 @@ def pytest_collection_modifyitems(items):
       item.add_marker(area)
     if "gcs" in getattr(item, "fixturenames", ()) and area != "gcs":
       item.add_marker("gcs")
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A real GCS emulator (fake-gcs-server) for a test module's gs:// runs."""
+  from tests.gcs_emulator import Emulator  # pylint: disable=import-outside-toplevel
+
+  emulator = Emulator(
+    tmp_path_factory.mktemp("gcs") / "root", tmp_path_factory.getbasetemp() / "fake-gcs-server.log"
+  )
+  yield emulator
+  emulator.stop()

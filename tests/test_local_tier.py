@@ -20,21 +20,11 @@ from launcher import checkpoint as checkpoint_lib
 from launcher import config as config_lib
 from launcher import local_tier, report, storage, train
 from launcher.errors import UsageError
-from tests.gcs_emulator import Emulator
 from tests.helpers import finish, launcher_command, losses_by_step, start, wait_for
 
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 CONFIG = "--config=tests/hooked_config.py"
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  emulator = Emulator(
-    tmp_path_factory.mktemp("gcs") / "root", tmp_path_factory.getbasetemp() / "fake-gcs-server.log"
-  )
-  yield emulator
-  emulator.stop()
 
 
 def job(workdir: str, local_dir, *args, max_restarts: int = 0) -> list[str]:

@@ -19,7 +19,6 @@ from tensorboard.util import tensor_util
 from launcher import storage, train
 from launcher.errors import EXIT_STORAGE_UNREACHABLE, EXIT_USAGE, UsageError
 from launcher.local import free_port, process_env
-from tests.gcs_emulator import Emulator
 from tests.helpers import (
   REPO,
   assert_close,
@@ -36,15 +35,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow  # Starts processes or trains for seconds.
 
 CONFIG = "--config=tests/hooked_config.py"
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  emulator = Emulator(
-    tmp_path_factory.mktemp("gcs") / "root", tmp_path_factory.getbasetemp() / "fake-gcs-server.log"
-  )
-  yield emulator
-  emulator.stop()
 
 
 def scalars(events_file, tag: str) -> dict[int, float]:
