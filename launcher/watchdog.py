@@ -21,10 +21,12 @@ from launcher.errors import EXIT_PEER_LOST, EXIT_STUCK, EXIT_USAGE
 # Keys in jax's key-value store: a process's bad-input line, and the processes that heard one.
 _BAD_INPUT = "launcher/bad_input/"
 _HEARD = "launcher/heard_bad_input/"
+_LEAVING = "launcher/leaving_on_bad_input/"
 # How long a process that saw bad input waits for every other to hear of it before it leaves.
 BAD_INPUT_TELL_S = 5.0
 # The line of bad input a peer saw (once this process heard of it): it ends this process with 2.
 _peer_bad_input: list[str] = []
+_leaving_on_bad_input: list[str] = []  # This process's own bad-input line, once it is leaving.
 
 # Words of the errors a collective raises when another process of the job is gone.
 _PEER_LOST_SIGNS = (
@@ -228,6 +230,7 @@ def exit_bad_input(message: str, client, process_index: int, process_count: int)
   and this process exits 2 at once, without jax's shutdown barrier (where it would wait for
   peers held in a collective). It waits up to BAD_INPUT_TELL_S for the others to hear, since
   process 0's exit takes the store with it."""
+  _leaving_on_bad_input.append(message)
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
   sys.stdout.flush()
@@ -251,9 +254,24 @@ def exit_bad_input(message: str, client, process_index: int, process_count: int)
       if others <= told | done:
         break
       time.sleep(0.05)
+    if process_index != 0:
+      client.key_value_set(f"{_LEAVING}{process_index}", "", allow_overwrite=True)
+    else:  # Its exit takes the store: a peer still writing its own line would abort mid-way.
+      _wait_for_peers_leaving(client, deadline)
   except Exception:  # pylint: disable=broad-except  # The store is gone: the exit code still says it.
     pass
   os._exit(EXIT_USAGE)  # pylint: disable=protected-access
+
+
+def _wait_for_peers_leaving(client, deadline: float) -> None:
+  """Until every process that saw bad input too has said it is leaving (or `deadline`)."""
+  while time.monotonic() < deadline:
+    seeing = {key.rsplit("/", 1)[1] for key, _ in client.key_value_dir_get(_BAD_INPUT)}
+    leaving = {key.rsplit("/", 1)[1] for key, _ in client.key_value_dir_get(_LEAVING)}
+    if seeing - {"0"} <= leaving:
+      time.sleep(0.2)  # Between its key and its exit.
+      return
+    time.sleep(0.05)
 
 
 _abort_handlers = []  # The installed handler, kept alive for C to call.
@@ -275,6 +293,8 @@ def end_with_line_on_abort(coordinator_address: str, process: str) -> None:
   previous = []
 
   def on_abort(signum):
+    if _leaving_on_bad_input:  # Process 0 left first on the same bad input: its line is said.
+      os._exit(EXIT_USAGE)  # pylint: disable=protected-access
     try:
       socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
     except OSError as e:
@@ -318,6 +338,8 @@ def exit_peer_lost(
 ) -> None:
   """One line naming what was lost and what is saved, then exit before jax's abort buries it; or,
   when the loss is a peer that left on bad input, that peer's line and exit 2."""
+  if _leaving_on_bad_input:  # This process is leaving on bad input, its line said: a peer left first.
+    os._exit(EXIT_USAGE)  # pylint: disable=protected-access
   if _peer_bad_input:
     _exit_heard_bad_input(process, after=0.5)
   first_line = (
