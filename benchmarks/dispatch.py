@@ -10,15 +10,19 @@ combine the all-reduces of a step). The launcher runs `train.run` with one repor
 the same SGD. Part 1, a 2-layer MLP (benchmarks/mlp.py, global batch 256, about a millisecond a
 step, so what is measured is the cost of each call around the step): every executor at K=1 and
 K=10 steps per call. Part 2, each model at K=1, K=10 and K=auto against the hand loop with one
-all-reduce. Hand loop and launcher alternate (A B A B) so that drift of this shared machine hits
+all-reduce. First, in two fresh processes, what keeping freed host memory is worth to the hand
+loop on the lm at 4x width; after that this process keeps it, as train.run does, so that every
+ratio is the launcher's own overhead. Hand loop and launcher alternate (A B A B) so that drift of this shared machine hits
 both alike; each number is the median of the windows.
 """
 
 import argparse
 import collections
+import concurrent.futures
 import copy
 import functools
 import itertools
+import multiprocessing
 import os
 import statistics
 import sys
@@ -37,7 +41,7 @@ from jax import flatten_util  # pylint: disable=wrong-import-position
 
 from benchmarks.run import print_ratios_and_write  # pylint: disable=wrong-import-position
 from launcher import config as config_lib  # pylint: disable=wrong-import-position
-from launcher import train  # pylint: disable=wrong-import-position
+from launcher import memory, train  # pylint: disable=wrong-import-position
 from launcher import workload as workload_lib  # pylint: disable=wrong-import-position
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
@@ -102,6 +106,21 @@ def hand_loop_steps_per_sec(
   return rates
 
 
+def hand_loop_in_fresh_process(keep_freed: bool, model: str, quick: bool, windows: int):
+  """The hand loop's steps/s of `model` in a new process, with glibc's malloc as it comes or
+  keeping freed memory (launcher.memory.keep_freed_host_memory, which train.run applies)."""
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    return pool.submit(_hand_loop_child, keep_freed, model, quick, windows).result()
+
+
+def _hand_loop_child(keep_freed: bool, model: str, quick: bool, windows: int) -> list[float]:
+  if keep_freed:
+    memory.keep_freed_host_memory()
+  config, window = models(quick)[model]
+  return hand_loop_steps_per_sec(config, window, windows, one_all_reduce=True)
+
+
 def launcher_steps_per_sec(
   config, window: int, windows: int, **overrides
 ) -> tuple[list[float], int]:
@@ -125,12 +144,18 @@ def launcher_steps_per_sec(
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
+
   parser.add_argument(
     "--output", default=os.path.join(REPO, "benchmarks", "results", "dispatch.json")
   )
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   windows = 3 if args.quick else 5
+  freed_memory = {
+    keep: hand_loop_in_fresh_process(keep, "lm tiny 4x wider", args.quick, windows)
+    for keep in (False, True)
+  }
+  memory.keep_freed_host_memory()  # As train.run does: the ratios below are the launcher's own.
   rows, ratios = [], {}
 
   def row(model, name, values, k=None):
@@ -163,6 +188,11 @@ def main():
   print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
   print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
   print(f"| {'-' * 24} | {'-' * 36} | -------: | --------------: | ------: |")
+  as_it_comes = row("lm tiny 4x wider", "hand loop, glibc malloc as it comes", freed_memory[False])
+  kept = row("lm tiny 4x wider", "hand loop, freed memory kept", freed_memory[True])
+  ratios["lm tiny 4x wider: hand loop, freed memory kept / glibc malloc as it comes"] = (
+    kept / as_it_comes
+  )
   mlp_name, (mlp, window) = next(iter(models(args.quick).items()))
   hand, combined = alternating(
     lambda: hand_loop_steps_per_sec(mlp, window, windows),

@@ -2,13 +2,31 @@
 the one line that says what to change when a device (or the host) runs out of memory."""
 
 import collections
+import ctypes
 import os
+import platform
 import re
 
 import jax
 import ml_collections
 
 from launcher.errors import causes, one_line
+
+# mallopt's parameters (glibc's malloc.h): the size from which a block gets its own mapping, and
+# the free memory at the heap's top from which glibc hands it back to the OS.
+_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1
+
+
+def keep_freed_host_memory() -> None:
+  """Freed host memory stays in the process for the next call's buffers: by default glibc maps
+  each large block afresh and unmaps it on free, so on CPU devices every compiled call
+  page-faults its buffers again (0.3 → 0.2 s a step for the lm at 4x width at K=1 here). The
+  process's peak is the same; its resident size no longer falls back after it."""
+  if platform.libc_ver()[0] != "glibc":
+    return
+  libc = ctypes.CDLL(None)
+  libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+  libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
 
 
 def step_memory(mapped_fn, *args) -> dict[str, int]:

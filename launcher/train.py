@@ -67,6 +67,7 @@ def run(
     **startup_parts,
   }
   storage.bound_calls(storage_timeout_seconds)
+  memory.keep_freed_host_memory()
   with _timed(parts, "checks"):
     config_lib.check(config)
     if jax.process_count() > 1 and cluster.coordination_client() is not None:
