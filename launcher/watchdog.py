@@ -338,9 +338,7 @@ def exit_peer_lost(
 ) -> None:
   """One line naming what was lost and what is saved, then exit before jax's abort buries it; or,
   when the loss is a peer that left on bad input, that peer's line and exit 2."""
-  if (
-    _leaving_on_bad_input
-  ):  # This process is leaving on bad input, its line said: a peer left first.
+  if _leaving_on_bad_input:  # Its own bad-input line is said; a peer merely left first.
     os._exit(EXIT_USAGE)  # pylint: disable=protected-access
   if _peer_bad_input:
     _exit_heard_bad_input(process, after=0.5)
