@@ -449,6 +449,31 @@ def test_slurm_nodes_are_judged_by_their_scontrol_state(state, reason, usable):
   assert _slurm_elastic().usable_nodes(["n1", "n2"], shown) == usable
 
 
+@pytest.mark.parametrize(
+  "state, reason, starts, usable, tried",
+  [
+    # The survivor of a killed step whose task outlived SIGTERM past MessageTimeout.
+    ("MIXED+NOT_RESPONDING", "", True, ["n1", "n2"], ["n2"]),
+    ("IDLE*", "", True, ["n1", "n2"], ["n2"]),
+    ("IDLE+NOT_RESPONDING", "", False, ["n1"], ["n2"]),
+    ("MIXED+DRAIN", REASON, True, ["n1"], []),
+    ("DOWN+NOT_RESPONDING", REASON, True, ["n1"], []),
+  ],
+)
+def test_a_slurm_node_only_not_responding_is_usable_when_a_job_step_starts_there(
+  state, reason, starts, usable, tried
+):
+  shown = SCONTROL_IDLE + SCONTROL_N2.format(state=state, reason=reason)
+  asked = []
+
+  def step_starts(node: str) -> bool:
+    asked.append(node)
+    return starts
+
+  assert _slurm_elastic().usable_nodes(["n1", "n2"], shown, starts=step_starts) == usable
+  assert asked == tried
+
+
 def test_slurm_nodes_the_job_lost_and_the_shape_on_the_rest():
   elastic = _slurm_elastic()
   # A node the job no longer holds (SLURM removed it: DOWN under --no-kill) is lost too.
@@ -555,11 +580,6 @@ def _tasks_on(node: str, workdir) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-  reason="known defect, issue 33 open: after the review's fixes the job step after the drain "
-  "judges node1 lost too ('no usable node left'); it passed before them",
-  strict=False,
-)
 def test_a_drained_slurm_node_shrinks_the_job_step_and_its_return_grows_it(
   two_node_slurm, tmp_path, reference_losses
 ):

@@ -10,11 +10,12 @@
 #
 # Elastic (MIN_NODES=M, in an allocation submitted with `sbatch --no-kill`, docs/elastic.md):
 # before each job step the allocation's nodes are judged by `scontrol show node` (DOWN, DRAIN,
-# FAIL, NOT_RESPONDING are lost) and the step runs on the most usable ones, at least M, that keep
-# the global batch (scripts/slurm/elastic.py), with the microbatches that keep the per-device
-# batch. A failed step that lost a node restarts on fewer without counting; a lost node usable
-# again (checked every ELASTIC_CHECK_SECONDS, default 30) makes the step save (SIGUSR1, the
-# preemption notice) and restart on more, at most once per RESIZE_INTERVAL_SECONDS (600).
+# FAIL are lost; NOT_RESPONDING alone when a job step cannot start there) and the step runs on
+# the most usable ones, at least M, that keep the global batch (scripts/slurm/elastic.py), with
+# the microbatches that keep the per-device batch. A failed step that lost a node restarts on
+# fewer without counting; a lost node usable again (checked every ELASTIC_CHECK_SECONDS, default
+# 30) makes the step save (SIGUSR1, the preemption notice) and restart on more, at most once per
+# RESIZE_INTERVAL_SECONDS (600).
 
 run_launcher() {
   local python="${LAUNCHER_PYTHON:-python3}"

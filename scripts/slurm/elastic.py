@@ -13,6 +13,12 @@ NOT_RESPONDING is lost), and the shape the next job step runs on.
     python scripts/slurm/elastic.py usable --nodes=n1,n2
         exit 0 when every one of these nodes is usable, else 1 (a failed step lost one)
 
+A node whose only lost flag is NOT_RESPONDING is tried with a job step of `true` there (`srun
+--overlap`), usable when it starts: slurmctld sets that flag whenever one message to the node
+times out and clears it only at the node's next message, and a step killed on a failed task
+(srun --kill-on-bad-exit) times out on every node whose task outlives SIGTERM (its slurmstepd
+answers after KillWait, default 30 s, past MessageTimeout, default 10 s).
+
 The allocation's nodes are SLURM_JOB_NODELIST's, in its order; the job step runs on the first
 COUNT usable ones. A node SLURM removed from the job (a DOWN node under --no-kill: `scontrol
 show job`'s NodeList no longer has it) is lost for the rest of the allocation.
@@ -24,6 +30,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -61,15 +68,24 @@ def job_nodelist(show_job: str) -> str:
   return "" if not nodes or nodes[1] == "(null)" else nodes[1]
 
 
-def usable_nodes(nodes: list[str], show_node: str, held: list[str] | None = None) -> list[str]:
+def usable_nodes(
+  nodes: list[str],
+  show_node: str,
+  held: list[str] | None = None,
+  starts: Callable[[str], bool] | None = None,
+) -> list[str]:
   """The nodes among `nodes` (in their order) that `scontrol show node -o` shows usable: listed,
-  in no lost state, and (given `held`, the nodes the job holds now) still the job's."""
+  in no lost state, and (given `held`, the nodes the job holds now) still the job's. Given
+  `starts`, a node whose only lost flag is NOT_RESPONDING is usable when `starts(node)`."""
   states = node_states(show_node)
-  return [
-    node
-    for node in nodes
-    if node in states and not states[node] & LOST_STATES and (held is None or node in held)
-  ]
+  usable = []
+  for node in nodes:
+    if node not in states or (held is not None and node not in held):
+      continue
+    lost = states[node] & LOST_STATES
+    if not lost or (lost == {"NOT_RESPONDING"} and starts is not None and starts(node)):
+      usable.append(node)
+  return usable
 
 
 def fit(
@@ -100,6 +116,28 @@ def _scontrol(*args: str) -> str:
   ).stdout
 
 
+def step_starts(node: str) -> bool:
+  """Whether a job step of `true` starts and ends on `node` within SCONTROL_TIMEOUT_S; says so
+  when it does (the node shows NOT_RESPONDING)."""
+  try:
+    started = subprocess.run(
+      ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "true"],
+      capture_output=True,
+      timeout=SCONTROL_TIMEOUT_S,
+      check=False,
+    )
+  except subprocess.TimeoutExpired:
+    return False
+  if started.returncode != 0:
+    return False
+  print(
+    f"job {os.environ.get('SLURM_JOB_ID', '')}: {node} shows NOT_RESPONDING, but a job step "
+    "starts there: still usable",
+    file=sys.stderr,
+  )
+  return True
+
+
 def hostnames(nodelist: str) -> list[str]:
   """Every node of a SLURM host list (`n[1-3]`), in its order."""
   return _scontrol("show", "hostnames", nodelist).split() if nodelist else []
@@ -112,9 +150,9 @@ def allocation() -> list[str]:
 
 def usable_now(nodes: list[str]) -> list[str]:
   """The nodes among `nodes` that are usable now and still the job's."""
-  # A job between steps may show no NodeList for a moment: then the node states alone decide.
+  # A job that shows no NodeList: the node states alone decide.
   held = hostnames(job_nodelist(_scontrol("show", "job", "-o", os.environ["SLURM_JOB_ID"])))
-  return usable_nodes(nodes, _scontrol("show", "node", "-o"), held or None)
+  return usable_nodes(nodes, _scontrol("show", "node", "-o"), held or None, starts=step_starts)
 
 
 def shape(args, launcher_args: list[str]) -> int:
