@@ -1,6 +1,6 @@
 """The launcher against a training loop written by hand, small models to the lm at 4x width.
 
-    python benchmarks/dispatch.py          # about 5 minutes on 2 cores, 8 simulated CPU devices
+    python benchmarks/dispatch.py          # about 9 minutes on 2 cores, 8 simulated CPU devices
     python benchmarks/dispatch.py --quick
 
 The hand loop is what a user writes first: one pmapped SGD step, the host batch handed to it each
@@ -12,8 +12,9 @@ step, so what is measured is the cost of each call around the step): every execu
 K=10 steps per call. Part 2, each model at K=1, K=10 and K=auto against the hand loop with one
 all-reduce. First, in two fresh processes, what keeping freed host memory is worth to the hand
 loop on the lm at 4x width; after that this process keeps it, as train.run does, so that every
-ratio is the launcher's own overhead. Hand loop and launcher alternate (A B A B) so that drift of this shared machine hits
-both alike; each number is the median of the windows.
+ratio is the launcher's own overhead. Loops take turns (part 1's two hand loops A B A B; part
+2's hand loop, K=1, K=10 and K=auto, three turns of 3 windows each) so that drift of this shared
+machine hits all alike; each number is the median of the windows.
 """
 
 import argparse
@@ -47,7 +48,7 @@ from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-imp
 
 LEARNING_RATE, POOL = 0.1, 16
 # The models of part 2: (config, steps a window); the MLP's window is also part 1's.
-SGD = {"optimizer": "sgd", "learning_rate": LEARNING_RATE, "schedule": "constant"}
+SGD = {"optimizer": "sgd", "learning_rate": LEARNING_RATE, "schedule": "constant", "grad_clip_norm": 0.0}
 
 
 def models(quick: bool) -> dict:
@@ -177,13 +178,13 @@ def main():
     )
     return result["steps_per_sec"]
 
-  def alternating(first, second, times=2):
-    """Two measurements A B A B, each the windows of both turns."""
-    a, b = [], []
+  def alternating(*measures, times=2):
+    """Measurements in turn (A B C A B C ...), each the windows of all its turns."""
+    results = [[] for _ in measures]
     for _ in range(times):
-      a += first()
-      b += second()
-    return a, b
+      for result, measure in zip(results, measures, strict=True):
+        result += measure()
+    return results
 
   print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
   print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
@@ -208,18 +209,30 @@ def main():
         launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0],
       )
       ratios[f"MLP: launcher {executor} K={k} / hand loop, one all-reduce"] = rate / combined
+  turn = 2 if args.quick else 3  # Windows a turn in part 2; three turns each.
   for model, (config, window) in models(args.quick).items():
-    hand, one = alternating(
-      lambda: hand_loop_steps_per_sec(config, window, windows, one_all_reduce=True),  # noqa: B023
-      lambda: launcher_steps_per_sec(config, window, windows)[0],  # noqa: B023
+    chosen = []
+
+    def auto(config=config, window=window, chosen=chosen):
+      values, ran = launcher_steps_per_sec(config, window, turn, steps_per_call="auto")
+      chosen.append(ran)
+      return values
+
+    hand, *launched = alternating(
+      lambda: hand_loop_steps_per_sec(config, window, turn, one_all_reduce=True),  # noqa: B023
+      lambda: launcher_steps_per_sec(config, window, turn, steps_per_call=1)[0],  # noqa: B023
+      lambda: launcher_steps_per_sec(config, window, turn, steps_per_call=10)[0],  # noqa: B023
+      auto,
+      times=3,
     )
     hand = row(model, "hand loop, one all-reduce", hand)
-    rates = {1: row(model, "launcher K=1", one, 1)}
-    for k in (10, "auto"):
-      values, ran = launcher_steps_per_sec(config, window, windows, steps_per_call=k)
-      rates[k] = row(
-        model, f"launcher K={k}" + (f" (chose {ran})" if k == "auto" else ""), values, ran
-      )
+    rates = {
+      1: row(model, "launcher K=1", launched[0], 1),
+      10: row(model, "launcher K=10", launched[1], 10),
+      "auto": row(
+        model, f"launcher K=auto (chose {'/'.join(map(str, sorted(set(chosen))))})", launched[2]
+      ),
+    }
     for k, rate in rates.items():
       ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = rate / hand
     ratios[f"{model}: launcher K=auto / best fixed K"] = rates["auto"] / max(rates[1], rates[10])

@@ -53,42 +53,74 @@ def train_step(
     grad_accum_steps=grad_accum_steps,
     compute_dtype=compute_dtype,
   )
-  grads = mean_over_devices(grads, gradient_bucket_bytes)
+  grads, grad_norm, step_metrics = mean_over_devices(
+    grads, gradient_bucket_bytes, riders={"loss": loss, **metrics}
+  )
   return update(
     state,
     grads,
-    {"loss": loss, **metrics},
+    step_metrics,
     tx=tx,
     schedule=schedule,
     skip_nonfinite=skip_nonfinite,
-    mean_loss=lambda: lax.pmean(loss, AXIS),
+    mean_loss=lambda: step_metrics["loss"],
+    grad_norm=grad_norm,
   )
 
 
-def mean_over_devices(tree, bucket_bytes: int = 0):
-  """`lax.pmean` of every leaf of `tree` over axis `batch`. With `bucket_bytes` > 0 the leaves
+def mean_over_devices(
+  tree, bucket_bytes: int = 0, riders: dict | None = None
+) -> tuple[Any, jax.Array, dict]:
+  """`lax.pmean` over axis `batch` of every leaf of `tree` (the gradients) and of `riders` (the
+  step's scalar loss and metrics, in the same all-reduces, so that they cost none of their own),
+  and the averaged tree's global norm (riders left out). With `bucket_bytes` > 0 the leaves
   smaller than it are averaged together, concatenated into flat buckets of up to `bucket_bytes`
-  (one all-reduce each, for a compiler that does not combine all-reduces itself: XLA on CPU);
-  larger leaves, whose all-reduce costs more than its start, alone (no copy)."""
+  (one all-reduce each, for a compiler that does not combine all-reduces itself: XLA on CPU,
+  where each op also costs its start: the norm is then taken of the buckets); larger leaves,
+  whose all-reduce costs more than its start, alone (no copy). The riders (as float32) end the
+  last bucket."""
+  riders = riders or {}
   if not bucket_bytes:
-    return lax.pmean(tree, AXIS)
+    means, rider_means = lax.pmean((tree, riders), AXIS)
+    return means, optax.tree.norm(means), rider_means
   leaves, treedef = jax.tree.flatten(tree)
+  rider_leaves, rider_treedef = jax.tree.flatten(riders)
   means = list(leaves)
+  averaged = []  # What the norm is taken of: each bucket's gradients, each leaf averaged alone.
   buckets = {}  # dtype -> [[leaf index, ...], ...], the last one open
   for index, leaf in enumerate(leaves):
     if leaf.nbytes >= bucket_bytes:
       means[index] = lax.pmean(leaf, AXIS)
+      averaged.append(means[index])
       continue
     dtype_buckets = buckets.setdefault(leaf.dtype, [[]])
     if sum(leaves[i].nbytes for i in dtype_buckets[-1]) + leaf.nbytes > bucket_bytes:
       dtype_buckets.append([])
     dtype_buckets[-1].append(index)
-  for bucket in itertools.chain.from_iterable(buckets.values()):
-    flat = lax.pmean(jnp.concatenate([leaves[i].ravel() for i in bucket]), AXIS)
+  groups = [bucket for bucket in itertools.chain.from_iterable(buckets.values()) if bucket]
+  if rider_leaves and not groups:
+    groups = [[]]
+  rider_means = []
+  for number, bucket in enumerate(groups):
+    pieces = [leaves[i].ravel() for i in bucket]
+    gradient_size = sum(leaves[i].size for i in bucket)
+    carries_riders = rider_leaves and number == len(groups) - 1
+    if carries_riders:
+      dtype = pieces[0].dtype if pieces else jnp.float32
+      pieces += [jnp.asarray(x, dtype).reshape((1,)) for x in rider_leaves]
+    flat = lax.pmean(jnp.concatenate(pieces), AXIS)
+    if bucket:
+      averaged.append(flat[:gradient_size])
+    if carries_riders:
+      rider_means = list(flat[gradient_size:].astype(jnp.float32))
     offsets = itertools.accumulate((leaves[i].size for i in bucket), initial=0)
     for index, offset in zip(bucket, offsets, strict=False):
       means[index] = flat[offset : offset + leaves[index].size].reshape(leaves[index].shape)
-  return treedef.unflatten(means)
+  return (
+    treedef.unflatten(means),
+    optax.tree.norm(averaged),
+    rider_treedef.unflatten(rider_means),
+  )
 
 
 def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -146,9 +178,12 @@ def update(
   schedule: optax.Schedule,
   skip_nonfinite: bool,
   mean_loss: Callable[[], jax.Array],
+  grad_norm: jax.Array | None = None,
 ) -> tuple[TrainState, dict]:
-  """The optimizer step from gradients averaged over every device (whole or sharded arrays)."""
-  grad_norm = optax.tree.norm(grads)
+  """The optimizer step from gradients averaged over every device (whole or sharded arrays);
+  `grad_norm`: their global norm, when the caller has it."""
+  if grad_norm is None:
+    grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
     step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
@@ -245,9 +280,9 @@ def train_call(
   metric_set: MetricSet,
   **step_kwargs,
 ) -> tuple[TrainState, jax.Array]:
-  """K steps in one call (lax.scan over [K, per_device, ...] batches). Each device sums its own
-  metrics over the K steps; one all-reduce of one vector adds their device mean to `metrics` at
-  the end (every device counts the same steps, so the counts stay whole step counts)."""
+  """K steps in one call (lax.scan over [K, per_device, ...] batches). Each step's metrics are
+  averaged over the devices in its gradients' all-reduce (`mean_over_devices`), so every device
+  sums the same values over the K steps and adds them to `metrics`: no all-reduce of its own."""
 
   state, local = _steps(
     lambda state, batch: train_step(state, batch, **step_kwargs),
@@ -257,7 +292,7 @@ def train_call(
     metric_set=metric_set,
     like=metrics,
   )
-  return state, metrics + lax.pmean(metric_set.pack(local), AXIS)
+  return state, metrics + metric_set.pack(local)
 
 
 def _steps(

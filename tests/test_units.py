@@ -418,3 +418,37 @@ def test_steps_per_call_auto_is_a_config_value_and_other_strings_are_not():
     UsageError, match=r'steps_per_call=.fast. is a str: it must be a int or "auto"'
   ):
     config_lib.check(config)
+
+
+@pytest.mark.parametrize("bucket_bytes", [0, 64, 1 << 20])
+def test_gradients_and_the_step_metrics_are_averaged_together_and_the_norm_is_the_gradients(
+  bucket_bytes,
+):
+  """Per device gradients (a leaf over 64 bytes goes alone, the small ones share buckets) and
+  two scalar metrics riding along: each the device mean, by numpy; the norm of the mean
+  gradients only."""
+  devices = jax.local_device_count()
+  rng = np.random.default_rng(0)
+  grads = {
+    "big": rng.normal(size=(devices, 40)).astype(np.float32),
+    "small": rng.normal(size=(devices, 3)).astype(np.float32),
+    "tiny": rng.normal(size=(devices, 2, 2)).astype(np.float32),
+  }
+  riders = {
+    "loss": rng.normal(size=devices).astype(np.float32),
+    "acc": np.arange(devices, dtype=np.float32),
+  }
+
+  def mean(grads, riders):
+    return step.mean_over_devices(grads, bucket_bytes, riders=riders)
+
+  means, norm, rider_means = jax.pmap(mean, axis_name=step.AXIS)(grads, riders)
+  expected = {name: value.mean(axis=0) for name, value in grads.items()}
+  for name, value in expected.items():
+    np.testing.assert_allclose(means[name][3], value, rtol=1e-6, atol=1e-7)
+  flat = np.concatenate([value.ravel() for value in expected.values()])
+  np.testing.assert_allclose(norm[0], np.linalg.norm(flat), rtol=1e-6)
+  for name, value in riders.items():
+    np.testing.assert_allclose(rider_means[name], np.full(devices, value.mean()), rtol=1e-6)
+  all_reduces = jax.jit(jax.pmap(mean, axis_name=step.AXIS)).lower(grads, riders).as_text()
+  assert all_reduces.count("all_reduce") == {0: 5, 64: 2, 1 << 20: 1}[bucket_bytes]  # 0: per leaf
