@@ -48,7 +48,12 @@ from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-imp
 
 LEARNING_RATE, POOL = 0.1, 16
 # The models of part 2: (config, steps a window); the MLP's window is also part 1's.
-SGD = {"optimizer": "sgd", "learning_rate": LEARNING_RATE, "schedule": "constant", "grad_clip_norm": 0.0}
+SGD = {
+  "optimizer": "sgd",
+  "learning_rate": LEARNING_RATE,
+  "schedule": "constant",
+  "grad_clip_norm": 0.0,
+}
 
 
 def models(quick: bool) -> dict:
