@@ -150,16 +150,23 @@ def launcher_steps_per_sec(
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-
+  parser.add_argument(
+    "--models",
+    default="",
+    help="part 2 only, for these models (comma-separated names as in the table, e.g. "
+    "'lm tiny 4x wider')",
+  )
+  parser.add_argument("--turns", type=int, default=3, help="turns of each loop in part 2")
   parser.add_argument(
     "--output", default=os.path.join(REPO, "benchmarks", "results", "dispatch.json")
   )
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   windows = 3 if args.quick else 5
+  only = [name.strip() for name in args.models.split(",") if name.strip()]
   freed_memory = {
     keep: hand_loop_in_fresh_process(keep, "lm tiny 4x wider", args.quick, windows)
-    for keep in (False, True)
+    for keep in ((False, True) if not only else ())
   }
   memory.keep_freed_host_memory()  # As train.run does: the ratios below are the launcher's own.
   rows, ratios = [], {}
@@ -194,28 +201,33 @@ def main():
   print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
   print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
   print(f"| {'-' * 24} | {'-' * 36} | -------: | --------------: | ------: |")
-  as_it_comes = row("lm tiny 4x wider", "hand loop, glibc malloc as it comes", freed_memory[False])
-  kept = row("lm tiny 4x wider", "hand loop, freed memory kept", freed_memory[True])
-  ratios["lm tiny 4x wider: hand loop, freed memory kept / glibc malloc as it comes"] = (
-    kept / as_it_comes
-  )
-  mlp_name, (mlp, window) = next(iter(models(args.quick).items()))
-  hand, combined = alternating(
-    lambda: hand_loop_steps_per_sec(mlp, window, windows),
-    lambda: hand_loop_steps_per_sec(mlp, window, windows, one_all_reduce=True),
-  )
-  hand = row(mlp_name, "hand loop, per-array all-reduce", hand)
-  combined = row(mlp_name, "hand loop, one all-reduce", combined)
-  for executor in config_lib.EXECUTORS:
-    for k in (1, 10):
-      rate = row(
-        mlp_name,
-        f"launcher {executor}, K={k}",
-        launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0],
-      )
-      ratios[f"MLP: launcher {executor} K={k} / hand loop, one all-reduce"] = rate / combined
-  turn = 2 if args.quick else 3  # Windows a turn in part 2; three turns each.
+  if not only:  # Parts 0 and 1.
+    as_it_comes = row(
+      "lm tiny 4x wider", "hand loop, glibc malloc as it comes", freed_memory[False]
+    )
+    kept = row("lm tiny 4x wider", "hand loop, freed memory kept", freed_memory[True])
+    ratios["lm tiny 4x wider: hand loop, freed memory kept / glibc malloc as it comes"] = (
+      kept / as_it_comes
+    )
+    mlp_name, (mlp, window) = next(iter(models(args.quick).items()))
+    hand, combined = alternating(
+      lambda: hand_loop_steps_per_sec(mlp, window, windows),
+      lambda: hand_loop_steps_per_sec(mlp, window, windows, one_all_reduce=True),
+    )
+    hand = row(mlp_name, "hand loop, per-array all-reduce", hand)
+    combined = row(mlp_name, "hand loop, one all-reduce", combined)
+    for executor in config_lib.EXECUTORS:
+      for k in (1, 10):
+        rate = row(
+          mlp_name,
+          f"launcher {executor}, K={k}",
+          launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0],
+        )
+        ratios[f"MLP: launcher {executor} K={k} / hand loop, one all-reduce"] = rate / combined
+  turn = 2 if args.quick else 3  # Windows a turn in part 2.
   for model, (config, window) in models(args.quick).items():
+    if only and model not in only:
+      continue
     chosen = []
 
     def auto(config=config, window=window, chosen=chosen):
@@ -228,7 +240,7 @@ def main():
       lambda: launcher_steps_per_sec(config, window, turn, steps_per_call=1)[0],  # noqa: B023
       lambda: launcher_steps_per_sec(config, window, turn, steps_per_call=10)[0],  # noqa: B023
       auto,
-      times=3,
+      times=args.turns,
     )
     hand = row(model, "hand loop, one all-reduce", hand)
     rates = {
