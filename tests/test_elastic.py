@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -472,6 +473,26 @@ def test_a_slurm_node_only_not_responding_is_usable_when_a_job_step_starts_there
 
   assert _slurm_elastic().usable_nodes(["n1", "n2"], shown, starts=step_starts) == usable
   assert asked == tried
+
+
+def test_every_node_only_not_responding_is_tried_side_by_side():
+  """A step kill flags every survivor at once: the probes run together (each waits at a barrier
+  that only all of them together pass), and the nodes keep their order."""
+  names = [f"n{i}" for i in range(2, 7)]
+  shown = SCONTROL_IDLE + "\n".join(
+    SCONTROL_N2.replace("NodeName=n2", f"NodeName={name}").format(
+      state="MIXED+NOT_RESPONDING", reason=""
+    )
+    for name in names
+  )
+  together = threading.Barrier(len(names), timeout=30)
+
+  def step_starts(node: str) -> bool:
+    together.wait()
+    return node != "n4"
+
+  usable = _slurm_elastic().usable_nodes(["n1", *names], shown, starts=step_starts)
+  assert usable == ["n1", "n2", "n3", "n5", "n6"]
 
 
 def test_slurm_nodes_the_job_lost_and_the_shape_on_the_rest():

@@ -25,6 +25,7 @@ show job`'s NodeList no longer has it) is lost for the rest of the allocation.
 """
 
 import argparse
+import concurrent.futures
 import os
 import re
 import shlex
@@ -76,16 +77,22 @@ def usable_nodes(
 ) -> list[str]:
   """The nodes among `nodes` (in their order) that `scontrol show node -o` shows usable: listed,
   in no lost state, and (given `held`, the nodes the job holds now) still the job's. Given
-  `starts`, a node whose only lost flag is NOT_RESPONDING is usable when `starts(node)`."""
+  `starts`, a node whose only lost flag is NOT_RESPONDING is usable when `starts(node)`; those
+  nodes are tried side by side (a step kill flags every survivor at once)."""
   states = node_states(show_node)
-  usable = []
-  for node in nodes:
-    if node not in states or (held is not None and node not in held):
-      continue
-    lost = states[node] & LOST_STATES
-    if not lost or (lost == {"NOT_RESPONDING"} and starts is not None and starts(node)):
-      usable.append(node)
-  return usable
+  listed = [node for node in nodes if node in states and (held is None or node in held)]
+  only_not_responding = [
+    node for node in listed if states[node] & LOST_STATES == {"NOT_RESPONDING"}
+  ]
+  started = set()
+  if starts is not None and only_not_responding:
+    with concurrent.futures.ThreadPoolExecutor(len(only_not_responding)) as pool:
+      started = {
+        node
+        for node, ok in zip(only_not_responding, pool.map(starts, only_not_responding), strict=True)
+        if ok
+      }
+  return [node for node in listed if not states[node] & LOST_STATES or node in started]
 
 
 def fit(
