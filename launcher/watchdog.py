@@ -275,6 +275,23 @@ def _wait_for_peers_leaving(client, deadline: float) -> None:
 
 
 _abort_handlers = []  # The installed handler, kept alive for C to call.
+_coordinator: list[str] = []  # Process 0's address, on the other processes of a job.
+
+
+def _coordinator_gone() -> str | None:
+  """What to say when process 0, which hosts jax's coordination service, no longer accepts
+  connections (its process is gone); None while it does, or on process 0 itself."""
+  if not _coordinator:
+    return None
+  host, port = _coordinator[0].rsplit(":", 1)
+  try:
+    socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+  except OSError as e:
+    return (
+      f"process 0 ({_coordinator[0]}), which hosts the job's coordination service, is gone "
+      f"({e.strerror or e})"
+    )
+  return None
 
 
 def end_with_line_on_abort(coordinator_address: str, process: str) -> None:
@@ -289,21 +306,17 @@ def end_with_line_on_abort(coordinator_address: str, process: str) -> None:
   libc = ctypes.CDLL(None, use_errno=True)
   libc.signal.restype = ctypes.c_void_p
   libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-  host, port = coordinator_address.rsplit(":", 1)
+  _coordinator[:] = [coordinator_address]
   previous = []
 
   def on_abort(signum):
     if _leaving_on_bad_input:  # Process 0 left first on the same bad input: its line is said.
       os._exit(EXIT_USAGE)  # pylint: disable=protected-access
-    try:
-      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
-    except OSError as e:
+    gone = _coordinator_gone()
+    if gone:
       last_step, last_checkpoint = _monitors[0].progress() if _monitors else (0, None)
       exit_peer_lost(
-        RuntimeError(
-          f"process 0 ({coordinator_address}), which hosts the job's coordination service, is "
-          f"gone ({e.strerror or e}), and jax aborted this process"
-        ),
+        RuntimeError(f"{gone}, and jax aborted this process"),
         process=process,
         last_step=last_step,
         last_checkpoint=last_checkpoint,
@@ -345,6 +358,8 @@ def exit_peer_lost(
   first_line = (
     str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
   )
+  if "coordination service" not in first_line:  # A collective may hear of process 0's loss first.
+    first_line = _coordinator_gone() or first_line
   saved = (
     f"the last checkpoint is step {last_checkpoint}"
     if last_checkpoint is not None

@@ -117,6 +117,7 @@ def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10, own=((), ()
           "JAX_NUM_PROCESSES": "2",
           "JAX_PROCESS_ID": str(i),
           "JAX_PLATFORMS": "cpu",
+          "PYTHONFAULTHANDLER": "1",  # A SIGABRT writes every thread's stack: see kill_one.
         },
       )
     )
@@ -135,7 +136,13 @@ def kill_one(processes, victim: int, after_step: int, tmp_path) -> tuple[int, fl
     )
     processes[victim].kill()
     killed_at = time.monotonic()
-    code = processes[1 - victim].wait(timeout=30)
+    try:
+      code = processes[1 - victim].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      processes[1 - victim].send_signal(signal.SIGABRT)  # Its stacks, into its log.
+      time.sleep(3)
+      log = open(tmp_path / f"process_{1 - victim}.log").read()
+      raise AssertionError(f"the survivor still runs 30 s after the kill:\n{log[-6000:]}") from None
     waited = time.monotonic() - killed_at
   finally:
     for p in processes:
@@ -170,6 +177,38 @@ def test_a_killed_coordinator_ends_its_peer_at_once_with_the_line(tmp_path):
   line = log.strip().splitlines()[-1]
   assert line.startswith("error: process 1/2 lost another process of the job after step "), line
   assert "which hosts the job's coordination service, is gone (Connection refused)" in line, line
+
+
+@pytest.mark.parametrize("coordinator_up", [False, True])
+def test_a_failed_collective_names_a_gone_coordinator_as_the_loss(coordinator_up):
+  """When process 0 dies, a collective of process 1 may fail (Gloo's reset connection) before
+  jax's abort: the line still names process 0's loss if its address refuses connections, and
+  keeps the collective's own cause while it accepts them."""
+  with socket.socket() as listening:
+    listening.bind(("127.0.0.1", 0))
+    if coordinator_up:
+      listening.listen()
+    port = listening.getsockname()[1]
+    gloo = "UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error: Connection reset by peer"
+    code = (
+      "from launcher import watchdog\n"
+      f"watchdog._coordinator[:] = ['127.0.0.1:{port}']\n"
+      f"watchdog.exit_peer_lost(RuntimeError({gloo!r}), process='process 1/2', last_step=103,"
+      " last_checkpoint=None)\n"
+    )
+    ended = subprocess.run(
+      [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+  assert ended.returncode == EXIT_PEER_LOST, ended.stderr
+  line = ended.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: process 1/2 lost another process of the job after step 103; ")
+  if coordinator_up:
+    assert line.endswith(f"Cause: {gloo}"), line
+  else:
+    assert line.endswith(
+      f"Cause: process 0 (127.0.0.1:{port}), which hosts the job's coordination service, is "
+      "gone (Connection refused)"
+    ), line
 
 
 def test_a_stalled_coordinator_is_waited_for_and_a_stopped_one_ends_its_peer(tmp_path):

@@ -348,14 +348,14 @@ def test_paths_of_the_one_layer():
 
 
 def test_a_save_and_restore_longer_than_the_bound_complete_while_bytes_move(gcs, tmp_path):
-  """--storage_timeout_seconds bounds silence, not work: a 315 MB state whose save and restore
+  """--storage_timeout_seconds bounds silence, not work: a 196 MB state whose save and restore
   each take longer than the 1 s bound on a healthy bucket saves, commits and resumes."""
   mirror = gcs.bucket("runs") / "big"
   args = [
     CONFIG,
     "--workdir=gs://runs/big",
     "--storage_timeout_seconds=1",
-    "--config.hidden_sizes=(5120,5120)",
+    "--config.hidden_sizes=(4096,4096)",
     "--config.num_steps=2",
     "--config.checkpoint_every_steps=2",
   ]
@@ -364,14 +364,16 @@ def test_a_save_and_restore_longer_than_the_bound_complete_while_bytes_move(gcs,
   step = mirror / "checkpoints" / "2"
   objects = [p for p in step.rglob("*") if p.is_file()]
   assert (step / "commit_success.txt").exists()
-  assert sum(p.stat().st_size for p in objects) > 250e6
+  assert sum(p.stat().st_size for p in objects) > 150e6
   saving = (step / "commit_success.txt").stat().st_mtime - min(p.stat().st_mtime for p in objects)
   # The run continued from it: restored, two more steps, saved again.
   more = launcher_command(*args, "--config.num_steps=4")
   assert finish(start(more, log, env=gcs.env), 240) == 0, log_of(log)[-3000:]
   restoring = float(re.findall(r"restore ([\d.]+) s", log_of(log))[-1])
   print(f"save {saving:.2f} s, restore {restoring:.2f} s, bound 1 s")
-  assert saving > 2 and restoring > 1.2  # Work, not silence: each past the bound.
+  # Work, not silence: each past the bound. (A larger state is no stronger test: the emulator is
+  # silent for over a second while it writes an object of a few hundred MB to its disk.)
+  assert saving > 1 and restoring > 1
   assert "resuming from the checkpoint of step 2" in log_of(log) and "error:" not in log_of(log)
   assert (mirror / "checkpoints" / "4" / "commit_success.txt").exists()
 
