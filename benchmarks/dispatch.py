@@ -1,6 +1,6 @@
 """The launcher against a training loop written by hand, small models to the lm at 4x width.
 
-    python benchmarks/dispatch.py          # about 9 minutes on 2 cores, 8 simulated CPU devices
+    python benchmarks/dispatch.py          # about 10 minutes on 2 cores, 8 simulated CPU devices
     python benchmarks/dispatch.py --quick
 
 The hand loop is what a user writes first: one pmapped SGD step, the host batch handed to it each
@@ -13,8 +13,9 @@ K=10 steps per call. Part 2, each model at K=1, K=10 and K=auto against the hand
 all-reduce. First, in two fresh processes, what keeping freed host memory is worth to the hand
 loop on the lm at 4x width; after that this process keeps it, as train.run does, so that every
 ratio is the launcher's own overhead. Loops take turns (part 1's two hand loops A B A B; part
-2's hand loop, K=1, K=10 and K=auto, three turns of 3 windows each) so that drift of this shared
-machine hits all alike; each number is the median of the windows.
+2's hand loop, K=1, K=10 and K=auto, three turns of 3 windows each after WARMUP dropped ones) so
+that drift of this shared machine hits all alike. Each speed is the median of its windows; part
+2's ratios pair the loops within a turn (the median over turns of the two turns' medians' ratio).
 """
 
 import argparse
@@ -47,6 +48,9 @@ from launcher import workload as workload_lib  # pylint: disable=wrong-import-po
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
 LEARNING_RATE, POOL = 0.1, 16
+# Windows dropped from each of part 2's loops: under steps_per_call=auto the first times K=1 and
+# chooses, the second may compile the chosen K (a once-a-run cost, like the first compile).
+WARMUP = 2
 # The models of part 2: (config, steps a window); the MLP's window is also part 1's.
 SGD = {
   "optimizer": "sgd",
@@ -64,12 +68,12 @@ def models(quick: bool) -> dict:
   return {
     "MLP (benchmarks/mlp.py)": (mlp, 200 if quick else 500),
     "lm tiny": (lm_tiny, 50),
-    "lm tiny 4x wider": (lm_wide, 10),
+    "lm tiny 4x wider": (lm_wide, 20),
   }
 
 
 def hand_loop_steps_per_sec(
-  config, window: int, windows: int, one_all_reduce: bool = False
+  config, window: int, windows: int, one_all_reduce: bool = False, warmup: int = 1
 ) -> list[float]:
   """The reference: a minimal pmap SGD loop written by hand over `config.workload`'s init and loss
   (rng None), on POOL host batches of its train set. `one_all_reduce`: its gradients averaged as
@@ -99,7 +103,7 @@ def hand_loop_steps_per_sec(
   pool = [split(batch) for batch in itertools.islice(workload.dataset(config, "train", 0, 1), POOL)]
   in_flight = collections.deque()
   rates = []
-  for w in range(windows + 1):
+  for w in range(windows + warmup):
     start = time.perf_counter()
     for t in range(window):
       params, loss_value = train_step(params, pool[t % len(pool)])
@@ -107,7 +111,7 @@ def hand_loop_steps_per_sec(
       if len(in_flight) > 2:
         in_flight.popleft().block_until_ready()
     jax.block_until_ready(params)
-    if w:  # The first window compiles and warms up.
+    if w >= warmup:  # The first window compiles.
       rates.append(window / (time.perf_counter() - start))
   return rates
 
@@ -128,14 +132,15 @@ def _hand_loop_child(keep_freed: bool, model: str, quick: bool, windows: int) ->
 
 
 def launcher_steps_per_sec(
-  config, window: int, windows: int, **overrides
+  config, window: int, windows: int, warmup: int = 1, **overrides
 ) -> tuple[list[float], int]:
-  """`train.run` of `config`, one report per window; the first window (compile, and under
-  steps_per_call=auto its timing and choice) is dropped; and the K it ran at."""
+  """`train.run` of `config`, one report per window; the first `warmup` windows (compiles, and
+  under steps_per_call=auto its timing, choice and the chosen K's compile) are dropped; and the K
+  it ran at."""
   config = copy.deepcopy(config)
   config.update(
     log_every_steps=window,
-    num_steps=window * (windows + 2),
+    num_steps=window * (windows + warmup + 1),
     eval_every_steps=0,
     checkpoint_every_steps=0,
     **overrides,
@@ -144,7 +149,7 @@ def launcher_steps_per_sec(
     train.run(config, workdir)
     rows = read_metrics(workdir)
   k = int(next(row["steps_per_call"] for row in rows if "steps_per_call" in row))
-  return [row["steps_per_sec"] for row in rows[1 : windows + 1]], k
+  return [row["steps_per_sec"] for row in rows[warmup : warmup + windows]], k
 
 
 def main():
@@ -171,7 +176,7 @@ def main():
   memory.keep_freed_host_memory()  # As train.run does: the ratios below are the launcher's own.
   rows, ratios = [], {}
 
-  def row(model, name, values, k=None):
+  def row(model, name, values, k=None, turns=None):
     result = {
       "model": model,
       "name": name,
@@ -181,6 +186,7 @@ def main():
       "ms_per_step": 1e3 / statistics.median(values),
       "windows": len(values),
       **({"steps_per_call": k} if k else {}),
+      **({"turn_medians": [statistics.median(turn) for turn in turns]} if turns else {}),
     }
     rows.append(result)
     print(
@@ -191,12 +197,23 @@ def main():
     return result["steps_per_sec"]
 
   def alternating(*measures, times=2):
-    """Measurements in turn (A B C A B C ...), each the windows of all its turns."""
+    """Measurements in turn (A B C A B C ...): for each, its windows of each turn."""
     results = [[] for _ in measures]
     for _ in range(times):
       for result, measure in zip(results, measures, strict=True):
-        result += measure()
+        result.append(measure())
     return results
+
+  def windows_of(turns):
+    return [value for values in turns for value in values]
+
+  def paired(turns, reference_turns):
+    """The median over turns of a loop's speed over the reference's in the same turn (drift
+    between turns cancels)."""
+    return statistics.median(
+      statistics.median(values) / statistics.median(reference)
+      for values, reference in zip(turns, reference_turns, strict=True)
+    )
 
   print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
   print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
@@ -214,8 +231,8 @@ def main():
       lambda: hand_loop_steps_per_sec(mlp, window, windows),
       lambda: hand_loop_steps_per_sec(mlp, window, windows, one_all_reduce=True),
     )
-    hand = row(mlp_name, "hand loop, per-array all-reduce", hand)
-    combined = row(mlp_name, "hand loop, one all-reduce", combined)
+    hand = row(mlp_name, "hand loop, per-array all-reduce", windows_of(hand))
+    combined = row(mlp_name, "hand loop, one all-reduce", windows_of(combined))
     for executor in config_lib.EXECUTORS:
       for k in (1, 10):
         rate = row(
@@ -231,28 +248,32 @@ def main():
     chosen = []
 
     def auto(config=config, window=window, chosen=chosen):
-      values, ran = launcher_steps_per_sec(config, window, turn, steps_per_call="auto")
+      values, ran = launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call="auto")
       chosen.append(ran)
       return values
 
     hand, *launched = alternating(
-      lambda: hand_loop_steps_per_sec(config, window, turn, one_all_reduce=True),  # noqa: B023
-      lambda: launcher_steps_per_sec(config, window, turn, steps_per_call=1)[0],  # noqa: B023
-      lambda: launcher_steps_per_sec(config, window, turn, steps_per_call=10)[0],  # noqa: B023
+      lambda: hand_loop_steps_per_sec(config, window, turn, True, WARMUP),  # noqa: B023
+      lambda: launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=1)[0],  # noqa: B023
+      lambda: launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=10)[0],  # noqa: B023
       auto,
       times=args.turns,
     )
-    hand = row(model, "hand loop, one all-reduce", hand)
+    row(model, "hand loop, one all-reduce", windows_of(hand), turns=hand)
     rates = {
-      1: row(model, "launcher K=1", launched[0], 1),
-      10: row(model, "launcher K=10", launched[1], 10),
-      "auto": row(
-        model, f"launcher K=auto (chose {'/'.join(map(str, sorted(set(chosen))))})", launched[2]
-      ),
+      1: row(model, "launcher K=1", windows_of(launched[0]), 1, launched[0]),
+      10: row(model, "launcher K=10", windows_of(launched[1]), 10, launched[1]),
     }
-    for k, rate in rates.items():
-      ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = rate / hand
-    ratios[f"{model}: launcher K=auto / best fixed K"] = rates["auto"] / max(rates[1], rates[10])
+    row(
+      model,
+      f"launcher K=auto (chose {'/'.join(map(str, chosen))})",
+      windows_of(launched[2]),
+      turns=launched[2],
+    )
+    for k, turns in zip((1, 10, "auto"), launched, strict=True):
+      ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = paired(turns, hand)
+    best = launched[0] if rates[1] > rates[10] else launched[1]
+    ratios[f"{model}: launcher K=auto / best fixed K"] = paired(launched[2], best)
   print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
 
 

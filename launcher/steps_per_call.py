@@ -15,8 +15,9 @@ from jax.experimental import multihost_utils
 from launcher import data
 from launcher.config import AUTO
 
-# The lengths a run may compile (two at most: 1 and the chosen one).
-CANDIDATES = (1, 2, 5, 10, 20, 50)
+# The lengths a run may compile (two at most: 1 and the chosen one): 4 and 5 between 2 and 10, for
+# steps of a few hundred ms that the 1 s bound holds to a few a call; 25 divides intervals of 50.
+CANDIDATES = (1, 2, 4, 5, 10, 20, 25, 50, 100)
 # The most of a call that the host's per-call work may take.
 HOST_SHARE = 0.01
 # The longest a call may run: a preemption notice waits for the call in flight to end.
@@ -46,7 +47,9 @@ def choose(
   those that divide every nonzero interval (report, eval, checkpoint) and run at most `max_call_s`
   a call; else the largest of those (the host then takes more); 1 when none other fits."""
   fits = [k for k in CANDIDATES if all(n % k == 0 for n in intervals if n)]
-  step_s = timing.host_s + timing.device_s  # What a K=1 call takes, at most, per step.
+  # A call of K steps takes K x (host + device): on CPU devices much of a step runs in the
+  # dispatching thread (XLA's CPU client), so the host's time grows with K too.
+  step_s = timing.host_s + timing.device_s
   short = [k for k in fits if k == 1 or k * step_s <= max_call_s]
 
   def share(k):

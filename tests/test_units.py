@@ -375,9 +375,11 @@ def test_every_config_checkpoints_within_its_run():
   "host_ms, device_ms, intervals, k, why",
   [
     (0.5, 1.0, (500, 0, 0), 50, "the host takes 1.0% of a call"),  # 0.5 / (0.5 + 50)
-    (1.0, 25.0, (100, 0, 0), 5, "0.8%"),  # K=2 leaves the host 1.96%, K=5 0.79%.
+    (1.0, 25.0, (100, 0, 0), 4, "1.0%"),  # K=2 leaves the host 1.96%, K=4 0.99%.
     (1.0, 500.0, (100, 0, 0), 1, "0.2%"),
-    (10.0, 300.0, (100, 0, 0), 2, "K=5 would run past 1 s a call"),  # 5 x 310 ms
+    (10.0, 300.0, (100, 0, 0), 2, "K=4 would run past 1 s a call"),  # 4 x 310 ms
+    (18.0, 180.0, (20, 0, 0), 5, "K=10 would run past 1 s a call"),  # 5 x 198 = 990 ms
+    (18.0, 190.0, (20, 0, 0), 4, "K=5 would run past 1 s a call"),  # 5 x 208 = 1040 ms
     (0.5, 1.0, (10, 100, 0), 10, "intervals [10, 100]"),
     (0.5, 1.0, (7, 0, 0), 1, "intervals [7]"),
   ],
