@@ -176,7 +176,9 @@ def main():
   memory.keep_freed_host_memory()  # As train.run does: the ratios below are the launcher's own.
   rows, ratios = [], {}
 
-  def row(model, name, values, k=None, turns=None):
+  def row(model, name, turns, k=None):
+    """A table row of a loop's windows, given per turn (a run alone is one turn)."""
+    values = [value for values in turns for value in values]
     result = {
       "model": model,
       "name": name,
@@ -186,7 +188,7 @@ def main():
       "ms_per_step": 1e3 / statistics.median(values),
       "windows": len(values),
       **({"steps_per_call": k} if k else {}),
-      **({"turn_medians": [statistics.median(turn) for turn in turns]} if turns else {}),
+      **({"turn_medians": [statistics.median(t) for t in turns]} if len(turns) > 1 else {}),
     }
     rows.append(result)
     print(
@@ -204,9 +206,6 @@ def main():
         result.append(measure())
     return results
 
-  def windows_of(turns):
-    return [value for values in turns for value in values]
-
   def paired(turns, reference_turns):
     """The median over turns of a loop's speed over the reference's in the same turn (drift
     between turns cancels)."""
@@ -220,9 +219,9 @@ def main():
   print(f"| {'-' * 24} | {'-' * 36} | -------: | --------------: | ------: |")
   if not only:  # Parts 0 and 1.
     as_it_comes = row(
-      "lm tiny 4x wider", "hand loop, glibc malloc as it comes", freed_memory[False]
+      "lm tiny 4x wider", "hand loop, glibc malloc as it comes", [freed_memory[False]]
     )
-    kept = row("lm tiny 4x wider", "hand loop, freed memory kept", freed_memory[True])
+    kept = row("lm tiny 4x wider", "hand loop, freed memory kept", [freed_memory[True]])
     ratios["lm tiny 4x wider: hand loop, freed memory kept / glibc malloc as it comes"] = (
       kept / as_it_comes
     )
@@ -231,14 +230,14 @@ def main():
       lambda: hand_loop_steps_per_sec(mlp, window, windows),
       lambda: hand_loop_steps_per_sec(mlp, window, windows, one_all_reduce=True),
     )
-    hand = row(mlp_name, "hand loop, per-array all-reduce", windows_of(hand))
-    combined = row(mlp_name, "hand loop, one all-reduce", windows_of(combined))
+    hand = row(mlp_name, "hand loop, per-array all-reduce", hand)
+    combined = row(mlp_name, "hand loop, one all-reduce", combined)
     for executor in config_lib.EXECUTORS:
       for k in (1, 10):
         rate = row(
           mlp_name,
           f"launcher {executor}, K={k}",
-          launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0],
+          [launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0]],
         )
         ratios[f"MLP: launcher {executor} K={k} / hand loop, one all-reduce"] = rate / combined
   turn = 2 if args.quick else 3  # Windows a turn in part 2.
@@ -259,17 +258,12 @@ def main():
       auto,
       times=args.turns,
     )
-    row(model, "hand loop, one all-reduce", windows_of(hand), turns=hand)
+    row(model, "hand loop, one all-reduce", hand)
     rates = {
-      1: row(model, "launcher K=1", windows_of(launched[0]), 1, launched[0]),
-      10: row(model, "launcher K=10", windows_of(launched[1]), 10, launched[1]),
+      1: row(model, "launcher K=1", launched[0], 1),
+      10: row(model, "launcher K=10", launched[1], 10),
     }
-    row(
-      model,
-      f"launcher K=auto (chose {'/'.join(map(str, chosen))})",
-      windows_of(launched[2]),
-      turns=launched[2],
-    )
+    row(model, f"launcher K=auto (chose {'/'.join(map(str, chosen))})", launched[2])
     for k, turns in zip((1, 10, "auto"), launched, strict=True):
       ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = paired(turns, hand)
     best = launched[0] if rates[1] > rates[10] else launched[1]

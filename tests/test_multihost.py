@@ -192,7 +192,7 @@ def test_a_failed_collective_names_a_gone_coordinator_as_the_loss(coordinator_up
     gloo = "UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error: Connection reset by peer"
     code = (
       "from launcher import watchdog\n"
-      f"watchdog._coordinator[:] = ['127.0.0.1:{port}']\n"
+      f"watchdog.end_with_line_on_abort('127.0.0.1:{port}', 'process 1/2')\n"
       f"watchdog.exit_peer_lost(RuntimeError({gloo!r}), process='process 1/2', last_step=103,"
       " last_checkpoint=None)\n"
     )
