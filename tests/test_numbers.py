@@ -167,8 +167,11 @@ def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(exe
   train.run(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
   assert [row["step"] for row in rows] == [8, 16, 24]
+  # The bounds are the defects' sizes, not a loaded machine's: an eval (0.3 s) counted as train
+  # time slows a window's speed by half or more, a call (2 steps) counted as eval time speeds it
+  # by a third; a loaded machine slowed the steps by 10% against the source once.
   for row in rows:
-    assert row["steps_per_sec"] == pytest.approx(source_speed, rel=0.1), row
+    assert source_speed / 1.2 <= row["steps_per_sec"] <= source_speed / 0.9, row
     assert row["examples_per_sec"] == pytest.approx(row["steps_per_sec"] * 32, rel=1e-6)
     assert row["eval_s"] >= 0.3, row  # 3 eval batches of 100 ms; its bound above is the window's.
   records = [json.loads(line) for line in open(tmp_path / "hosts" / "process_0.jsonl")]
@@ -178,7 +181,7 @@ def test_speeds_equal_a_data_source_of_known_speed_and_eval_has_its_own_time(exe
   for record in reports:
     # Each second of the window is counted once: an eval that took in train time would push the
     # sum past the window, as would steps that took in the eval (a loaded machine slows either).
-    assert record["steps_s"] == pytest.approx(record["steps"] / source_speed, rel=0.1)
+    assert 0.9 <= record["steps_s"] / (record["steps"] / source_speed) <= 1.2, record
     assert record["eval_s"] >= 0.3
     assert (
       record["steps_s"] + record["eval_s"] + record["checkpoint_blocked_s"] <= (record["window_s"])
