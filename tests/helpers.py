@@ -167,6 +167,53 @@ def assert_close(config, actual, expected):
         )
 
 
+# Four steps, a report each and one eval: the runs that the executors and layouts are compared by.
+FOUR_STEPS = {
+  "num_steps": 4,
+  "log_every_steps": 1,
+  "eval_every_steps": 4,
+  "eval_batches": 2,
+  "schedule": "constant",
+  "checkpoint_every_steps": 0,
+}
+
+
+def run_lm_tiny_job_on_mesh(workdir, log, mesh: str) -> str:
+  """configs/lm.py:tiny for FOUR_STEPS under parallel=fsdp on `mesh`, as 2 processes of 4
+  devices; the job's log (it must exit 0)."""
+  process = start(
+    launcher_command(
+      "--config=configs/lm.py:tiny",
+      f"--workdir={workdir}",
+      "--config.parallel=fsdp",
+      f"--config.mesh={mesh}",
+      *(f"--config.{key}={value}" for key, value in FOUR_STEPS.items()),
+      num_processes=2,
+      devices=4,
+    ),
+    str(log),
+    devices=4,
+  )
+  assert finish(process, 240) == 0, open(log).read()[-3000:]
+  return open(log).read()
+
+
+def assert_same_run(reference, workdir) -> list[dict]:
+  """The run in `workdir` reported the loss, grad_norm and eval_loss of `reference` (its config,
+  final state and metrics rows) and ended on its params; its rows."""
+  config, state, reference_rows = reference
+  rows = read_metrics(str(workdir))
+  for key in ("loss", "grad_norm", "eval_loss"):
+    np.testing.assert_allclose(
+      [r[key] for r in rows if key in r],
+      [r[key] for r in reference_rows if key in r],
+      rtol=1e-4,
+      err_msg=key,
+    )
+  assert_close(config, load_params(str(workdir)), state.params)
+  return rows
+
+
 def lowered_train_call(config):
   """The train call of `config` (one step per call) lowered for its first batch, as train.run
   builds it, with nothing computed: `.as_text()` is its StableHLO, `.compile()` its program."""

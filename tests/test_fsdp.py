@@ -10,7 +10,9 @@ from jax.sharding import PartitionSpec as P
 
 from launcher import memory, parallel, train
 from tests.helpers import (
+  FOUR_STEPS,
   assert_close,
+  assert_same_run,
   finish,
   launcher_command,
   load_config,
@@ -18,6 +20,7 @@ from tests.helpers import (
   losses_by_step,
   lowered_train_call,
   read_metrics,
+  run_lm_tiny_job_on_mesh,
   start,
 )
 
@@ -35,18 +38,10 @@ RUNS = {  # Each workload for a few steps, a report every step.
   "classifier, skip_nonfinite": ("classifier", None, {"skip_nonfinite_steps": True}),
   "lm, blocks scanned and rematerialized": ("lm", "tiny", {"scan_layers": True, "remat": True}),
 }
-COMMON = {
-  "num_steps": 4,
-  "log_every_steps": 1,
-  "eval_every_steps": 4,
-  "eval_batches": 2,
-  "schedule": "constant",
-  "checkpoint_every_steps": 0,
-}
 
 
 def run(name, arg, workdir, **overrides):
-  config = load_config(name, arg, **{**COMMON, **overrides})
+  config = load_config(name, arg, **{**FOUR_STEPS, **overrides})
   if config.steps_per_call == 2:
     config.log_every_steps = 2
   return config, train.run(config, str(workdir)), read_metrics(str(workdir))
@@ -96,7 +91,7 @@ def test_a_workloads_partition_overrides_the_rule(tmp_path, monkeypatch):
   module.partition = lambda config, params: jax.tree.map(lambda _: P(), params)
   monkeypatch.setitem(sys.modules, "partitioned_classifier", module)
   config = load_config(
-    "classifier", **{**COMMON, "workload": "partitioned_classifier", "parallel": "fsdp"}
+    "classifier", **{**FOUR_STEPS, "workload": "partitioned_classifier", "parallel": "fsdp"}
   )
   from launcher import optimizer  # pylint: disable=import-outside-toplevel
   from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
@@ -153,33 +148,14 @@ def test_a_run_saved_under_one_executor_continues_under_another(first, then, str
 
 @pytest.mark.parametrize("mesh, spans, share", [("data:2,fsdp:4", 1, 4), ("data:1,fsdp:8", 2, 8)])
 def test_two_processes_on_a_data_fsdp_mesh_give_pmaps_results(mesh, spans, share, tmp_path):
-  overrides = {**COMMON, "num_steps": 4}
   workdir, log = tmp_path / "2x4", tmp_path / "2x4.log"
-  process = start(
-    launcher_command(
-      "--config=configs/lm.py:tiny",
-      f"--workdir={workdir}",
-      "--config.parallel=fsdp",
-      f"--config.mesh={mesh}",
-      *(f"--config.{key}={value}" for key, value in overrides.items()),
-      num_processes=2,
-      devices=4,
-    ),
-    str(log),
-    devices=4,
-  )
-  assert finish(process, 240) == 0, open(log).read()[-3000:]
   data, fsdp = mesh.split(",")
   assert f"fsdp on a {data} x {fsdp} mesh, each fsdp group within {spans} process(es)" in (
-    open(log).read()
+    run_lm_tiny_job_on_mesh(workdir, log, mesh)
   )
-  config, pmap_state, pmap_rows = run("lm", "tiny", tmp_path / "pmap", parallel="pmap", num_steps=4)
-  rows = read_metrics(str(workdir))
-  for key in ("loss", "grad_norm", "eval_loss"):
-    assert [r[key] for r in rows if key in r] == pytest.approx(
-      [r[key] for r in pmap_rows if key in r], rel=1e-4
-    ), key
-  assert_close(config, load_params(str(workdir)), pmap_state.params)
+  pmap_run = run("lm", "tiny", tmp_path / "pmap", parallel="pmap")
+  rows = assert_same_run(pmap_run, workdir)
+  pmap_rows = pmap_run[2]
   # Every lm array divides by 4 and 8: a device holds exactly 1/fsdp of the state.
   assert rows[0]["state_bytes_per_device"] == pytest.approx(
     pmap_rows[0]["state_bytes_per_device"] / share, rel=0.01
@@ -211,7 +187,7 @@ def test_fsdp_creates_and_restores_each_array_in_its_shards(tmp_path):
   from launcher import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
 
-  config = load_config("lm", "tiny", parallel="fsdp", **COMMON)
+  config = load_config("lm", "tiny", parallel="fsdp", **FOUR_STEPS)
   workload = workload_lib.load(config.workload)
   _, _, _, fresh, target = train._build(config, workload)  # pylint: disable=protected-access
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))

@@ -15,25 +15,19 @@ from launcher import parallel, sharding, train
 from launcher import workload as workload_lib
 from launcher.errors import UsageError
 from tests.helpers import (
+  FOUR_STEPS,
   assert_close,
+  assert_same_run,
   finish,
   launcher_command,
   load_config,
-  load_params,
   losses_by_step,
   lowered_train_call,
   read_metrics,
+  run_lm_tiny_job_on_mesh,
   start,
 )
 
-COMMON = {
-  "num_steps": 4,
-  "log_every_steps": 1,
-  "eval_every_steps": 4,
-  "eval_batches": 2,
-  "schedule": "constant",
-  "checkpoint_every_steps": 0,
-}
 # lm tiny (width 64, 4 heads of 16, MLP 256, vocab 256, 2 blocks) counted by hand: 120,064 params;
 # all but the MLP's hidden biases (2 x 256) have an `embed` dimension; the embedding (256 x 64)
 # and each block's q, k, v, out (4 x 64 x 64) and MLP kernels and hidden bias (2 x 64 x 256 + 256)
@@ -105,7 +99,7 @@ def test_names_resolve_as_flax_does_and_fall_back_out_loud():
 
 
 def run(workdir, arg="tiny", **overrides):
-  config = load_config("lm", arg, **{**COMMON, **overrides})
+  config = load_config("lm", arg, **{**FOUR_STEPS, **overrides})
   return config, train.run(config, str(workdir)), read_metrics(str(workdir))
 
 
@@ -187,7 +181,7 @@ def test_a_skipped_step_on_a_tensor_mesh_is_skipped_as_under_pmap(tmp_path, capl
     ("tensor", {"parallel": "fsdp", "mesh": "data:2,fsdp:2,tensor:2"}),
   ):
     config = load_config(
-      "../tests/hooked_config", **COMMON, nan_at_batch=2, skip_nonfinite_steps=True, **overrides
+      "../tests/hooked_config", **FOUR_STEPS, nan_at_batch=2, skip_nonfinite_steps=True, **overrides
     )
     with caplog.at_level(logging.WARNING):
       state = train.run(config, str(tmp_path / name))
@@ -205,7 +199,7 @@ def test_a_skipped_step_on_a_tensor_mesh_is_skipped_as_under_pmap(tmp_path, capl
 def test_a_run_continues_across_meshes_with_every_step_feature(tmp_path):
   # tensor:4 -> fsdp:8 -> pmap -> tensor:4, one call of K=2 steps each, with 2 microbatches,
   # bfloat16, scanned blocks and skip_nonfinite_steps, against one uninterrupted pmap run.
-  common = {**COMMON, **VARIANT, "num_steps": 8, "checkpoint_every_steps": 2}
+  common = {**FOUR_STEPS, **VARIANT, "num_steps": 8, "checkpoint_every_steps": 2}
   _, straight, _ = run(tmp_path / "straight", parallel="pmap", **common)
   stages = [
     {"parallel": "fsdp", "mesh": "data:1,fsdp:2,tensor:4"},
@@ -387,36 +381,15 @@ def test_the_batch_divides_over_the_devices_that_split_it_not_the_tensor_copies(
 @pytest.mark.slow
 def test_two_processes_on_a_data_fsdp_tensor_mesh_give_pmaps_results(pmap_run, tmp_path):
   # fsdp spans the two processes, each tensor group stays inside one.
-  mesh, workdir, log = "data:1,fsdp:2,tensor:4", tmp_path / "2x4", tmp_path / "2x4.log"
-  process = start(
-    launcher_command(
-      "--config=configs/lm.py:tiny",
-      f"--workdir={workdir}",
-      "--config.parallel=fsdp",
-      f"--config.mesh={mesh}",
-      *(f"--config.{key}={value}" for key, value in COMMON.items()),
-      num_processes=2,
-      devices=4,
-    ),
-    str(log),
-    devices=4,
-  )
-  assert finish(process, 240) == 0, open(log).read()[-3000:]
+  workdir, log = tmp_path / "2x4", tmp_path / "2x4.log"
+  job_log = run_lm_tiny_job_on_mesh(workdir, log, "data:1,fsdp:2,tensor:4")
   assert (
     f"fsdp on a data:1 x fsdp:2 x tensor:4 mesh, each fsdp group within 2 process(es); "
-    f"{TINY_SPLIT}" in open(log).read()
+    f"{TINY_SPLIT}" in job_log
   )
   # 64 rows over data x fsdp = 2 devices: 32 on each, a tensor group holding the same ones.
-  assert "global batch 64 = 2 process(es) x 4 devices / tensor:4 x 32 per device" in (
-    open(log).read()
-  )
-  config, pmap_state, pmap_rows = pmap_run
-  rows = read_metrics(str(workdir))
-  for key in ("loss", "grad_norm", "eval_loss"):
-    assert [r[key] for r in rows if key in r] == pytest.approx(
-      [r[key] for r in pmap_rows if key in r], rel=1e-4
-    ), key
-  assert_close(config, load_params(str(workdir)), pmap_state.params)
+  assert "global batch 64 = 2 process(es) x 4 devices / tensor:4 x 32 per device" in job_log
+  rows = assert_same_run(pmap_run, workdir)
   # By hand from shard_shapes: 16,384 / 8 (embedding) + 4,096 / 2 (positions) + 256 / 2 (final
   # norm) + per block 4 x 4,096 / 8 + 2 x 16,384 / 8 + 256 / 4 + 64 / 2 + 4 x 64 / 2 = 6,368
   # params, 12 bytes each with AdamW's two moments, plus the step, rng and counters.
