@@ -9,7 +9,6 @@ scaling; the byte counts are what each device would hold on an accelerator.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from run import launcher_steps_per_sec, summary  # pylint: disable=wrong-import-position
+from run import launcher_steps_per_sec, summary, write_results  # pylint: disable=wrong-import-position
 
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
@@ -145,10 +144,7 @@ def main():
     f"\nwidest within {args.budget_mb:g} MB: replicated {widest.get('shard_map')}, "
     f"fsdp {widest.get('fsdp')}"
   )
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {args.output}")
+  write_results(args.output, **results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ scaling; the bytes are what each device would hold and send on an accelerator.
 
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -19,7 +18,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from run import launcher_steps_per_sec, summary  # noqa: E402  (run.py sets XLA_FLAGS first)
+from run import launcher_steps_per_sec, summary, write_results  # noqa: E402  (run.py sets XLA_FLAGS first)
 
 from tests.helpers import load_config, lowered_train_call  # noqa: E402
 
@@ -127,10 +126,7 @@ def main():
       f"| {name} | " + " | ".join(f"{sizes[w]:.0f} MB" for w in widths) + f" | {widest} |",
       flush=True,
     )
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {args.output}")
+  write_results(args.output, **results)
 
 
 if __name__ == "__main__":

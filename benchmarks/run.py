@@ -33,11 +33,15 @@ from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-imp
 
 
 def print_ratios_and_write(path: str, *, ratios: dict[str, float], **results) -> None:
-  """Prints a benchmark's ratios as a table, and writes all its results as JSON with the machine
-  and the date they were measured on."""
+  """Prints a benchmark's ratios as a table, and writes all its results (`write_results`)."""
   print("\n| ratio | value |\n| --- | ---: |")
   for name, value in ratios.items():
     print(f"| {name} | {value:.2f} |")
+  write_results(path, ratios=ratios, **results)
+
+
+def write_results(path: str, **results) -> None:
+  """Writes a benchmark's results as JSON with the machine and the date they were measured on."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump(
@@ -49,7 +53,6 @@ def print_ratios_and_write(path: str, *, ratios: dict[str, float], **results) ->
           "devices": jax.device_count(),
         },
         "date": time.strftime("%Y-%m-%d"),
-        "ratios": ratios,
         **results,
       },
       f,
