@@ -1,21 +1,25 @@
 """The launcher against a training loop written by hand, small models to the lm at 4x width.
 
-    python benchmarks/dispatch.py          # about 10 minutes on 2 cores, 8 simulated CPU devices
+    python benchmarks/dispatch.py          # about 17 minutes on 2 cores, 8 simulated CPU devices
     python benchmarks/dispatch.py --quick
 
-The hand loop is what a user writes first: one pmapped SGD step, the host batch handed to it each
-step, at most two calls in flight (more abort CPU collectives here); its gradients averaged per
-array, or as one flat vector (one all-reduce: what the launcher does on CPU, where XLA does not
-combine the all-reduces of a step). The launcher runs `train.run` with one report per window,
-the same SGD. Part 1, a 2-layer MLP (benchmarks/mlp.py, global batch 256, about a millisecond a
-step, so what is measured is the cost of each call around the step): every executor at K=1 and
-K=10 steps per call. Part 2, each model at K=1, K=10 and K=auto against the hand loop with one
-all-reduce. First, in two fresh processes, what keeping freed host memory is worth to the hand
-loop on the lm at 4x width; after that this process keeps it, as train.run does, so that every
-ratio is the launcher's own overhead. Loops take turns (part 1's two hand loops A B A B; part
-2's hand loop, K=1, K=10 and K=auto, three turns of 3 windows each after WARMUP dropped ones) so
-that drift of this shared machine hits all alike. Each speed is the median of its windows; part
-2's ratios pair the loops within a turn (the median over turns of the two turns' medians' ratio).
+The hand loop is what a user writes first: one pmapped SGD step, each step's host batch read from
+the workload's train set (the source the launcher reads) and handed to it, at most two calls in
+flight (more abort CPU collectives here); its gradients averaged per array, or as one flat
+vector (one all-reduce: what the launcher does on CPU, where XLA does not combine the
+all-reduces of a step), with the loss and the workload's metrics (the lm's accuracy and bits per
+byte) averaged in the same all-reduce, as the launcher reports them. The launcher runs
+`train.run` with one report per window, the same SGD. Part 1, a 2-layer MLP (benchmarks/mlp.py,
+global batch 256, about a millisecond a step, so what is measured is the cost of each call around
+the step): every executor at K=1 and K=10 steps per call. Part 2, each model at K=1, K=10 and
+K=auto against the hand loop with one all-reduce, and for a workload with metrics the hand loop
+computing the loss alone (what its metrics cost). First, in two fresh processes, what keeping
+freed host memory is worth to the hand loop on the lm at 4x width; after that this process keeps
+it, as train.run does, so that every ratio is the launcher's own overhead. Loops take turns (part
+1's two hand loops A B A B; part 2's loops in turn, --turns times, 3 windows each after WARMUP
+dropped ones) so that drift of this shared machine hits all alike. Each speed is the median of
+its windows; part 2's ratios pair the loops within a turn (the median over turns of the two
+turns' medians' ratio).
 """
 
 import argparse
@@ -23,7 +27,6 @@ import collections
 import concurrent.futures
 import copy
 import functools
-import itertools
 import multiprocessing
 import os
 import statistics
@@ -47,7 +50,7 @@ from launcher import memory, train  # pylint: disable=wrong-import-position
 from launcher import workload as workload_lib  # pylint: disable=wrong-import-position
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
-LEARNING_RATE, POOL = 0.1, 16
+LEARNING_RATE = 0.1
 # Windows dropped from each of part 2's loops: under steps_per_call=auto the first times K=1 and
 # chooses, the second may compile the chosen K (a once-a-run cost, like the first compile).
 WARMUP = 2
@@ -73,43 +76,52 @@ def models(quick: bool) -> dict:
 
 
 def hand_loop_steps_per_sec(
-  config, window: int, windows: int, one_all_reduce: bool = False, warmup: int = 1
+  config,
+  window: int,
+  windows: int,
+  one_all_reduce: bool = False,
+  warmup: int = 1,
+  metrics: bool = True,
 ) -> list[float]:
   """The reference: a minimal pmap SGD loop written by hand over `config.workload`'s init and loss
-  (rng None), on POOL host batches of its train set. `one_all_reduce`: its gradients averaged as
-  one flat vector, which leaves only the launcher's own overhead in the comparison."""
+  (rng None), each step's host batch read from its train set as the launcher reads it (the
+  same data source and its cost on the host). `one_all_reduce`: its gradients averaged as
+  one flat vector, which leaves only the launcher's own overhead in the comparison. `metrics`:
+  the loss and the workload's metrics averaged with the gradients, as a loop that logs what the
+  launcher reports does; without it, the loss alone (XLA then drops the metrics' computation)."""
   workload = workload_lib.load(config.workload)
   devices = jax.local_device_count()
 
   def loss(params, batch):
-    return workload.loss(config, params, batch, None)[0]
+    value, values = workload.loss(config, params, batch, None)
+    return value, {"loss": value, **(values if metrics else {})}
 
   @functools.partial(jax.pmap, axis_name="batch", donate_argnums=(0,))
   def train_step(params, batch):
-    value, grads = jax.value_and_grad(loss)(params, batch)
+    (_, reported), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
     if one_all_reduce:
-      flat, unflatten = flatten_util.ravel_pytree(grads)
-      grads = unflatten(jax.lax.pmean(flat, "batch"))
+      flat, unflatten = flatten_util.ravel_pytree((grads, reported))
+      grads, reported = unflatten(jax.lax.pmean(flat, "batch"))
     else:
-      grads = jax.lax.pmean(grads, "batch")
+      grads, reported = jax.lax.pmean((grads, reported), "batch")
     params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
-    return params, jax.lax.pmean(value, "batch")
+    return params, reported
 
   params = jax_utils.replicate(workload.init(config, jax.random.PRNGKey(0)))
 
   def split(batch):
     return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
 
-  pool = [split(batch) for batch in itertools.islice(workload.dataset(config, "train", 0, 1), POOL)]
+  host_batches = workload_lib.open_dataset(workload, config, "train", 0, 1)
   in_flight = collections.deque()
   rates = []
   for w in range(windows + warmup):
     start = time.perf_counter()
-    for t in range(window):
-      params, loss_value = train_step(params, pool[t % len(pool)])
-      in_flight.append(loss_value)
+    for _ in range(window):
+      params, reported = train_step(params, split(next(host_batches)))
+      in_flight.append(reported)
       if len(in_flight) > 2:
-        in_flight.popleft().block_until_ready()
+        jax.block_until_ready(in_flight.popleft())
     jax.block_until_ready(params)
     if w >= warmup:  # The first window compiles.
       rates.append(window / (time.perf_counter() - start))
@@ -129,6 +141,14 @@ def _hand_loop_child(keep_freed: bool, model: str, quick: bool, windows: int) ->
     memory.keep_freed_host_memory()
   config, window = models(quick)[model]
   return hand_loop_steps_per_sec(config, window, windows, one_all_reduce=True)
+
+
+def reports_metrics(config) -> bool:
+  """Whether `config.workload`'s loss returns metrics besides the loss."""
+  workload = workload_lib.load(config.workload)
+  params = jax.eval_shape(functools.partial(workload.init, config), jax.random.PRNGKey(0))
+  batch = next(workload.dataset(config, "train", 0, 1))
+  return bool(jax.eval_shape(functools.partial(workload.loss, config), params, batch, None)[1])
 
 
 def launcher_steps_per_sec(
@@ -251,13 +271,18 @@ def main():
       chosen.append(ran)
       return values
 
-    hand, *launched = alternating(
+    loops = [
       lambda: hand_loop_steps_per_sec(config, window, turn, True, WARMUP),  # noqa: B023
       lambda: launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=1)[0],  # noqa: B023
       lambda: launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=10)[0],  # noqa: B023
       auto,
-      times=args.turns,
-    )
+    ]
+    if reports_metrics(config):  # What computing them costs the hand loop.
+      loops.append(
+        lambda: hand_loop_steps_per_sec(config, window, turn, True, WARMUP, metrics=False)  # noqa: B023
+      )
+    hand, *launched = alternating(*loops, times=args.turns)
+    loss_only = launched.pop() if len(launched) > 3 else None
     row(model, "hand loop, one all-reduce", hand)
     rates = {
       1: row(model, "launcher K=1", launched[0], 1),
@@ -266,6 +291,11 @@ def main():
     row(model, f"launcher K=auto (chose {'/'.join(map(str, chosen))})", launched[2])
     for k, turns in zip((1, 10, "auto"), launched, strict=True):
       ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = paired(turns, hand)
+    if loss_only:
+      row(model, "hand loop, one all-reduce, loss only", loss_only)
+      ratios[f"{model}: hand loop with the workload's metrics / loss only"] = paired(
+        hand, loss_only
+      )
     best = launched[0] if rates[1] > rates[10] else launched[1]
     ratios[f"{model}: launcher K=auto / best fixed K"] = paired(launched[2], best)
   print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
