@@ -144,11 +144,13 @@ def _hand_loop_child(keep_freed: bool, model: str, quick: bool, windows: int) ->
 
 
 def reports_metrics(config) -> bool:
-  """Whether `config.workload`'s loss returns metrics besides the loss."""
+  """Whether `config.workload`'s loss returns metrics besides the loss (as train.run reads them:
+  workload.check_loss_output of its output's shapes)."""
   workload = workload_lib.load(config.workload)
   params = jax.eval_shape(functools.partial(workload.init, config), jax.random.PRNGKey(0))
-  batch = next(workload.dataset(config, "train", 0, 1))
-  return bool(jax.eval_shape(functools.partial(workload.loss, config), params, batch, None)[1])
+  batch = next(workload_lib.open_dataset(workload, config, "train", 0, 1))
+  output = jax.eval_shape(functools.partial(workload.loss, config), params, batch, None)
+  return bool(workload_lib.check_loss_output(workload, output))
 
 
 def launcher_steps_per_sec(
@@ -281,8 +283,9 @@ def main():
       loops.append(
         lambda: hand_loop_steps_per_sec(config, window, turn, True, WARMUP, metrics=False)  # noqa: B023
       )
-    hand, *launched = alternating(*loops, times=args.turns)
-    loss_only = launched.pop() if len(launched) > 3 else None
+    hand, k1, k10, k_auto, *metrics_left_out = alternating(*loops, times=args.turns)
+    launched = [k1, k10, k_auto]
+    loss_only = metrics_left_out[0] if metrics_left_out else None
     row(model, "hand loop, one all-reduce", hand)
     rates = {
       1: row(model, "launcher K=1", launched[0], 1),
