@@ -10,7 +10,7 @@ vector (one all-reduce: what the launcher does on CPU, where XLA does not combin
 all-reduces of a step), with the loss and the workload's metrics (the lm's accuracy and bits per
 byte) averaged in the same all-reduce, as the launcher reports them. The launcher runs
 `train.run` with one report per window, the same SGD. Part 1, a 2-layer MLP (benchmarks/mlp.py,
-global batch 256, about a millisecond a step, so what is measured is the cost of each call around
+global batch 256, about 0.7 ms a step, so what is measured is the cost of each call around
 the step): every executor at K=1 and K=10 steps per call. Part 2, each model at K=1, K=10 and
 K=auto against the hand loop with one all-reduce, and for a workload with metrics the hand loop
 computing the loss alone (what its metrics cost). First, in two fresh processes, what keeping
