@@ -97,7 +97,7 @@ def hand_loop_steps_per_sec(
 
   state = state_lib.create(config, workload.init, tx)
   executor = parallel.executor(config.parallel, state)
-  replicated_state = executor.to_devices(state)
+  replicated_state = executor.from_global(jax.device_put(state, executor.state_shardings))
   host_batches = workload.dataset(config, "train", 0, 1)
   example = next(host_batches)
   metric_names = workload_lib.check_loss_output(

@@ -70,7 +70,7 @@ def measure(repeats: int, local: str, remote: str) -> list[dict]:
   state = state_lib.create(config, workload.init, tx)
   megabytes = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
   executor = parallel.executor("pmap", state)
-  global_state = executor.to_global(executor.to_devices(state))
+  global_state = jax.device_put(state, executor.state_shardings)
   samples = {
     name: {"local": [], "gs": []}
     for name in (

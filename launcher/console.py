@@ -92,20 +92,25 @@ def quiet_libraries(progress_on_stdout: bool = True) -> None:
   handler.setFormatter(_formatter)
   handler.addFilter(_LibraryNoise())
   root.addHandler(handler)
-  sys.excepthook = _without_closed_loops(sys.excepthook)
-  threading.excepthook = _without_closed_loops(threading.excepthook, unpack=True)
-  sys.unraisablehook = _without_closed_loops(sys.unraisablehook, unpack=True)
+  sys.excepthook = _without_orbax_leftovers(sys.excepthook)
+  threading.excepthook = _without_orbax_leftovers(threading.excepthook, unpack=True)
+  sys.unraisablehook = _without_orbax_leftovers(sys.unraisablehook, unpack=True)
 
 
-def _without_closed_loops(hook, unpack=False):
+def _without_orbax_leftovers(hook, unpack=False):
   """`hook` (sys.excepthook, or threading's or the unraisable hook, which take one argument),
-  quiet about "Event loop is closed": tensorstore's callbacks into orbax's asyncio loop after a
-  failed save closed it."""
+  quiet about what orbax leaves behind a failure that the launcher names in its own line:
+  "Event loop is closed" (tensorstore's callbacks into orbax's asyncio loop after a failed save
+  closed it), and the read coroutines of a failed restore, abandoned and then collected."""
 
   def quiet(*args):
     value = args[0].exc_value if unpack else args[1]
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-      hook(*args)
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    code = getattr(getattr(args[0], "object", None), "cr_code", None) if unpack else None
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    hook(*args)
 
   return quiet
 

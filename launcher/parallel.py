@@ -5,6 +5,8 @@ state; `fsdp` runs it on global arrays with the state sharded. Same results.
   pmap       state replicated as [local_devices, ...]; batches [local_devices, per_device, ...]
   shard_map  state as whole arrays on every device of a Mesh (NamedSharding, P()); batches as
              global arrays split on their batch axis; no host-local <-> global conversion per call
+             (under both, the compiled calls take the state packed: its small leaves in one
+             vector, launcher/state.py's `Packing`)
   fsdp       each state array split over a (data, fsdp, tensor) Mesh: over `fsdp` on one array
              axis (`default_spec`), or over `fsdp` and `tensor` as the workload's logical
              dimension names and config.axis_rules say (launcher/sharding.py); copied over
@@ -28,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from launcher import config as config_lib
 from launcher import sharding, step
+from launcher import state as state_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState
 from launcher.step import AXIS
@@ -42,7 +45,8 @@ class Executor(abc.ABC):
 
   Three layouts meet here: host values (numpy), job-wide arrays (what init creates, a checkpoint
   saves and restores: `state_shardings`), and the run's layout that the compiled calls take (the
-  same as job-wide arrays except under pmap, where each leaf is [local_devices, ...])."""
+  same as job-wide arrays under fsdp; packed under pmap and shard_map, whose leaves are
+  [local_devices, ...] under pmap)."""
 
   state_shardings: Any
   """The job-wide sharding of each leaf of the train state: init creates in it, restore reads into
@@ -59,6 +63,10 @@ class Executor(abc.ABC):
   @abc.abstractmethod
   def to_global(self, run_state):
     """The run's layout -> job-wide arrays (what a checkpoint saves), without a host copy."""
+
+  @abc.abstractmethod
+  def run_shapes(self, state_shapes):
+    """The run's layout of a state of job-wide `state_shapes` (to lower a call without one)."""
 
   @abc.abstractmethod
   def to_devices(self, host_tree):
@@ -80,35 +88,64 @@ class Executor(abc.ABC):
 
   @abc.abstractmethod
   def map_eval(self, loss_fn):
-    """The compiled eval call: (params, metrics, batch) -> metrics."""
+    """The compiled eval call: (run_state, metrics, batch) -> metrics, of the state's params."""
 
 
 class _PerDevice(Executor):
   """pmap and shard_map: the step runs per device (step.train_call, collectives on axis `batch`)
-  on a state replicated whole on every device."""
+  on a state replicated whole on every device, which the run holds packed (state.Packed): its
+  small leaves in one vector, so that each call takes and returns few arrays."""
 
   def __init__(self, state_like):
     sharding = job_replicated()
     self.state_shardings = jax.tree.map(lambda _: sharding, state_like)
+    self._packing = state_lib.Packing(state_like)
+    self._pack_small = jax.jit(self._packing.pack_small)
+    self._unpack_small = jax.jit(self._packing.unpack_small)
 
   @abc.abstractmethod
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
     """fn(replicated, replicated, batch) on every device; `stacked`: batch is [K, ...]."""
 
+  @abc.abstractmethod
+  def _place(self, replicated):
+    """Job-wide replicated arrays -> the layout of `map`'s replicated arguments."""
+
+  @abc.abstractmethod
+  def _unplace(self, placed):
+    """`_place`'s inverse."""
+
+  def from_global(self, global_state):
+    large, small = self._packing.split(global_state)
+    return self._place(state_lib.Packed(large, self._pack_small(small)))
+
+  def to_global(self, run_state):
+    packed = self._unplace(run_state)
+    return self._packing.join(packed.large, self._unpack_small(packed.small))
+
   def map_train(self, *, steps_per_call: int, **step_kwargs):
-    return self.map(
-      functools.partial(
-        step.train_call,
+    packing = self._packing
+
+    def packed_call(packed, metrics, batches):
+      state, metrics = step.train_call(
+        packing.unpack(packed),
+        metrics,
+        batches,
         steps_per_call=steps_per_call,
         gradient_bucket_bytes=gradient_bucket_bytes(),
         **step_kwargs,
-      ),
-      stacked=steps_per_call > 1,
-      donate_argnums=(0,),
-    )
+      )
+      return packing.pack(state), metrics
+
+    return self.map(packed_call, stacked=steps_per_call > 1, donate_argnums=(0,))
 
   def map_eval(self, loss_fn):
-    return self.map(functools.partial(step.eval_step, loss_fn=loss_fn))
+    packing = self._packing
+
+    def packed_eval(packed, metrics, batch):
+      return step.eval_step(packing.unpack(packed).params, metrics, batch, loss_fn=loss_fn)
+
+    return self.map(packed_eval)
 
 
 class Pmap(_PerDevice):
@@ -129,7 +166,7 @@ class Pmap(_PerDevice):
   def describe(self) -> str:
     return f"pmap, replicated on each of {jax.device_count()} devices"
 
-  def from_global(self, global_state):
+  def _place(self, replicated):
     """Job-wide replicated arrays -> [local_devices, ...] as pmap's outputs."""
     devices = self._replicated.mesh.devices
 
@@ -139,9 +176,9 @@ class Pmap(_PerDevice):
         (len(devices),) + x.shape, self._replicated, [shards[d][None] for d in devices]
       )
 
-    return jax.tree.map(one, global_state)
+    return jax.tree.map(one, replicated)
 
-  def to_global(self, run_state):
+  def _unplace(self, placed):
     """[local_devices, ...] leaves -> one job-wide replicated array each."""
     sharding = job_replicated()
 
@@ -150,7 +187,13 @@ class Pmap(_PerDevice):
       arrays = [shards[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
       return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
 
-    return jax.tree.map(one, run_state)
+    return jax.tree.map(one, placed)
+
+  def run_shapes(self, state_shapes):
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape, x.dtype),
+      jax.eval_shape(self._packing.pack, state_shapes),
+    )
 
   def to_devices(self, host_tree):
     """[local_devices, ...]: one copy of each leaf per local device, laid out as pmap's outputs."""
@@ -196,12 +239,6 @@ class _GlobalArrays(Executor):
     """Where a batch ([global_batch, ...], or [K, global_batch, ...] when `stacked`) lives."""
     return self._stacked_split if stacked else self._split
 
-  def from_global(self, global_state):
-    return global_state
-
-  def to_global(self, run_state):
-    return run_state
-
   def batch_to_devices(self, host_batch, *, stacked: bool = False):
     """In one process, the host arrays themselves: the compiled calls place them (their
     `in_shardings`) in jit's own dispatch, ~0.1 ms a call less than a device_put of the launcher's."""
@@ -237,6 +274,18 @@ class ShardMap(_GlobalArrays, _PerDevice):
 
   def describe(self) -> str:
     return f"shard_map, replicated on each of {self.mesh.size} devices"
+
+  def _place(self, replicated):
+    return replicated
+
+  def _unplace(self, placed):
+    return placed
+
+  def run_shapes(self, state_shapes):
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated),
+      jax.eval_shape(self._packing.pack, state_shapes),
+    )
 
   def to_devices(self, host_tree):
     """Whole arrays on every device of the job."""
@@ -343,6 +392,15 @@ class Fsdp(_GlobalArrays):
       f"{sharding.split_summary(specs, sizes, shape)}"
     )
 
+  def from_global(self, global_state):
+    return global_state
+
+  def to_global(self, run_state):
+    return run_state
+
+  def run_shapes(self, state_shapes):
+    return state_shapes
+
   def to_devices(self, host_tree):
     """Split over the devices as `shardings` says (a host-built state is not copied whole)."""
     return jax.tree.map(
@@ -368,8 +426,12 @@ class Fsdp(_GlobalArrays):
 
   def map_eval(self, loss_fn):
     """step.eval_step on global arrays: the params stay sharded, the batch split over every device."""
+
+    def state_eval(state, metrics, batch):
+      return step.eval_step(state.params, metrics, batch, loss_fn=loss_fn, axis_name=None)
+
     return jax.jit(
-      functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=None),
+      state_eval,
       in_shardings=(None, None, self.batch_sharding(stacked=False)),
       out_shardings=self._replicated,
     )

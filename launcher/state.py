@@ -1,12 +1,16 @@
-"""The train state pytree, and how a fresh one is made."""
+"""The train state pytree, how a fresh one is made, and how it packs into few arrays for the
+compiled calls."""
 
-from typing import Any
+import itertools
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax import lax
 
 
 @flax.struct.dataclass
@@ -51,3 +55,89 @@ def create(
 ) -> TrainState:
   """A fresh state, in `shardings` (a tree like the state's; None: on the default device)."""
   return jax.jit(initializer(config, init_fn, tx), out_shardings=shardings)()
+
+
+# Leaves of at most this many bytes travel packed (`Packing`): the scalars, biases and norm
+# scales, and their optimizer state, whose copy into one vector costs less than their dispatch.
+SMALL_LEAF_BYTES = 4096
+
+
+class Packed(NamedTuple):
+  """A train state as few arrays: its large leaves as they are, and its small ones bitcast to
+  unsigned integers and concatenated, one vector per item size. Each array that a compiled call
+  takes and returns costs dispatch time on every device (on 8 simulated CPU devices the step
+  count, rng, skipped steps and optimizer count alone cost a 2-layer MLP ~6% of its step)."""
+
+  large: tuple
+  small: tuple
+
+
+class Packing:
+  """How a state like `state_like` (its shapes) packs into `Packed` and back, bit for bit.
+  `pack` and `unpack` are pure (traced inside the compiled calls); `pack_small` and
+  `unpack_small` see only the small leaves (`split` and `join` move the large ones untouched,
+  so that a jit of the small ones copies nothing large)."""
+
+  def __init__(self, state_like, small_leaf_bytes: int = SMALL_LEAF_BYTES):
+    leaves, self._treedef = jax.tree.flatten(state_like)
+    self._like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    self._groups = {}  # item size -> indices of the small leaves packed in that vector
+    for index, x in enumerate(self._like):
+      if _packable(x.dtype) and x.size * x.dtype.itemsize <= small_leaf_bytes:
+        self._groups.setdefault(x.dtype.itemsize, []).append(index)
+    small = set(itertools.chain.from_iterable(self._groups.values()))
+    self._large = [index for index in range(len(leaves)) if index not in small]
+
+  def split(self, state) -> tuple[tuple, list]:
+    """(large leaves, small leaves) of `state`."""
+    leaves = self._treedef.flatten_up_to(state)
+    small = [leaves[i] for group in self._groups.values() for i in group]
+    return tuple(leaves[i] for i in self._large), small
+
+  def join(self, large, small) -> Any:
+    """The state of `split`'s two parts."""
+    leaves = [None] * len(self._like)
+    for index, x in zip(self._large, large, strict=True):
+      leaves[index] = x
+    small_indices = [i for group in self._groups.values() for i in group]
+    for index, x in zip(small_indices, small, strict=True):
+      leaves[index] = x
+    return self._treedef.unflatten(leaves)
+
+  def pack_small(self, small: list) -> tuple:
+    """`split`'s small leaves -> one unsigned vector per item size."""
+    small = iter(small)
+    return tuple(
+      jnp.concatenate(
+        [lax.bitcast_convert_type(next(small), _unsigned(size)).ravel() for _ in group]
+      )
+      for size, group in self._groups.items()
+    )
+
+  def unpack_small(self, vectors: tuple) -> list:
+    """`pack_small`'s vectors -> the small leaves, in `split`'s order."""
+    small = []
+    for group, vector in zip(self._groups.values(), vectors, strict=True):
+      offsets = itertools.accumulate((self._like[i].size for i in group), initial=0)
+      for index, start in zip(group, offsets, strict=False):
+        like = self._like[index]
+        piece = lax.slice(vector, (start,), (start + like.size,)).reshape(like.shape)
+        small.append(lax.bitcast_convert_type(piece, like.dtype))
+    return small
+
+  def pack(self, state) -> Packed:
+    large, small = self.split(state)
+    return Packed(large, self.pack_small(small))
+
+  def unpack(self, packed: Packed) -> Any:
+    return self.join(packed.large, self.unpack_small(packed.small))
+
+
+def _packable(dtype) -> bool:
+  """Whether `dtype` bitcasts to an unsigned integer of its size (not bool, keys or complex)."""
+  number = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  return number and np.dtype(dtype).itemsize in (1, 2, 4)
+
+
+def _unsigned(itemsize: int):
+  return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[itemsize]

@@ -156,7 +156,7 @@ def run(
     peers.progress = lambda: (watchdog.last_completed_step, checkpoints.latest_step())
   eval_call = executor.map_eval(loss_fn)
 
-  def evaluate(replicated_params) -> dict[str, float]:
+  def evaluate(replicated_state) -> dict[str, float]:
     eval_host_batches = workload_lib.open_dataset(
       workload, config, "eval", layout.process_index, layout.process_count
     )
@@ -180,7 +180,7 @@ def run(
       ),
     ):
       in_flight.wait_for_room()
-      eval_metrics = eval_call(replicated_params, eval_metrics, batch)
+      eval_metrics = eval_call(replicated_state, eval_metrics, batch)
       in_flight.add(eval_metrics)
     computed = executor.to_host(eval_metrics).compute()
     return {f"eval_{name}": value for name, value in computed.items()}
@@ -267,11 +267,11 @@ def run(
       scalars = {}
       if due.evaluate:
         with report_writer.evaluating(scalars):
-          scalars.update(evaluate(replicated_state.params))
+          scalars.update(evaluate(replicated_state))
       if due.report:  # After the save and eval, which its window times apart from the steps.
         scalars.update(train_scalars)
         scalars.update(report_writer.throughput(last_step))
-        scalars["skipped_steps"] = executor.to_host(replicated_state.skipped_steps)
+        scalars["skipped_steps"] = int(executor.to_global(replicated_state).skipped_steps)
         train_metrics = no_train_metrics
       if scalars:
         report_writer.write(last_step, scalars)

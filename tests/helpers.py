@@ -238,11 +238,11 @@ def lowered_train_call(config):
     compute_dtype=config_lib.compute_dtype(config),
     skip_nonfinite=False,
   )
-  if config.parallel == "pmap":
-    state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((jax.local_device_count(),) + x.shape, x.dtype), state
-    )
-  return call.lower(state, executor.to_devices(metric_set.zeros), executor.batch_to_devices(batch))
+  return call.lower(
+    executor.run_shapes(state),
+    executor.to_devices(metric_set.zeros),
+    executor.batch_to_devices(batch),
+  )
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:

@@ -248,6 +248,104 @@ def test_bucketed_gradient_all_reduces_give_the_per_array_average():
   assert not np.allclose(results[0]["v"], np.arange(3))  # The step moved the params.
 
 
+def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_for_bit():
+  from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  params = {
+    "kernel": jnp.ones((64, 32), jnp.float32),  # 8 KiB: above the limit, travels as it is.
+    "bias": jnp.array([np.nan, -0.0, 1e-38, 3.0], jnp.float32),
+    "scale": jnp.array([1.5, -2.0], jnp.bfloat16),
+    "codes": jnp.array([-128, 0, 127], jnp.int8),
+    "on": jnp.array([True, False]),  # bool does not bitcast: as it is.
+  }
+  tx = optax.adam(1e-3)
+  state = TrainState(
+    step=jnp.int32(7),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(3),
+    skipped_steps=jnp.int32(2),
+  )
+  packing = state_lib.Packing(state, small_leaf_bytes=4096)
+  packed = jax.jit(packing.pack)(state)
+  # Large: the kernel, its two moments (adam's mu and nu of the bool stay too), and the bool.
+  large_shapes = sorted(x.shape for x in packed.large)
+  assert large_shapes == [(2,), (2,), (2,), (64, 32), (64, 32), (64, 32)]
+  # 32-bit: step, adam's count, skipped, rng (2), the bias and its two moments (3 x 4);
+  # 16-bit: the scale and its moments; 8-bit: the codes and their moments.
+  assert {x.dtype: x.shape for x in packed.small} == {
+    jnp.dtype(jnp.uint32): (1 + 1 + 1 + 2 + 12,),
+    jnp.dtype(jnp.uint16): (6,),
+    jnp.dtype(jnp.uint8): (9,),
+  }
+  for unpacked in (jax.jit(packing.unpack)(packed), packing.unpack(packed)):
+    assert jax.tree.structure(unpacked) == jax.tree.structure(state)
+    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(unpacked), strict=True):
+      assert after.dtype == before.dtype and after.shape == before.shape
+      assert np.asarray(after).tobytes() == np.asarray(before).tobytes()
+
+
+@pytest.mark.parametrize("name", ["pmap", "shard_map"])
+def test_a_replicated_executor_runs_the_packed_state_and_gives_it_back_whole(name):
+  """The run's state is few arrays (state.Packing); the compiled call updates it as one SGD step
+  by hand, and to_global gives back a TrainState, as a checkpoint saves it."""
+  from launcher import parallel  # pylint: disable=import-outside-toplevel
+
+  tx = optax.sgd(0.1)
+  params = {"w": jnp.float32(1.0), "v": jnp.zeros((2048,), jnp.float32)}  # v: 8 KiB.
+
+  def loss(params, batch, rng):
+    del rng
+    error = params["w"] * batch["x"] + jnp.mean(params["v"]) - batch["y"]
+    return jnp.mean(error**2), {}
+
+  state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0), jnp.int32(0))
+  executor = parallel.executor(name, state)
+  run_state = executor.from_global(jax.device_put(state, executor.state_shardings))
+  assert len(jax.tree.leaves(run_state)) == 2  # v alone; step, w, rng and skipped in one vector.
+  metric_set = step.MetricSet(step.TRAIN_METRICS)
+  call = executor.map_train(
+    steps_per_call=1,
+    metric_set=metric_set,
+    loss_fn=loss,
+    tx=tx,
+    schedule=optax.constant_schedule(0.1),
+  )
+  x = np.tile(BATCH["x"], 4)
+  batch = executor.batch_to_devices({"x": x, "y": np.tile(BATCH["y"], 4)})
+  run_state, metrics = call(run_state, executor.to_devices(metric_set.zeros), batch)
+  new_state = executor.to_global(run_state)
+  error = 1.0 * x - np.tile(BATCH["y"], 4)
+  assert float(new_state.params["w"]) == pytest.approx(1.0 - 0.1 * np.mean(2 * error * x))
+  assert int(new_state.step) == 1 and int(new_state.skipped_steps) == 0
+  np.testing.assert_array_equal(new_state.rng, jax.random.PRNGKey(0))
+  assert new_state.params["v"].shape == (2048,)
+  computed = metric_set.compute(executor.to_host(metrics))
+  assert computed["loss"] == pytest.approx(np.mean(error**2))
+
+
+def test_the_console_quiets_the_read_coroutines_a_failed_orbax_restore_leaves_and_nothing_else():
+  """A damaged checkpoint fails orbax's restore; its other reads, abandoned, are collected later
+  and Python prints each one's error ("Exception ignored in: <coroutine ...>"), at a moment that
+  depends on the garbage collector: the launcher has already named the damage in one line."""
+  import types  # pylint: disable=import-outside-toplevel
+
+  from launcher import console  # pylint: disable=import-outside-toplevel
+
+  def coroutine_from(filename):
+    namespace = {}
+    exec(compile("async def read():\n  pass\n", filename, "exec"), namespace)  # noqa: S102
+    return namespace["read"]()
+
+  printed = []
+  hook = console._without_orbax_leftovers(printed.append, unpack=True)  # pylint: disable=protected-access
+  for filename in ("/site-packages/orbax/checkpoint/serialization.py", "/work/model.py"):
+    coroutine = coroutine_from(filename)
+    hook(types.SimpleNamespace(exc_value=Exception("Error reading"), object=coroutine))
+    coroutine.close()
+  assert [args.object.cr_code.co_filename for args in printed] == ["/work/model.py"]
+
+
 def test_metric_set_vectors_add_as_collections_merge():
   metric_set = step.MetricSet(["loss", "accuracy"])
   first = metric_set.single({"loss": jnp.float32(2.0), "accuracy": jnp.float32(0.5)})
