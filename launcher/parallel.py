@@ -69,6 +69,10 @@ class Executor(abc.ABC):
     """The run's layout of a state of job-wide `state_shapes` (to lower a call without one)."""
 
   @abc.abstractmethod
+  def skipped_steps(self, run_state) -> int:
+    """The state's count of skipped steps, read on the host (for a report)."""
+
+  @abc.abstractmethod
   def to_devices(self, host_tree):
     """Host values (metrics, or a state built on the host) -> the run's layout."""
 
@@ -100,8 +104,6 @@ class _PerDevice(Executor):
     sharding = job_replicated()
     self.state_shardings = jax.tree.map(lambda _: sharding, state_like)
     self._packing = state_lib.Packing(state_like)
-    self._pack_small = jax.jit(self._packing.pack_small)
-    self._unpack_small = jax.jit(self._packing.unpack_small)
 
   @abc.abstractmethod
   def map(self, fn, *, stacked: bool = False, donate_argnums=()):
@@ -116,12 +118,22 @@ class _PerDevice(Executor):
     """`_place`'s inverse."""
 
   def from_global(self, global_state):
+    """The small leaves packed on the host (a few kB), the large ones placed as they are."""
     large, small = self._packing.split(global_state)
-    return self._place(state_lib.Packed(large, self._pack_small(small)))
+    small = jax.device_get([x.addressable_shards[0].data for x in small])
+    return state_lib.Packed(self._place(large), self.to_devices(self._packing.pack_small(small)))
 
   def to_global(self, run_state):
-    packed = self._unplace(run_state)
-    return self._packing.join(packed.large, self._unpack_small(packed.small))
+    small = self._packing.unpack_small(jax.device_get(self.to_host(run_state.small)))
+    replicated = job_replicated()
+    return self._packing.join(
+      self._unplace(run_state.large),
+      [jax.make_array_from_process_local_data(replicated, x) for x in small],
+    )
+
+  def skipped_steps(self, run_state) -> int:
+    small = self._packing.unpack_small(jax.device_get(self.to_host(run_state.small)))
+    return int(self._packing.join([None] * len(run_state.large), small).skipped_steps)
 
   def map_train(self, *, steps_per_call: int, **step_kwargs):
     packing = self._packing
@@ -400,6 +412,9 @@ class Fsdp(_GlobalArrays):
 
   def run_shapes(self, state_shapes):
     return state_shapes
+
+  def skipped_steps(self, run_state) -> int:
+    return int(run_state.skipped_steps)
 
   def to_devices(self, host_tree):
     """Split over the devices as `shardings` says (a host-built state is not copied whole)."""

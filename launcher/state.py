@@ -74,9 +74,10 @@ class Packed(NamedTuple):
 
 class Packing:
   """How a state like `state_like` (its shapes) packs into `Packed` and back, bit for bit.
-  `pack` and `unpack` are pure (traced inside the compiled calls); `pack_small` and
-  `unpack_small` see only the small leaves (`split` and `join` move the large ones untouched,
-  so that a jit of the small ones copies nothing large)."""
+  `pack` and `unpack` are pure (traced inside the compiled calls). `pack_small` and
+  `unpack_small` see only the small leaves, traced or as numpy arrays on the host (where no
+  program is compiled for them, whose compile time grows with their count); `split` and `join`
+  move the large leaves untouched."""
 
   def __init__(self, state_like, small_leaf_bytes: int = SMALL_LEAF_BYTES):
     leaves, self._treedef = jax.tree.flatten(state_like)
@@ -85,32 +86,29 @@ class Packing:
     for index, x in enumerate(self._like):
       if _packable(x.dtype) and x.size * x.dtype.itemsize <= small_leaf_bytes:
         self._groups.setdefault(x.dtype.itemsize, []).append(index)
-    small = set(itertools.chain.from_iterable(self._groups.values()))
-    self._large = [index for index in range(len(leaves)) if index not in small]
+    self._small = list(itertools.chain.from_iterable(self._groups.values()))
+    self._large = sorted(set(range(len(leaves))) - set(self._small))
 
   def split(self, state) -> tuple[tuple, list]:
     """(large leaves, small leaves) of `state`."""
     leaves = self._treedef.flatten_up_to(state)
-    small = [leaves[i] for group in self._groups.values() for i in group]
-    return tuple(leaves[i] for i in self._large), small
+    return tuple(leaves[i] for i in self._large), [leaves[i] for i in self._small]
 
   def join(self, large, small) -> Any:
     """The state of `split`'s two parts."""
     leaves = [None] * len(self._like)
-    for index, x in zip(self._large, large, strict=True):
-      leaves[index] = x
-    small_indices = [i for group in self._groups.values() for i in group]
-    for index, x in zip(small_indices, small, strict=True):
+    for index, x in itertools.chain(
+      zip(self._large, large, strict=True), zip(self._small, small, strict=True)
+    ):
       leaves[index] = x
     return self._treedef.unflatten(leaves)
 
   def pack_small(self, small: list) -> tuple:
     """`split`'s small leaves -> one unsigned vector per item size."""
+    xp = np if all(isinstance(x, np.ndarray) for x in small) else jnp
     small = iter(small)
     return tuple(
-      jnp.concatenate(
-        [lax.bitcast_convert_type(next(small), _unsigned(size)).ravel() for _ in group]
-      )
+      xp.concatenate([_bitcast(next(small), _unsigned(size)).ravel() for _ in group])
       for size, group in self._groups.items()
     )
 
@@ -121,8 +119,7 @@ class Packing:
       offsets = itertools.accumulate((self._like[i].size for i in group), initial=0)
       for index, start in zip(group, offsets, strict=False):
         like = self._like[index]
-        piece = lax.slice(vector, (start,), (start + like.size,)).reshape(like.shape)
-        small.append(lax.bitcast_convert_type(piece, like.dtype))
+        small.append(_bitcast(vector[start : start + like.size].reshape(like.shape), like.dtype))
     return small
 
   def pack(self, state) -> Packed:
@@ -134,10 +131,23 @@ class Packing:
 
 
 def _packable(dtype) -> bool:
-  """Whether `dtype` bitcasts to an unsigned integer of its size (not bool, keys or complex)."""
-  number = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-  return number and np.dtype(dtype).itemsize in (1, 2, 4)
+  """Whether `dtype` bitcasts to an unsigned integer of its size: a float or integer of 8, 16 or
+  32 bits that fill its bytes (not bool, keys, complex, 64 bits, or 4 bits in a byte)."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    bits = jnp.finfo(dtype).bits
+  elif jnp.issubdtype(dtype, jnp.integer):
+    bits = jnp.iinfo(dtype).bits
+  else:
+    return False
+  return np.dtype(dtype).itemsize in (1, 2, 4) and bits == 8 * np.dtype(dtype).itemsize
 
 
 def _unsigned(itemsize: int):
-  return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[itemsize]
+  return {1: np.uint8, 2: np.uint16, 4: np.uint32}[itemsize]
+
+
+def _bitcast(x, dtype):
+  """`x`'s bits as `dtype`, of the same item size: on the host (numpy) or traced."""
+  if isinstance(x, np.ndarray):
+    return x.view(dtype)
+  return lax.bitcast_convert_type(x, dtype)

@@ -271,7 +271,7 @@ def run(
       if due.report:  # After the save and eval, which its window times apart from the steps.
         scalars.update(train_scalars)
         scalars.update(report_writer.throughput(last_step))
-        scalars["skipped_steps"] = int(executor.to_global(replicated_state).skipped_steps)
+        scalars["skipped_steps"] = executor.skipped_steps(replicated_state)
         train_metrics = no_train_metrics
       if scalars:
         report_writer.write(last_step, scalars)

@@ -257,6 +257,7 @@ def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_fo
     "scale": jnp.array([1.5, -2.0], jnp.bfloat16),
     "codes": jnp.array([-128, 0, 127], jnp.int8),
     "on": jnp.array([True, False]),  # bool does not bitcast: as it is.
+    "nibbles": jnp.array([1, -2, 3], jnp.int4),  # 4 bits in a byte: as it is.
   }
   tx = optax.adam(1e-3)
   state = TrainState(
@@ -268,9 +269,9 @@ def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_fo
   )
   packing = state_lib.Packing(state, small_leaf_bytes=4096)
   packed = jax.jit(packing.pack)(state)
-  # Large: the kernel, its two moments (adam's mu and nu of the bool stay too), and the bool.
+  # Large: the kernel, the bool, the int4 and their moments.
   large_shapes = sorted(x.shape for x in packed.large)
-  assert large_shapes == [(2,), (2,), (2,), (64, 32), (64, 32), (64, 32)]
+  assert large_shapes == [(2,)] * 3 + [(3,)] * 3 + [(64, 32)] * 3
   # 32-bit: step, adam's count, skipped, rng (2), the bias and its two moments (3 x 4);
   # 16-bit: the scale and its moments; 8-bit: the codes and their moments.
   assert {x.dtype: x.shape for x in packed.small} == {
@@ -278,7 +279,12 @@ def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_fo
     jnp.dtype(jnp.uint16): (6,),
     jnp.dtype(jnp.uint8): (9,),
   }
-  for unpacked in (jax.jit(packing.unpack)(packed), packing.unpack(packed)):
+  # On the host (numpy, nothing compiled) the same bits.
+  large, small = packing.split(state)
+  on_host = packing.pack_small([np.asarray(x) for x in small])
+  assert [x.tobytes() for x in on_host] == [np.asarray(x).tobytes() for x in packed.small]
+  host_state = packing.join(large, packing.unpack_small(on_host))
+  for unpacked in (jax.jit(packing.unpack)(packed), packing.unpack(packed), host_state):
     assert jax.tree.structure(unpacked) == jax.tree.structure(state)
     for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(unpacked), strict=True):
       assert after.dtype == before.dtype and after.shape == before.shape
@@ -299,7 +305,7 @@ def test_a_replicated_executor_runs_the_packed_state_and_gives_it_back_whole(nam
     error = params["w"] * batch["x"] + jnp.mean(params["v"]) - batch["y"]
     return jnp.mean(error**2), {}
 
-  state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0), jnp.int32(0))
+  state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0), jnp.int32(2))
   executor = parallel.executor(name, state)
   run_state = executor.from_global(jax.device_put(state, executor.state_shardings))
   assert len(jax.tree.leaves(run_state)) == 2  # v alone; step, w, rng and skipped in one vector.
@@ -317,7 +323,8 @@ def test_a_replicated_executor_runs_the_packed_state_and_gives_it_back_whole(nam
   new_state = executor.to_global(run_state)
   error = 1.0 * x - np.tile(BATCH["y"], 4)
   assert float(new_state.params["w"]) == pytest.approx(1.0 - 0.1 * np.mean(2 * error * x))
-  assert int(new_state.step) == 1 and int(new_state.skipped_steps) == 0
+  assert int(new_state.step) == 1 and int(new_state.skipped_steps) == 2
+  assert executor.skipped_steps(run_state) == 2
   np.testing.assert_array_equal(new_state.rng, jax.random.PRNGKey(0))
   assert new_state.params["v"].shape == (2048,)
   computed = metric_set.compute(executor.to_host(metrics))
