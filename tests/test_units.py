@@ -25,14 +25,16 @@ def _linear_loss(params, batch, rng):
   return jnp.mean(error**2), {"error": jnp.mean(jnp.abs(error))}
 
 
-def _state(w: float, tx) -> TrainState:
-  params = {"w": jnp.float32(w)}
+def _state(params, tx, *, step: int = 0, skipped_steps: int = 0) -> TrainState:
+  """A fresh state of `params` (a float: {"w": it})."""
+  if not isinstance(params, dict):
+    params = {"w": jnp.float32(params)}
   return TrainState(
-    step=jnp.int32(0),
+    step=jnp.int32(step),
     params=params,
     opt_state=tx.init(params),
     rng=jax.random.PRNGKey(0),
-    skipped_steps=jnp.int32(0),
+    skipped_steps=jnp.int32(skipped_steps),
   )
 
 
@@ -219,13 +221,7 @@ def test_bucketed_gradient_all_reduces_give_the_per_array_average():
     error = params["w"] * batch["x"] + jnp.sum(params["v"]) - batch["y"]
     return jnp.mean(error**2), {}
 
-  state = TrainState(
-    step=jnp.int32(0),
-    params=params,
-    opt_state=tx.init(params),
-    rng=jax.random.PRNGKey(0),
-    skipped_steps=jnp.int32(0),
-  )
+  state = _state(params, tx)
   x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4)
   batch = {"x": x, "y": 3 * x + 1}
   results = []
@@ -260,13 +256,7 @@ def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_fo
     "nibbles": jnp.array([1, -2, 3], jnp.int4),  # 4 bits in a byte: as it is.
   }
   tx = optax.adam(1e-3)
-  state = TrainState(
-    step=jnp.int32(7),
-    params=params,
-    opt_state=tx.init(params),
-    rng=jax.random.PRNGKey(3),
-    skipped_steps=jnp.int32(2),
-  )
+  state = _state(params, tx, step=7, skipped_steps=2)
   packing = state_lib.Packing(state, small_leaf_bytes=4096)
   packed = jax.jit(packing.pack)(state)
   # Large: the kernel, the bool, the int4 and their moments.
@@ -305,7 +295,7 @@ def test_a_replicated_executor_runs_the_packed_state_and_gives_it_back_whole(nam
     error = params["w"] * batch["x"] + jnp.mean(params["v"]) - batch["y"]
     return jnp.mean(error**2), {}
 
-  state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0), jnp.int32(2))
+  state = _state(params, tx, skipped_steps=2)
   executor = parallel.executor(name, state)
   run_state = executor.from_global(jax.device_put(state, executor.state_shardings))
   assert len(jax.tree.leaves(run_state)) == 2  # v alone; step, w, rng and skipped in one vector.
