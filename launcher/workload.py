@@ -152,13 +152,19 @@ def check_params(module: types.ModuleType, params: Any) -> None:
   not_float = [
     f"{jax.tree_util.keystr(path)} is {leaf.dtype}"
     for path, leaf in leaves
-    if not np.issubdtype(leaf.dtype, np.floating)
+    if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)  # bfloat16 too, unlike numpy's
   ]
   if not_float:
     raise UsageError(
       f"{where} returned params that are not float arrays "
       f"({', '.join(not_float[:5])}): they are differentiated, so keep integer "
       "values in the config or the batch"
+    )
+  empty = [f"{jax.tree_util.keystr(path)} {leaf.shape}" for path, leaf in leaves if not leaf.size]
+  if empty:
+    raise UsageError(
+      f"{where} returned params of zero size ({', '.join(empty[:5])}): they hold nothing to "
+      "train and a checkpoint cannot save them (orbax refuses empty arrays); drop them"
     )
 
 

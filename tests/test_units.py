@@ -343,6 +343,19 @@ def test_the_console_quiets_the_read_coroutines_a_failed_orbax_restore_leaves_an
   assert [args.object.cr_code.co_filename for args in printed] == ["/work/model.py"]
 
 
+def test_params_may_be_any_float_dtype_and_not_integers_or_empty():
+  import types  # pylint: disable=import-outside-toplevel
+
+  from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
+
+  module = types.ModuleType("my_workload")
+  workload_lib.check_params(module, {"w": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(2, jnp.float16)})
+  with pytest.raises(UsageError, match=r"not float arrays \(\['n'\] is int32\)"):
+    workload_lib.check_params(module, {"w": jnp.ones(3), "n": jnp.ones(2, jnp.int32)})
+  with pytest.raises(UsageError, match=r"zero size \(\['e'\] \(0, 4\)\).*drop them"):
+    workload_lib.check_params(module, {"w": jnp.ones(3), "e": jnp.zeros((0, 4))})
+
+
 def test_metric_set_vectors_add_as_collections_merge():
   metric_set = step.MetricSet(["loss", "accuracy"])
   first = metric_set.single({"loss": jnp.float32(2.0), "accuracy": jnp.float32(0.5)})
