@@ -58,11 +58,13 @@ class Executor(abc.ABC):
 
   @abc.abstractmethod
   def from_global(self, global_state):
-    """Job-wide arrays (a fresh or restored state) -> the run's layout, without a host copy."""
+    """Job-wide arrays (a fresh or restored state) -> the run's layout, with no host copy of
+    anything larger than a packed leaf (state.SMALL_LEAF_BYTES)."""
 
   @abc.abstractmethod
   def to_global(self, run_state):
-    """The run's layout -> job-wide arrays (what a checkpoint saves), without a host copy."""
+    """The run's layout -> job-wide arrays (what a checkpoint saves), with no host copy of
+    anything larger than a packed leaf."""
 
   @abc.abstractmethod
   def run_shapes(self, state_shapes):
@@ -124,16 +126,22 @@ class _PerDevice(Executor):
     return state_lib.Packed(self._place(large), self.to_devices(self._packing.pack_small(small)))
 
   def to_global(self, run_state):
-    small = self._packing.unpack_small(jax.device_get(self.to_host(run_state.small)))
     replicated = job_replicated()
     return self._packing.join(
       self._unplace(run_state.large),
-      [jax.make_array_from_process_local_data(replicated, x) for x in small],
+      [
+        jax.make_array_from_process_local_data(replicated, x)
+        for x in self._small_leaves_on_host(run_state)
+      ],
     )
 
   def skipped_steps(self, run_state) -> int:
-    small = self._packing.unpack_small(jax.device_get(self.to_host(run_state.small)))
+    small = self._small_leaves_on_host(run_state)
     return int(self._packing.join([None] * len(run_state.large), small).skipped_steps)
+
+  def _small_leaves_on_host(self, run_state) -> list:
+    """The packed small leaves as numpy arrays, in `Packing.split`'s order."""
+    return self._packing.unpack_small(jax.device_get(self.to_host(run_state.small)))
 
   def map_train(self, *, steps_per_call: int, **step_kwargs):
     packing = self._packing
