@@ -19,7 +19,10 @@ it, as train.run does, so that every ratio is the launcher's own overhead. Loops
 1's two hand loops A B A B; part 2's loops in turn, --turns times, 3 windows each after WARMUP
 dropped ones) so that drift of this shared machine hits all alike. Each speed is the median of
 its windows; part 2's ratios pair the loops within a turn (the median over turns of the two
-turns' medians' ratio).
+turns' medians' ratio, printed with the turns' range). Part 2 also runs the hand loop a second
+time in each turn, a loop that is the reference itself: how far its ratio reads from 1.00 is the
+resolution of the others. `--k1-only` runs part 2 with the hand loop, its copy and K=1 alone, to
+afford many turns of one model.
 """
 
 import argparse
@@ -185,6 +188,9 @@ def main():
   )
   parser.add_argument("--turns", type=int, default=3, help="turns of each loop in part 2")
   parser.add_argument(
+    "--k1-only", action="store_true", help="part 2 with the hand loop, its copy and K=1 alone"
+  )
+  parser.add_argument(
     "--output", default=os.path.join(REPO, "benchmarks", "results", "dispatch.json")
   )
   args = parser.parse_args()
@@ -196,7 +202,7 @@ def main():
     for keep in ((False, True) if not only else ())
   }
   memory.keep_freed_host_memory()  # As train.run does: the ratios below are the launcher's own.
-  rows, ratios = [], {}
+  rows, ratios, turn_ratios = [], {}, {}
 
   def row(model, name, turns, k=None):
     """A table row of a loop's windows, given per turn (a run alone is one turn)."""
@@ -220,21 +226,25 @@ def main():
     )
     return result["steps_per_sec"]
 
-  def alternating(*measures, times=2):
-    """Measurements in turn (A B C A B C ...): for each, its windows of each turn."""
-    results = [[] for _ in measures]
-    for _ in range(times):
-      for result, measure in zip(results, measures, strict=True):
-        result.append(measure())
+  def alternating(measures: dict, times=2) -> dict:
+    """Measurements in turn (A B C A B C ...): for each name, its windows of each turn; each
+    turn's medians go to stderr as it ends."""
+    results = {name: [] for name in measures}
+    for turn in range(times):
+      for name, measure in measures.items():
+        results[name].append(measure())
+      medians = ", ".join(f"{name} {statistics.median(r[-1]):.1f}" for name, r in results.items())
+      print(f"turn {turn + 1}/{times} (steps/s): {medians}", file=sys.stderr, flush=True)
     return results
 
-  def paired(turns, reference_turns):
-    """The median over turns of a loop's speed over the reference's in the same turn (drift
-    between turns cancels)."""
-    return statistics.median(
+  def paired(name, turns, reference_turns):
+    """Ratio `name`: the median over turns of a loop's speed over the reference's in the same
+    turn (drift between turns cancels); each turn's ratio is kept in `turn_ratios`."""
+    turn_ratios[name] = [
       statistics.median(values) / statistics.median(reference)
       for values, reference in zip(turns, reference_turns, strict=True)
-    )
+    ]
+    ratios[name] = statistics.median(turn_ratios[name])
 
   print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
   print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
@@ -249,9 +259,13 @@ def main():
     )
     mlp_name, (mlp, window) = next(iter(models(args.quick).items()))
     hand, combined = alternating(
-      lambda: hand_loop_steps_per_sec(mlp, window, windows),
-      lambda: hand_loop_steps_per_sec(mlp, window, windows, one_all_reduce=True),
-    )
+      {
+        "per-array all-reduce": lambda: hand_loop_steps_per_sec(mlp, window, windows),
+        "one all-reduce": lambda: hand_loop_steps_per_sec(
+          mlp, window, windows, one_all_reduce=True
+        ),
+      }
+    ).values()
     hand = row(mlp_name, "hand loop, per-array all-reduce", hand)
     combined = row(mlp_name, "hand loop, one all-reduce", combined)
     for executor in config_lib.EXECUTORS:
@@ -273,35 +287,50 @@ def main():
       chosen.append(ran)
       return values
 
-    loops = [
-      lambda: hand_loop_steps_per_sec(config, window, turn, True, WARMUP),  # noqa: B023
-      lambda: launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=1)[0],  # noqa: B023
-      lambda: launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=10)[0],  # noqa: B023
-      auto,
-    ]
-    if reports_metrics(config):  # What computing them costs the hand loop.
-      loops.append(
-        lambda: hand_loop_steps_per_sec(config, window, turn, True, WARMUP, metrics=False)  # noqa: B023
+    def hand(metrics=True, config=config, window=window):
+      return hand_loop_steps_per_sec(config, window, turn, True, WARMUP, metrics=metrics)
+
+    def launcher(k, config=config, window=window):
+      return launcher_steps_per_sec(config, window, turn, WARMUP, steps_per_call=k)[0]
+
+    loops = {"hand loop, one all-reduce": hand, "launcher K=1": lambda: launcher(1)}
+    if not args.k1_only:
+      loops.update({"launcher K=10": lambda: launcher(10), "launcher K=auto": auto})
+      if reports_metrics(config):  # What computing them costs the hand loop.
+        loops["hand loop, one all-reduce, loss only"] = lambda: hand(metrics=False)
+    loops["hand loop, one all-reduce, again"] = hand
+    turns = alternating(loops, times=args.turns)
+    reference = turns["hand loop, one all-reduce"]
+    rates = {}
+    for name, loop_turns in turns.items():
+      k = {"launcher K=1": 1, "launcher K=10": 10}.get(name)
+      label = f"{name} (chose {'/'.join(map(str, chosen))})" if name == "launcher K=auto" else name
+      rates[name] = row(model, label, loop_turns, k)
+    for name in ("launcher K=1", "launcher K=10", "launcher K=auto"):
+      if name in turns:
+        paired(f"{model}: {name} / hand loop, one all-reduce", turns[name], reference)
+    paired(
+      f"{model}: hand loop again / hand loop (the resolution)",
+      turns["hand loop, one all-reduce, again"],
+      reference,
+    )
+    if "hand loop, one all-reduce, loss only" in turns:
+      paired(
+        f"{model}: hand loop with the workload's metrics / loss only",
+        reference,
+        turns["hand loop, one all-reduce, loss only"],
       )
-    hand, k1, k10, k_auto, *metrics_left_out = alternating(*loops, times=args.turns)
-    launched = [k1, k10, k_auto]
-    loss_only = metrics_left_out[0] if metrics_left_out else None
-    row(model, "hand loop, one all-reduce", hand)
-    rates = {
-      1: row(model, "launcher K=1", launched[0], 1),
-      10: row(model, "launcher K=10", launched[1], 10),
-    }
-    row(model, f"launcher K=auto (chose {'/'.join(map(str, chosen))})", launched[2])
-    for k, turns in zip((1, 10, "auto"), launched, strict=True):
-      ratios[f"{model}: launcher K={k} / hand loop, one all-reduce"] = paired(turns, hand)
-    if loss_only:
-      row(model, "hand loop, one all-reduce, loss only", loss_only)
-      ratios[f"{model}: hand loop with the workload's metrics / loss only"] = paired(
-        hand, loss_only
-      )
-    best = launched[0] if rates[1] > rates[10] else launched[1]
-    ratios[f"{model}: launcher K=auto / best fixed K"] = paired(launched[2], best)
-  print_ratios_and_write(args.output, quick=args.quick, rows=rows, ratios=ratios)
+    if "launcher K=auto" in turns:
+      best = "launcher K=1" if rates["launcher K=1"] > rates["launcher K=10"] else "launcher K=10"
+      paired(f"{model}: launcher K=auto / best fixed K", turns["launcher K=auto"], turns[best])
+  print_ratios_and_write(
+    args.output,
+    quick=args.quick,
+    rows=rows,
+    ratios=ratios,
+    turn_ratios=turn_ratios,
+    ranges={name: (min(values), max(values)) for name, values in turn_ratios.items()},
+  )
 
 
 if __name__ == "__main__":

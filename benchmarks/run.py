@@ -32,12 +32,18 @@ from launcher import workload as workload_lib  # pylint: disable=wrong-import-po
 from tests.helpers import load_config, read_metrics  # pylint: disable=wrong-import-position
 
 
-def print_ratios_and_write(path: str, *, ratios: dict[str, float], **results) -> None:
-  """Prints a benchmark's ratios as a table, and writes all its results (`write_results`)."""
-  print("\n| ratio | value |\n| --- | ---: |")
+def print_ratios_and_write(
+  path: str, *, ratios: dict[str, float], ranges: dict | None = None, **results
+) -> None:
+  """Prints a benchmark's ratios as a table, with the range of each one's `ranges` (min, max) where
+  it has one, and writes all its results (`write_results`)."""
+  ranges = ranges or {}
+  print("\n| ratio | value | range |\n| --- | ---: | --- |")
   for name, value in ratios.items():
-    print(f"| {name} | {value:.2f} |")
-  write_results(path, ratios=ratios, **results)
+    low, high = ranges.get(name, (None, None))
+    spread = f"{low:.2f}-{high:.2f}" if low is not None else ""
+    print(f"| {name} | {value:.2f} | {spread} |")
+  write_results(path, ratios=ratios, ranges=ranges, **results)
 
 
 def write_results(path: str, **results) -> None:
