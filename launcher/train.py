@@ -210,7 +210,7 @@ def run(
   outcome = "FAILED"  # What the trackers' run ends as, unless the loop completes.
   settings = types.SimpleNamespace(**config.to_dict())  # A ConfigDict lookup costs ~2 µs a call.
   try:
-    calls, last_step = 0, first_step
+    calls, last_step, compiled_lengths = 0, first_step, set()
     while last_step < settings.num_steps:
       calls += 1
       with jax.transfer_guard_device_to_host("disallow"):  # No host sync between reports.
@@ -224,6 +224,9 @@ def run(
             f"{last_step}: dataset(config, 'train', ...) must be endless"
           )
         plan.data_ready()
+        if k not in compiled_lengths:  # This call compiles (auto's K): not a stuck step.
+          watchdog.pause()
+          compiled_lengths.add(k)
         train_call = train_calls(steps_per_call=k)
         in_flight.wait_for_room()
         replicated_state, train_metrics = train_call(replicated_state, train_metrics, batches)

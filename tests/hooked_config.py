@@ -19,6 +19,7 @@ def get_config():
   config.checkpoint_every_steps = 20
   config.slow_from_batch = 1 << 30
   config.slow_seconds = 0.5
+  config.trace_seconds = 0.0
   config.nan_at_batch = -1
   config.fault = ""  # "raise", "usage" or "block"
   config.fault_at_batch = -1

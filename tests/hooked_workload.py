@@ -2,7 +2,8 @@
 blocking batches.
 
 `slow_from_batch`: train batches from this global batch on take `slow_seconds` each, so a test can
-kill the run at a known point. `nan_at_batch`: that global train batch is all NaN.
+kill the run at a known point. `trace_seconds`: each trace of the loss takes that long, as a large
+model's compile does. `nan_at_batch`: that global train batch is all NaN.
 `fault` ("raise", "usage": a UsageError, or "block") at global train batch `fault_at_batch`, on
 process `fault_process` (-1: every process); with `fault_marker` set, only while that file does not exist (the fault
 creates it), so a restarted job runs clean.
@@ -16,7 +17,11 @@ from launcher.errors import UsageError
 from workloads import classifier
 
 init = classifier.init
-loss = classifier.loss
+
+
+def loss(config, params, batch, rng):
+  time.sleep(config.trace_seconds)  # Python runs once per trace, not per step.
+  return classifier.loss(config, params, batch, rng)
 
 
 def dataset(config, split, process_index, process_count, start=0):

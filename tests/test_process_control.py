@@ -61,6 +61,28 @@ def test_a_final_save_slower_than_the_step_timeout_commits_and_exits_0(tmp_path)
 
 
 @pytest.mark.slow
+def test_compiling_autos_chosen_steps_per_call_does_not_count_as_a_stuck_step(tmp_path):
+  # Each trace of the loss takes 3 s, past the 1 s step timeout: auto's K compiles mid-run.
+  workdir, log = tmp_path / "run", tmp_path / "run.log"
+  process = start(
+    launcher_command(
+      "--config=tests/hooked_config.py",
+      f"--workdir={workdir}",
+      "--config.steps_per_call=auto",
+      "--config.trace_seconds=3",
+      "--config.log_every_steps=20",
+      "--step_timeout_seconds=1",
+    ),
+    str(log),
+  )
+  assert finish(process, 240) == 0, log.read_text()[-3000:]
+  rows = read_metrics(str(workdir))
+  assert [row["step"] for row in rows] == [20, 40]
+  assert rows[0]["steps_per_call"] > 1, rows[0]
+  assert "stuck" not in log.read_text()
+
+
+@pytest.mark.slow
 def test_a_closed_console_lets_the_job_finish_with_its_whole_log(tmp_path):
   workdir = tmp_path / "run"
   command = " ".join(
