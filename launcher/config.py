@@ -15,6 +15,7 @@ EXECUTORS = ("shard_map", "pmap", "fsdp")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "warmup_cosine")
 AUTO = "auto"  # config.steps_per_call chosen by the run (launcher/steps_per_call.py).
+MAX_STEPS = 2**31 - 1  # The train state counts steps in an int32.
 
 
 # Every key the launcher reads: its default and what it means (the README's reference and
@@ -28,11 +29,15 @@ KEYS = {
     "devices: a multiple of the device count (times grad_accum_steps); a resume "
     "must keep it",
   ),
-  "num_steps": (1000, "optimizer updates in the run; a multiple of steps_per_call"),
+  "num_steps": (
+    1000,
+    "optimizer updates in the run (at most 2**31 - 1: the step counter is an int32); a multiple "
+    "of steps_per_call",
+  ),
   "steps_per_call": (
     1,
-    'K updates inside one compiled call (lax.scan over K stacked batches), or "auto": chosen '
-    "from the first calls' timings (docs/performance.md)",
+    "K updates inside one compiled call (lax.scan over K stacked batches; at most num_steps), or "
+    '"auto": chosen from the first calls\' timings (docs/performance.md)',
   ),
   "max_calls_in_flight": (
     2,
@@ -200,6 +205,20 @@ def check(config: ml_collections.ConfigDict) -> None:
     "data_workers",
   ):
     need(config[key] >= 0, f"config.{key}={config[key]} must be 0 or more")
+  for key in (  # steps_per_call: at most num_steps (below).
+    "num_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "local_checkpoint_every_steps",
+    "warmup_steps",
+    "profile_first_step",
+  ):
+    need(
+      config[key] <= MAX_STEPS,
+      f"config.{key}={config[key]} is more steps than a run counts (its step counter is an "
+      f"int32): use at most {MAX_STEPS}",
+    )
   need(
     math.isfinite(config.learning_rate) and config.learning_rate > 0,
     f"config.learning_rate={config.learning_rate} must be a positive finite number (e.g. 3e-4)",
@@ -277,7 +296,12 @@ def check(config: ml_collections.ConfigDict) -> None:
     "--config.local_checkpoint_every_steps=100) or neither",
   )
   k = config.steps_per_call
-  if not auto and k >= 1:
+  if not auto and 1 <= config.num_steps < k:
+    problems.append(
+      f"config.steps_per_call={k} is more than config.num_steps={config.num_steps}: a call runs "
+      f"steps_per_call steps, so use at most {config.num_steps} (or auto)"
+    )
+  elif not auto and 1 <= k <= MAX_STEPS:
     for key in (
       "num_steps",
       "log_every_steps",
@@ -318,8 +342,9 @@ def _wrong_types(config: ml_collections.ConfigDict) -> list[str]:
       ok = True
     if not ok:
       also = f' or "{AUTO}"' if key == "steps_per_call" else ""
+      article = "an" if wanted.__name__[0] in "aeiou" else "a"
       problems.append(
-        f"config.{key}={value!r} is a {type(value).__name__}: it must be a "
+        f"config.{key}={value!r} is a {type(value).__name__}: it must be {article} "
         f"{wanted.__name__}{also} (default {default!r})"
       )
   return problems

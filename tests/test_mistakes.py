@@ -67,7 +67,7 @@ def test_every_key_of_the_wrong_type_is_named(key):
     {**config_lib.defaults().to_dict(), "workload": "linear"}, type_safe=False
   )
   config[key] = WRONG_TYPE[type(config_lib.KEYS[key][0])]
-  with pytest.raises(UsageError, match=rf"^config\.{key}=.* must be a "):
+  with pytest.raises(UsageError, match=rf"^config\.{key}=.* must be an? "):
     config_lib.check(config)
 
 
@@ -79,6 +79,38 @@ def test_every_ranged_key_out_of_range_is_named(key):
   with pytest.raises(UsageError, match=rf"^config\.{key}[=\s]") as raised:
     config_lib.check(config)
   assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+  "key",
+  [
+    "num_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "local_checkpoint_every_steps",
+    "warmup_steps",
+    "profile_first_step",
+  ],
+)
+def test_a_step_count_past_the_int32_step_counter_is_named(key):
+  config = config_lib.defaults()
+  config.update(
+    workload="linear", num_steps=config_lib.MAX_STEPS, local_checkpoint_dir="/dev/shm/x"
+  )
+  config.local_checkpoint_every_steps = 100
+  config[key] = 2**64
+  with pytest.raises(UsageError, match=rf"^config\.{key}={2**64} is more steps than a run counts"):
+    config_lib.check(config)
+  config[key] = config_lib.MAX_STEPS
+  config_lib.check(config)
+
+
+def test_steps_per_call_beyond_num_steps_says_at_most_num_steps():
+  config = config_lib.defaults()
+  config.update(workload="linear", num_steps=7, steps_per_call=10**20)
+  with pytest.raises(UsageError, match=r"^config\.steps_per_call=.* use at most 7 \(or auto\)$"):
+    config_lib.check(config)
 
 
 # Every flag of the launcher with a bad value, and the config file mistakes: all run at once (each

@@ -525,7 +525,7 @@ def test_steps_per_call_auto_is_a_config_value_and_other_strings_are_not():
   config_lib.check(config)
   config.steps_per_call = "fast"
   with pytest.raises(
-    UsageError, match=r'steps_per_call=.fast. is a str: it must be a int or "auto"'
+    UsageError, match=r'steps_per_call=.fast. is a str: it must be an int or "auto"'
   ):
     config_lib.check(config)
 
