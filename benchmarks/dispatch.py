@@ -194,9 +194,14 @@ def main():
     "--output", default=os.path.join(REPO, "benchmarks", "results", "dispatch.json")
   )
   args = parser.parse_args()
+  only = [name.strip() for name in args.models.split(",") if name.strip()]
+  unknown = [name for name in only if name not in models(args.quick)]
+  if unknown:
+    parser.error(f"--models: no model {unknown}; the models are {list(models(args.quick))}")
+  if args.turns < 1:
+    parser.error(f"--turns={args.turns}: at least 1")
   logging.set_verbosity(logging.WARNING)
   windows = 3 if args.quick else 5
-  only = [name.strip() for name in args.models.split(",") if name.strip()]
   freed_memory = {
     keep: hand_loop_in_fresh_process(keep, "lm tiny 4x wider", args.quick, windows)
     for keep in ((False, True) if not only else ())
@@ -246,7 +251,11 @@ def main():
     ]
     ratios[name] = statistics.median(turn_ratios[name])
 
-  print(f"{jax.device_count()} devices; SGD; {windows} windows a row\n")
+  turn = 2 if args.quick else 3  # Windows a turn in part 2.
+  print(
+    f"{jax.device_count()} devices; SGD; {windows} windows a row in parts 0 and 1, {turn} a turn "
+    f"in part 2\n"
+  )
   print(f"| {'model':<24} | {'loop':<36} | steps/s  | min-max         | ms/step |")
   print(f"| {'-' * 24} | {'-' * 36} | -------: | --------------: | ------: |")
   if not only:  # Parts 0 and 1.
@@ -276,7 +285,6 @@ def main():
           [launcher_steps_per_sec(mlp, window, windows, parallel=executor, steps_per_call=k)[0]],
         )
         ratios[f"MLP: launcher {executor} K={k} / hand loop, one all-reduce"] = rate / combined
-  turn = 2 if args.quick else 3  # Windows a turn in part 2.
   for model, (config, window) in models(args.quick).items():
     if only and model not in only:
       continue
