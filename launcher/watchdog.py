@@ -135,6 +135,8 @@ class PeerMonitor:
     client.key_value_set(
       f"launcher/host/{process_index}", socket.gethostname(), allow_overwrite=True
     )
+    # Published now, not after the first interval: a process that dies within it is still seen.
+    client.key_value_set(f"launcher/alive/{process_index}", "0", allow_overwrite=True)
     self._answered, self._store_error = time.monotonic(), ""
     _monitors[:] = [self]
     atexit.register(self.stop)

@@ -124,12 +124,14 @@ def two_launchers(tmp_path, *extra, num_steps=100_000, heartbeat=10, own=((), ()
   return processes
 
 
-def kill_one(processes, victim: int, after_step: int, tmp_path) -> tuple[int, float, str]:
-  """Kills `victim` once process 0 reported `after_step`; the survivor's exit code, the seconds
-  it took to exit after the kill, and its log. Every process is ended before it returns."""
+def kill_one(processes, victim: int, after_step: int | str, tmp_path) -> tuple[int, float, str]:
+  """Kills `victim` once process 0 reported `after_step` (or printed that text); the survivor's
+  exit code, the seconds it took to exit after the kill, and its log. Every process is ended
+  before it returns."""
+  after = f"step {after_step}/" if isinstance(after_step, int) else after_step
   try:
     wait_for(
-      lambda: f"step {after_step}/" in open(tmp_path / "process_0.log").read(),
+      lambda: after in open(tmp_path / "process_0.log").read(),
       120,
       "the job to train",
       processes[0],
@@ -151,11 +153,12 @@ def kill_one(processes, victim: int, after_step: int, tmp_path) -> tuple[int, fl
   return code, waited, open(tmp_path / f"process_{1 - victim}.log").read()
 
 
-@pytest.mark.parametrize("kill_after_step", [100, 400, 900])
+@pytest.mark.parametrize("kill_after_step", ["time to first step", 100, 400, 900])
 def test_a_killed_process_ends_its_peer_with_the_line_every_time(kill_after_step, tmp_path):
-  """Three trials without a supervisor, each killed at another moment: the survivor, in a
-  collective or not, prints the lost-peer line naming process 1 and exits 76 within
-  --peer_timeout_seconds (+ 1 s polling), long before jax's heartbeat timeout (100 s)."""
+  """Four trials without a supervisor, each killed at another moment (the first within a second
+  of the peer monitors' start, before their first beat): the survivor, in a collective or not,
+  prints the lost-peer line naming process 1 and exits 76 within --peer_timeout_seconds (+ 1 s
+  polling), long before jax's heartbeat timeout (100 s)."""
   processes = two_launchers(tmp_path, "--peer_timeout_seconds=5", heartbeat=100)
   code, waited, log = kill_one(processes, 1, kill_after_step, tmp_path)
   assert code == EXIT_PEER_LOST and waited < 5 + 4, (code, waited, log[-3000:])
