@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import os
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,20 @@ import numpy as np
 import optax
 import pytest
 
-from launcher import calls_in_flight, checkpoint, step, steps_per_call, storage, train, writers
+from launcher import (
+  calls_in_flight,
+  checkpoint,
+  console,
+  parallel,
+  step,
+  steps_per_call,
+  storage,
+  train,
+  writers,
+)
 from launcher import config as config_lib
+from launcher import state as state_lib
+from launcher import workload as workload_lib
 from launcher.errors import UsageError
 from launcher.state import TrainState
 from tests.helpers import REPO, load_config
@@ -245,8 +258,6 @@ def test_bucketed_gradient_all_reduces_give_the_per_array_average():
 
 
 def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_for_bit():
-  from launcher import state as state_lib  # pylint: disable=import-outside-toplevel
-
   params = {
     "kernel": jnp.ones((64, 32), jnp.float32),  # 8 KiB: above the limit, travels as it is.
     "bias": jnp.array([np.nan, -0.0, 1e-38, 3.0], jnp.float32),
@@ -285,8 +296,6 @@ def test_a_state_packs_its_small_leaves_one_vector_per_item_size_and_back_bit_fo
 def test_a_replicated_executor_runs_the_packed_state_and_gives_it_back_whole(name):
   """The run's state is few arrays (state.Packing); the compiled call updates it as one SGD step
   by hand, and to_global gives back a TrainState, as a checkpoint saves it."""
-  from launcher import parallel  # pylint: disable=import-outside-toplevel
-
   tx = optax.sgd(0.1)
   params = {"w": jnp.float32(1.0), "v": jnp.zeros((2048,), jnp.float32)}  # v: 8 KiB.
 
@@ -325,9 +334,6 @@ def test_the_console_quiets_the_read_coroutines_a_failed_orbax_restore_leaves_an
   """A damaged checkpoint fails orbax's restore; its other reads, abandoned, are collected later
   and Python prints each one's error ("Exception ignored in: <coroutine ...>"), at a moment that
   depends on the garbage collector: the launcher has already named the damage in one line."""
-  import types  # pylint: disable=import-outside-toplevel
-
-  from launcher import console  # pylint: disable=import-outside-toplevel
 
   def coroutine_from(filename):
     namespace = {}
@@ -344,10 +350,6 @@ def test_the_console_quiets_the_read_coroutines_a_failed_orbax_restore_leaves_an
 
 
 def test_params_may_be_any_float_dtype_and_not_integers_or_empty():
-  import types  # pylint: disable=import-outside-toplevel
-
-  from launcher import workload as workload_lib  # pylint: disable=import-outside-toplevel
-
   module = types.ModuleType("my_workload")
   workload_lib.check_params(module, {"w": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(2, jnp.float16)})
   with pytest.raises(UsageError, match=r"not float arrays \(\['n'\] is int32\)"):
